@@ -1,0 +1,135 @@
+"""Loss files: a learned loss saved as JSON (family, order, parameters, provenance).
+
+    {"format": "domainbed-itl-loss", "version": 1, "family": "taylor", "order": 4,
+     "parameters": [12 floats], "provenance": {"meta_train_dataset": ..., "steps": ...,
+     "seed": ..., "package_version": ...}}
+
+`load_loss` validates and raises LossFileError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .families import get_family
+from .taylor import ITL_PARAMETERS
+
+FORMAT = "domainbed-itl-loss"
+VERSION = 1
+
+
+class LossFileError(ValueError):
+    """A loss file that cannot be read or is not a valid loss."""
+
+
+@dataclass
+class LossSpec:
+    """A fully specified loss: family, order (Taylor only), parameters ω and provenance."""
+
+    family: str
+    order: Optional[int]
+    parameters: List[float]
+    provenance: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fam = get_family(self.family, self.order)
+        fam.check(self.parameters)
+        bad = [v for v in self.parameters if not isinstance(v, (int, float)) or isinstance(v, bool)
+               or not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"loss parameters must be finite numbers, got {bad}")
+        self.parameters = [float(v) for v in self.parameters]
+
+    def module(self) -> torch.nn.Module:
+        """The loss as a module called like F.cross_entropy(logits, target, reduction=...)."""
+        return get_family(self.family, self.order).module(self.parameters)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "family": self.family, "order": self.order,
+                "parameters": self.parameters, "provenance": self.provenance}
+
+
+PRESETS: Dict[str, LossSpec] = {
+    "ITL": LossSpec("taylor", 4, list(ITL_PARAMETERS),
+                    {"source": "Gao et al. (ICML 2022), Table 8", "meta_train_dataset": "RotatedMNIST",
+                     "steps": 200}),
+}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_loss(path: str | os.PathLike, spec: LossSpec, overwrite: bool = False) -> Path:
+    """Save `spec` as a loss file (atomically); refuse to replace an existing file unless told."""
+    from .. import __version__
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    data = spec.to_dict()
+    data["provenance"] = {"package_version": __version__, **spec.provenance}
+    _atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def load_loss(path: str | os.PathLike) -> LossSpec:
+    """Read and validate a loss file; raise LossFileError naming the file and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise LossFileError(f"cannot read loss file {path}: {e.strerror or e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LossFileError(f"loss file {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise LossFileError(f"loss file {path} must hold a JSON object, got {type(data).__name__}")
+    if data.get("format", FORMAT) != FORMAT:
+        raise LossFileError(f"loss file {path} has format {data['format']!r}, expected {FORMAT!r}")
+    missing = [k for k in ("family", "parameters") if k not in data]
+    if missing:
+        raise LossFileError(f"loss file {path} lacks the key(s) {missing}")
+    params = data["parameters"]
+    if not isinstance(params, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in params):
+        raise LossFileError(f"loss file {path}: 'parameters' must be a list of numbers, got {params!r}")
+    if not all(math.isfinite(v) for v in params):
+        raise LossFileError(f"loss file {path}: parameters must be finite, got {params}")
+    provenance = data.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise LossFileError(f"loss file {path}: 'provenance' must be an object, got {provenance!r}")
+    try:
+        return LossSpec(data["family"], data.get("order"), params, provenance)
+    except ValueError as e:
+        raise LossFileError(f"loss file {path}: {e}") from e
+
+
+def resolve_loss(name_or_path: str) -> LossSpec:
+    """A preset name (e.g. 'ITL') or the path of a loss file."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    if not os.path.exists(name_or_path):
+        raise LossFileError(
+            f"{name_or_path!r} is neither a preset loss ({', '.join(PRESETS)}) nor an existing loss file")
+    return load_loss(name_or_path)
