@@ -1,3 +1,10 @@
 """domainbed-itl: ITL, the learned Taylor loss of Gao et al. (ICML 2022), as a DomainBed plugin."""
 
 __version__ = "0.1.0"
+
+
+def register(domainbed_root=None) -> None:
+    """Register ITL, the robust-loss algorithms and launchers into an unpatched DomainBed."""
+    from .registry import register as _register
+
+    _register(domainbed_root)

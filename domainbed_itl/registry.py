@@ -1,0 +1,57 @@
+"""Registration into DomainBed: the hooks its patched modules call, and in-process `register()`.
+
+The patches in `patches/` add to three DomainBed modules a few lines that call
+`register_algorithms(globals())`, `_hparams = wrap_hparams(_hparams)` and
+`register_command_launchers(REGISTRY)`. Users who drive DomainBed from Python without patching
+call `register()` instead. Every function is idempotent.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, MutableMapping, Optional
+
+from .algorithms import ALGORITHM_SPECS, make_loss_algorithm
+from .hparams import wrap_hparams
+
+__all__ = ["register", "register_algorithms", "register_command_launchers", "wrap_hparams"]
+
+
+def register_algorithms(namespace: MutableMapping) -> Dict[str, type]:
+    """Add our algorithms to the namespace of `domainbed.algorithms` and to its ALGORITHMS list.
+
+    `namespace` is that module's globals(): DomainBed's `get_algorithm_class` looks names up
+    there. Already registered names are left as they are.
+    """
+    names = namespace["ALGORITHMS"]
+    added = {}
+    for name, spec in ALGORITHM_SPECS.items():
+        if name not in namespace:
+            if spec.base not in namespace:
+                raise KeyError(f"DomainBed has no algorithm {spec.base!r}, the base of {name!r}")
+            namespace[name] = added[name] = make_loss_algorithm(namespace[spec.base], spec.loss, name)
+        if name not in names:
+            names.append(name)
+    return added
+
+
+def register_command_launchers(registry: MutableMapping[str, Callable]) -> None:
+    """Add our command launchers (see domainbed_itl.launchers) to DomainBed's REGISTRY."""
+    from .launchers import LAUNCHERS
+
+    for name, launcher in LAUNCHERS.items():
+        registry.setdefault(name, launcher)
+
+
+def register(domainbed_root: Optional[str] = None) -> None:
+    """Register everything into an unpatched DomainBed imported in this process.
+
+    `domainbed_root` is the checkout to import DomainBed from when it is not on sys.path.
+    """
+    from .domainbed_env import import_domainbed
+
+    algorithms = import_domainbed(domainbed_root, "domainbed.algorithms")
+    hparams_registry = import_domainbed(domainbed_root, "domainbed.hparams_registry")
+    command_launchers = import_domainbed(domainbed_root, "domainbed.command_launchers")
+    register_algorithms(vars(algorithms))
+    hparams_registry._hparams = wrap_hparams(hparams_registry._hparams)
+    register_command_launchers(command_launchers.REGISTRY)
