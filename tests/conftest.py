@@ -50,3 +50,27 @@ def mnist10k() -> Path:
     if not (MNIST10K / "MNIST" / "raw").is_dir():
         pytest.skip(f"needs the offline MNIST digits at {MNIST10K}")
     return MNIST10K
+
+
+@pytest.fixture(scope="session")
+def patched_domainbed(tmp_path_factory) -> Path:
+    """A copy of the DomainBed checkout with our patch series applied by our own patch command."""
+    import shutil
+    import subprocess
+
+    if DOMAINBED_ROOT is None:
+        pytest.skip("needs a DomainBed checkout: set DOMAINBED_ROOT to a clone of "
+                    "facebookresearch/DomainBed")
+    copy = tmp_path_factory.mktemp("domainbed") / "DomainBed"
+    shutil.copytree(DOMAINBED_ROOT, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc"))
+    subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.patch", "apply",
+                    "--domainbed_root", str(copy)], check=True, capture_output=True, text=True)
+    return copy
+
+
+def domainbed_env(root: Path) -> dict:
+    """The environment for a subprocess that imports DomainBed from `root`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env

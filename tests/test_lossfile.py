@@ -1,0 +1,82 @@
+"""Loss files: round trip, provenance, and one clear error per kind of bad file."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from domainbed_itl import __version__
+from domainbed_itl.losses import (ITL_PARAMETERS, PRESETS, LossFileError, LossSpec, TaylorLoss,
+                                  load_loss, resolve_loss, save_loss)
+
+
+def test_round_trip(tmp_path):
+    spec = LossSpec("taylor", 3, [0.1 * i for i in range(8)],
+                    {"meta_train_dataset": "RotatedMNIST", "steps": 5, "seed": 1})
+    path = save_loss(tmp_path / "loss.json", spec)
+    loaded = load_loss(path)
+    assert loaded.parameters == spec.parameters and loaded.order == 3
+    assert loaded.provenance == {"package_version": __version__, **spec.provenance}
+    logits, target = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(loaded.module()(logits, target), TaylorLoss(spec.parameters, 3)(logits, target))
+
+
+def test_save_never_overwrites_by_accident(tmp_path):
+    path = save_loss(tmp_path / "loss.json", PRESETS["ITL"])
+    before = path.read_text()
+    with pytest.raises(FileExistsError):
+        save_loss(path, LossSpec("sce", None, [1.0, 2.0]))
+    assert path.read_text() == before
+    save_loss(path, LossSpec("sce", None, [1.0, 2.0]), overwrite=True)
+    assert load_loss(path).family == "sce"
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.json"]  # no temporary file left
+
+
+def test_itl_preset_is_table_8():
+    spec = resolve_loss("ITL")
+    assert spec.family == "taylor" and spec.order == 4
+    assert spec.parameters == list(ITL_PARAMETERS)
+    assert spec.parameters[0] == -2.0193 and spec.parameters[-1] == 0.9975
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "loss.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+GOOD = {"family": "taylor", "order": 4, "parameters": list(ITL_PARAMETERS)}
+
+
+@pytest.mark.parametrize("data,message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ({**GOOD, "family": "neural"}, "unknown loss family 'neural'"),
+    ({**GOOD, "order": 7}, r"order must be an integer in \[2, 5\], got 7"),
+    ({**GOOD, "parameters": GOOD["parameters"][:11]}, "order 4 has 12 parameters, got 11"),
+    ({**GOOD, "parameters": GOOD["parameters"][:11] + [math.nan]}, "must be finite"),
+    ({**GOOD, "parameters": GOOD["parameters"][:11] + ["1.0"]}, "list of numbers"),
+    ({"family": "taylor", "order": 4}, r"lacks the key\(s\) \['parameters'\]"),
+    ({**GOOD, "format": "something-else"}, "has format"),
+    ({**GOOD, "provenance": [1]}, "'provenance' must be an object"),
+    ({"family": "sce", "order": 2, "parameters": [0.1, 1.0]}, "takes no order"),
+])
+def test_bad_files_name_the_problem(tmp_path, data, message):
+    path = _write(tmp_path, data)
+    with pytest.raises(LossFileError, match=message) as info:
+        load_loss(path)
+    assert str(path) in str(info.value)
+
+
+def test_nan_written_by_json_is_rejected(tmp_path):
+    path = _write(tmp_path, json.dumps({**GOOD, "parameters": [math.inf] * 12}))
+    with pytest.raises(LossFileError, match="finite"):
+        load_loss(path)
+
+
+def test_missing_file_and_unknown_preset(tmp_path):
+    with pytest.raises(LossFileError, match="cannot read loss file"):
+        load_loss(tmp_path / "absent.json")
+    with pytest.raises(LossFileError, match="neither a preset loss"):
+        resolve_loss(str(tmp_path / "absent.json"))

@@ -1,0 +1,184 @@
+"""The Taylor loss family: definition (Eq. 8-10), term order, implementations, orientation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from domainbed_itl.losses import (ITL_PARAMETERS, TaylorLoss, cross_entropy_taylor_init,
+                                  num_taylor_params, taylor_loss, taylor_loss_reference,
+                                  taylor_terms)
+from domainbed_itl.losses.taylor import _horner, _label_coefficients
+
+
+def test_order4_is_eq10():
+    # Eq. 10: ω2..ω5 pure ŷ powers, then ω6..ω11 = (1,1),(1,2),(2,1),(3,1),(1,3),(2,2).
+    assert taylor_terms(4) == [(1, 0), (2, 0), (3, 0), (4, 0),
+                               (1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2)]
+    assert num_taylor_params(4) == 12 == len(ITL_PARAMETERS)
+
+
+@pytest.mark.parametrize("order", [2, 3, 4, 5])
+def test_terms_are_every_monomial_with_yhat(order):
+    terms = taylor_terms(order)
+    expected = {(i, j) for i in range(1, order + 1) for j in range(order + 1) if i + j <= order}
+    assert len(terms) == len(set(terms)) and set(terms) == expected
+    assert num_taylor_params(order) == 2 + len(expected)
+
+
+@pytest.mark.parametrize("order", [0, 1, 6, 4.0, "4", True])
+def test_bad_order_is_rejected(order):
+    with pytest.raises(ValueError, match="order"):
+        taylor_terms(order)
+
+
+def test_hand_computed_value():
+    # Order 2, ω = (0.5, 0, 1, 2, 3): ℓ = u + 2u² + 3uv with u = ŷ-0.5, v = y.
+    # ŷ = (0.75, 0.25), true class 0: ℓ0 = 0.25 + 0.125 + 0.75, ℓ1 = -0.25 + 0.125.
+    logits = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
+    target = torch.tensor([0])
+    omega = torch.tensor([0.5, 0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    expected = -(1.125 - 0.125) / 2
+    assert taylor_loss_reference(logits, target, omega, 2).item() == pytest.approx(expected)
+    assert taylor_loss(logits, target, omega, 2).item() == pytest.approx(expected)
+    assert TaylorLoss(omega.tolist(), 2)(logits, target).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("order", [2, 3, 4, 5])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_implementations_agree(order, reduction):
+    gen = torch.Generator().manual_seed(order)
+    logits = torch.randn(16, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    target = torch.randint(0, 7, (16,), generator=gen)
+    omega = torch.randn(num_taylor_params(order), dtype=torch.float64, generator=gen,
+                        requires_grad=True)
+    ref = taylor_loss_reference(logits, target, omega, order, reduction)
+    horner = taylor_loss(logits, target, omega, order, reduction)
+    fast = TaylorLoss(omega.tolist(), order)(logits, target, reduction)
+    torch.testing.assert_close(horner, ref)
+    torch.testing.assert_close(fast, ref.detach())
+    (g_ref_z, g_ref_w) = torch.autograd.grad(ref.sum(), (logits, omega))
+    (g_h_z, g_h_w) = torch.autograd.grad(horner.sum(), (logits, omega))
+    (g_f_z,) = torch.autograd.grad(fast.sum(), logits)
+    torch.testing.assert_close(g_h_z, g_ref_z)
+    torch.testing.assert_close(g_h_w, g_ref_w)
+    torch.testing.assert_close(g_f_z, g_ref_z)
+
+
+@pytest.mark.parametrize("order", [2, 4, 5])
+def test_gradcheck_float64(order):
+    gen = torch.Generator().manual_seed(10 + order)
+    logits = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    target = torch.randint(0, 4, (5,), generator=gen)
+    omega = torch.randn(num_taylor_params(order), dtype=torch.float64, generator=gen,
+                        requires_grad=True)
+    loss = TaylorLoss(omega.tolist(), order)
+    assert torch.autograd.gradcheck(lambda z: loss(z, target, reduction="none"), (logits,))
+    assert torch.autograd.gradcheck(lambda z, w: taylor_loss(z, target, w, order), (logits, omega))
+    assert torch.autograd.gradgradcheck(lambda z, w: taylor_loss(z, target, w, order),
+                                        (logits, omega))
+
+
+def test_fast_loss_refuses_double_backward():
+    logits = torch.randn(3, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(TaylorLoss()(logits, torch.tensor([0, 1, 2])), logits,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
+def test_fast_loss_follows_dtype_and_eval_mode():
+    loss = TaylorLoss()
+    target = torch.tensor([1, 0])
+    z32 = torch.randn(2, 3)
+    with torch.no_grad():
+        assert loss(z32, target).dtype == torch.float32
+    z64 = z32.double()
+    torch.testing.assert_close(loss(z64, target).float(), loss(z32, target))
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([0.0, 1.0]), torch.tensor([[0], [1]]), torch.tensor([0])])
+def test_bad_targets_are_rejected(bad):
+    with pytest.raises(ValueError, match="target"):
+        TaylorLoss()(torch.randn(2, 3), bad)
+
+
+def test_wrong_parameter_count_is_rejected():
+    with pytest.raises(ValueError, match="order 4 has 12 parameters, got 11"):
+        TaylorLoss(ITL_PARAMETERS[:-1], 4)
+
+
+def test_itl_decreases_with_true_class_probability():
+    """Orientation (a): ∂loss/∂ŷ_true = -(1/C) ∂ℓ(ŷ, 1)/∂ŷ < 0 on [0, 1] for the ITL preset."""
+    omega = torch.tensor(ITL_PARAMETERS, dtype=torch.float64)
+    _, c1 = _label_coefficients(omega, 4)
+    yhat = torch.linspace(0, 1, 1001, dtype=torch.float64, requires_grad=True)
+    (d_ell,) = torch.autograd.grad(_horner(yhat - omega[0], c1).sum(), yhat)
+    d_loss = -d_ell / 10
+    assert (d_loss < 0).all()
+    # ...and the whole loss falls as a confident correct prediction grows more confident.
+    target = torch.tensor([3])
+    values = [TaylorLoss()(torch.nn.functional.one_hot(target, 10).double() * s, target).item()
+              for s in (0.0, 1.0, 3.0, 10.0)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_cross_entropy_init_approximates_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.4, 0.3]], dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    omega = torch.tensor(cross_entropy_taylor_init(5, 3), dtype=torch.float64)
+    approx = taylor_loss(logits, target, omega, 5, reduction="none")
+    probs = logits.softmax(1)[torch.arange(2), target]
+    x = 1 - probs  # -log p = Σ_k x^k / k; the order-5 expansion keeps k <= 4
+    torch.testing.assert_close(approx, sum(x ** k / k for k in range(1, 5)))
+    assert (approx - F.cross_entropy(logits, target, reduction="none")).abs().max() < 0.1
+
+
+def _blobs(n, gen):
+    centres = torch.randn(10, 20, generator=gen) * 3
+    y = torch.randint(0, 10, (n,), generator=gen)
+    return centres[y] + torch.randn(n, 20, generator=gen), y
+
+
+def _train(sign, x, y, steps=300):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = TaylorLoss()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = sign * loss_fn(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+def test_orientation_trains_a_network():
+    """Orientation (b): minimising -mean ℓ (our loss) learns; minimising +mean ℓ does not."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = _blobs(3000, gen)
+    x_test, y_test = x[2000:], y[2000:]
+    accuracy = {}
+    for sign in (1.0, -1.0):
+        net = _train(sign, x[:2000], y[:2000])
+        accuracy[sign] = (net(x_test).argmax(1) == y_test).float().mean().item()
+    assert accuracy[1.0] > 0.9
+    assert accuracy[-1.0] < 0.1
+
+
+def test_orientation_on_real_mnist(mnist10k):
+    """The same on real MNIST digits (the shared offline folder)."""
+    torchvision = pytest.importorskip("torchvision")
+    data = torchvision.datasets.MNIST(str(mnist10k), train=True, download=False)
+    x = data.data.float().div(255).flatten(1)
+    y = data.targets
+    accuracy = {}
+    for sign in (1.0, -1.0):
+        net = _train(sign, x[:6000], y[:6000], steps=400)
+        accuracy[sign] = (net(x[6000:]).argmax(1) == y[6000:]).float().mean().item()
+    assert accuracy[1.0] > 0.85
+    assert accuracy[-1.0] < 0.1

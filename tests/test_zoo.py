@@ -1,0 +1,76 @@
+"""The robust-loss zoo against hand-computed values and float64 gradcheck."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from domainbed_itl.losses import ZOO, bce, cross_entropy, focal, gce, label_smoothing, sce
+
+# ŷ = softmax((log 3, 0)) = (0.75, 0.25); the true class is 0.
+LOGITS = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
+TARGET = torch.tensor([0])
+P = 0.75
+
+
+def test_cross_entropy():
+    assert cross_entropy(LOGITS, TARGET).item() == pytest.approx(-math.log(P))
+
+
+def test_bce_sums_the_one_vs_all_problems():
+    s = torch.sigmoid(LOGITS[0])
+    expected = -math.log(s[0]) - math.log(1 - s[1])
+    assert bce(LOGITS, TARGET).item() == pytest.approx(expected)
+
+
+def test_focal():
+    assert focal(LOGITS, TARGET, gamma=2.0).item() == pytest.approx(-(0.25 ** 2) * math.log(P))
+    assert focal(LOGITS, TARGET, gamma=0.0).item() == pytest.approx(-math.log(P))
+
+
+def test_sce():
+    expected = 0.1 * -math.log(P) + 1.0 * 4.0 * (1 - P)
+    assert sce(LOGITS, TARGET, alpha=0.1, beta=1.0).item() == pytest.approx(expected)
+
+
+def test_gce():
+    assert gce(LOGITS, TARGET, q=0.7).item() == pytest.approx((1 - P ** 0.7) / 0.7)
+    assert gce(LOGITS, TARGET, q=1.0).item() == pytest.approx(1 - P)  # MAE-like end of the family
+
+
+def test_label_smoothing():
+    eps = 0.2
+    expected = (1 - eps) * -math.log(P) + eps * 0.5 * (-math.log(0.75) - math.log(0.25))
+    assert label_smoothing(LOGITS, TARGET, epsilon=eps).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_gradcheck_and_reductions(name):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    target = torch.randint(0, 5, (6,), generator=gen)
+    fn = ZOO[name]
+    assert torch.autograd.gradcheck(lambda z: fn(z, target, reduction="none"), (logits,))
+    per_sample = fn(logits, target, reduction="none")
+    assert per_sample.shape == (6,)
+    torch.testing.assert_close(fn(logits, target), per_sample.mean())
+    torch.testing.assert_close(fn(logits, target, reduction="sum"), per_sample.sum())
+
+
+def test_every_loss_falls_as_the_true_class_gains():
+    target = torch.tensor([1])
+    for name, fn in ZOO.items():
+        values = [fn(F.one_hot(target, 4).double() * s, target).item() for s in (0.0, 1.0, 4.0)]
+        assert values == sorted(values, reverse=True), name
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: gce(LOGITS, TARGET, q=0.0), "q in"),
+    (lambda: label_smoothing(LOGITS, TARGET, epsilon=1.0), "epsilon in"),
+    (lambda: focal(LOGITS, TARGET, reduction="avg"), "reduction"),
+    (lambda: sce(LOGITS, TARGET.float()), "target"),
+])
+def test_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
