@@ -4,38 +4,91 @@ A DomainBed launcher is a function `launcher(commands: list[str]) -> None`; the 
 `LAUNCHERS` to DomainBed's `command_launchers.REGISTRY`, so
 `python -m domainbed.scripts.sweep launch --command_launcher submitit ...` uses them.
 
-`submitit`: one Slurm job-array task per command, through submitit (Meta's Slurm library),
-or submitit's local executor where there is no Slurm. DomainBed's sweep passes launchers the
-commands alone, so the cluster settings come from `SubmititConfig`: our single-source sweep
-takes them as flags; DomainBed's own sweep reads them from DOMAINBED_SUBMITIT_* environment
-variables (listed in `SubmititConfig.ENV`), and the launcher prints the settings it uses.
+`submitit`: each command is one submitit job, run through a shell. On Slurm the commands go
+out as job arrays (at most `max_array_size` tasks per array, `array_parallelism` of each
+array running at once); where there is no Slurm, submitit's local executor runs them on this
+machine, `array_parallelism` at a time, queued by the launcher. DomainBed's sweep passes
+launchers the commands alone, so the cluster settings come from `SubmititConfig`: our
+single-source sweep takes them as flags; DomainBed's own sweep reads them from
+DOMAINBED_SUBMITIT_* environment variables (`SubmititConfig.ENV`), and the launcher prints
+the settings it uses.
+
+A command that exits non-zero fails its job. Local jobs are always waited for; Slurm jobs only
+with DOMAINBED_SUBMITIT_WAIT=1. Once waited for, failed jobs raise `SubmititJobsFailed`,
+which names each failed command, its exit status, the last lines of its stderr and its logs.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import json
 import os
+import shlex
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 Launcher = Callable[[List[str]], None]
+
+STDERR_TAIL_LINES = 20
+_POLL_INTERVAL_S = 0.5
+
+
+class CommandFailed(RuntimeError):
+    """A launched shell command exited with a non-zero status (raised inside the job)."""
+
+    MARKER = "domainbed-itl command failed"
+
+    def __init__(self, command: str, returncode: int, stderr_tail: Sequence[str]):
+        self.command, self.returncode, self.stderr_tail = command, returncode, list(stderr_tail)
+        tail = "".join(f"\n      {line}" for line in self.stderr_tail) or " (empty)"
+        status = (f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+                  if returncode < 0 and -returncode in signal.valid_signals()
+                  else f"exit status {returncode}")
+        super().__init__(f"{self.MARKER}: {status}; last lines of its stderr:{tail}")
+
+    def __reduce__(self):
+        return CommandFailed, (self.command, self.returncode, self.stderr_tail)
+
+
+class SubmititJobsFailed(RuntimeError):
+    """Some jobs of a launch failed; the message lists each of them."""
 
 
 @dataclass
 class SubmititConfig:
-    """Where and how to run the jobs of one sweep."""
+    """Where and how to run the jobs of one sweep.
 
-    folder: str = "submitit_logs"
-    cluster: Optional[str] = None  # None: Slurm when available, else local; or "slurm", "local", "debug"
+    folder: submitit's log folder; None puts it beside the sweep's jobs, in
+        `<sweep output_dir>/submitit`, when the commands share one `--output_dir` parent,
+        else in `./submitit_logs`.
+    cluster: "slurm", "local" or "debug" (in this process, one job after the other); None picks
+        Slurm where `sbatch` exists, else local.
+    partition, gpus_per_node, cpus_per_task, mem_gb, timeout_min: the Slurm resources of each
+        job (local jobs use timeout_min and gpus_per_node only).
+    array_parallelism: jobs of one Slurm array running at once; local jobs running at once.
+    max_array_size: the most tasks in one Slurm array (clusters cap it with MaxArraySize).
+    wait: Slurm only: wait for the jobs and raise on failures (default: return once queued).
+    name: the job name shown by squeue.
+    extra: other submitit parameters, e.g. {"slurm_account": "...", "slurm_qos": "..."}.
+    """
+
+    folder: Optional[str] = None
+    cluster: Optional[str] = None
     partition: Optional[str] = None
     gpus_per_node: int = 1
     cpus_per_task: int = 8
     mem_gb: int = 32
     timeout_min: int = 24 * 60
     array_parallelism: int = 64
-    wait: Optional[bool] = None  # None: wait for local/debug jobs, return at once on Slurm
-    extra: Dict[str, object] = field(default_factory=dict)
+    max_array_size: int = 1000
+    wait: Optional[bool] = None
+    name: str = "domainbed"
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     ENV = {
         "folder": "DOMAINBED_SUBMITIT_FOLDER", "cluster": "DOMAINBED_SUBMITIT_CLUSTER",
@@ -43,28 +96,36 @@ class SubmititConfig:
         "cpus_per_task": "DOMAINBED_SUBMITIT_CPUS", "mem_gb": "DOMAINBED_SUBMITIT_MEM_GB",
         "timeout_min": "DOMAINBED_SUBMITIT_TIMEOUT_MIN",
         "array_parallelism": "DOMAINBED_SUBMITIT_ARRAY_PARALLELISM",
-        "wait": "DOMAINBED_SUBMITIT_WAIT",
+        "max_array_size": "DOMAINBED_SUBMITIT_MAX_ARRAY_SIZE",
+        "wait": "DOMAINBED_SUBMITIT_WAIT", "name": "DOMAINBED_SUBMITIT_NAME",
+        "extra": "DOMAINBED_SUBMITIT_EXTRA",
     }
+    _INTEGERS = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 1,
+                 "array_parallelism": 1, "max_array_size": 1}
 
     def __post_init__(self) -> None:
         if self.cluster not in (None, "slurm", "local", "debug"):
             raise ValueError(f"submitit cluster must be slurm, local or debug, got {self.cluster!r}")
-        for name in ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "array_parallelism"):
+        for name, minimum in self._INTEGERS.items():
             value = getattr(self, name)
-            minimum = 0 if name == "gpus_per_node" else 1
-            if not isinstance(value, int) or value < minimum:
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"submitit {name} must be an integer >= {minimum}, got {value!r}")
+        if self.wait not in (None, True, False):
+            raise ValueError(f"submitit wait must be True, False or None, got {self.wait!r}")
+        if not isinstance(self.extra, dict) or not all(isinstance(k, str) for k in self.extra):
+            raise ValueError(f"submitit extra must be a dict of submitit parameters, got {self.extra!r}")
+        if not self.name:
+            raise ValueError("submitit name must be a non-empty job name")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "SubmititConfig":
         """Settings from DOMAINBED_SUBMITIT_* variables, defaults for the others."""
-        kwargs: Dict[str, object] = {}
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs: Dict[str, Any] = {}
         for name, var in cls.ENV.items():
-            if var not in environ:
+            raw = environ.get(var)
+            if raw is None or raw == "":
                 continue
-            raw = environ[var]
-            if "int" in str(types[name]):
+            if name in cls._INTEGERS:
                 try:
                     kwargs[name] = int(raw)
                 except ValueError:
@@ -73,44 +134,172 @@ class SubmititConfig:
                 if raw.lower() not in ("0", "1", "true", "false"):
                     raise ValueError(f"{var} must be 0, 1, true or false, got {raw!r}")
                 kwargs[name] = raw.lower() in ("1", "true")
+            elif name == "extra":
+                try:
+                    kwargs[name] = json.loads(raw)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{var} must be a JSON object of submitit parameters, "
+                                     f"e.g. '{{\"slurm_account\": \"abc\"}}'; got {raw!r} ({error})") from None
+                if not isinstance(kwargs[name], dict):
+                    raise ValueError(f"{var} must be a JSON object of submitit parameters, got {raw!r}")
             else:
                 kwargs[name] = raw
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as error:
+            raise ValueError(f"{error} (from the DOMAINBED_SUBMITIT_* environment variables)") from None
+
+    def executor_parameters(self) -> Dict[str, Any]:
+        """The parameters for submitit's AutoExecutor.update_parameters."""
+        params: Dict[str, Any] = {"name": self.name, "timeout_min": self.timeout_min,
+                                  "cpus_per_task": self.cpus_per_task,
+                                  "gpus_per_node": self.gpus_per_node, "mem_gb": self.mem_gb,
+                                  "slurm_array_parallelism": self.array_parallelism}
+        if self.partition:
+            params["slurm_partition"] = self.partition
+        params.update(self.extra)
+        return params
 
 
-def _run_shell(command: str) -> None:
-    """Run one DomainBed command inside a submitit job; a failure fails the job."""
-    subprocess.run(command, shell=True, check=True)
+def run_shell(command: str) -> None:
+    """Run one command through the shell (inside a submitit job); a non-zero exit raises.
+
+    The command's stdout and stderr go to the job's own, so they land in submitit's logs; the
+    last lines of stderr also go into the `CommandFailed` error.
+    """
+    sys.stdout.flush()
+    process = subprocess.Popen(command, shell=True, stderr=subprocess.PIPE, text=True,
+                               errors="replace")
+    tail: collections.deque = collections.deque(maxlen=STDERR_TAIL_LINES)
+    assert process.stderr is not None
+    for line in process.stderr:
+        sys.stderr.write(line)
+        tail.append(line.rstrip("\n"))
+    sys.stderr.flush()
+    returncode = process.wait()
+    if returncode != 0:
+        raise CommandFailed(command, returncode, tail)
+
+
+def default_folder(commands: Sequence[str]) -> str:
+    """`<sweep output_dir>/submitit` when all commands write under one `--output_dir` parent."""
+    parents = set()
+    for command in commands:
+        try:
+            tokens = shlex.split(command)
+        except ValueError:
+            return "submitit_logs"
+        values = [tokens[i + 1] for i, token in enumerate(tokens[:-1]) if token == "--output_dir"]
+        if len(values) != 1:
+            return "submitit_logs"
+        parents.add(os.path.dirname(os.path.abspath(values[0])))
+    return os.path.join(parents.pop(), "submitit") if len(parents) == 1 else "submitit_logs"
+
+
+def _failure_report(command: str, job: Any, error: BaseException) -> str:
+    """One failed job in a few lines: command, why it failed, where its logs are."""
+    text = str(error)
+    if CommandFailed.MARKER in text:
+        why = text[text.rindex(CommandFailed.MARKER) + len(CommandFailed.MARKER) + 2:]
+        why = why.split("\n----------------------", 1)[0].strip()
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+        why = f"the job did not finish normally: {lines[-1] if lines else type(error).__name__}"
+    return (f"[job {job.job_id}] {command}\n    {why}\n"
+            f"    logs: {job.paths.stderr} and {job.paths.stdout}")
+
+
+def slot_gpus(slot: int, gpus_per_job: int, n_gpus: int) -> Tuple[int, ...]:
+    """The GPUs of local job slot `slot`: slots take consecutive GPUs, wrapping around."""
+    if gpus_per_job == 0 or n_gpus == 0:
+        return ()
+    return tuple((slot * gpus_per_job + k) % n_gpus for k in range(min(gpus_per_job, n_gpus)))
+
+
+def _run_local_queue(executor: Any, commands: Sequence[str], config: SubmititConfig) -> List[Tuple[str, Any]]:
+    """Run local jobs `config.array_parallelism` at a time, each slot on its own GPUs if any.
+
+    Returns (command, job) pairs once every job finished; an interruption cancels the running
+    ones.
+    """
+    import torch
+
+    n_gpus = torch.cuda.device_count() if config.gpus_per_node else 0
+    pending = collections.deque(commands)
+    running: List[Tuple[str, Any, int]] = []
+    finished: List[Tuple[str, Any]] = []
+    try:
+        while pending or running:
+            free_slots = sorted(set(range(config.array_parallelism)) - {slot for *_, slot in running})
+            for slot in free_slots[:len(pending)]:
+                gpus = slot_gpus(slot, config.gpus_per_node, n_gpus)
+                if gpus:
+                    executor.update_parameters(gpus_per_node=len(gpus), local_visible_gpus=gpus)
+                command = pending.popleft()
+                running.append((command, executor.submit(run_shell, command), slot))
+            time.sleep(_POLL_INTERVAL_S)
+            still_running = []
+            for command, job, slot in running:
+                if job.done():
+                    finished.append((command, job))
+                else:
+                    still_running.append((command, job, slot))
+            if len(still_running) < len(running):
+                print(f"submitit launcher: {len(finished)}/{len(commands)} jobs finished", flush=True)
+            running = still_running
+    except BaseException:
+        for _, job, _ in running:
+            job.cancel(check=False)
+        raise
+    return finished
+
+
+def _chunks(items: Sequence[str], size: int) -> List[List[str]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
 def make_submitit_launcher(config: SubmititConfig) -> Launcher:
-    """A DomainBed launcher submitting each command as one task of a submitit job array."""
+    """A DomainBed launcher running each command as one submitit job, configured by `config`."""
 
     def launcher(commands: List[str]) -> None:
         import submitit
 
-        executor = submitit.AutoExecutor(folder=config.folder, cluster=config.cluster)
-        params: Dict[str, object] = {"timeout_min": config.timeout_min, "cpus_per_task": config.cpus_per_task,
-                                     "gpus_per_node": config.gpus_per_node, "mem_gb": config.mem_gb,
-                                     "slurm_array_parallelism": config.array_parallelism}
-        if config.partition:
-            params["slurm_partition"] = config.partition
-        params.update(config.extra)
+        commands = list(commands)
+        if not commands:
+            print("submitit launcher: no commands to launch")
+            return
+        folder = config.folder or default_folder(commands)
+        executor = submitit.AutoExecutor(folder=folder, cluster=config.cluster)
+        on_slurm = executor.cluster == "slurm"
+        if not on_slurm and config.wait is False:
+            raise ValueError(
+                f"DOMAINBED_SUBMITIT_WAIT=0 needs the slurm cluster: {executor.cluster} jobs are "
+                "queued by this process, which therefore waits for them")
+        params = config.executor_parameters()
         executor.update_parameters(**params)
-        print(f"submitit launcher: {executor.cluster} executor, logs in {config.folder}, {params}")
-        jobs = executor.map_array(_run_shell, list(commands))
-        print(f"submitit launcher: submitted {len(jobs)} jobs" +
-              (f" ({jobs[0].job_id.split('_')[0]})" if jobs else ""))
-        wait = config.wait if config.wait is not None else executor.cluster != "slurm"
-        if wait:
-            failed = []
-            for command, job in zip(commands, jobs):
-                try:
-                    job.result()
-                except Exception as error:  # submitit re-raises the job's failure here
-                    failed.append(f"{command}\n    {str(error).splitlines()[-1] if str(error) else error}")
-            if failed:
-                raise RuntimeError(f"{len(failed)} of {len(jobs)} submitit jobs failed:\n" + "\n".join(failed))
+        print(f"submitit launcher: {executor.cluster} executor, logs in {folder}, {params}", flush=True)
+
+        if executor.cluster == "local":
+            pairs = _run_local_queue(executor, commands, config)
+        else:
+            pairs = []
+            for chunk in _chunks(commands, config.max_array_size if on_slurm else len(commands)):
+                jobs = executor.map_array(run_shell, chunk)
+                pairs.extend(zip(chunk, jobs))
+                if on_slurm:
+                    print(f"submitit launcher: submitted array {jobs[0].job_id.split('_')[0]} "
+                          f"of {len(jobs)} jobs", flush=True)
+            if on_slurm and not config.wait:
+                print(f"submitit launcher: {len(pairs)} jobs queued; `squeue --name {config.name}` "
+                      f"shows them, logs in {folder}")
+                return
+        errors = [(command, job, job.exception()) for command, job in pairs]
+        failed = [_failure_report(*failure) for failure in errors if failure[2] is not None]
+        if failed:
+            raise SubmititJobsFailed(
+                f"{len(failed)} of {len(pairs)} submitit jobs failed:\n" + "\n".join(failed) +
+                "\n(for a DomainBed sweep, `sweep delete_incomplete` then `sweep launch` reruns them)")
+        print(f"submitit launcher: all {len(pairs)} jobs succeeded", flush=True)
 
     return launcher
 
