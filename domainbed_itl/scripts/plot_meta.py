@@ -1,0 +1,89 @@
+"""Plot a meta-training run's learning curve, as in the paper's Fig. 3.
+
+    python -m domainbed_itl.scripts.plot_meta runs/meta/metrics.jsonl --output runs/meta/curve.png
+
+Left: the inner source accuracy (mean over the n inner trainings of their source-domain accuracy)
+and the outer held-out accuracy (mean over the held-out domains) against the outer step.
+Right: the outer held-out loss M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
+
+REQUIRED = ("step", "inner_source_acc", "outer_heldout_acc", "outer_heldout_loss")
+
+
+def read_metrics(path: str | Path) -> List[Dict[str, Any]]:
+    """The records of a metrics.jsonl file; ValueError naming the line if one is malformed."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not JSON ({e})") from e
+        missing = [k for k in REQUIRED if k not in record]
+        if missing:
+            raise ValueError(f"{path}, line {number}: lacks {missing}")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no metrics records")
+    return records
+
+
+def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path, title: str = "") -> Path:
+    """Save the Fig. 3-style learning curve of `records` as an image at `output`."""
+    steps = [r["step"] for r in records]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_acc.plot(steps, [100 * r["inner_source_acc"] for r in records], marker=".",
+                label="inner loop: source domains")
+    ax_acc.plot(steps, [100 * r["outer_heldout_acc"] for r in records], marker=".",
+                label="outer loop: held-out domain")
+    ax_acc.set(xlabel="outer step (loss update)", ylabel="accuracy (%)", title="accuracy")
+    ax_acc.legend()
+    ax_loss.plot(steps, [r["outer_heldout_loss"] for r in records], marker=".", color="C3")
+    ax_loss.set(xlabel="outer step (loss update)", ylabel="cross-entropy",
+                title="held-out loss M")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: metrics.jsonl in, PNG out."""
+    p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.plot_meta",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("metrics", help="a run's metrics.jsonl")
+    p.add_argument("--output", default=None, help="image path (default: beside metrics, curve.png)")
+    p.add_argument("--title", default="", help="figure title")
+    args = p.parse_args(argv)
+    try:
+        records = read_metrics(args.metrics)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output = args.output or Path(args.metrics).with_name("curve.png")
+    print(plot_meta(records, output, args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""The meta-learner (Algorithm 1): trainer, run directory, command line, DomainBed data, plots."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from domainbed_itl.domainbed_env import DomainBedNotFound
+from domainbed_itl.losses import LossSpec, load_loss
+from domainbed_itl.meta import runner
+from domainbed_itl.meta.data import synthetic_domains
+from domainbed_itl.meta.runner import RunDirError, run_meta_training
+from domainbed_itl.meta.trainer import MetaConfig, MetaTrainer, NonFiniteError, step_generator
+from domainbed_itl.scripts import meta_train, plot_meta
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(inner_steps=8, hidden=(8,), hvp_batch=32, eval_size=None, batch_size=16)
+TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_step_s")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: one intra-op thread avoids OpenMP stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(num_domains=4, per_domain=48, features=12, classes=3, seed=0):
+    return synthetic_domains(num_domains, per_domain, features, classes, seed=seed, noise=1.5,
+                             degrees_per_domain=20)
+
+
+def _config(**kw):
+    return MetaConfig(**{**TINY, **kw})
+
+
+def _untimed(record):
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+# ---------------------------------------------------------------------------------- trainer
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(family="focal"), "unknown loss family 'focal'"),
+    (dict(order=7), r"order must be an integer in \[2, 5\], got 7"),
+    (dict(family="sce", order=4), "sce family takes no order"),
+    (dict(outer_steps=0), "outer_steps must be a positive integer, got 0"),
+    (dict(inner_steps=-3), "inner_steps must be a positive integer, got -3"),
+    (dict(outer_lr=0.0), "outer_lr must be a positive number"),
+    (dict(inner_lr=float("nan")), "inner_lr must be a positive number.*got nan"),
+    (dict(hidden=()), "hidden must list at least one width"),
+    (dict(hidden=(8, 0)), "every hidden width must be a positive integer, got 0"),
+    (dict(solver="lu"), "unknown solver 'lu'; expected 'neumann' or 'cg'"),
+    (dict(aggregate="sum"), "unknown aggregation 'sum'; expected one of pcgrad, mean"),
+    (dict(outer_optimizer="rmsprop"), "unknown outer optimizer 'rmsprop'"),
+])
+def test_config_rejects_bad_values_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**kwargs)
+
+
+def test_step_randomness_depends_only_on_seed_and_step():
+    def draw(seed, step):
+        return torch.randint(1000, (5,), generator=step_generator(seed, step)).tolist()
+
+    assert draw(0, 3) == draw(0, 3)
+    assert len({tuple(draw(s, k)) for s in (0, 1) for k in (1, 2, 3)}) == 6
+
+
+def test_default_start_is_the_taylor_expansion_of_cross_entropy():
+    data = _data()
+    trainer = MetaTrainer(data.domains, data.num_classes, _config())
+    expected = torch.tensor(trainer.family.default_parameters(data.num_classes))
+    assert torch.equal(trainer.omega, expected)
+    with pytest.raises(ValueError, match="has 12 parameters, got 3"):
+        MetaTrainer(data.domains, data.num_classes, _config(), omega=[1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("solver,rtol", [("neumann", 1e-5), ("cg", 1e-3)])
+def test_batched_equals_sequential(solver, rtol):
+    """Same draws, same maths: only float32 summation order differs.
+
+    CG runs 5 iterations here: on these far-from-converged, near-singular Hessians, more float32
+    CG iterations amplify rounding differences (15 iterations: several percent).
+    """
+    data = _data()
+    runs, updates = [], []
+    for batched in (False, True):
+        trainer = MetaTrainer(data.domains, data.num_classes,
+                              _config(solver=solver, cg_maxiter=5, batched=batched, aggregate="mean"))
+        start = trainer.omega.clone()
+        runs.append([trainer.outer_step() for _ in range(2)])
+        updates.append(trainer.omega - start)
+    assert updates[0].norm() > 0
+    assert (updates[1] - updates[0]).norm() <= rtol * updates[0].norm()
+    for seq, bat in zip(*runs):
+        for key in ("outer_heldout_loss", "inner_loss", "inner_source_acc", "outer_heldout_acc"):
+            assert bat[key] == pytest.approx(seq[key], rel=1e-4)
+
+
+def test_non_finite_inner_loss_is_named():
+    data = _data()
+    omega = [float("nan")] + [1.0] * 11
+    with pytest.raises(ValueError, match="must be finite"):
+        MetaTrainer(data.domains, data.num_classes, _config(), omega=omega)
+    trainer = MetaTrainer(data.domains, data.num_classes, _config())
+    with torch.no_grad():
+        trainer.omega[6] = float("inf")
+    with pytest.raises(NonFiniteError, match="outer step 1: non-finite inner training loss when "
+                                             r"training without domain 0 \(inner step 1\)"):
+        trainer.outer_step()
+
+
+def test_non_finite_hypergradient_is_named():
+    data = _data()
+    trainer = MetaTrainer(data.domains, data.num_classes, _config(neumann_alpha=1e30))
+    with pytest.raises(NonFiniteError, match="outer step 1: non-finite hypergradient for "
+                                             "held-out domain 0"):
+        trainer.outer_step()
+
+
+def test_non_finite_update_is_refused_and_rolled_back():
+    data = _data()
+    trainer = MetaTrainer(data.domains, data.num_classes, _config())
+    trainer.outer_step()
+    before = trainer.state_dict()
+    trainer.optimizer.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"outer step 2: non-finite loss parameters ω"):
+        trainer.outer_step()
+    assert trainer.steps_done == 1
+    assert torch.equal(trainer.omega, before["omega"])
+
+
+def test_meta_training_lowers_the_held_out_loss():
+    """End to end: after a few outer steps, the same draw (step 1) gives a lower held-out loss M."""
+    data = synthetic_domains(4, 100, 20, 5, seed=0, noise=1.5, degrees_per_domain=20)
+    config = MetaConfig(inner_steps=30, hidden=(16,), hvp_batch=64, outer_optimizer="adam",
+                        outer_lr=0.1, batched=True)
+    trainer = MetaTrainer(data.domains, data.num_classes, config)
+    records = [trainer.outer_step() for _ in range(6)]
+    again = MetaTrainer(data.domains, data.num_classes, config, omega=trainer.omega).outer_step()
+    assert again["outer_heldout_loss"] < records[0]["outer_heldout_loss"] - 0.05
+    assert again["outer_heldout_acc"] > records[0]["outer_heldout_acc"]
+
+
+# ------------------------------------------------------------------------------ run directory
+
+
+def test_run_writes_loss_metrics_and_checkpoint(tmp_path):
+    data = _data()
+    trainer = run_meta_training(data, _config(outer_steps=3, seed=5), tmp_path / "run",
+                                progress=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("inner_source_acc", "outer_heldout_acc", "outer_heldout_loss", "omega",
+                "time_inner_s", "time_hypergradient_s"):
+        assert key in records[0]
+    spec = load_loss(tmp_path / "run" / "loss.json")
+    assert (spec.family, spec.order) == ("taylor", 4)
+    assert spec.parameters == trainer.omega.tolist() == records[-1]["omega"]
+    prov = spec.provenance
+    assert (prov["meta_train_dataset"], prov["steps"], prov["seed"]) == ("synthetic", 3, 5)
+    assert prov["package_version"]
+    ckpt = runner.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["trainer"]["steps_done"] == 3 and ckpt["metrics"] == records
+    assert oct(os.stat(tmp_path / "run" / "checkpoint.pt").st_mode & 0o044) == oct(
+        0o044 & ~_umask())
+    assert not list((tmp_path / "run").glob(".*tmp"))
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_reaches_exactly_the_uninterrupted_omega(tmp_path, optimizer):
+    data = _data()
+    full = run_meta_training(data, _config(outer_steps=4, outer_optimizer=optimizer),
+                             tmp_path / "full", progress=False)
+    run_meta_training(data, _config(outer_steps=2, outer_optimizer=optimizer), tmp_path / "cut",
+                      progress=False)
+    resumed = run_meta_training(data, _config(outer_steps=4, outer_optimizer=optimizer),
+                                tmp_path / "cut", resume=True, progress=False)
+    assert resumed.steps_done == 4
+    assert torch.equal(resumed.omega, full.omega)
+    metrics = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("full", "cut")]
+    assert [_untimed(json.loads(a)) for a in metrics[0]] == [_untimed(json.loads(b)) for b in metrics[1]]
+    assert load_loss(tmp_path / "cut" / "loss.json").parameters == full.omega.tolist()
+
+
+def test_resume_repairs_views_written_after_the_checkpoint(tmp_path):
+    data = _data()
+    run_meta_training(data, _config(outer_steps=2), tmp_path, progress=False)
+    (tmp_path / "metrics.jsonl").write_text("garbage\n")
+    (tmp_path / "loss.json").unlink()
+    run_meta_training(data, _config(outer_steps=2), tmp_path, resume=True, progress=False)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert load_loss(tmp_path / "loss.json").provenance["steps"] == 2
+
+
+def test_output_dir_is_protected(tmp_path):
+    data = _data()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="is not empty.*notes.txt.*--resume.*--overwrite"):
+        run_meta_training(data, _config(outer_steps=1), tmp_path, progress=False)
+    with pytest.raises(RunDirError, match="cannot resume.*no checkpoint.pt"):
+        run_meta_training(data, _config(outer_steps=1), tmp_path, resume=True, progress=False)
+    with pytest.raises(RunDirError, match="exclude each other"):
+        run_meta_training(data, _config(outer_steps=1), tmp_path, resume=True, overwrite=True,
+                          progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    run_meta_training(data, _config(outer_steps=1), tmp_path, overwrite=True, progress=False)
+    first = (tmp_path / "checkpoint.pt").read_bytes()
+    run_meta_training(data, _config(outer_steps=1, seed=1), tmp_path, overwrite=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() != first
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    fresh = run_meta_training(data, _config(outer_steps=1), tmp_path / "new", resume=True,
+                              progress=False)
+    assert fresh.steps_done == 1  # --resume where nothing ran yet starts the run
+
+
+def test_resume_refuses_other_settings_or_data(tmp_path):
+    data = _data()
+    run_meta_training(data, _config(outer_steps=1), tmp_path, progress=False)
+    with pytest.raises(RunDirError, match="inner_lr: 0.01 in the checkpoint, 0.02 now"):
+        run_meta_training(data, _config(outer_steps=2, inner_lr=0.02), tmp_path, resume=True,
+                          progress=False)
+    with pytest.raises(RunDirError, match="the data differ"):
+        run_meta_training(_data(seed=1), _config(outer_steps=2), tmp_path, resume=True,
+                          progress=False)
+    spec = LossSpec("taylor", 4, [0.5] * 12)
+    with pytest.raises(RunDirError, match="initial loss parameters differ"):
+        run_meta_training(data, _config(outer_steps=2), tmp_path, init=spec, resume=True,
+                          progress=False)
+
+
+def test_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
+    data = _data()
+    config = _config(outer_steps=3, outer_optimizer="adam", outer_lr=1e30)
+    with pytest.raises(NonFiniteError, match=r"outer step 2: non-finite .*the last good checkpoint "
+                                             r"\(.*checkpoint.pt, step 1\) is kept"):
+        run_meta_training(data, config, tmp_path, progress=False)
+    assert runner.load_checkpoint(tmp_path / "checkpoint.pt")["trainer"]["steps_done"] == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ command line
+
+CLI_TINY = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps", "8",
+            "--hidden", "8", "--hvp_batch", "32", "--no_progress"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--family", "taylor7"], "argument --family: invalid choice: 'taylor7'"),
+    (["--family", "taylor", "--order", "7"], r"order must be an integer in \[2, 5\], got 7"),
+    (["--family", "taylor"], "--family taylor needs --order"),
+    (["--family", "taylor4", "--order", "5"], "--family taylor4 conflicts with --order 5"),
+    (["--family", "sce", "--order", "2"], "--family sce takes no --order"),
+    (["--outer_steps", "0"], "argument --outer_steps: expected a positive integer, got '0'"),
+    (["--inner_steps", "-5"], "argument --inner_steps: expected a positive integer, got '-5'"),
+    (["--outer_lr", "inf"], "argument --outer_lr: expected a positive finite number, got 'inf'"),
+    (["--hidden", "256,x"], "expected comma-separated positive hidden widths"),
+    (["--aggregate", "sum"], "argument --aggregate: invalid choice: 'sum'"),
+    (["--init", "no/such/loss.json"], "neither a preset loss"),
+    (["--init", "ITL", "--family", "sce"], "--init ITL holds a taylor loss of order 4"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+])
+def test_cli_rejects_bad_arguments_by_name(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        meta_train.main(CLI_TINY + ["--output_dir", str(tmp_path / "out")] + argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_protects_output_dir_and_reports_missing_domainbed(tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    assert meta_train.main(CLI_TINY + ["--output_dir", str(tmp_path / "used")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    code = meta_train.main(["--dataset", "RotatedMNIST", "--domainbed_root", str(tmp_path),
+                            "--output_dir", str(tmp_path / "new")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is not a DomainBed checkout" in err and "github.com/facebookresearch/DomainBed" in err
+    with pytest.raises(DomainBedNotFound):
+        from domainbed_itl.meta.domainbed_data import load_domainbed_domains
+        load_domainbed_domains("RotatedMNIST", tmp_path, domainbed_root=tmp_path)
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "domainbed_itl.scripts.meta_train", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_cli_killed_run_resumes_bitwise(tmp_path):
+    args = CLI_TINY + ["--outer_steps", "6", "--inner_steps", "30", "--seed", "3"]
+    full = _cli(args + ["--output_dir", str(tmp_path / "full")])
+    killed = _cli(args + ["--output_dir", str(tmp_path / "cut")])
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    steps_at_kill = runner.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["trainer"]["steps_done"]
+    assert 2 <= steps_at_kill < 6, "the run should be killed part-way"
+    resumed = _cli(args + ["--output_dir", str(tmp_path / "cut"), "--resume"])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "6 outer steps" in out
+    full.communicate(timeout=300)
+    final = [runner.load_checkpoint(tmp_path / d / "checkpoint.pt")["trainer"]["omega"]
+             for d in ("full", "cut")]
+    assert torch.equal(final[0], final[1])
+    assert (load_loss(tmp_path / "cut" / "loss.json").parameters
+            == load_loss(tmp_path / "full" / "loss.json").parameters)
+
+
+def test_cli_stops_on_non_finite_values(tmp_path):
+    proc = _cli(CLI_TINY + ["--outer_steps", "3", "--outer_optimizer", "adam", "--outer_lr", "1e30",
+                            "--output_dir", str(tmp_path)])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "error: outer step 2: non-finite inner training loss" in err
+    assert "Traceback" not in err
+    assert load_loss(tmp_path / "loss.json").provenance["steps"] == 1
+
+
+# ----------------------------------------------------------------------------------- plots
+
+
+def test_plot_meta_writes_a_png(tmp_path):
+    run_meta_training(_data(), _config(outer_steps=2), tmp_path, progress=False)
+    assert plot_meta.main([str(tmp_path / "metrics.jsonl"), "--output", str(tmp_path / "c.png")]) == 0
+    png = (tmp_path / "c.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\n')
+    assert plot_meta.main([str(tmp_path / "bad.jsonl")]) == 2
+
+
+# ------------------------------------------------------------------------- DomainBed isolation
+
+
+def test_meta_modules_never_import_domainbed():
+    for path in (REPO / "domainbed_itl" / "meta").glob("*.py"):
+        if path.name == "domainbed_data.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith("domainbed") or name.startswith("domainbed_itl"), path
+                assert "domainbed_env" not in name and "domainbed_data" not in name, path
+
+
+@pytest.mark.domainbed
+def test_domainbed_loaders_give_flat_domains(domainbed_root, mnist10k):
+    from domainbed_itl.meta.domainbed_data import load_domainbed_domains
+
+    rotated = load_domainbed_domains("RotatedMNIST", mnist10k, domainbed_root, per_domain_cap=50)
+    assert rotated.environments == ["0", "15", "30", "45", "60", "75"]
+    assert [tuple(x.shape) for x, _ in rotated.domains] == [(50, 784)] * 6
+    assert rotated.num_classes == 10 and rotated.domains[0][1].dtype == torch.int64
+    again = load_domainbed_domains("RotatedMNIST", mnist10k, domainbed_root, per_domain_cap=50)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rotated.domains, again.domains))
+    colored = load_domainbed_domains("ColoredMNIST", mnist10k, domainbed_root, per_domain_cap=40)
+    assert [tuple(x.shape) for x, _ in colored.domains] == [(40, 1568)] * 3
+    assert colored.num_classes == 2
+    with pytest.raises(ValueError, match="unknown DomainBed dataset 'MNISTX'"):
+        load_domainbed_domains("MNISTX", mnist10k, domainbed_root)
+
+
+@pytest.mark.domainbed
+@pytest.mark.slow
+def test_cli_meta_trains_on_domainbed_rotated_mnist(tmp_path, domainbed_root, mnist10k):
+    proc = _cli(["--dataset", "RotatedMNIST", "--data_dir", str(mnist10k), "--domainbed_root",
+                 str(domainbed_root), "--per_domain_cap", "64", "--outer_steps", "2",
+                 "--inner_steps", "10", "--hidden", "16", "--hvp_batch", "32", "--batched",
+                 "--output_dir", str(tmp_path)])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    spec = load_loss(tmp_path / "loss.json")
+    assert (spec.family, spec.order, len(spec.parameters)) == ("taylor", 4, 12)
+    assert spec.provenance["meta_train_dataset"] == "RotatedMNIST"
+    assert spec.provenance["steps"] == 2
+    assert spec.provenance["data"]["environments"] == ["0", "15", "30", "45", "60", "75"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert dataclasses.asdict(MetaConfig()).keys() == spec.provenance["meta_config"].keys()
