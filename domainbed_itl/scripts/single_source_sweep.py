@@ -1,0 +1,270 @@
+"""Launch a single-source domain generalisation sweep (Gao et al., ICML 2022, Sec. 4.2).
+
+    python -m domainbed_itl.scripts.single_source_sweep launch \\
+        --domainbed_root ../DomainBed --datasets PACS VLCS --algorithms ERM ITL \\
+        --data_dir ./domainbed/data --output_dir ./sweeps/single_source \\
+        --command_launcher local
+    python -m domainbed_itl.scripts.single_source_sweep delete_incomplete ...same flags...
+
+For every dataset, algorithm, trial, hparams seed and source domain s, one run of DomainBed's own
+`train` with `--test_envs` = every domain except s. The sweep is DomainBed's: the arguments come
+from its `make_args_list(..., single_test_envs=True)` with each test env [s] replaced by its
+complement (and the seed re-derived from the new test envs with DomainBed's `seed_hash`), the jobs
+are its `Job`s (same hashed folders, same `done` markers), launched by `Job.launch` through
+`command_launchers.REGISTRY`. So DomainBed's tools read the outputs, and running the same command
+again launches only the jobs that have no folder yet; `delete_incomplete` removes the folders of
+jobs that started but never wrote `done`, after which `launch` re-runs them.
+
+The flags are those of DomainBed's sweep, plus:
+
+* `--domainbed_root`: the DomainBed checkout to import (else `domainbed` must be importable).
+  The jobs run `python -m domainbed.scripts.train`; this launcher puts the checkout it imported
+  first on PYTHONPATH in its own environment, which the jobs inherit (local and multi_gpu
+  launchers, submitit's local executor, and Slurm, which exports the submitting environment by
+  default). DomainBed itself is not changed. For our algorithms (ITL, ERM_Focal, ...) the
+  checkout must carry our patches: `python -m domainbed_itl.scripts.patch apply`.
+* `--sources`: only these source domains (default: all of them).
+* `--checkpoint_freq`: passed to train (changes the job hashes; by default it is not passed).
+* `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.launchers;
+  a flag overrides the matching DOMAINBED_SUBMITIT_* variable).
+* `--seed`: seeds the shuffled launch order (DomainBed's sweep accepts `--seed` and ignores it).
+
+Besides DomainBed's folders, `launch` keeps `single_source_sweep.json` in the output folder: the
+planned jobs, so that `collect_single_source` can name runs whose folders are missing or empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..algorithms import ALGORITHM_SPECS
+from ..domainbed_env import DomainBedNotFound, import_domainbed
+from ..launchers import Launcher, SubmititConfig, make_submitit_launcher
+from ..single_source import PlannedJob, RunKey, update_manifest
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+_json_object.__name__ = "JSON object"  # argparse's error message names the type this way
+# One --submitit_<field> flag per SubmititConfig field, typed as the field is.
+SUBMITIT_FLAGS = {f.name: {"int": int, "Dict[str, Any]": _json_object}.get(str(f.type), str)
+                  for f in dataclasses.fields(SubmititConfig) if str(f.type) != "Optional[bool]"}
+SUBMITIT_SWITCHES = [f.name for f in dataclasses.fields(SubmititConfig) if str(f.type) == "Optional[bool]"]
+
+
+class SweepInputError(ValueError):
+    """A flag's value cannot make a sweep."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: DomainBed's sweep flags plus ours (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        description="Single-source DG sweep: DomainBed train runs with one training domain each.")
+    parser.add_argument("command", choices=["launch", "delete_incomplete"])
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="default: DomainBed's sweep datasets (all but Debug*)")
+    parser.add_argument("--algorithms", nargs="+", default=None,
+                        help="default: every algorithm DomainBed knows")
+    parser.add_argument("--n_hparams_from", type=int, default=0)
+    parser.add_argument("--n_hparams", type=int, default=20)
+    parser.add_argument("--n_trials", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--checkpoint_freq", type=int, default=None)
+    parser.add_argument("--hparams", type=str, default=None, help="JSON dict of hparams to override")
+    parser.add_argument("--holdout_fraction", type=float, default=0.2)
+    parser.add_argument("--data_dir", type=str, required=True)
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--command_launcher", type=str, required=True)
+    parser.add_argument("--sources", type=int, nargs="+", default=None,
+                        help="source domain indices to run (default: every domain)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled launch order")
+    parser.add_argument("--skip_confirmation", action="store_true")
+    parser.add_argument("--domainbed_root", type=str, default=None,
+                        help="DomainBed checkout to import and to put on the jobs' PYTHONPATH")
+    for name, kind in SUBMITIT_FLAGS.items():
+        parser.add_argument(f"--submitit_{name}", type=kind, default=None,
+                            help="with --command_launcher submitit: SubmititConfig." + name)
+    for name in SUBMITIT_SWITCHES:
+        parser.add_argument(f"--submitit_{name}", action=argparse.BooleanOptionalAction, default=None,
+                            help="with --command_launcher submitit: SubmititConfig." + name)
+    return parser
+
+
+def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleType,
+             registry: Dict[str, Callable], checkout: Path) -> None:
+    """Raise SweepInputError naming the first flag value that cannot make a sweep."""
+    for dataset in args.datasets:
+        if dataset not in datasets.DATASETS:
+            raise SweepInputError(f"unknown dataset {dataset!r}; DomainBed knows: "
+                                  f"{', '.join(datasets.DATASETS)}")
+        n = datasets.num_environments(dataset)
+        if n < 2:
+            raise SweepInputError(f"dataset {dataset!r} has {n} domain; single-source DG needs at "
+                                  f"least 2 (one source and a target)")
+        for source in args.sources or ():
+            if not 0 <= source < n:
+                raise SweepInputError(f"--sources {source} is not a domain of {dataset!r}, whose "
+                                      f"domains are 0..{n - 1}")
+    for algorithm in args.algorithms:
+        if algorithm in algorithms.ALGORITHMS:
+            continue
+        if algorithm in ALGORITHM_SPECS:
+            raise SweepInputError(
+                f"algorithm {algorithm!r} is domainbed-itl's, and the DomainBed checkout {checkout} "
+                f"does not have our patches: python -m domainbed_itl.scripts.patch apply "
+                f"--domainbed_root {checkout}")
+        raise SweepInputError(f"unknown algorithm {algorithm!r}; DomainBed knows: "
+                              f"{', '.join(algorithms.ALGORITHMS)}")
+    if args.command_launcher != "submitit" and args.command_launcher not in registry:
+        raise SweepInputError(f"unknown --command_launcher {args.command_launcher!r}; expected one "
+                              f"of {', '.join(sorted(set(registry) | {'submitit'}))}")
+    if args.command_launcher != "submitit":
+        given = [f"--submitit_{n}" for n in [*SUBMITIT_FLAGS, *SUBMITIT_SWITCHES]
+                 if getattr(args, f"submitit_{n}") is not None]
+        if given:
+            raise SweepInputError(f"{', '.join(given)} only apply with --command_launcher submitit, "
+                                  f"not {args.command_launcher!r}")
+    if args.n_trials < 1:
+        raise SweepInputError(f"--n_trials must be at least 1, got {args.n_trials}")
+    if not 0 <= args.n_hparams_from < args.n_hparams:
+        raise SweepInputError(f"hparams seeds run from --n_hparams_from to --n_hparams - 1: need "
+                              f"0 <= n_hparams_from < n_hparams, got {args.n_hparams_from} and "
+                              f"{args.n_hparams}")
+    for flag in ("steps", "checkpoint_freq"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SweepInputError(f"--{flag} must be at least 1, got {value}")
+    if not 0 < args.holdout_fraction < 1:
+        raise SweepInputError(f"--holdout_fraction must be between 0 and 1 (exclusive): the source "
+                              f"needs both a training and a validation split; got {args.holdout_fraction}")
+    if args.hparams is not None:
+        try:
+            hparams = json.loads(args.hparams)
+        except json.JSONDecodeError as error:
+            raise SweepInputError(f"--hparams {args.hparams!r} is not JSON: {error}") from None
+        if not isinstance(hparams, dict):
+            raise SweepInputError(f"--hparams must be a JSON object such as '{{\"batch_size\": 32}}', "
+                                  f"got {args.hparams!r}")
+    if not Path(args.data_dir).is_dir():
+        raise SweepInputError(f"--data_dir {args.data_dir!r} is not a folder")
+
+
+def single_source_args(args_list: Sequence[dict], num_environments: Callable[[str], int],
+                       seed_hash: Callable[..., int], sources: Optional[Sequence[int]] = None,
+                       checkpoint_freq: Optional[int] = None) -> List[Tuple[dict, int]]:
+    """(train args, source) for every entry of `make_args_list(..., single_test_envs=True)`.
+
+    Each entry's test_envs [s] becomes every other domain, so s is the one training domain, and
+    the seed is re-derived as DomainBed's make_args_list derives it, from the new test_envs.
+    Entries whose s is not in `sources` (when given) are left out.
+    """
+    out = []
+    for train_args in args_list:
+        (source,) = train_args["test_envs"]
+        if sources is not None and source not in sources:
+            continue
+        train_args = dict(train_args)
+        train_args["test_envs"] = [e for e in range(num_environments(train_args["dataset"]))
+                                   if e != source]
+        train_args["seed"] = seed_hash(train_args["dataset"], train_args["algorithm"],
+                                       train_args["test_envs"], train_args["hparams_seed"],
+                                       train_args["trial_seed"])
+        if checkpoint_freq is not None:
+            train_args["checkpoint_freq"] = checkpoint_freq
+        out.append((train_args, source))
+    return out
+
+
+def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> Launcher:
+    """DomainBed's registered launcher, or for `submitit` one built from the --submitit_* flags."""
+    if args.command_launcher != "submitit":
+        return registry[args.command_launcher]
+    given = {n: getattr(args, f"submitit_{n}") for n in [*SUBMITIT_FLAGS, *SUBMITIT_SWITCHES]
+             if getattr(args, f"submitit_{n}") is not None}
+    try:
+        config = dataclasses.replace(SubmititConfig.from_env(), **given)
+    except ValueError as error:
+        raise SweepInputError(str(error)) from None
+    return make_submitit_launcher(config)
+
+
+def export_checkout(checkout: Path, environ: Dict[str, str] = os.environ) -> None:
+    """Put `checkout` first on PYTHONPATH in `environ`, which the launched jobs inherit."""
+    parts = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(checkout)]
+    environ["PYTHONPATH"] = os.pathsep.join([str(checkout), *parts])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
+        datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
+        algorithms = import_domainbed(args.domainbed_root, "domainbed.algorithms")
+        misc = import_domainbed(args.domainbed_root, "domainbed.lib.misc")
+        command_launchers = import_domainbed(args.domainbed_root, "domainbed.command_launchers")
+        checkout = Path(sweep.__file__).resolve().parents[2]
+        args.datasets = args.datasets or list(sweep.DATASETS)
+        args.algorithms = args.algorithms or list(algorithms.ALGORITHMS)
+        validate(args, datasets, algorithms, command_launchers.REGISTRY, checkout)
+        launcher_fn = make_launcher(args, command_launchers.REGISTRY) if args.command == "launch" else None
+    except (SweepInputError, DomainBedNotFound) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    args_list = sweep.make_args_list(
+        n_trials=args.n_trials, dataset_names=args.datasets, algorithms=args.algorithms,
+        n_hparams_from=args.n_hparams_from, n_hparams=args.n_hparams, steps=args.steps,
+        data_dir=args.data_dir, task="domain_generalization",
+        holdout_fraction=args.holdout_fraction, single_test_envs=True, hparams=args.hparams)
+    planned = single_source_args(args_list, datasets.num_environments, misc.seed_hash,
+                                 args.sources, args.checkpoint_freq)
+    jobs = [(sweep.Job(train_args, args.output_dir), source) for train_args, source in planned]
+
+    for job, source in jobs:
+        print(f"{job} source={source}")
+    states = [job.state for job, _ in jobs]
+    print("{} jobs: {} done, {} incomplete, {} not launched.".format(
+        len(jobs), states.count(sweep.Job.DONE), states.count(sweep.Job.INCOMPLETE),
+        states.count(sweep.Job.NOT_LAUNCHED)))
+
+    if args.command == "launch":
+        to_launch = [job for job, _ in jobs if job.state == sweep.Job.NOT_LAUNCHED]
+        print(f"About to launch {len(to_launch)} jobs.")
+        if not args.skip_confirmation:
+            sweep.ask_for_confirmation()
+        os.makedirs(args.output_dir, exist_ok=True)
+        update_manifest(args.output_dir, [
+            PlannedJob(Path(job.output_dir).name,
+                       RunKey(a["dataset"], a["algorithm"], source, a["trial_seed"], a["hparams_seed"]),
+                       len(a["test_envs"]) + 1)
+            for (job, source), (a, _) in zip(jobs, planned)])
+        export_checkout(checkout)
+        print(f"The jobs import DomainBed from {checkout} (first on their PYTHONPATH).")
+        np.random.seed(args.seed)
+        sweep.Job.launch(to_launch, launcher_fn)
+    else:
+        to_delete = [job for job, _ in jobs if job.state == sweep.Job.INCOMPLETE]
+        print(f"About to delete {len(to_delete)} jobs.")
+        if not args.skip_confirmation:
+            sweep.ask_for_confirmation()
+        sweep.Job.delete(to_delete)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
