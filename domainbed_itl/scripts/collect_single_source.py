@@ -1,0 +1,80 @@
+"""Tables 4 and 10 of Gao et al. (ICML 2022) from a single-source sweep's folder.
+
+    python -m domainbed_itl.scripts.collect_single_source --input_dir ./sweeps/single_source
+    python -m domainbed_itl.scripts.collect_single_source --input_dir ... --latex --output results.tex
+
+Prints, like DomainBed's collect_results: per dataset, Table 10 (rows: algorithms; columns:
+source domains; cell: the accuracy on every target, '/'-separated, then their mean +/- standard
+error over trials), then Table 4 (rows: algorithms; columns: datasets; the mean over sources and
+targets). Model selection is source-domain validation; see domainbed_itl.single_source for the
+protocol. Runs that are missing, unfinished or unreadable are listed by dataset, algorithm,
+source, trial and hparams seed, and cells without all their trials say so. DomainBed is not
+needed; when it is importable (or --domainbed_root is given) its domain names label the columns
+and its algorithm and dataset order is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..atomic import OutputExists, write_atomic
+from ..domainbed_env import DomainBedNotFound, import_domainbed
+from ..single_source import (SingleSourceResults, load_runs, read_manifest, render_report,
+                             summarise)
+
+
+def domainbed_labels(results: SingleSourceResults, domainbed_root: Optional[str]
+                     ) -> Tuple[Optional[Dict[str, List[str]]], Optional[List[str]], Optional[List[str]]]:
+    """Domain names, algorithm order and dataset order from DomainBed; Nones without it."""
+    try:
+        datasets = import_domainbed(domainbed_root, "domainbed.datasets")
+        algorithms = import_domainbed(domainbed_root, "domainbed.algorithms")
+    except DomainBedNotFound:
+        if domainbed_root is not None:
+            raise
+        return None, None, None
+    names = {d: list(datasets.get_dataset_class(d).ENVIRONMENTS) for d in results.datasets
+             if d in datasets.DATASETS}
+    algorithm_order = ([a for a in algorithms.ALGORITHMS if a in results.algorithms] +
+                       [a for a in results.algorithms if a not in algorithms.ALGORITHMS])
+    dataset_order = ([d for d in datasets.DATASETS if d in results.datasets] +
+                     [d for d in results.datasets if d not in datasets.DATASETS])
+    return names, algorithm_order, dataset_order
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print (and with --output, write) the report; 2 on bad input."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input_dir", required=True, help="the sweep's output folder")
+    style = parser.add_mutually_exclusive_group()
+    style.add_argument("--latex", action="store_true")
+    style.add_argument("--markdown", action="store_true")
+    parser.add_argument("--algorithms", nargs="+", default=None, help="rows, in this order")
+    parser.add_argument("--datasets", nargs="+", default=None, help="datasets, in this order")
+    parser.add_argument("--domainbed_root", default=None,
+                        help="DomainBed checkout for domain names (optional)")
+    parser.add_argument("--output", default=None, help="also write the report to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    args = parser.parse_args(argv)
+    fmt = "latex" if args.latex else "markdown" if args.markdown else "text"
+    try:
+        results = summarise(load_runs(args.input_dir), read_manifest(args.input_dir))
+        if not results.cells:
+            raise ValueError(f"no single-source runs in {args.input_dir} "
+                             f"({results.ignored_multi_source_runs} multi-source runs ignored)")
+        env_names, algorithm_order, dataset_order = domainbed_labels(results, args.domainbed_root)
+        report = render_report(results, fmt, args.algorithms or algorithm_order,
+                               args.datasets or dataset_order, env_names, source=args.input_dir)
+        if args.output:
+            write_atomic(args.output, report, overwrite=args.overwrite)
+        print(report, end="")
+    except (ValueError, FileNotFoundError, OutputExists, DomainBedNotFound) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
