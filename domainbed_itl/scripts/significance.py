@@ -1,0 +1,166 @@
+"""Friedman + Nemenyi tests and critical-difference diagrams (Fig. 2 of Gao et al., ICML 2022).
+
+    python -m domainbed_itl.scripts.significance --output_dir ./significance \\
+        --single_source_dir ./sweeps/single_source --multi_source_dir ./sweeps/domainbed \\
+        --algorithms ERM CORAL SagNet Mixup ITL --domainbed_root ../DomainBed
+
+For each given sweep, ranks the algorithms within each block and writes
+`cd_<setting>_<blocks>.png` (Demšar's critical-difference diagram) and `.txt` (Friedman and
+Iman-Davenport statistics, average ranks, Nemenyi critical difference, groups and pairwise
+p-values) into --output_dir; existing files are not replaced without --overwrite.
+
+* single-source (`--single_source_dir`, a sweep of domainbed_itl.scripts.single_source_sweep):
+  accuracies as collect_single_source selects them, only cells with all their trials.
+* multi-source (`--multi_source_dir`, a sweep of DomainBed's own sweep.py): DomainBed's
+  training-domain validation sweep accuracy per dataset and test env (its
+  IIDAccuracySelectionMethod.sweep_acc, as collect_results computes it), averaged over trials;
+  needs DomainBed (--domainbed_root, or importable).
+
+--blocks: `domain` (default; a block per dataset and source domain, or per dataset and test
+env), `dataset` (a block per dataset: Table 4's and Table 2's values) or `pair` (single-source
+only: a block per source -> target pair). Blocks lacking an algorithm are dropped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..atomic import OutputExists, write_atomic
+from ..domainbed_env import DomainBedNotFound, import_domainbed
+from ..significance import cd_diagram_png, format_result, friedman_nemenyi, mean_over_trials
+from ..single_source import BLOCK_LEVELS, count_envs, load_runs, read_manifest, summarise
+from .collect_single_source import domainbed_labels
+
+Table = Dict[str, Dict[str, float]]
+
+
+def single_source_table(input_dir: str, level: str, algorithms: Optional[Sequence[str]],
+                        datasets: Optional[Sequence[str]], domainbed_root: Optional[str]
+                        ) -> Tuple[Table, List[str], List[str]]:
+    """{block: {algorithm: accuracy}} of a single-source sweep, its algorithms, and notes."""
+    results = summarise(load_runs(input_dir), read_manifest(input_dir))
+    if not results.cells:
+        raise ValueError(f"no single-source runs in {input_dir}")
+    env_names, algorithm_order, dataset_order = domainbed_labels(results, domainbed_root)
+    algorithms = _check("algorithm", algorithms, algorithm_order or results.algorithms)
+    datasets = _check("dataset", datasets, dataset_order or results.datasets)
+    notes = [f"single-source: {len(results.problems)} missing or incomplete runs leave their cells "
+             f"out (see collect_single_source)"] if results.problems else []
+    return results.scores(level, algorithms, datasets, env_names), algorithms, notes
+
+
+def multi_source_table(input_dir: str, level: str, algorithms: Optional[Sequence[str]],
+                       datasets: Optional[Sequence[str]], domainbed_root: Optional[str]
+                       ) -> Tuple[Table, List[str], List[str]]:
+    """{block: {algorithm: accuracy}} of a DomainBed multi-source sweep with DomainBed's own
+    training-domain validation selection, its algorithms, and notes on unequal trial counts."""
+    if level == "pair":
+        raise ValueError("--blocks pair exists only for single-source sweeps")
+    reporting = import_domainbed(domainbed_root, "domainbed.lib.reporting")
+    model_selection = import_domainbed(domainbed_root, "domainbed.model_selection")
+    db_datasets = import_domainbed(domainbed_root, "domainbed.datasets")
+    if not Path(input_dir).is_dir():
+        raise FileNotFoundError(f"--multi_source_dir {input_dir} is not a folder")
+    grouped = reporting.get_grouped_records(reporting.load_records(input_dir))
+    accs, n_envs = [], {}
+    for group in grouped:
+        acc = model_selection.IIDAccuracySelectionMethod.sweep_acc(group["records"])
+        if acc is not None:
+            n_envs[group["dataset"]] = count_envs(group["records"][0])
+            accs.append((group["dataset"], group["algorithm"], group["test_env"],
+                         group["trial_seed"], acc))
+    if not accs:
+        raise ValueError(f"no multi-source (single test env) runs in {input_dir}")
+    algorithms = _check("algorithm", algorithms, sorted({a[1] for a in accs}))
+    datasets = _check("dataset", datasets, sorted({a[0] for a in accs}))
+    accs = [a for a in accs if a[0] in datasets and a[1] in algorithms]
+    names = {d: list(db_datasets.get_dataset_class(d).ENVIRONMENTS) if d in db_datasets.DATASETS
+             else [str(e) for e in range(n_envs[d])] for d in datasets}
+    notes: List[str] = []
+    if level == "domain":
+        entries = [(f"{d}:{names[d][e]}", a, t, acc) for d, a, e, t, acc in accs]
+    else:
+        per_trial: Dict[Tuple[str, str, int], Dict[int, float]] = {}
+        for d, a, e, t, acc in accs:
+            per_trial.setdefault((d, a, t), {})[e] = acc
+        entries = [(d, a, t, float(np.mean(list(envs.values()))))
+                   for (d, a, t), envs in per_trial.items() if len(envs) == n_envs[d]]
+        partial = sorted(f"{d} {a} trial {t}" for (d, a, t), envs in per_trial.items()
+                         if len(envs) < n_envs[d])
+        if partial:
+            notes.append(f"multi-source: left out {len(partial)} trials without every test env: "
+                         + "; ".join(partial))
+    table, counts = mean_over_trials(entries)
+    most = max(counts.values(), default=0)
+    fewer = sorted(f"{b} {a}: {n}" for (b, a), n in counts.items() if n < most)
+    if fewer:
+        notes.append(f"multi-source: {len(fewer)} cells average fewer than {most} trials: "
+                     + "; ".join(fewer))
+    return table, algorithms, notes
+
+
+def _check(kind: str, wanted: Optional[Sequence[str]], present: Sequence[str]) -> List[str]:
+    if wanted is None:
+        return list(present)
+    unknown = [w for w in wanted if w not in present]
+    if unknown:
+        raise ValueError(f"{kind} {', '.join(map(repr, unknown))} not in the results; they hold "
+                         f"{', '.join(present)}")
+    return list(wanted)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Write the diagrams and reports; 2 on bad input."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--single_source_dir", default=None)
+    parser.add_argument("--multi_source_dir", default=None)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--algorithms", nargs="+", default=None)
+    parser.add_argument("--datasets", nargs="+", default=None)
+    parser.add_argument("--blocks", choices=BLOCK_LEVELS, default="domain")
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--domainbed_root", default=None)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    settings = [(name, directory, fn) for name, directory, fn in (
+        ("single_source", args.single_source_dir, single_source_table),
+        ("multi_source", args.multi_source_dir, multi_source_table)) if directory]
+    if not settings:
+        print("error: give --single_source_dir, --multi_source_dir or both", file=sys.stderr)
+        return 2
+    try:
+        if not 0 < args.alpha < 1:
+            raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
+        outputs = []
+        for name, directory, table_fn in settings:
+            table, algorithms, notes = table_fn(directory, args.blocks, args.algorithms,
+                                                args.datasets, args.domainbed_root)
+            result = friedman_nemenyi(table, algorithms, args.alpha)
+            title = f"{name.replace('_', '-')} DG, blocks: {args.blocks} ({directory})"
+            text = format_result(result, title) + "".join(f"Note: {n}\n" for n in notes)
+            stem = Path(args.output_dir) / f"cd_{name}_{args.blocks}"
+            outputs.append((stem, text, cd_diagram_png(result, f"{name.replace('_', '-')} DG, "
+                                                                f"blocks: {args.blocks}")))
+        if not args.overwrite:
+            for stem, _, _ in outputs:
+                for path in (stem.with_suffix(".txt"), stem.with_suffix(".png")):
+                    if path.exists():
+                        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+        for stem, text, png in outputs:
+            write_atomic(stem.with_suffix(".txt"), text, overwrite=args.overwrite)
+            write_atomic(stem.with_suffix(".png"), png, overwrite=args.overwrite)
+            print(text)
+            print(f"wrote {stem}.txt and {stem}.png\n")
+    except (ValueError, FileNotFoundError, OutputExists, DomainBedNotFound) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
