@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 Launcher = Callable[[List[str]], None]
@@ -74,7 +73,9 @@ class SubmititConfig:
     max_array_size: the most tasks in one Slurm array (clusters cap it with MaxArraySize).
     wait: Slurm only: wait for the jobs and raise on failures (default: return once queued).
     name: the job name shown by squeue.
-    extra: other submitit parameters, e.g. {"slurm_account": "...", "slurm_qos": "..."}.
+    extra: other submitit parameters, named as submitit's AutoExecutor names them, e.g.
+        {"slurm_account": "...", "slurm_qos": "...", "slurm_setup": ["module load cuda"]};
+        local jobs take the `local_` ones, e.g. {"local_setup": [...]}.
     """
 
     folder: Optional[str] = None
@@ -126,10 +127,15 @@ class SubmititConfig:
             if raw is None or raw == "":
                 continue
             if name in cls._INTEGERS:
+                minimum = cls._INTEGERS[name]
                 try:
                     kwargs[name] = int(raw)
                 except ValueError:
-                    raise ValueError(f"{var} must be an integer, got {raw!r}") from None
+                    kwargs[name] = None
+                if kwargs[name] is None or kwargs[name] < minimum:
+                    raise ValueError(f"{var} must be an integer >= {minimum}, got {raw!r}")
+            elif name == "cluster" and raw not in ("slurm", "local", "debug"):
+                raise ValueError(f"{var} must be slurm, local or debug, got {raw!r}")
             elif name == "wait":
                 if raw.lower() not in ("0", "1", "true", "false"):
                     raise ValueError(f"{var} must be 0, 1, true or false, got {raw!r}")
@@ -144,10 +150,7 @@ class SubmititConfig:
                     raise ValueError(f"{var} must be a JSON object of submitit parameters, got {raw!r}")
             else:
                 kwargs[name] = raw
-        try:
-            return cls(**kwargs)
-        except ValueError as error:
-            raise ValueError(f"{error} (from the DOMAINBED_SUBMITIT_* environment variables)") from None
+        return cls(**kwargs)
 
     def executor_parameters(self) -> Dict[str, Any]:
         """The parameters for submitit's AutoExecutor.update_parameters."""
@@ -234,7 +237,7 @@ def _run_local_queue(executor: Any, commands: Sequence[str], config: SubmititCon
             for slot in free_slots[:len(pending)]:
                 gpus = slot_gpus(slot, config.gpus_per_node, n_gpus)
                 if gpus:
-                    executor.update_parameters(gpus_per_node=len(gpus), local_visible_gpus=gpus)
+                    executor.update_parameters(gpus_per_node=len(gpus), visible_gpus=gpus)
                 command = pending.popleft()
                 running.append((command, executor.submit(run_shell, command), slot))
             time.sleep(_POLL_INTERVAL_S)
@@ -254,8 +257,15 @@ def _run_local_queue(executor: Any, commands: Sequence[str], config: SubmititCon
     return finished
 
 
-def _chunks(items: Sequence[str], size: int) -> List[List[str]]:
-    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+def _submit_arrays(executor: Any, commands: Sequence[str], array_size: int) -> List[Tuple[str, Any]]:
+    """Submit the commands as job arrays of at most `array_size` tasks; (command, job) pairs."""
+    pairs: List[Tuple[str, Any]] = []
+    for start in range(0, len(commands), array_size):
+        chunk = list(commands[start:start + array_size])
+        jobs = executor.map_array(run_shell, chunk)
+        pairs.extend(zip(chunk, jobs))
+        print(f"submitit launcher: submitted {jobs[0].job_id.split('_')[0]}, {len(jobs)} jobs", flush=True)
+    return pairs
 
 
 def make_submitit_launcher(config: SubmititConfig) -> Launcher:
@@ -268,28 +278,29 @@ def make_submitit_launcher(config: SubmititConfig) -> Launcher:
         if not commands:
             print("submitit launcher: no commands to launch")
             return
-        folder = config.folder or default_folder(commands)
-        executor = submitit.AutoExecutor(folder=folder, cluster=config.cluster)
-        on_slurm = executor.cluster == "slurm"
-        if not on_slurm and config.wait is False:
+        cluster = config.cluster or submitit.AutoExecutor.which()
+        if cluster != "slurm" and config.wait is False:
             raise ValueError(
-                f"DOMAINBED_SUBMITIT_WAIT=0 needs the slurm cluster: {executor.cluster} jobs are "
-                "queued by this process, which therefore waits for them")
-        params = config.executor_parameters()
+                f"not waiting (DOMAINBED_SUBMITIT_WAIT=0) needs the slurm cluster: {cluster} jobs "
+                "are queued by this process, which therefore waits for them")
+        folder = config.folder or default_folder(commands)
+        if cluster == "local":
+            executor = submitit.LocalExecutor(folder=folder)
+            params = {"timeout_min": config.timeout_min, "gpus_per_node": config.gpus_per_node,
+                      **{k[len("local_"):]: v for k, v in config.extra.items() if k.startswith("local_")}}
+        else:
+            executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+            params = config.executor_parameters()
         executor.update_parameters(**params)
-        print(f"submitit launcher: {executor.cluster} executor, logs in {folder}, {params}", flush=True)
+        print(f"submitit launcher: {cluster} executor, logs in {folder}, {params}"
+              + (f", {config.array_parallelism} jobs at a time" if cluster == "local" else ""), flush=True)
 
-        if executor.cluster == "local":
+        if cluster == "local":
             pairs = _run_local_queue(executor, commands, config)
         else:
-            pairs = []
-            for chunk in _chunks(commands, config.max_array_size if on_slurm else len(commands)):
-                jobs = executor.map_array(run_shell, chunk)
-                pairs.extend(zip(chunk, jobs))
-                if on_slurm:
-                    print(f"submitit launcher: submitted array {jobs[0].job_id.split('_')[0]} "
-                          f"of {len(jobs)} jobs", flush=True)
-            if on_slurm and not config.wait:
+            pairs = _submit_arrays(executor, commands,
+                                   config.max_array_size if cluster == "slurm" else len(commands))
+            if cluster == "slurm" and not config.wait:
                 print(f"submitit launcher: {len(pairs)} jobs queued; `squeue --name {config.name}` "
                       f"shows them, logs in {folder}")
                 return
