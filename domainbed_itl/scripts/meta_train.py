@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a DomainBed dataset name, or 'synthetic'")
     data.add_argument("--data_dir", default="./data", help="DomainBed's --data_dir")
     data.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
-                      help="DomainBed checkout (default: $DOMAINBED_ROOT, else `import domainbed`)")
+                      help="DomainBed checkout, taken from $DOMAINBED_ROOT when that is set; "
+                           "without one, `import domainbed` must work")
     data.add_argument("--per_domain_cap", type=_positive_int, default=None,
                       help="use at most this many examples of each domain")
     data.add_argument("--data_seed", type=_nonnegative_int, default=0,
