@@ -20,7 +20,7 @@ def implicit_grad(inner_grad: Callable[[Tensor, Tensor], Tensor], theta: Tensor,
                   v: Tensor, solve: Solver) -> Tensor:
     """dM/dω for M(θ*(ω)) with v = ∂M/∂θ at θ*, where inner_grad(θ, ω) = ∂L_ω/∂θ vanishes at θ*.
 
-    θ, v and the result's counterpart ω are flat 1-D tensors; `solve(matvec, b)` approximates
+    θ, v and ω are flat 1-D tensors and the result has ω's shape; `solve(matvec, b)` approximates
     (Hᵀ)⁻¹ b from products with Hᵀ (see solvers.py). M must not depend on ω directly.
     """
     # Eq. 4-5 (IFT), H = ∂²L/∂θ∂θᵀ: dθ*/dω = −H⁻¹ ∂²L/∂θ∂ω, so dM/dω = uᵀ ∂²L/∂θ∂ω with Hᵀu = −v.
