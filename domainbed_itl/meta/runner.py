@@ -144,7 +144,8 @@ def _check_resumable(ckpt: Dict[str, Any], config: MetaConfig, fingerprint: Dict
                           f"({ckpt['data']} vs {fingerprint})")
     if ckpt["init_omega"] != init_omega:
         raise RunDirError(f"cannot resume {path}: the initial loss parameters differ "
-                          f"({ckpt['init_omega']} in the checkpoint, {init_omega} now)")
+                          f"({ckpt['init_omega']} in the checkpoint, {init_omega} now); start "
+                          "from the same --init as the interrupted run")
 
 
 def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os.PathLike, *,
