@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..atomic import write_atomic
 from .families import get_family
 from .taylor import ITL_PARAMETERS
 
@@ -64,32 +64,16 @@ PRESETS: Dict[str, LossSpec] = {
 }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_loss(path: str | os.PathLike, spec: LossSpec, overwrite: bool = False) -> Path:
-    """Save `spec` as a loss file (atomically); refuse to replace an existing file unless told."""
+    """Save `spec` as a loss file (atomically); refuse to replace an existing file unless told.
+
+    Raises atomic.OutputExists (a FileExistsError) when `path` exists and `overwrite` is false.
+    """
     from .. import __version__
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     data = spec.to_dict()
     data["provenance"] = {"package_version": __version__, **spec.provenance}
-    _atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-    return path
+    return write_atomic(path, json.dumps(data, indent=2) + "\n", overwrite=overwrite)
 
 
 def load_loss(path: str | os.PathLike) -> LossSpec:

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
+from ..atomic import write_atomic
 from ..losses.lossfile import LossSpec, save_loss
 from .data import DomainData
 from .trainer import MetaConfig, MetaTrainer, NonFiniteError
@@ -54,34 +54,14 @@ def data_fingerprint(data: DomainData) -> Dict[str, Any]:
             "sha256": digest.hexdigest()}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and os.replace: never a half-written file.
-
-    The file gets the usual umask-governed permissions (mkstemp alone would make it private).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _save_checkpoint(path: Path, checkpoint: Dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    _atomic_write(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue(), overwrite=True)
 
 
 def _write_metrics(path: Path, records: Sequence[Dict[str, Any]]) -> None:
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records), overwrite=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
