@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from domainbed_itl.losses import (ITL_PARAMETERS, TaylorLoss, cross_entropy_taylor_init,
                                   num_taylor_params, taylor_loss, taylor_loss_reference,
                                   taylor_terms)
+from domainbed_itl.losses import cpu_kernel
 from domainbed_itl.losses.taylor import _horner, _label_coefficients
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def backend(request):
+    """Both implementations of the fused fixed-ω loss: the C++ kernel and the torch ops."""
+    if request.param == "cpp" and cpu_kernel.load() is None:
+        pytest.skip(f"the C++ kernel cannot be built here: {cpu_kernel.load_error()}")
+    return request.param
 
 
 def test_order4_is_eq10():
@@ -47,7 +56,7 @@ def test_hand_computed_value():
 
 @pytest.mark.parametrize("order", [2, 3, 4, 5])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_implementations_agree(order, reduction):
+def test_implementations_agree(order, reduction, backend):
     gen = torch.Generator().manual_seed(order)
     logits = torch.randn(16, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     target = torch.randint(0, 7, (16,), generator=gen)
@@ -55,7 +64,7 @@ def test_implementations_agree(order, reduction):
                         requires_grad=True)
     ref = taylor_loss_reference(logits, target, omega, order, reduction)
     horner = taylor_loss(logits, target, omega, order, reduction)
-    fast = TaylorLoss(omega.tolist(), order)(logits, target, reduction)
+    fast = TaylorLoss(omega.tolist(), order, backend)(logits, target, reduction)
     torch.testing.assert_close(horner, ref)
     torch.testing.assert_close(fast, ref.detach())
     (g_ref_z, g_ref_w) = torch.autograd.grad(ref.sum(), (logits, omega))
@@ -67,29 +76,29 @@ def test_implementations_agree(order, reduction):
 
 
 @pytest.mark.parametrize("order", [2, 4, 5])
-def test_gradcheck_float64(order):
+def test_gradcheck_float64(order, backend):
     gen = torch.Generator().manual_seed(10 + order)
     logits = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     target = torch.randint(0, 4, (5,), generator=gen)
     omega = torch.randn(num_taylor_params(order), dtype=torch.float64, generator=gen,
                         requires_grad=True)
-    loss = TaylorLoss(omega.tolist(), order)
+    loss = TaylorLoss(omega.tolist(), order, backend)
     assert torch.autograd.gradcheck(lambda z: loss(z, target, reduction="none"), (logits,))
     assert torch.autograd.gradcheck(lambda z, w: taylor_loss(z, target, w, order), (logits, omega))
     assert torch.autograd.gradgradcheck(lambda z, w: taylor_loss(z, target, w, order),
                                         (logits, omega))
 
 
-def test_fast_loss_refuses_double_backward():
+def test_fast_loss_refuses_double_backward(backend):
     logits = torch.randn(3, 4, requires_grad=True)
-    (grad,) = torch.autograd.grad(TaylorLoss()(logits, torch.tensor([0, 1, 2])), logits,
+    (grad,) = torch.autograd.grad(TaylorLoss(backend=backend)(logits, torch.tensor([0, 1, 2])), logits,
                                   create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
 
 
-def test_fast_loss_follows_dtype_and_eval_mode():
-    loss = TaylorLoss()
+def test_fast_loss_follows_dtype_and_eval_mode(backend):
+    loss = TaylorLoss(backend=backend)
     target = torch.tensor([1, 0])
     z32 = torch.randn(2, 3)
     with torch.no_grad():
@@ -99,9 +108,34 @@ def test_fast_loss_follows_dtype_and_eval_mode():
 
 
 @pytest.mark.parametrize("bad", [torch.tensor([0.0, 1.0]), torch.tensor([[0], [1]]), torch.tensor([0])])
-def test_bad_targets_are_rejected(bad):
+def test_bad_targets_are_rejected(bad, backend):
     with pytest.raises(ValueError, match="target"):
-        TaylorLoss()(torch.randn(2, 3), bad)
+        TaylorLoss(backend=backend)(torch.randn(2, 3), bad)
+
+
+def test_out_of_range_class_is_an_error(backend):
+    with pytest.raises((RuntimeError, IndexError), match="out of"):
+        TaylorLoss(backend=backend)(torch.randn(2, 3), torch.tensor([0, 3]))
+
+
+def test_backends_agree_on_a_large_batch():
+    if cpu_kernel.load() is None:
+        pytest.skip(f"the C++ kernel cannot be built here: {cpu_kernel.load_error()}")
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2000, 345, generator=gen, requires_grad=True)  # DomainNet's 345 classes
+    target = torch.randint(0, 345, (2000,), generator=gen)
+    values, grads = [], []
+    for backend in ("cpp", "torch"):
+        loss = TaylorLoss(backend=backend)(logits, target)
+        values.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, logits)[0])
+    torch.testing.assert_close(values[0], values[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of auto, cpp, torch, got 'cuda'"):
+        TaylorLoss(backend="cuda")
 
 
 def test_wrong_parameter_count_is_rejected():

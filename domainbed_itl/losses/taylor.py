@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import cpu_kernel
+
 MIN_ORDER = 2
 MAX_ORDER = 5
 
@@ -179,17 +181,24 @@ class _FixedTaylorLoss(torch.autograd.Function):
     the -1/C scale are folded into the coefficient matrices m0, md and `constant`). Through the
     softmax, dloss/dz = ŷ ⊙ (g - <g, ŷ>) = R - ŷ·s + e_t·ŷ_t D'(ŷ_t), with R_c = ŷ_c P0'(ŷ_c)
     and s = Σ_c R_c + ŷ_t D'(ŷ_t). The gradient shares every intermediate with the value, so it
-    is computed in the forward pass and only scaled in the backward pass.
+    is computed in the forward pass and only scaled in the backward pass. `kernel`, when given,
+    is the compiled C++ version of the same computation (cpu_kernel.py), for CPU tensors.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, m0, md, constant):  # type: ignore[override]
+    def forward(ctx, logits, target, m0, md, constant, kernel):  # type: ignore[override]
+        need_grad = ctx.needs_input_grad[0]
+        if kernel is not None:
+            value, grad = kernel.taylor_forward(logits, target, m0, md, constant, need_grad)
+            if need_grad:
+                ctx.save_for_backward(grad)
+            return value
         probs = logits.softmax(dim=1)
         index = target.unsqueeze(1)
         x = torch.cat([probs, probs.gather(1, index)], dim=1)
         v = x.unsqueeze(-1).expand(-1, -1, m0.shape[0]).cumprod(dim=-1)
         e, e_true = v[:, :-1] @ m0, v[:, -1] @ md
-        if ctx.needs_input_grad[0]:
+        if need_grad:
             r, t = e[..., 1], e_true[:, 1:]
             s = r.sum(dim=1, keepdim=True).add_(t)
             ctx.save_for_backward(torch.addcmul(r, probs, s, value=-1.0).scatter_add_(1, index, t))
@@ -199,7 +208,7 @@ class _FixedTaylorLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.unsqueeze(1), None, None, None, None
+        return grad * grad_out.unsqueeze(1), None, None, None, None, None
 
 
 class TaylorLoss(torch.nn.Module):
@@ -208,12 +217,20 @@ class TaylorLoss(torch.nn.Module):
     forward(logits, target, reduction="mean") -> -(1/C) Σ_c ℓ_ω(softmax(logits)_c, onehot_c),
     computed with a fused closed-form gradient; ω is a buffer, not trained. The gradient is
     first-order only (double backward raises); use `taylor_loss` where second order is needed.
+    backend: on CPU tensors "auto" uses the compiled C++ kernel when it can be built and the
+    pure-torch fused ops otherwise; "cpp" requires the kernel; "torch" never uses it. Other
+    devices always use the torch ops.
     """
 
-    def __init__(self, parameters: Sequence[float] = ITL_PARAMETERS, order: int = 4):
+    BACKENDS = ("auto", "cpp", "torch")
+
+    def __init__(self, parameters: Sequence[float] = ITL_PARAMETERS, order: int = 4,
+                 backend: str = "auto"):
         super().__init__()
         check_taylor_params(parameters, order)
-        self.order = order
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(self.BACKENDS)}, got {backend!r}")
+        self.order, self.backend = order, backend
         self.register_buffer("omega", torch.tensor([float(v) for v in parameters]))
         p0, d = _power_coefficients([float(v) for v in parameters], order)
         # Columns: the polynomial's value without its constant, and ŷ times its derivative.
@@ -230,8 +247,14 @@ class TaylorLoss(torch.nn.Module):
             scale = -1.0 / logits.shape[1]
             constant = scale * (logits.shape[1] * self._constants[0] + self._constants[1])
             self._folded = {key: (self._m0.to(logits) * scale, self._md.to(logits) * scale, constant)}
-        per_sample = _FixedTaylorLoss.apply(logits, target.long(), *self._folded[key])
+        kernel = None
+        if logits.device.type == "cpu" and self.backend != "torch":
+            kernel = cpu_kernel.load()
+            if kernel is None and self.backend == "cpp":
+                raise RuntimeError(f"the C++ Taylor-loss kernel is unavailable: {cpu_kernel.load_error()}")
+        per_sample = _FixedTaylorLoss.apply(logits, target.long(), *self._folded[key], kernel)
         return _reduce(per_sample, reduction)
 
     def extra_repr(self) -> str:
-        return f"order={self.order}, omega={[round(v, 4) for v in self.omega.tolist()]}"
+        return (f"order={self.order}, omega={[round(v, 4) for v in self.omega.tolist()]}, "
+                f"backend={self.backend}")
