@@ -1,0 +1,189 @@
+"""List, show and run the paper's experiments (the definitions in sweeps/, see domainbed_itl.paper_sweeps).
+
+    python -m domainbed_itl.scripts.paper_sweep list
+    python -m domainbed_itl.scripts.paper_sweep show table2_multi_source [--reduced]
+    python -m domainbed_itl.scripts.paper_sweep run table2_multi_source --reduced \\
+        --data_dir ./data --output_dir ./runs/table2 --domainbed_root ../DomainBed [--dry_run]
+
+`show` prints the commands (with <placeholders> for what is not given), the number of jobs per
+dataset and the cost estimate with its basis. `run` runs the commands one after the other, with
+the DomainBed checkout on PYTHONPATH: the sweep (DomainBed's, or ours for single-source), then
+the collection of its results; `--dry_run` prints them only. The command launcher defaults to
+`submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.launchers) for the
+paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status: 0 done,
+1 a command failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..domainbed_env import DomainBedNotFound, check_domainbed_root
+from ..paper_sweeps import (SWEEPS_DIR, Experiment, Placeholders, SweepDefinitionError, available,
+                            build_commands, count_jobs, estimate_cost, format_command,
+                            load_experiment)
+
+SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
+META_TRAIN_LAUNCHERS = ("local", "submitit")
+
+
+class PaperSweepError(RuntimeError):
+    """The request cannot be carried out; the message says why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.paper_sweep",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweeps_dir", default=str(SWEEPS_DIR),
+                        help="folder of the *.toml definitions (default: the repository's sweeps/)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,show,run}")
+    commands.add_parser("list", help="the definitions, their jobs and costs")
+    for name, help_text in (("show", "print a definition's commands, jobs and cost"),
+                            ("run", "run a definition's commands")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("name", help="a definition, e.g. table2_multi_source (see `list`)")
+        sub.add_argument("--reduced", action="store_true",
+                         help="the reduced CPU variant instead of the paper scale")
+        required = name == "run"
+        sub.add_argument("--data_dir", required=required, default=None)
+        sub.add_argument("--output_dir", required=required, default=None)
+        sub.add_argument("--command_launcher", default=None,
+                         help="sweeps: local, dummy, multi_gpu or submitit; meta-training: local "
+                              "(in this process) or submitit (default: submitit for the paper "
+                              "scale, local for --reduced)")
+        sub.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
+                         help="the patched DomainBed checkout (default: $DOMAINBED_ROOT, else "
+                              "`import domainbed`)")
+        if name == "run":
+            sub.add_argument("--dry_run", action="store_true", help="print the commands only")
+    return parser
+
+
+def _launcher(experiment: Experiment, reduced: bool, requested: Optional[str]) -> str:
+    choices = META_TRAIN_LAUNCHERS if experiment.runner_name == "meta_train" else SWEEP_LAUNCHERS
+    launcher = requested or ("local" if reduced else "submitit")
+    if launcher not in choices:
+        raise PaperSweepError(f"--command_launcher {launcher!r} is not one of {', '.join(choices)} "
+                              f"(runner {experiment.runner_name})")
+    return launcher
+
+
+def describe(experiment: Experiment, reduced: bool, given: Placeholders) -> str:
+    """The text of `show`: what the experiment is, its commands, jobs and cost."""
+    variant = experiment.variant(reduced)
+    jobs = count_jobs(experiment, reduced)
+    total, unit = estimate_cost(experiment, reduced)
+    lines = [f"{experiment.name} ({variant.name} scale): {experiment.title}",
+             f"reproduces: {experiment.reproduces}", f"definition: {experiment.path}"]
+    if experiment.notes.strip():
+        lines += ["", *experiment.notes.strip().splitlines()]
+    lines += ["", "commands:"]
+    lines += [f"  {format_command(c)}" for c in build_commands(experiment, reduced, given)]
+    lines += ["", f"jobs: {sum(jobs.values())}"]
+    for dataset, n in jobs.items():
+        if dataset is not None:
+            lines.append(f"  {dataset}: {n} jobs x {variant.cost.of(dataset):g} {unit} = "
+                         f"{n * variant.cost.of(dataset):g} {unit}")
+    lines += [f"estimated cost: {total:g} {unit}", f"  per job: {variant.cost.basis}"]
+    return "\n".join(lines)
+
+
+def list_experiments(sweeps_dir: Path) -> str:
+    """The text of `list`: one line per definition."""
+    rows = [("name", "reproduces", "paper jobs", "paper cost", "reduced jobs", "reduced cost")]
+    for name in available(sweeps_dir):
+        experiment = load_experiment(name, sweeps_dir)
+        row = [name, experiment.reproduces]
+        for reduced in (False, True):
+            total, unit = estimate_cost(experiment, reduced)
+            row += [str(sum(count_jobs(experiment, reduced).values())), f"{total:g} {unit}"]
+        rows.append(tuple(row))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _domainbed_checkout(root: Optional[str], need_patches: bool) -> Path:
+    """The DomainBed checkout to run with (`root`, else the importable one), patched if need be."""
+    from .patch import patch_files, status
+
+    if root is None:
+        spec = importlib.util.find_spec("domainbed")
+        if spec is None or not spec.submodule_search_locations:
+            raise PaperSweepError("no DomainBed checkout: pass --domainbed_root (or set "
+                                  "DOMAINBED_ROOT) to a clone of facebookresearch/DomainBed")
+        root = str(Path(list(spec.submodule_search_locations)[0]).parent)
+    checkout = check_domainbed_root(root)
+    states = status(checkout, patch_files()) if need_patches else []
+    if any(state != "applied" for state in states):
+        raise PaperSweepError(
+            f"the DomainBed checkout {checkout} does not carry domainbed-itl's patches "
+            f"({', '.join(states)}); run `python -m domainbed_itl.scripts.patch apply "
+            f"--domainbed_root {checkout}` first")
+    return checkout
+
+
+def _check_runner_installed(experiment: Experiment) -> None:
+    module = experiment.runner.module
+    if module.startswith("domainbed_itl.") and importlib.util.find_spec(module) is None:
+        raise PaperSweepError(f"{experiment.name} needs {module}, which this installation of "
+                              "domainbed-itl does not have")
+
+
+def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: bool) -> int:
+    """Run (or with `dry_run` print) the variant's commands; the exit status."""
+    commands = build_commands(experiment, reduced, given, python=sys.executable)
+    print(describe(experiment, reduced, given), flush=True)
+    if dry_run:
+        return 0
+    _check_runner_installed(experiment)
+    if not Path(given.data_dir).is_dir():
+        raise PaperSweepError(f"--data_dir {given.data_dir} is not a folder")
+    checkout = _domainbed_checkout(given.domainbed_root,
+                                   need_patches=experiment.runner_name != "meta_train")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(checkout)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    Path(given.output_dir).mkdir(parents=True, exist_ok=True)
+    for tokens in commands:
+        print(f"\n$ {format_command(tokens)}", flush=True)
+        if experiment.runner_name == "meta_train" and given.command_launcher == "submitit":
+            from ..launchers import SubmititConfig, make_submitit_launcher
+
+            os.environ["PYTHONPATH"] = env["PYTHONPATH"]
+            make_submitit_launcher(SubmititConfig.from_env())([format_command(tokens)])
+            continue
+        returncode = subprocess.run(tokens, env=env).returncode
+        if returncode != 0:
+            print(f"error: the command above failed with exit status {returncode}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    sweeps_dir = Path(args.sweeps_dir)
+    try:
+        if args.command == "list":
+            print(list_experiments(sweeps_dir))
+            return 0
+        experiment = load_experiment(args.name, sweeps_dir)
+        launcher = _launcher(experiment, args.reduced, args.command_launcher)
+        given = Placeholders(args.data_dir, args.output_dir, launcher, args.domainbed_root)
+        if args.command == "show":
+            print(describe(experiment, args.reduced, given))
+            return 0
+        return run(experiment, args.reduced, given, args.dry_run)
+    except (SweepDefinitionError, PaperSweepError, DomainBedNotFound) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
