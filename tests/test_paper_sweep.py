@@ -277,3 +277,63 @@ def test_job_counts_match_domainbeds_make_args_list(domainbed_root, name, reduce
         args_list = sweep.single_source_args(args_list, datasets.num_environments, misc.seed_hash,
                                              args.get("sources"))
     assert sum(count_jobs(experiment, reduced).values()) == len(args_list)
+
+
+META = """
+title = "tiny meta"
+reproduces = "nothing"
+runner = "meta_train"
+[paper.args]
+dataset = "synthetic"
+outer_steps = 1
+[paper.cost]
+unit = "GPU-hours"
+per_job = 1
+basis = "b"
+[reduced.args]
+dataset = "synthetic"
+outer_steps = 1
+inner_steps = 5
+no_progress = true
+[reduced.cost]
+unit = "wall-minutes"
+per_job = 0.1
+basis = "b"
+"""
+
+
+def test_run_meta_training_as_a_local_submitit_job(domainbed_root, tmp_path, monkeypatch):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "meta.toml").write_text(META)
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_CLUSTER", "local")
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_GPUS", "0")
+    out = tmp_path / "meta"
+    code = paper_sweep.main(["--sweeps_dir", str(sweeps), "run", "meta", "--reduced", "--data_dir",
+                             str(tmp_path), "--output_dir", str(out), "--command_launcher",
+                             "submitit", "--domainbed_root", str(domainbed_root)])
+    assert code == 0
+    assert json.loads((out / "loss.json").read_text())["provenance"]["steps"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert list((tmp_path / "logs").glob("*_log.out")), "not run as a submitit job"
+
+
+def test_run_meta_training_reports_a_failed_job(domainbed_root, tmp_path, monkeypatch, capsys):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "meta.toml").write_text(META.replace('dataset = "synthetic"\nouter_steps = 1\ninner',
+                                                   'dataset = "NoSuchData"\nouter_steps = 1\ninner'))
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_CLUSTER", "local")
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    code = paper_sweep.main(["--sweeps_dir", str(sweeps), "run", "meta", "--reduced", "--data_dir",
+                             str(tmp_path), "--output_dir", str(tmp_path / "meta"),
+                             "--command_launcher", "submitit", "--domainbed_root", str(domainbed_root)])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "1 of 1 submitit jobs failed" in error and "NoSuchData" in error
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_MEM_GB", "lots")
+    code = paper_sweep.main(["--sweeps_dir", str(sweeps), "run", "meta", "--reduced", "--data_dir",
+                             str(tmp_path), "--output_dir", str(tmp_path / "meta"),
+                             "--command_launcher", "submitit", "--domainbed_root", str(domainbed_root)])
+    assert code == 2 and "DOMAINBED_SUBMITIT_MEM_GB must be an integer >= 1, got 'lots'" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -153,10 +154,18 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
     for tokens in commands:
         print(f"\n$ {format_command(tokens)}", flush=True)
         if experiment.runner_name == "meta_train" and given.command_launcher == "submitit":
-            from ..launchers import SubmititConfig, make_submitit_launcher
+            from ..launchers import SubmititConfig, SubmititJobsFailed, make_submitit_launcher
 
-            os.environ["PYTHONPATH"] = env["PYTHONPATH"]
-            make_submitit_launcher(SubmititConfig.from_env())([format_command(tokens)])
+            try:
+                config = SubmititConfig.from_env()
+            except ValueError as error:
+                raise PaperSweepError(str(error)) from None
+            command = f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} {format_command(tokens)}"
+            try:
+                make_submitit_launcher(config)([command])
+            except SubmititJobsFailed as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
             continue
         returncode = subprocess.run(tokens, env=env).returncode
         if returncode != 0:
