@@ -30,10 +30,17 @@ from __future__ import annotations
 
 import json
 import shlex
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
 
 SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 VARIANTS = ("paper", "reduced")
@@ -241,6 +248,9 @@ def load_experiment(name: str, sweeps_dir: Path = SWEEPS_DIR) -> Experiment:
         raise SweepDefinitionError(f"no sweep definition {name!r} in {sweeps_dir}; "
                                    f"expected one of: {', '.join(names)}")
     path = Path(sweeps_dir) / f"{name}.toml"
+    if tomllib is None:
+        raise SweepDefinitionError("reading sweep definitions needs Python >= 3.11 (tomllib) or "
+                                   "the tomli package: pip install tomli")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
