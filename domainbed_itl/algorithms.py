@@ -19,7 +19,6 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -6,7 +6,6 @@ F.cross_entropy, so any of them can replace cross-entropy in a training loop.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
