@@ -461,7 +461,8 @@ def render_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
     return "\n".join(lines)
 
 
-def _check_subset(kind: str, wanted: Optional[Sequence[str]], present: Sequence[str]) -> List[str]:
+def check_subset(kind: str, wanted: Optional[Sequence[str]], present: Sequence[str]) -> List[str]:
+    """`wanted` (all of `present` when None), refusing names absent from `present`."""
     if wanted is None:
         return list(present)
     unknown = [w for w in wanted if w not in present]
@@ -481,8 +482,8 @@ def render_report(results: SingleSourceResults, fmt: str = "text",
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    algorithms = _check_subset("algorithm", algorithms, results.algorithms)
-    datasets = _check_subset("dataset", datasets, results.datasets)
+    algorithms = check_subset("algorithm", algorithms, results.algorithms)
+    datasets = check_subset("dataset", datasets, results.datasets)
     comment = {"text": "", "latex": "% ", "markdown": ""}[fmt]
     pm = _pm(fmt)
     out = [f"{comment}Single-source domain generalisation (Gao et al. 2022, Sec. 4.2)"

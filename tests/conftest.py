@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST10K = REPO.parent / "shared" / "data" / "mnist10k"
@@ -74,3 +75,35 @@ def domainbed_env(root: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO)] + (
         [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny problems: one intra-op thread avoids OpenMP stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def domainbed(domainbed_root):
+    """DomainBed's (algorithms, datasets, hparams_registry) with our algorithms registered in
+    process (no patch)."""
+    import domainbed_itl
+    from domainbed import algorithms, datasets, hparams_registry
+
+    domainbed_itl.register()
+    return algorithms, datasets, hparams_registry
+
+
+class CountingLoss(torch.nn.Module):
+    """Wraps a loss and counts its calls in `.calls`."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss, self.calls = loss, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.loss(*args, **kwargs)

@@ -4,34 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import CountingLoss
 
 from domainbed_itl.algorithms import ALGORITHM_SPECS
 from domainbed_itl.hparams import LOSS_HPARAMS
 from domainbed_itl.losses import PRESETS, LossFileError, LossSpec, TaylorLoss, save_loss
 
 ERM_BASED = [name for name, spec in ALGORITHM_SPECS.items() if spec.base == "ERM"]
-
-
-@pytest.fixture
-def domainbed(domainbed_root):
-    """DomainBed's modules with our algorithms registered in process (no patch)."""
-    import domainbed_itl
-    from domainbed import algorithms, datasets, hparams_registry
-
-    domainbed_itl.register()
-    return algorithms, datasets, hparams_registry
-
-
-class Spy(torch.nn.Module):
-    """Counts the calls of the loss it wraps."""
-
-    def __init__(self, loss):
-        super().__init__()
-        self.loss, self.calls = loss, 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.loss(*args, **kwargs)
 
 
 def _minibatches(datasets, hparams, n_envs=2, batch_size=8):
@@ -87,7 +66,7 @@ def test_init_update_predict_on_cpu(domainbed, name):
     minibatches, dataset = _minibatches(datasets, hparams)
     algorithm = algorithms.get_algorithm_class(name)(
         dataset.input_shape, dataset.num_classes, len(dataset) - 1, hparams)
-    algorithm.supervised_loss = spy = Spy(algorithm.supervised_loss)
+    algorithm.supervised_loss = spy = CountingLoss(algorithm.supervised_loss)
     for _ in range(2):
         result = algorithm.update(minibatches)
         assert set(result) == {"loss"} and all(type(v) is float for v in result.values())

@@ -29,13 +29,7 @@ TINY = dict(inner_steps=8, hidden=(8,), hvp_batch=32, eval_size=None, batch_size
 TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_step_s")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread avoids OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(num_domains=4, per_domain=48, features=12, classes=3, seed=0):

@@ -9,32 +9,12 @@ import json
 import pytest
 import torch
 
+from conftest import CountingLoss
+
 from domainbed_itl.algorithms import ALGORITHM_SPECS
 
 OTHERS = {"RSC_ITL": "RSC", "CORAL_ITL": "CORAL", "SagNet_ITL": "SagNet", "Mixup_ITL": "Mixup",
           "Fish_ITL": "Fish"}
-
-
-@pytest.fixture
-def domainbed(domainbed_root):
-    """DomainBed's modules with our algorithms registered in process (no patch)."""
-    import domainbed_itl
-    from domainbed import algorithms, datasets, hparams_registry
-
-    domainbed_itl.register()
-    return algorithms, datasets, hparams_registry
-
-
-class CountingLoss(torch.nn.Module):
-    """Wraps a loss and counts its calls."""
-
-    def __init__(self, loss):
-        super().__init__()
-        self.loss, self.calls = loss, 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.loss(*args, **kwargs)
 
 
 @pytest.fixture

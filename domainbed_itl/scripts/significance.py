@@ -33,7 +33,8 @@ import numpy as np
 from ..atomic import OutputExists, write_atomic
 from ..domainbed_env import DomainBedNotFound, import_domainbed
 from ..significance import cd_diagram_png, format_result, friedman_nemenyi, mean_over_trials
-from ..single_source import BLOCK_LEVELS, count_envs, load_runs, read_manifest, summarise
+from ..single_source import (BLOCK_LEVELS, check_subset, count_envs, load_runs, read_manifest,
+                             summarise)
 from .collect_single_source import domainbed_labels
 
 Table = Dict[str, Dict[str, float]]
@@ -47,8 +48,8 @@ def single_source_table(input_dir: str, level: str, algorithms: Optional[Sequenc
     if not results.cells:
         raise ValueError(f"no single-source runs in {input_dir}")
     env_names, algorithm_order, dataset_order = domainbed_labels(results, domainbed_root)
-    algorithms = _check("algorithm", algorithms, algorithm_order or results.algorithms)
-    datasets = _check("dataset", datasets, dataset_order or results.datasets)
+    algorithms = check_subset("algorithm", algorithms, algorithm_order or results.algorithms)
+    datasets = check_subset("dataset", datasets, dataset_order or results.datasets)
     notes = [f"single-source: {len(results.problems)} missing or incomplete runs leave their cells "
              f"out (see collect_single_source)"] if results.problems else []
     return results.scores(level, algorithms, datasets, env_names), algorithms, notes
@@ -76,8 +77,8 @@ def multi_source_table(input_dir: str, level: str, algorithms: Optional[Sequence
                          group["trial_seed"], acc))
     if not accs:
         raise ValueError(f"no multi-source (single test env) runs in {input_dir}")
-    algorithms = _check("algorithm", algorithms, sorted({a[1] for a in accs}))
-    datasets = _check("dataset", datasets, sorted({a[0] for a in accs}))
+    algorithms = check_subset("algorithm", algorithms, sorted({a[1] for a in accs}))
+    datasets = check_subset("dataset", datasets, sorted({a[0] for a in accs}))
     accs = [a for a in accs if a[0] in datasets and a[1] in algorithms]
     names = {d: list(db_datasets.get_dataset_class(d).ENVIRONMENTS) if d in db_datasets.DATASETS
              else [str(e) for e in range(n_envs[d])] for d in datasets}
@@ -102,16 +103,6 @@ def multi_source_table(input_dir: str, level: str, algorithms: Optional[Sequence
         notes.append(f"multi-source: {len(fewer)} cells average fewer than {most} trials: "
                      + "; ".join(fewer))
     return table, algorithms, notes
-
-
-def _check(kind: str, wanted: Optional[Sequence[str]], present: Sequence[str]) -> List[str]:
-    if wanted is None:
-        return list(present)
-    unknown = [w for w in wanted if w not in present]
-    if unknown:
-        raise ValueError(f"{kind} {', '.join(map(repr, unknown))} not in the results; they hold "
-                         f"{', '.join(present)}")
-    return list(wanted)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
