@@ -6,7 +6,7 @@ A step is forward, loss, backward and Adam. Both losses train the same model on 
 in interleaved blocks within one run; the ratio is of the median block times. Models: DomainBed's
 MNIST_CNN (RotatedMNIST's network; needs a DomainBed checkout) and a small MLP of DomainBed's
 MLP shape (784-256-256-10), at DomainBed's batch for RotatedMNIST (64 images x 5 training
-domains = 320) and at 64. ITL is timed with its compiled C++ kernel (what TaylorLoss uses on CPU)
+domains = 320) and at 64; then the loss alone (forward and backward) on fixed logits. ITL is timed with its compiled C++ kernel (what TaylorLoss uses on CPU)
 and with its pure-torch fused ops (the fallback, and the path on GPUs); 'horner' and
 'term-by-term' time the differentiable form used by the meta-learner and the naive Eq. 10 oracle.
 """
@@ -65,6 +65,20 @@ def time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def time_loss_alone(batch: int, classes: int, repeats: int, block: int = 50) -> dict:
+    """Median microseconds of one loss forward and backward on fixed logits, for each loss."""
+    logits = torch.randn(batch, classes)
+    target = torch.randint(0, classes, (batch,))
+    times = {name: [] for name in _losses()}
+    for _ in range(repeats):
+        for name, loss_fn in _losses().items():
+            start = time.perf_counter()
+            for _ in range(block):
+                loss_fn(logits.clone().requires_grad_(), target).backward()
+            times[name].append((time.perf_counter() - start) / block * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domainbed_root", default=None)
@@ -97,6 +111,12 @@ def main() -> None:
         ce = medians["cross-entropy"]
         ratios = "  ".join(f"{medians[n] / ce:>{len(n)}.3f}" for n in list(medians)[1:])
         print(f"{name:<22}{batch:>6}{ce * 1e3:>12.2f}   {'':>12}{ratios}")
+
+    print("\nThe loss alone, forward and backward on fixed (batch, 10) logits, microseconds:")
+    print(f"{'batch':>6}  " + "  ".join(f"{n:>14}" for n in _losses()))
+    for batch in (64, 320):
+        alone = time_loss_alone(batch, 10, args.repeats)
+        print(f"{batch:>6}  " + "  ".join(f"{alone[n]:>14.1f}" for n in alone))
 
 
 if __name__ == "__main__":
