@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def register(domainbed_root=None) -> None:
+def register(domainbed_root: "str | None" = None) -> None:
     """Register ITL, the robust-loss algorithms and launchers into an unpatched DomainBed."""
     from .registry import register as _register
 

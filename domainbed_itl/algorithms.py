@@ -6,6 +6,8 @@ writes `F.cross_entropy(...)`) resolves to torch.nn.functional with `cross_entro
 the chosen loss. `update`'s signature and returned dict are the base's, unchanged. Only bases
 whose every `F.cross_entropy` call is the supervised class loss may be wrapped (DANN's
 discriminator loss, for example, is not), which is why `ALGORITHM_SPECS` lists them explicitly.
+The swap is module-global for the duration of `update`: code calling `domainbed.algorithms.F`
+from another thread meanwhile would see it too (DomainBed's training loop is single-threaded).
 
 This module does not import DomainBed: the registry hands it DomainBed's classes.
 """

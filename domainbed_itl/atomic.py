@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Union
 
 
+# Read once: os.umask can only be read by setting it, which other threads would see.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class OutputExists(FileExistsError):
     """The output file exists and overwriting it was not asked for."""
 
@@ -31,9 +36,7 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str], overwri
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if overwrite:
             os.replace(tmp, path)
         else:

@@ -216,3 +216,11 @@ def test_orientation_on_real_mnist(mnist10k):
         accuracy[sign] = (net(x[6000:]).argmax(1) == y[6000:]).float().mean().item()
     assert accuracy[1.0] > 0.85
     assert accuracy[-1.0] < 0.1
+
+
+def test_state_dict_holds_no_loss_parameters():
+    """The fixed loss is set at construction; models trained with it load into their base."""
+    assert TaylorLoss().state_dict() == {}
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    net.loss = TaylorLoss()
+    torch.nn.Sequential(torch.nn.Linear(3, 2)).load_state_dict(net.state_dict())

@@ -74,3 +74,17 @@ def test_every_loss_falls_as_the_true_class_gains():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_int32_targets_are_accepted():
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.tensor([0, 3, 1])
+    for name, fn in ZOO.items():
+        torch.testing.assert_close(fn(logits, target.int()), fn(logits, target), msg=name)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_gradient_stays_finite_when_confident(gamma):
+    logits = torch.tensor([[100.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    focal(logits, torch.tensor([0, 1]), gamma=gamma).backward()
+    assert torch.isfinite(logits.grad).all()

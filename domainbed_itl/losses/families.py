@@ -31,13 +31,16 @@ class TaylorFamily:
 
     @property
     def num_params(self) -> int:
+        """How many parameters ω has."""
         return num_taylor_params(self.order)
 
     def param_names(self) -> List[str]:
+        """A readable name for each entry of ω, in order."""
         names = ["omega0 (yhat centre)", "omega1 (y centre)"]
         return names + [f"(yhat-omega0)^{i}(y-omega1)^{j}" for i, j in taylor_terms(self.order)]
 
     def check(self, parameters: Sequence[float] | Tensor) -> None:
+        """Raise ValueError unless `parameters` has num_params entries."""
         check_taylor_params(parameters, self.order)
 
     def default_parameters(self, num_classes: int) -> List[float]:
@@ -45,6 +48,7 @@ class TaylorFamily:
         return cross_entropy_taylor_init(self.order, num_classes)
 
     def loss(self, logits: Tensor, target: Tensor, omega: Tensor, reduction: str = "mean") -> Tensor:
+        """The minimised loss, differentiable in `logits` and `omega`."""
         return taylor_loss(logits, target, omega, self.order, reduction)
 
     def module(self, parameters: Sequence[float]) -> torch.nn.Module:
@@ -61,12 +65,15 @@ class SCEFamily:
 
     @property
     def num_params(self) -> int:
+        """How many parameters ω has."""
         return 2
 
     def param_names(self) -> List[str]:
+        """A readable name for each entry of ω, in order."""
         return ["alpha (CE weight)", "beta (RCE weight)"]
 
     def check(self, parameters: Sequence[float] | Tensor) -> None:
+        """Raise ValueError unless `parameters` has num_params entries."""
         n = parameters.numel() if isinstance(parameters, Tensor) else len(parameters)
         if n != 2:
             raise ValueError(f"an SCE loss has 2 parameters (alpha, beta), got {n}")
@@ -76,9 +83,11 @@ class SCEFamily:
         return [0.1, 1.0]
 
     def loss(self, logits: Tensor, target: Tensor, omega: Tensor, reduction: str = "mean") -> Tensor:
+        """The minimised loss, differentiable in `logits` and `omega`."""
         return zoo.sce(logits, target, alpha=omega[0], beta=omega[1], reduction=reduction)
 
     def module(self, parameters: Sequence[float]) -> torch.nn.Module:
+        """The fixed loss with these parameters, for training."""
         return _FixedSCE(float(parameters[0]), float(parameters[1]))
 
 
@@ -97,7 +106,7 @@ class _FixedSCE(torch.nn.Module):
 FAMILIES = ("taylor", "sce")
 
 
-def get_family(name: str, order: Optional[int] = None):
+def get_family(name: str, order: Optional[int] = None) -> "TaylorFamily | SCEFamily":
     """The family `name` ('taylor' with `order` in 2..5, or 'sce' with no order)."""
     if name == "taylor":
         if order is None:

@@ -40,6 +40,8 @@ class LossSpec:
     provenance: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.parameters, (list, tuple)):
+            raise ValueError(f"loss parameters must be a list of numbers, got {self.parameters!r}")
         fam = get_family(self.family, self.order)
         fam.check(self.parameters)
         bad = [v for v in self.parameters if not isinstance(v, (int, float)) or isinstance(v, bool)
@@ -53,6 +55,7 @@ class LossSpec:
         return get_family(self.family, self.order).module(self.parameters)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The loss-file JSON object (see the module docstring)."""
         return {"format": FORMAT, "version": VERSION, "family": self.family, "order": self.order,
                 "parameters": self.parameters, "provenance": self.provenance}
 

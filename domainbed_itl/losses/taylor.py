@@ -231,7 +231,9 @@ class TaylorLoss(torch.nn.Module):
         if backend not in self.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(self.BACKENDS)}, got {backend!r}")
         self.order, self.backend = order, backend
-        self.register_buffer("omega", torch.tensor([float(v) for v in parameters]))
+        # Not in state_dict: the loss is fixed at construction (a DomainBed model's loss comes from
+        # its hparams), so checkpoints of e.g. RSC_ITL load into RSC and vice versa.
+        self.register_buffer("omega", torch.tensor([float(v) for v in parameters]), persistent=False)
         p0, d = _power_coefficients([float(v) for v in parameters], order)
         # Columns: the polynomial's value without its constant, and ŷ times its derivative.
         for name, c in (("_m0", p0), ("_md", d)):
@@ -241,6 +243,7 @@ class TaylorLoss(torch.nn.Module):
         self._folded: dict = {}
 
     def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """The loss of `logits` (batch, classes) for integer `target` (batch,)."""
         _check_target(logits, target)
         key = (logits.dtype, logits.device, logits.shape[1])
         if key not in self._folded:

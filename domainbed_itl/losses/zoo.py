@@ -15,7 +15,7 @@ from .taylor import _check_target, _reduce
 def cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy -log ŷ_t."""
     _check_target(logits, target)
-    return _reduce(F.cross_entropy(logits, target, reduction="none"), reduction)
+    return _reduce(F.cross_entropy(logits, target.long(), reduction="none"), reduction)
 
 
 def bce(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -27,10 +27,13 @@ def bce(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 
 def focal(logits: Tensor, target: Tensor, gamma: float = 2.0, reduction: str = "mean") -> Tensor:
-    """Focal loss -(1-ŷ_t)^γ log ŷ_t (Lin et al., ICCV 2017; Mukhoti et al., NeurIPS 2020)."""
+    """Focal loss -(1-ŷ_t)^γ log ŷ_t (Lin et al., ICCV 2017; Mukhoti et al., NeurIPS 2020).
+
+    1-ŷ_t is floored at 1e-12 so that γ < 1 keeps a finite gradient when ŷ_t rounds to 1.
+    """
     _check_target(logits, target)
     log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
-    return _reduce(-(1.0 - log_p.exp()).pow(gamma) * log_p, reduction)
+    return _reduce(-(1.0 - log_p.exp()).clamp_min(1e-12).pow(gamma) * log_p, reduction)
 
 
 def sce(logits: Tensor, target: Tensor, alpha: float | Tensor = 0.1, beta: float | Tensor = 1.0,
@@ -60,7 +63,7 @@ def label_smoothing(logits: Tensor, target: Tensor, epsilon: float = 0.1,
     _check_target(logits, target)
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"label smoothing needs epsilon in [0, 1), got {epsilon!r}")
-    return _reduce(F.cross_entropy(logits, target, reduction="none", label_smoothing=epsilon),
+    return _reduce(F.cross_entropy(logits, target.long(), reduction="none", label_smoothing=epsilon),
                    reduction)
 
 

@@ -115,6 +115,7 @@ class MetaConfig:
         return functools.partial(solvers.cg, maxiter=self.cg_maxiter, tol=self.cg_tol)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The configuration as a plain dict (stored in checkpoints and provenance)."""
         return asdict(self)
 
 
@@ -180,6 +181,7 @@ class MetaTrainer:
 
     @property
     def num_domains(self) -> int:
+        """How many domains (and so inner trainings) each outer step has."""
         return len(self._domain_index)
 
     def state_dict(self) -> Dict[str, Any]:
@@ -188,6 +190,7 @@ class MetaTrainer:
                 "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore ω and the outer optimiser from `state_dict()`'s output."""
         self.family.check(state["omega"])
         with torch.no_grad():
             self.omega.copy_(state["omega"])

@@ -92,6 +92,7 @@ def _refuse_conflicts(root: Path, patches: Sequence[Path], states: Sequence[str]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit status (0 ok, 1 check found conflicts, 2 refused)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["check", "apply", "revert"])
     parser.add_argument("--domainbed_root", required=True, help="DomainBed checkout folder")
