@@ -14,6 +14,10 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 
 from .algorithms import ALGORITHM_SPECS
+from .single_source_mixup import BASE as MIXUP, NAME as SINGLE_SOURCE_MIXUP
+
+# Our algorithms that take another DomainBed algorithm's hparams unchanged.
+SAME_HPARAMS_AS: Dict[str, str] = {SINGLE_SOURCE_MIXUP: MIXUP}
 
 HparamDef = Tuple[str, object, Callable[[np.random.RandomState], object]]
 
@@ -43,7 +47,7 @@ def wrap_hparams(original: Callable) -> Callable:
     def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict:
         spec = ALGORITHM_SPECS.get(algorithm)
         if spec is None:
-            return original(algorithm, dataset, random_seed)
+            return original(SAME_HPARAMS_AS.get(algorithm, algorithm), dataset, random_seed)
         from domainbed.lib import misc
 
         hparams = original(spec.base, dataset, random_seed)

@@ -8,10 +8,12 @@ call `register()` instead. Every function is idempotent.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, MutableMapping, Optional
 
 from .algorithms import ALGORITHM_SPECS, make_loss_algorithm
 from .hparams import wrap_hparams
+from .single_source_mixup import BASE as MIXUP, NAME as SINGLE_SOURCE_MIXUP, make_single_source_mixup
 
 __all__ = ["register", "register_algorithms", "register_command_launchers", "wrap_hparams"]
 
@@ -24,11 +26,14 @@ def register_algorithms(namespace: MutableMapping) -> Dict[str, type]:
     """
     names = namespace["ALGORITHMS"]
     added = {}
-    for name, spec in ALGORITHM_SPECS.items():
+    builders = {name: (spec.base, functools.partial(make_loss_algorithm, loss=spec.loss, name=name))
+                for name, spec in ALGORITHM_SPECS.items()}
+    builders[SINGLE_SOURCE_MIXUP] = (MIXUP, make_single_source_mixup)
+    for name, (base, build) in builders.items():
         if name not in namespace:
-            if spec.base not in namespace:
-                raise KeyError(f"DomainBed has no algorithm {spec.base!r}, the base of {name!r}")
-            namespace[name] = added[name] = make_loss_algorithm(namespace[spec.base], spec.loss, name)
+            if base not in namespace:
+                raise KeyError(f"DomainBed has no algorithm {base!r}, the base of {name!r}")
+            namespace[name] = added[name] = build(namespace[base])
         if name not in names:
             names.append(name)
     return added
