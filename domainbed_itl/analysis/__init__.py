@@ -1,0 +1,12 @@
+"""Analyses of the paper's Sec. 4.3-4.4 and Appendix A.2: small pure functions, no DomainBed.
+
+- `loss_shapes`: a loss and its gradient against the true-class probability (Fig. 5);
+- `entropy`: entropy of predictions, split by correctness (Fig. 7);
+- `hessian`: Hessian-vector products with torch.func, Lanczos, 1-D landscapes (Fig. 8);
+- `generalisation`: accuracy and cross-entropy of predictions (Table 7);
+- `aggregate`: mean ± standard error over runs; `output`: writing a figure and its numbers.
+
+The scripts in domainbed_itl.scripts (`loss_shapes`, `target_entropy`, `loss_landscape`,
+`in_vs_cross`) read loss files and DomainBed checkpoints and call these functions; only they and
+domainbed_itl.trained_models import DomainBed.
+"""
