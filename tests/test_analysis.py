@@ -59,7 +59,8 @@ def test_entropy_split_by_correctness():
 
 def test_the_path_puts_p_true_on_the_true_class():
     probs = logits_for_p_true(P, 4).softmax(dim=1)
-    assert torch.allclose(probs[:, 0], P) and torch.allclose(probs[:, 1:], ((1 - P) / 3)[:, None].expand(-1, 3))
+    assert torch.allclose(probs[:, 0], P)
+    assert torch.allclose(probs[:, 1:], ((1 - P) / 3)[:, None].expand(-1, 3))
 
 
 def test_cross_entropy_and_focal_against_their_closed_forms():
@@ -144,7 +145,8 @@ def test_lanczos_finds_the_top_eigenvector_of_a_known_quadratic():
     assert abs(float(vector @ q[:, -1])) == pytest.approx(1.0, abs=1e-10)
     assert residual(matvec, value, vector) < 1e-10
     # Fewer steps than dimensions: the top of a well-separated spectrum converges first.
-    sep = torch.cat([torch.linspace(0.0, 1.0, 23, dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64)])
+    sep = torch.cat([torch.linspace(0.0, 1.0, 23, dtype=torch.float64),
+                     torch.tensor([10.0], dtype=torch.float64)])
     _, matvec, q, _, _ = _quadratic(values=sep)
     value, vector = lanczos(matvec, start, steps=8).top()
     assert value == pytest.approx(10.0, rel=1e-8) and abs(float(vector @ q[:, -1])) > 1 - 1e-8

@@ -1,0 +1,135 @@
+"""Fig. 8: the 1-D landscape of the training loss along the top Hessian eigenvector.
+
+    python -m domainbed_itl.scripts.loss_landscape runs/ERM_env0 runs/ITL_env0 --data_dir ./data \\
+        --domainbed_root ../DomainBed --output_dir analyses [--loss ce|own] [--radius 1]
+
+For each DomainBed run (its final model.pkl): the Hessian H of the training loss at the trained
+parameters θ, on `--examples` samples of the source (training) environments' in-splits, is
+never formed; Lanczos (`--lanczos_steps`) on Hessian-vector products (torch.func, jvp of grad)
+gives its top eigenpair (λ, v), reported with the residual ‖Hv - λv‖/|λ|. The loss is then
+evaluated at θ + t·v, t in [-radius, radius] (v has unit norm), on the same source samples
+(Fig. 8, top row) and on `--examples` samples of the test environments' in-splits (bottom row).
+`--loss ce` (default) measures every model by cross-entropy; `--loss own` uses the supervised
+loss the model was trained with (ITL's Taylor loss for ITL; cross-entropy for DomainBed's own
+algorithms, without their penalty terms). The model is in eval mode (BatchNorm statistics fixed).
+Writes loss_landscape.png and loss_landscape.json; prints λ, the residual and the loss at 0 and
+±radius. Exit status: 0 done, 2 bad input or an existing output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import ConcatDataset  # noqa: E402
+
+from ..analysis.hessian import (FlatParameters, hessian_vector_product, landscape_1d, lanczos,  # noqa: E402
+                                mean_loss, residual)
+from ..analysis.output import write_outputs  # noqa: E402
+from ..atomic import OutputExists  # noqa: E402
+from ..domainbed_env import DomainBedNotFound  # noqa: E402
+from ..losses.lossfile import LossFileError  # noqa: E402
+from ..trained_models import Predictor, RunError, batches, subsample  # noqa: E402
+from ._trained_runs import add_run_arguments, describe_run, models, runs_of  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.loss_landscape",
+                                     description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
+    parser.add_argument("--loss", choices=("ce", "own"), default="ce",
+                        help="cross-entropy for every model, or each model's own training loss")
+    parser.add_argument("--examples", type=int, default=1024,
+                        help="samples of the source (and of the target) environments used")
+    parser.add_argument("--lanczos_steps", type=int, default=20)
+    parser.add_argument("--radius", type=float, default=1.0, help="t runs over [-radius, radius]")
+    parser.add_argument("--points", type=int, default=41, help="values of t")
+    parser.add_argument("--seed", type=int, default=0, help="sample choice and Lanczos start vector")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name, minimum in (("examples", 1), ("lanczos_steps", 1), ("points", 2), ("batch_size", 1)):
+        if getattr(args, name) < minimum:
+            raise RunError(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
+    if not args.radius > 0:
+        raise RunError(f"--radius must be positive, got {args.radius}")
+
+
+def _figure(results: List[Dict]):
+    fig, axes = plt.subplots(2, 1, figsize=(6, 7), sharex=True)
+    for colour, r in enumerate(results):
+        name = f"{r['label']} (test {','.join(map(str, r['test_envs']))}), λ={r['top_eigenvalue']:.3g}"
+        axes[0].plot(r["t"], r["source_loss"], color=f"C{colour}", label=name)
+        axes[1].plot(r["t"], r["target_loss"], color=f"C{colour}", label=name)
+    ylabel = "cross-entropy" if results[0]["loss"] == "cross-entropy" else "training loss"
+    axes[0].set(title="source domains (training data)", ylabel=ylabel)
+    axes[1].set(title="target domains", ylabel=ylabel, xlabel="t (θ + t·v, v: top Hessian eigenvector)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        _check(args)
+        results = []
+        for run, model, splits in models(args, runs_of(args)):
+            loss = model.training_loss() if args.loss == "own" else F.cross_entropy
+            source = subsample(ConcatDataset([splits.in_splits[i] for i in splits.sources]), args.examples,
+                               args.seed)
+            target = subsample(ConcatDataset([splits.in_splits[i] for i in splits.test_envs]), args.examples,
+                               args.seed)
+            source_batches = batches(source, args.batch_size, args.device)
+            target_batches = batches(target, args.batch_size, args.device)
+            flat = FlatParameters(Predictor(model.algorithm))
+            theta = flat.theta
+            matvec = hessian_vector_product(flat, loss, source_batches, theta)
+            start = torch.randn(len(theta), generator=torch.Generator().manual_seed(args.seed)).to(theta)
+            pairs = lanczos(matvec, start, args.lanczos_steps)
+            value, vector = pairs.top()
+            ts = [args.radius * (2 * i / (args.points - 1) - 1) for i in range(args.points)]
+            loss_name = "cross-entropy" if args.loss == "ce" else f"training loss of {model.label}"
+            result = {**describe_run(run, model), "loss": loss_name,
+                      "parameters": len(theta), "source_examples": len(source),
+                      "target_examples": len(target),
+                      "top_eigenvalue": value, "residual": residual(matvec, value, vector),
+                      "ritz_values": pairs.values.tolist(), "lanczos_steps": pairs.steps, "t": ts,
+                      "source_loss": landscape_1d(lambda p: mean_loss(flat, loss, source_batches, p),
+                                                  theta, vector, ts),
+                      "target_loss": landscape_1d(lambda p: mean_loss(flat, loss, target_batches, p),
+                                                  theta, vector, ts)}
+            results.append(result)
+            mid, end = len(ts) // 2, len(ts) - 1
+            print(f"{model.label} test_envs {model.test_envs} ({run.folder}): {len(theta)} parameters, "
+                  f"λ_max {value:.5g} (residual {result['residual']:.2g}, {pairs.steps} Lanczos steps); "
+                  f"source loss {result['source_loss'][0]:.4g} / {result['source_loss'][mid]:.4g} / "
+                  f"{result['source_loss'][end]:.4g}, target loss {result['target_loss'][0]:.4g} / "
+                  f"{result['target_loss'][mid]:.4g} / {result['target_loss'][end]:.4g} "
+                  f"at t = {ts[0]:g} / {ts[mid]:g} / {ts[end]:g}", flush=True)
+        if not results:
+            raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
+        fig = _figure(results)
+        paths = write_outputs(args.output_dir, "loss_landscape", fig, {"models": results},
+                              overwrite=args.overwrite)
+        plt.close(fig)
+    except (RunError, DomainBedNotFound, LossFileError, OutputExists, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
