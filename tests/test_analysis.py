@@ -226,3 +226,30 @@ def test_outputs_are_written_together_or_not_at_all(tmp_path):
     write_outputs(tmp_path, "other", fig, {"a": 1}, overwrite=True)
     assert json.loads((tmp_path / "other.json").read_text()) == {"a": 1}
     plt.close(fig)
+
+
+# --- the Fig. 5 command (needs no DomainBed) ---------------------------------------------------
+
+def test_loss_shapes_command(tmp_path):
+    import subprocess
+    import sys
+
+    path = save_loss(tmp_path / "isce.json", LossSpec("sce", None, [0.3, 0.7]))
+    out = tmp_path / "fig5"
+    result = subprocess.run(
+        [sys.executable, "-m", "domainbed_itl.scripts.loss_shapes", "--losses", "CE", "Focal:gamma=2",
+         "ITL", str(path), "--labels", "CE", "Focal", "ITL", "iSCE", "--num_classes", "7", "--points", "11",
+         "--output_dir", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "loss_shapes.json").read_text())
+    assert [c["label"] for c in data["losses"]] == ["CE", "Focal", "ITL", "iSCE"]
+    p = torch.tensor(data["p_true"], dtype=torch.float64)
+    assert len(p) == 11 and data["num_classes"] == 7
+    assert data["losses"][0]["loss"] == pytest.approx((-p.log()).tolist())
+    assert min(data["losses"][2]["loss_normalised"]) == 0 and max(data["losses"][2]["loss_normalised"]) == 1
+    assert (out / "loss_shapes.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ITL" in result.stdout and "wrote" in result.stdout
+    again = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.loss_shapes", "--losses", "Hinge",
+                            "--output_dir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "'Hinge' is neither a zoo loss" in again.stderr
+    assert not (tmp_path / "bad").exists()
