@@ -24,11 +24,34 @@ Flags are rendered generically: a list as `--flag a b`, `true` as `--flag`, a ta
 `--flag '<JSON>'`, anything else as `--flag value`. `data_dir`, `output_dir`,
 `command_launcher` and `domainbed_root` are not part of a definition: they are given when the
 commands are built. The number of jobs follows DomainBed's conventions (see `count_jobs`).
+
+An experiment that needs several runner steps, e.g. meta-training a loss and then a sweep with
+the loss file it produced, lists them as stages instead of one top-level runner. They run in
+order, each in its own folder `<output_dir>/<stage name>`; a string flag of a later stage may
+name an earlier stage's folder as `{stage name}` (made absolute when the commands are built):
+
+    [[stages]]
+    name = "meta"
+    runner = "meta_train"
+    [stages.paper.args] / [stages.paper.cost] / [stages.reduced.args] / [stages.reduced.cost]
+
+    [[stages]]
+    name = "sweep"
+    runner = "domainbed_sweep"
+    [stages.paper.args]
+    hparams = { itl_loss = "{meta}/loss.json" }
+    ...
+
+Every stage's cost of a variant must use the same unit. A meta-training stage should pass
+`resume = true`, so that running the experiment again reuses (or continues) its loss instead of
+refusing the non-empty folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,25 +150,56 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class Experiment:
-    """One sweep definition file."""
+class Stage:
+    """One runner step of an experiment; `name` None for the only stage, which runs in
+    output_dir itself, else the subfolder of output_dir it runs in."""
 
-    name: str
-    title: str
-    reproduces: str
+    name: Optional[str]
     runner_name: str
-    notes: str
     variants: Mapping[str, Variant]
-    path: Path
 
     @property
     def runner(self) -> Runner:
-        """The runner of this experiment."""
+        """The runner of this stage."""
         return RUNNERS[self.runner_name]
 
     def variant(self, reduced: bool) -> Variant:
         """The `reduced` or the `paper` variant."""
         return self.variants["reduced" if reduced else "paper"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One sweep definition file: its stages, run in order."""
+
+    name: str
+    title: str
+    reproduces: str
+    notes: str
+    stages: Tuple[Stage, ...]
+    path: Path
+
+    @property
+    def stage(self) -> Stage:
+        """The only stage of a one-stage experiment."""
+        if len(self.stages) != 1:
+            raise SweepDefinitionError(f"{self.name} has {len(self.stages)} stages; ask for one of "
+                                       f"{', '.join(str(s.name) for s in self.stages)}")
+        return self.stages[0]
+
+    @property
+    def runner_name(self) -> str:
+        """The runner of a one-stage experiment."""
+        return self.stage.runner_name
+
+    @property
+    def runner(self) -> Runner:
+        """The runner of a one-stage experiment."""
+        return self.stage.runner
+
+    def variant(self, reduced: bool) -> Variant:
+        """The `reduced` or the `paper` variant of a one-stage experiment."""
+        return self.stage.variant(reduced)
 
 
 def _require(table: Mapping, key: str, kind: type, where: str) -> Any:
@@ -205,32 +259,82 @@ def _parse_cost(table: Mapping, where: str) -> Cost:
     return Cost(unit, {k: float(v) for k, v in per_job.items()}, basis)
 
 
-def parse_experiment(name: str, data: Mapping[str, Any], path: Path = Path("<memory>")) -> Experiment:
-    """An experiment from the parsed TOML `data`; raises SweepDefinitionError on any problem."""
-    where = str(path)
-    known = {"title", "reproduces", "runner", "notes", *VARIANTS}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SweepDefinitionError(f"{where}: unknown key(s) {', '.join(unknown)}; expected "
-                                   f"{', '.join(sorted(known))}")
-    runner = _require(data, "runner", str, where)
+_STAGE_REFERENCE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _strings(value: Any) -> List[str]:
+    """Every string inside a flag value (lists and tables included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _strings(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _strings(v)]
+    return []
+
+
+def _parse_stage(table: Mapping[str, Any], name: Optional[str], earlier: Sequence[str],
+                 where: str) -> Stage:
+    runner = _require(table, "runner", str, where)
     if runner not in RUNNERS:
         raise SweepDefinitionError(f"{where}: runner {runner!r} is not one of {', '.join(RUNNERS)}")
     variants = {}
     for variant in VARIANTS:
-        table = _require(data, variant, dict, where)
-        extra = sorted(set(table) - {"args", "cost"})
+        part = _require(table, variant, dict, where)
+        extra = sorted(set(part) - {"args", "cost"})
         if extra:
             raise SweepDefinitionError(f"{where} [{variant}]: unknown key(s) {', '.join(extra)}; "
                                        "expected args and cost")
-        args = _require(table, "args", dict, f"{where} [{variant}]")
+        args = _require(part, "args", dict, f"{where} [{variant}]")
         _check_args(args, runner, f"{where} [{variant}.args]")
-        cost = _parse_cost(_require(table, "cost", dict, f"{where} [{variant}]"),
+        for text in _strings(args):
+            for ref in _STAGE_REFERENCE.findall(text):
+                if ref not in earlier:
+                    raise SweepDefinitionError(
+                        f"{where} [{variant}.args]: {{{ref}}} in {text!r} names no earlier stage; "
+                        f"expected one of: {', '.join(earlier) or '(none: this is the first stage)'}")
+        cost = _parse_cost(_require(part, "cost", dict, f"{where} [{variant}]"),
                            f"{where} [{variant}.cost]")
         variants[variant] = Variant(variant, dict(args), cost)
+    return Stage(name, runner, variants)
+
+
+def parse_experiment(name: str, data: Mapping[str, Any], path: Path = Path("<memory>")) -> Experiment:
+    """An experiment from the parsed TOML `data`; raises SweepDefinitionError on any problem."""
+    where = str(path)
+    common = {"title", "reproduces", "notes"}
+    known = common | ({"stages"} if "stages" in data else {"runner", *VARIANTS})
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SweepDefinitionError(f"{where}: unknown key(s) {', '.join(unknown)}; expected "
+                                   f"{', '.join(sorted(known))}")
+    if "stages" not in data:
+        stages = (_parse_stage(data, None, [], where),)
+    else:
+        tables = data["stages"]
+        if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+            raise SweepDefinitionError(f"{where}: stages must be a non-empty array of tables ([[stages]])")
+        stages, names = [], []
+        for number, table in enumerate(tables, start=1):
+            at = f"{where} [stage {number}]"
+            stage_name = _require(table, "name", str, at)
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", stage_name) or stage_name in names:
+                raise SweepDefinitionError(f"{at}: name {stage_name!r} must be a new identifier "
+                                           "(letters, digits, _): it names the stage's folder")
+            extra = sorted(set(table) - {"name", "runner", *VARIANTS})
+            if extra:
+                raise SweepDefinitionError(f"{at}: unknown key(s) {', '.join(extra)}; expected name, "
+                                           "runner, paper and reduced")
+            stages.append(_parse_stage(table, stage_name, names, f"{at} ({stage_name})"))
+            names.append(stage_name)
+        for variant in VARIANTS:
+            units = {s.variants[variant].cost.unit for s in stages}
+            if len(units) > 1:
+                raise SweepDefinitionError(f"{where}: the stages' {variant} costs use different units "
+                                           f"({', '.join(sorted(units))}); use one")
+        stages = tuple(stages)
     return Experiment(name, _require(data, "title", str, where),
-                      _require(data, "reproduces", str, where), runner,
-                      data.get("notes", ""), variants, path)
+                      _require(data, "reproduces", str, where), data.get("notes", ""), stages, path)
 
 
 def available(sweeps_dir: Path = SWEEPS_DIR) -> List[str]:
@@ -276,20 +380,29 @@ def n_test_env_settings(n_envs: int, single_test_envs: bool) -> int:
 
 
 def count_jobs(experiment: Experiment, reduced: bool) -> Dict[Optional[str], int]:
-    """Jobs per dataset of the variant (key None: the one job of a meta-training run).
+    """Jobs per dataset of the variant, summed over the stages (key None: meta-training runs)."""
+    jobs: Dict[Optional[str], int] = {}
+    for stage in experiment.stages:
+        for dataset, n in count_stage_jobs(stage, reduced).items():
+            jobs[dataset] = jobs.get(dataset, 0) + n
+    return jobs
+
+
+def count_stage_jobs(stage: Stage, reduced: bool) -> Dict[Optional[str], int]:
+    """Jobs per dataset of one stage's variant (key None: the one job of a meta-training run).
 
     DomainBed's sweep: algorithms x test-env settings x hparams x trials per dataset.
     Single-source sweep: algorithms x source domains (all, or `sources`) x hparams x trials.
     """
-    args = experiment.variant(reduced).args
-    if experiment.runner_name == "meta_train":
+    args = stage.variant(reduced).args
+    if stage.runner_name == "meta_train":
         return {None: 1}
     seeds = args.get("n_hparams", 20) - args.get("n_hparams_from", 0)
     trials = args.get("n_trials", 3)
     jobs = {}
     for dataset in args["datasets"]:
         n_envs = num_environments(dataset)
-        if experiment.runner_name == "single_source_sweep":
+        if stage.runner_name == "single_source_sweep":
             sources = args.get("sources")
             if sources is not None and not all(isinstance(s, int) and 0 <= s < n_envs for s in sources):
                 raise SweepDefinitionError(f"sources {sources!r} must be environment indices "
@@ -302,10 +415,12 @@ def count_jobs(experiment: Experiment, reduced: bool) -> Dict[Optional[str], int
 
 
 def estimate_cost(experiment: Experiment, reduced: bool) -> Tuple[float, str]:
-    """(total cost, unit) of the variant: the sum over datasets of jobs x cost per job."""
-    variant = experiment.variant(reduced)
-    total = sum(n * variant.cost.of(dataset) for dataset, n in count_jobs(experiment, reduced).items())
-    return total, variant.cost.unit
+    """(total cost, unit) of the variant: the sum over stages and datasets of jobs x cost per job."""
+    total = 0.0
+    for stage in experiment.stages:
+        variant = stage.variant(reduced)
+        total += sum(n * variant.cost.of(dataset) for dataset, n in count_stage_jobs(stage, reduced).items())
+    return total, experiment.stages[0].variant(reduced).cost.unit
 
 
 def render_flags(args: Mapping[str, Any]) -> List[str]:
@@ -338,23 +453,62 @@ class Placeholders:
         return f"<{name}>" if value is None else str(value)
 
 
-def build_commands(experiment: Experiment, reduced: bool, given: Placeholders,
-                   python: str = "python") -> List[List[str]]:
-    """The commands of the variant: the run, then (if the runner has one) the collection."""
-    runner = experiment.runner
+def stage_output_dir(output_dir: Optional[str], stage: Optional[str]) -> Optional[str]:
+    """Where a stage runs: output_dir itself for a one-stage experiment, else its subfolder named
+    after the stage (absolute, as loss files in DomainBed hparams must be); None stays None."""
+    if output_dir is None or stage is None:
+        return output_dir
+    return os.path.join(os.path.abspath(output_dir), stage)
+
+
+def _with_stage_folders(value: Any, folders: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return _STAGE_REFERENCE.sub(lambda m: folders.get(m.group(1), m.group(0)), value)
+    if isinstance(value, dict):
+        return {k: _with_stage_folders(v, folders) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_stage_folders(v, folders) for v in value]
+    return value
+
+
+def build_stage_commands(experiment: Experiment, stage: Stage, reduced: bool, given: Placeholders,
+                         python: str = "python") -> List[List[str]]:
+    """The commands of one stage's variant: the run, then (if the runner has one) the collection.
+
+    `given.output_dir` is the experiment's; the stage runs in `stage_output_dir` of it, and
+    `{stage}` references in its flags become those stages' folders.
+    """
+    def folder(name: Optional[str]) -> str:
+        return (stage_output_dir(given.output_dir, name)
+                or ("<output_dir>" if name is None else f"<output_dir>/{name}"))
+
+    folders = {s.name: folder(s.name) for s in experiment.stages if s.name is not None}
+    args = _with_stage_folders(stage.variant(reduced).args, folders)
+    output_dir = folder(stage.name)
+    runner = stage.runner
     run = [python, "-m", runner.module, *([runner.subcommand] if runner.subcommand else []),
-           *render_flags(experiment.variant(reduced).args),
-           "--data_dir", given.get("data_dir"), "--output_dir", given.get("output_dir")]
+           *render_flags(args), "--data_dir", given.get("data_dir"), "--output_dir", output_dir]
     if runner.takes_launcher:
         run += ["--command_launcher", given.get("command_launcher"), "--skip_confirmation"]
     if runner.takes_domainbed_root and given.domainbed_root is not None:
         run += ["--domainbed_root", given.domainbed_root]
     commands = [run]
     if runner.collect_module:
-        commands.append([python, "-m", runner.collect_module, "--input_dir", given.get("output_dir")])
+        commands.append([python, "-m", runner.collect_module, "--input_dir", output_dir])
     return commands
 
 
+def build_commands(experiment: Experiment, reduced: bool, given: Placeholders,
+                   python: str = "python") -> List[List[str]]:
+    """The commands of the variant, stage after stage (see `build_stage_commands`)."""
+    return [command for stage in experiment.stages
+            for command in build_stage_commands(experiment, stage, reduced, given, python)]
+
+
+_PLACEHOLDER = re.compile(r"<[a-z_]+>(/[A-Za-z0-9_.-]+)*")
+
+
 def format_command(tokens: Sequence[str]) -> str:
-    """A command as one shell line (placeholders such as <data_dir> left unquoted)."""
-    return " ".join(t if t.startswith("<") and t.endswith(">") else shlex.quote(t) for t in tokens)
+    """A command as one shell line (placeholders such as <data_dir> or <output_dir>/meta left
+    unquoted)."""
+    return " ".join(t if _PLACEHOLDER.fullmatch(t) else shlex.quote(t) for t in tokens)

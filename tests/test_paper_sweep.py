@@ -9,22 +9,25 @@ from pathlib import Path
 import pytest
 
 from domainbed_itl.paper_sweeps import (NUM_ENVIRONMENTS, Placeholders, SweepDefinitionError,
-                                        available, build_commands, count_jobs, estimate_cost,
-                                        load_experiment, parse_experiment, render_flags)
+                                        available, build_commands, count_jobs, count_stage_jobs,
+                                        estimate_cost, load_experiment, parse_experiment, render_flags)
 from domainbed_itl.scripts import paper_sweep
 
 from conftest import domainbed_env
 
-EXPERIMENTS = ["table1_rsc_itl", "table2_multi_source", "table3_loss_zoo", "table4_single_source",
-               "table8_fig3_meta_train"]
+EXPERIMENTS = ["table1_erm_losses", "table1_rsc_itl", "table2_multi_source", "table3_loss_zoo",
+               "table4_single_source", "table6_task_specific", "table8_fig3_meta_train"]
 # Jobs at paper scale, by hand: datasets x algorithms x test-env settings x 20 hparams x 3 trials.
 PAPER_JOBS = {
+    "table1_erm_losses": 1 + 1 * 4 * 4 * 60 + 1 * 1 * 4 * 60,  # meta-train SCE; 4 losses; iSCE
     "table1_rsc_itl": 1 * 2 * 4 * 60,                        # PACS, single test envs
     "table2_multi_source": 6 * (6 + 4 * 10 + 21) * 60,       # 3 envs: 6 settings, 4: 10, 6: 21
     "table3_loss_zoo": 6 * 10 * 60,
     "table4_single_source": 4 * 5 * 4 * 60,                  # one job per source domain
+    "table6_task_specific": 1 + 1 * 3 * 60 + 1 * 3 * 60,     # meta-train; generic ITL; learned loss
     "table8_fig3_meta_train": 1,
 }
+REDUCED_JOBS = {"table1_erm_losses": 1 + 4 * 3 + 3, "table6_task_specific": 1 + 3 + 3}
 
 
 def _cli(*args):
@@ -48,8 +51,9 @@ def test_every_paper_experiment_has_a_definition():
     for name in EXPERIMENTS:
         experiment = load_experiment(name)
         assert experiment.title and experiment.reproduces and experiment.notes.strip()
-        for reduced in (False, True):
-            assert experiment.variant(reduced).cost.basis
+        for stage in experiment.stages:
+            for reduced in (False, True):
+                assert stage.variant(reduced).cost.basis
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -57,13 +61,27 @@ def test_paper_job_counts(name):
     assert sum(count_jobs(load_experiment(name), reduced=False).values()) == PAPER_JOBS[name]
 
 
+@pytest.mark.parametrize("name", sorted(REDUCED_JOBS))
+def test_reduced_job_counts_of_the_staged_definitions(name):
+    assert sum(count_jobs(load_experiment(name), reduced=True).values()) == REDUCED_JOBS[name]
+
+
 def test_reduced_variants_stay_on_the_offline_digits():
     for name in EXPERIMENTS:
-        args = load_experiment(name).variant(reduced=True).args
-        datasets = args.get("datasets", [args.get("dataset")])
-        assert set(datasets) <= {"RotatedMNIST", "ColoredMNIST"}, name
-        if "n_hparams" in args:
-            assert args["n_hparams"] <= 2 and args.get("n_trials") == 1, name
+        for stage in load_experiment(name).stages:
+            args = stage.variant(reduced=True).args
+            datasets = args.get("datasets", [args.get("dataset")])
+            assert set(datasets) <= {"RotatedMNIST", "ColoredMNIST"}, name
+            if "n_hparams" in args:
+                assert args["n_hparams"] <= 2 and args.get("n_trials") == 1, name
+
+
+def test_meta_training_stages_resume_so_that_a_rerun_reuses_the_loss():
+    for name in EXPERIMENTS:
+        experiment = load_experiment(name)
+        for stage in experiment.stages:
+            if stage.runner_name == "meta_train" and len(experiment.stages) > 1:
+                assert all(stage.variant(r).args.get("resume") is True for r in (False, True)), name
 
 
 def test_costs_are_jobs_times_cost_per_job():
@@ -261,22 +279,28 @@ def test_job_counts_match_domainbeds_make_args_list(domainbed_root, name, reduce
     from domainbed.scripts.sweep import make_args_list
 
     experiment = load_experiment(name)
-    args = experiment.variant(reduced).args
-    if experiment.runner_name == "meta_train":
-        assert count_jobs(experiment, reduced) == {None: 1}
-        return
-    single_source = experiment.runner_name == "single_source_sweep"
-    args_list = make_args_list(
-        n_trials=args.get("n_trials", 3), dataset_names=args["datasets"],
-        algorithms=args["algorithms"], n_hparams_from=args.get("n_hparams_from", 0),
-        n_hparams=args.get("n_hparams", 20), steps=args.get("steps"), data_dir="/d",
-        task="domain_generalization", holdout_fraction=0.2,
-        single_test_envs=single_source or args.get("single_test_envs", False), hparams=None)
-    if single_source:
-        sweep = pytest.importorskip("domainbed_itl.scripts.single_source_sweep")
-        args_list = sweep.single_source_args(args_list, datasets.num_environments, misc.seed_hash,
-                                             args.get("sources"))
-    assert sum(count_jobs(experiment, reduced).values()) == len(args_list)
+    total = 0
+    for stage in experiment.stages:
+        args = stage.variant(reduced).args
+        if stage.runner_name == "meta_train":
+            assert count_stage_jobs(stage, reduced) == {None: 1}
+            total += 1
+            continue
+        single_source = stage.runner_name == "single_source_sweep"
+        args_list = make_args_list(
+            n_trials=args.get("n_trials", 3), dataset_names=args["datasets"],
+            algorithms=args["algorithms"], n_hparams_from=args.get("n_hparams_from", 0),
+            n_hparams=args.get("n_hparams", 20), steps=args.get("steps"), data_dir="/d",
+            task="domain_generalization", holdout_fraction=0.2,
+            single_test_envs=single_source or args.get("single_test_envs", False),
+            hparams=json.dumps(args["hparams"]) if "hparams" in args else None)
+        if single_source:
+            sweep = pytest.importorskip("domainbed_itl.scripts.single_source_sweep")
+            args_list = sweep.single_source_args(args_list, datasets.num_environments, misc.seed_hash,
+                                                 args.get("sources"))
+        assert sum(count_stage_jobs(stage, reduced).values()) == len(args_list), stage.name
+        total += len(args_list)
+    assert sum(count_jobs(experiment, reduced).values()) == total
 
 
 META = """

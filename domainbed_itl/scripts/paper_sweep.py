@@ -8,7 +8,9 @@
 `show` prints the commands (with <placeholders> for what is not given), the number of jobs per
 dataset and the cost estimate with its basis. `run` runs the commands one after the other, with
 the DomainBed checkout on PYTHONPATH: the sweep (DomainBed's, or ours for single-source), then
-the collection of its results; `--dry_run` prints them only. The command launcher defaults to
+the collection of its results; an experiment of several stages (e.g. meta-training, then a
+sweep with the learned loss) runs them in order, each in <output_dir>/<stage>, and stops at the
+first that fails; `--dry_run` prints them only. The command launcher defaults to
 `submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.launchers) for the
 paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status: 0 done,
 1 a command failed, 2 bad input.
@@ -27,8 +29,8 @@ from typing import Optional, Sequence
 
 from ..domainbed_env import DomainBedNotFound, check_domainbed_root
 from ..paper_sweeps import (SWEEPS_DIR, Experiment, Placeholders, SweepDefinitionError, available,
-                            build_commands, count_jobs, estimate_cost, format_command,
-                            load_experiment)
+                            build_stage_commands, count_jobs, count_stage_jobs,
+                            estimate_cost, format_command, load_experiment)
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
 META_TRAIN_LAUNCHERS = ("local", "submitit")
@@ -68,31 +70,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launcher(experiment: Experiment, reduced: bool, requested: Optional[str]) -> str:
-    choices = META_TRAIN_LAUNCHERS if experiment.runner_name == "meta_train" else SWEEP_LAUNCHERS
+    runners = list(dict.fromkeys(stage.runner_name for stage in experiment.stages))
+    choices = [c for c in SWEEP_LAUNCHERS if all(
+        c in (META_TRAIN_LAUNCHERS if runner == "meta_train" else SWEEP_LAUNCHERS) for runner in runners)]
     launcher = requested or ("local" if reduced else "submitit")
     if launcher not in choices:
         raise PaperSweepError(f"--command_launcher {launcher!r} is not one of {', '.join(choices)} "
-                              f"(runner {experiment.runner_name})")
+                              f"(runner{'s' if len(runners) > 1 else ''} {', '.join(runners)})")
     return launcher
 
 
 def describe(experiment: Experiment, reduced: bool, given: Placeholders) -> str:
     """The text of `show`: what the experiment is, its commands, jobs and cost."""
-    variant = experiment.variant(reduced)
     jobs = count_jobs(experiment, reduced)
     total, unit = estimate_cost(experiment, reduced)
-    lines = [f"{experiment.name} ({variant.name} scale): {experiment.title}",
+    lines = [f"{experiment.name} ({'reduced' if reduced else 'paper'} scale): {experiment.title}",
              f"reproduces: {experiment.reproduces}", f"definition: {experiment.path}"]
     if experiment.notes.strip():
         lines += ["", *experiment.notes.strip().splitlines()]
+    staged = len(experiment.stages) > 1
+    if staged:
+        lines += ["", f"stages, run in this order, each in <output_dir>/<stage>: "
+                      f"{', '.join(str(s.name) for s in experiment.stages)}"]
     lines += ["", "commands:"]
-    lines += [f"  {format_command(c)}" for c in build_commands(experiment, reduced, given)]
+    for stage in experiment.stages:
+        if staged:
+            lines.append(f"  # stage {stage.name} ({stage.runner_name})")
+        lines += [f"  {format_command(c)}" for c in build_stage_commands(experiment, stage, reduced, given)]
     lines += ["", f"jobs: {sum(jobs.values())}"]
-    for dataset, n in jobs.items():
-        if dataset is not None:
-            lines.append(f"  {dataset}: {n} jobs x {variant.cost.of(dataset):g} {unit} = "
-                         f"{n * variant.cost.of(dataset):g} {unit}")
-    lines += [f"estimated cost: {total:g} {unit}", f"  per job: {variant.cost.basis}"]
+    for stage in experiment.stages:
+        cost = stage.variant(reduced).cost
+        prefix = f"stage {stage.name}: " if staged else ""
+        for dataset, n in count_stage_jobs(stage, reduced).items():
+            if dataset is not None or staged:
+                lines.append(f"  {prefix}{dataset or 'meta-training'}: {n} job{'s' * (n != 1)} x "
+                             f"{cost.of(dataset):g} {unit} = {n * cost.of(dataset):g} {unit}")
+    lines.append(f"estimated cost: {total:g} {unit}")
+    for stage in experiment.stages:
+        lines.append(f"  per job{f' ({stage.name})' if staged else ''}: {stage.variant(reduced).cost.basis}")
     return "\n".join(lines)
 
 
@@ -131,29 +146,31 @@ def _domainbed_checkout(root: Optional[str], need_patches: bool) -> Path:
 
 
 def _check_runner_installed(experiment: Experiment) -> None:
-    module = experiment.runner.module
-    if module.startswith("domainbed_itl.") and importlib.util.find_spec(module) is None:
-        raise PaperSweepError(f"{experiment.name} needs {module}, which this installation of "
-                              "domainbed-itl does not have")
+    for stage in experiment.stages:
+        module = stage.runner.module
+        if module.startswith("domainbed_itl.") and importlib.util.find_spec(module) is None:
+            raise PaperSweepError(f"{experiment.name} needs {module}, which this installation of "
+                                  "domainbed-itl does not have")
 
 
 def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: bool) -> int:
     """Run (or with `dry_run` print) the variant's commands; the exit status."""
-    commands = build_commands(experiment, reduced, given, python=sys.executable)
     print(describe(experiment, reduced, given), flush=True)
     if dry_run:
         return 0
     _check_runner_installed(experiment)
     if not Path(given.data_dir).is_dir():
         raise PaperSweepError(f"--data_dir {given.data_dir} is not a folder")
-    checkout = _domainbed_checkout(given.domainbed_root,
-                                   need_patches=experiment.runner_name != "meta_train")
+    checkout = _domainbed_checkout(given.domainbed_root, need_patches=any(
+        stage.runner_name != "meta_train" for stage in experiment.stages))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(checkout)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     Path(given.output_dir).mkdir(parents=True, exist_ok=True)
-    for tokens in commands:
+    staged = [(stage, tokens) for stage in experiment.stages
+              for tokens in build_stage_commands(experiment, stage, reduced, given, python=sys.executable)]
+    for stage, tokens in staged:
         print(f"\n$ {format_command(tokens)}", flush=True)
-        if experiment.runner_name == "meta_train" and given.command_launcher == "submitit":
+        if stage.runner_name == "meta_train" and given.command_launcher == "submitit":
             from ..launchers import SubmititConfig, SubmititJobsFailed, make_submitit_launcher
 
             try:

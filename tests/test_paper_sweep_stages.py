@@ -1,0 +1,223 @@
+"""Definitions of several stages (meta-train a loss, then sweep with it): parsing, commands, runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import domainbed_env
+
+from domainbed_itl.paper_sweeps import (Placeholders, SweepDefinitionError, build_commands,
+                                        count_jobs, estimate_cost, format_command, load_experiment,
+                                        parse_experiment, stage_output_dir)
+from domainbed_itl.scripts import paper_sweep
+
+COST = {"unit": "wall-minutes", "per_job": 1.0, "basis": "b"}
+
+
+def _staged(**changes):
+    meta = {"name": "meta", "runner": "meta_train",
+            "paper": {"args": {"dataset": "synthetic", "outer_steps": 1, "resume": True}, "cost": COST},
+            "reduced": {"args": {"dataset": "synthetic", "outer_steps": 1, "resume": True}, "cost": COST}}
+    sweep_args = {"datasets": ["Debug28"], "algorithms": ["ITL"], "n_hparams": 1, "n_trials": 1,
+                  "single_test_envs": True, "hparams": {"batch_size": 8, "itl_loss": "{meta}/loss.json"}}
+    sweep = {"name": "sweep", "runner": "domainbed_sweep", "paper": {"args": sweep_args, "cost": COST},
+             "reduced": {"args": dict(sweep_args, steps=1), "cost": COST}}
+    data = {"title": "t", "reproduces": "r", "notes": "n", "stages": [meta, sweep]}
+    data.update(changes)
+    return data
+
+
+def _sweep_hparams(command):
+    return json.loads(command[command.index("--hparams") + 1])
+
+
+def test_stages_run_in_subfolders_and_name_each_others_outputs(tmp_path):
+    experiment = parse_experiment("x", _staged())
+    assert [s.name for s in experiment.stages] == ["meta", "sweep"]
+    assert count_jobs(experiment, reduced=True) == {None: 1, "Debug28": 3}
+    assert estimate_cost(experiment, reduced=True) == (4.0, "wall-minutes")
+    meta, sweep, collect = build_commands(experiment, True, Placeholders("/data", "/out", "local"))
+    assert meta[meta.index("--output_dir") + 1] == "/out/meta" and "--resume" in meta
+    assert sweep[sweep.index("--output_dir") + 1] == "/out/sweep"
+    assert _sweep_hparams(sweep) == {"batch_size": 8, "itl_loss": "/out/meta/loss.json"}
+    assert collect[-2:] == ["--input_dir", "/out/sweep"]
+    # A relative output_dir is made absolute: DomainBed's jobs may start in another folder.
+    os.chdir(tmp_path)
+    _, sweep, _ = build_commands(experiment, True, Placeholders("/data", "rel", "local"))
+    assert _sweep_hparams(sweep)["itl_loss"] == str(tmp_path / "rel" / "meta" / "loss.json")
+    assert stage_output_dir("rel", None) == "rel"
+
+
+def test_printed_commands_show_placeholders_for_what_is_not_given():
+    experiment = parse_experiment("x", _staged())
+    meta, sweep, _ = build_commands(experiment, False, Placeholders())
+    assert _sweep_hparams(sweep)["itl_loss"] == "<output_dir>/meta/loss.json"
+    assert format_command(meta).endswith("--data_dir <data_dir> --output_dir <output_dir>/meta")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["stages"][1]["paper"]["args"]["hparams"].update(itl_loss="{sweep}/loss.json"),
+     "{sweep} in '{sweep}/loss.json' names no earlier stage; expected one of: meta"),
+    (lambda d: d["stages"][1]["paper"]["args"]["hparams"].update(itl_loss="{mta}/loss.json"),
+     "{mta} in '{mta}/loss.json' names no earlier stage"),
+    (lambda d: d["stages"][0]["reduced"]["args"].update(init="{sweep}/loss.json"),
+     "names no earlier stage; expected one of: (none: this is the first stage)"),
+    (lambda d: d["stages"][1].update(name="meta"), "name 'meta' must be a new identifier"),
+    (lambda d: d["stages"][1].update(name="a/b"), "name 'a/b' must be a new identifier"),
+    (lambda d: d["stages"][1].update(after="meta"), "unknown key(s) after"),
+    (lambda d: d["stages"][1]["reduced"].update(cost=dict(COST, unit="GPU-hours")),
+     "the stages' reduced costs use different units (GPU-hours, wall-minutes)"),
+    (lambda d: d.update(runner="meta_train"), "unknown key(s) runner"),
+    (lambda d: d.update(stages=[]), "stages must be a non-empty array of tables"),
+    (lambda d: d["stages"][0].pop("runner"), "[stage 1] (meta): missing key 'runner'"),
+])
+def test_bad_stages_are_refused_naming_the_problem(change, message):
+    data = _staged()
+    change(data)
+    with pytest.raises(SweepDefinitionError) as error:
+        parse_experiment("x", data, Path("x.toml"))
+    assert message in str(error.value) and "x.toml" in str(error.value)
+
+
+def test_a_one_stage_experiment_has_no_subfolder_and_a_staged_one_no_single_runner():
+    one = load_experiment("table2_multi_source")
+    assert [s.name for s in one.stages] == [None] and one.runner_name == "domainbed_sweep"
+    staged = load_experiment("table6_task_specific")
+    with pytest.raises(SweepDefinitionError, match="has 3 stages; ask for one of meta, generic, task_specific"):
+        staged.variant(reduced=True)
+
+
+def test_table1_definition_meta_trains_isce_then_sweeps_with_its_loss():
+    experiment = load_experiment("table1_erm_losses")
+    assert [(s.name, s.runner_name) for s in experiment.stages] == [
+        ("meta_sce", "meta_train"), ("losses", "domainbed_sweep"), ("isce", "domainbed_sweep")]
+    meta, losses, _, isce, _ = build_commands(experiment, False, Placeholders("/d", "/o", "submitit"))
+    text = " ".join(meta)
+    assert "--family sce --dataset RotatedMNIST --outer_steps 200" in text and "--resume" in text
+    assert losses[losses.index("--algorithms") + 1:losses.index("--n_hparams")] == [
+        "ERM", "ERM_BCE", "ERM_SCE", "ITL"]
+    assert _sweep_hparams(losses) == {"resnet18": True}
+    assert isce[isce.index("--algorithms") + 1] == "ITL"
+    assert _sweep_hparams(isce) == {"resnet18": True, "itl_loss": "/o/meta_sce/loss.json"}
+
+
+def test_table6_definition_meta_trains_on_coloredmnist_then_sweeps_both_losses():
+    experiment = load_experiment("table6_task_specific")
+    meta, generic, _, specific, _ = build_commands(experiment, False, Placeholders("/d", "/o", "local"))
+    assert "--dataset ColoredMNIST" in " ".join(meta) and "--family" not in meta  # Taylor, order 4
+    assert "--hparams" not in generic and "ColoredMNIST" in generic
+    assert _sweep_hparams(specific) == {"itl_loss": "/o/meta/loss.json"}
+
+
+def test_cli_show_of_a_staged_definition():
+    result = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "show",
+                             "table1_erm_losses", "--reduced", "--output_dir", "/o"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "stages, run in this order, each in <output_dir>/<stage>: meta_sce, losses, isce" in out
+    assert "# stage isce (domainbed_sweep)" in out and "/o/meta_sce/loss.json" in out
+    assert "stage meta_sce: meta-training: 1 job x 1.7 wall-minutes" in out
+    assert "stage losses: ColoredMNIST: 12 jobs x 3.2 wall-minutes = 38.4 wall-minutes" in out
+    assert "jobs: 16" in out and "per job (isce): as the losses stage" in out
+    bad = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "show",
+                          "table6_task_specific", "--command_launcher", "dummy"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "'dummy' is not one of local, submitit (runners meta_train, domainbed_sweep)" in bad.stderr
+
+
+# --- runs (need DomainBed: every run imports it from the checkout) ----------------------------
+
+STAGED = """
+title = "tiny staged"
+reproduces = "nothing"
+notes = "meta-train on synthetic data, then sweep Debug28 with the learned loss"
+[[stages]]
+name = "meta"
+runner = "meta_train"
+[stages.paper.args]
+dataset = "synthetic"
+[stages.paper.cost]
+unit = "wall-minutes"
+per_job = 1
+basis = "b"
+[stages.reduced.args]
+dataset = "{dataset}"
+outer_steps = 1
+inner_steps = 5
+per_domain_cap = 60
+no_progress = true
+resume = true
+[stages.reduced.cost]
+unit = "wall-minutes"
+per_job = 1
+basis = "b"
+[[stages]]
+name = "sweep"
+runner = "domainbed_sweep"
+[stages.paper.args]
+datasets = ["Debug28"]
+algorithms = ["ITL"]
+[stages.paper.cost]
+unit = "wall-minutes"
+per_job = 1
+basis = "b"
+[stages.reduced.args]
+datasets = ["Debug28"]
+algorithms = ["ITL"]
+n_hparams = 1
+n_trials = 1
+single_test_envs = true
+steps = 1
+hparams = {{ batch_size = 8, itl_loss = "{{meta}}/loss.json" }}
+[stages.reduced.cost]
+unit = "wall-minutes"
+per_job = 1
+basis = "b"
+"""
+
+
+def _run_staged(root, tmp_path, dataset="synthetic"):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir(exist_ok=True)
+    (sweeps / "staged.toml").write_text(STAGED.format(dataset=dataset))
+    return subprocess.run(
+        [sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "--sweeps_dir", str(sweeps), "run",
+         "staged", "--reduced", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+         "--domainbed_root", str(root)], capture_output=True, text=True, timeout=600, env=domainbed_env(root))
+
+
+@pytest.mark.slow
+def test_a_staged_run_sweeps_with_the_loss_its_first_stage_learned(patched_domainbed, tmp_path):
+    result = _run_staged(patched_domainbed, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    loss = tmp_path / "out" / "meta" / "loss.json"
+    assert json.loads(loss.read_text())["family"] == "taylor"
+    records = [json.loads(p.read_text().splitlines()[-1])
+               for p in (tmp_path / "out" / "sweep").glob("*/results.jsonl")]
+    assert len(records) == 3  # Debug28, one test environment at a time
+    assert all(r["args"]["algorithm"] == "ITL" and r["hparams"]["itl_loss"] == str(loss) for r in records)
+    assert "Total records: 3" in result.stdout  # collect_results of the sweep's folder
+    # Running it again reuses the learned loss (resume at its last step) and launches nothing.
+    before = loss.read_bytes()
+    again = _run_staged(patched_domainbed, tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert loss.read_bytes() == before
+    assert len((tmp_path / "out" / "meta" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_failed_stage_stops_the_run(patched_domainbed, tmp_path):
+    result = _run_staged(patched_domainbed, tmp_path, dataset="NoSuchData")
+    assert result.returncode == 1 and "the command above failed" in result.stderr
+    assert "NoSuchData" in result.stderr and not (tmp_path / "out" / "sweep").exists()
+
+
+def test_dry_run_of_a_staged_definition_creates_nothing(tmp_path):
+    code = paper_sweep.main(["run", "table6_task_specific", "--reduced", "--dry_run", "--data_dir",
+                             str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert code == 0 and not (tmp_path / "out").exists()
