@@ -71,3 +71,13 @@ def make_single_source_mixup(mixup: type) -> type:
            "itself (Zhang et al. 2018) instead of with itself (domainbed-itl).")
     return type(NAME, (mixup,), {"update": update, "__doc__": doc, "__module__": __name__,
                                  "__qualname__": NAME})
+
+
+# What DomainBed's algorithms of the paper's Table 4 do with a single training domain (the
+# single-source sweep prints these; docs/single_source_mixup.md has the details and the tests).
+ONE_DOMAIN_NOTES = {
+    "Mixup": ("DomainBed's Mixup pairs the only source minibatch with itself, so with one "
+              f"training domain it is ERM (plain cross-entropy); {NAME} mixes within the domain"),
+    "CORAL": ("DomainBed's CORAL penalty sums over pairs of training domains, so with one training "
+              "domain it is zero and CORAL is ERM (the same updates; only the seeds differ)"),
+}

@@ -183,3 +183,22 @@ def test_mixup_does_use_the_domain_split(domainbed):
     pooled = [(torch.cat([x for x, _ in minibatches]), torch.cat([y for _, y in minibatches]))]
     split, one = _make(domainbed, "Mixup", dataset), _make(domainbed, "Mixup", dataset)
     assert _update(split, minibatches, 0) != _update(one, pooled, 0)
+
+
+def test_the_single_source_sweep_names_the_one_domain_cases(patched_domainbed, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import domainbed_env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "domainbed_itl.scripts.single_source_sweep", "launch", "--datasets", "Debug28",
+         "--algorithms", "Mixup", "CORAL", NAME, "--n_hparams", "1", "--n_trials", "1", "--data_dir",
+         str(tmp_path), "--output_dir", str(tmp_path / "out"), "--command_launcher", "dummy",
+         "--skip_confirmation", "--domainbed_root", str(patched_domainbed)],
+        capture_output=True, text=True, timeout=300, env=domainbed_env(patched_domainbed))
+    assert result.returncode == 0, result.stderr
+    assert "note: DomainBed's Mixup pairs the only source minibatch with itself" in result.stdout
+    assert f"{NAME} mixes within the domain" in result.stdout
+    assert "note: DomainBed's CORAL penalty sums over pairs of training domains" in result.stdout
+    assert result.stdout.count(f"--algorithm {NAME}") == 3  # one job per Debug28 source domain

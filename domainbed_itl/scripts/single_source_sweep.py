@@ -50,6 +50,7 @@ from ..algorithms import ALGORITHM_SPECS
 from ..domainbed_env import DomainBedNotFound, import_domainbed
 from ..launchers import Launcher, SubmititConfig, make_submitit_launcher
 from ..single_source import PlannedJob, RunKey, update_manifest
+from ..single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
 
 
 def _json_object(text: str) -> dict:
@@ -122,7 +123,7 @@ def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleT
     for algorithm in args.algorithms:
         if algorithm in algorithms.ALGORITHMS:
             continue
-        if algorithm in ALGORITHM_SPECS:
+        if algorithm in ALGORITHM_SPECS or algorithm == SINGLE_SOURCE_MIXUP:
             raise SweepInputError(
                 f"algorithm {algorithm!r} is domainbed-itl's, and the DomainBed checkout {checkout} "
                 f"does not have our patches: python -m domainbed_itl.scripts.patch apply "
@@ -221,6 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.datasets = args.datasets or list(sweep.DATASETS)
         args.algorithms = args.algorithms or list(algorithms.ALGORITHMS)
         validate(args, datasets, algorithms, command_launchers.REGISTRY, checkout)
+        for algorithm in args.algorithms:
+            if algorithm in ONE_DOMAIN_NOTES:
+                print(f"note: {ONE_DOMAIN_NOTES[algorithm]}.")
         launcher_fn = make_launcher(args, command_launchers.REGISTRY) if args.command == "launch" else None
     except (SweepInputError, DomainBedNotFound) as error:
         print(f"error: {error}", file=sys.stderr)
