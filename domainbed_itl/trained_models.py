@@ -35,6 +35,16 @@ from .losses.taylor import TaylorLoss, taylor_loss
 
 _STEP_FILE = re.compile(r"model_step(\d+)\.pkl")
 
+try:  # numpy >= 2
+    from numpy._core.multiarray import scalar as _numpy_scalar
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import scalar as _numpy_scalar
+
+# DomainBed's random hparams hold numpy scalars (e.g. resnet_dropout = r.choice([0., 0.1, 0.5])):
+# what a checkpoint may hold beyond tensors and Python builtins, for torch.load(weights_only=True).
+_NUMPY_SCALARS = [_numpy_scalar, np.dtype] + [type(np.dtype(name)) for name in (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64")]
+
 
 class RunError(ValueError):
     """A run folder or checkpoint that cannot be used; the message names it."""
@@ -172,7 +182,8 @@ def load_model(path: str | os.PathLike, domainbed_root: Optional[str | os.PathLi
     algorithms = import_domainbed(domainbed_root, "domainbed.algorithms")
     domainbed_itl.register(domainbed_root)
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_SCALARS):
+            saved = torch.load(path, map_location=device, weights_only=True)
         args, hparams = saved["args"], saved["model_hparams"]
         algorithm_class = algorithms.get_algorithm_class(args["algorithm"])
         algorithm = algorithm_class(saved["model_input_shape"], saved["model_num_classes"],

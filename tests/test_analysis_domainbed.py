@@ -21,8 +21,9 @@ from domainbed_itl.analysis.generalisation import accuracy_and_cross_entropy
 from domainbed_itl.scripts import in_vs_cross, loss_landscape, target_entropy
 from domainbed_itl.trained_models import find_runs, load_model, predict, rebuild_splits, subsample
 
-# (algorithm, test envs): ERM and ITL on two training domains, single-source Mixup on one.
-RUNS = [("ERM", [0]), ("ITL", [0]), ("SingleSourceMixup", [1, 2])]
+# (algorithm, test envs, hparams seed): ERM and ITL on two training domains, single-source Mixup
+# on one with random hparams (DomainBed stores some of those as numpy scalars in model.pkl).
+RUNS = [("ERM", [0], 0), ("ITL", [0], 0), ("SingleSourceMixup", [1, 2], 1)]
 
 
 def _start(root, out, algorithm, test_envs, dataset="Debug28", data_dir=".", steps=5, extra=()):
@@ -48,7 +49,8 @@ def debug_runs(patched_domainbed, tmp_path_factory):
     """Three tiny DomainBed runs on Debug28 (16 random images per domain; batch size 8)."""
     base = tmp_path_factory.mktemp("analysis_runs")
     processes = [_start(patched_domainbed, base / algorithm, algorithm, test_envs,
-                        extra=("--hparams", '{"batch_size": 8}')) for algorithm, test_envs in RUNS]
+                        extra=("--hparams_seed", str(seed), "--hparams", '{"batch_size": 8}'))
+                 for algorithm, test_envs, seed in RUNS]
     for process in processes:
         _finish(process)
     return patched_domainbed, base
@@ -57,7 +59,7 @@ def debug_runs(patched_domainbed, tmp_path_factory):
 def test_checkpoints_are_found_in_step_order(debug_runs):
     _, base = debug_runs
     runs = {run.folder.name: run for run in find_runs([base])}
-    assert sorted(runs) == sorted(a for a, _ in RUNS)
+    assert sorted(runs) == sorted(a for a, _, _ in RUNS)
     for run in runs.values():
         assert [(c.path.name, c.step) for c in run.checkpoints] == [
             ("model_step0.pkl", 0), ("model_step2.pkl", 2), ("model_step4.pkl", 4), ("model.pkl", 4)]
@@ -66,12 +68,16 @@ def test_checkpoints_are_found_in_step_order(debug_runs):
 
 def test_rebuilt_splits_reproduce_domainbeds_accuracies_at_every_checkpoint(debug_runs):
     root, base = debug_runs
-    for algorithm, _ in RUNS:
+    for algorithm, _, seed in RUNS:
         (run,) = find_runs([base / algorithm])
         records = {r["step"]: r for r in _records(run.folder)}
+        if seed:  # random hparams: model.pkl holds numpy scalars, which plain weights_only refuses
+            assert any("numpy" in name for name in
+                       torch.serialization.get_unsafe_globals_in_checkpoint(run.final.path))
         for checkpoint in run.steps:
             model = load_model(checkpoint.path, root)
             assert model.name == algorithm and not model.algorithm.training
+            assert model.args["hparams_seed"] == seed
             splits = rebuild_splits(model.args, model.hparams, domainbed_root=root)
             for env in range(3):
                 for kind, split in (("in", splits.in_splits[env]), ("out", splits.out_splits[env])):
@@ -91,7 +97,7 @@ def test_in_vs_cross_on_domainbed_runs(debug_runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "in_vs_cross.json").read_text())
-    assert {r["label"] for r in data["runs"]} == {a for a, _ in RUNS}
+    assert {r["label"] for r in data["runs"]} == {a for a, _, _ in RUNS}
     assert (tmp_path / "in_vs_cross.png").stat().st_size > 0
     assert len((tmp_path / "in_vs_cross.csv").read_text().splitlines()) == 1 + len(RUNS)
     for row in data["runs"]:
