@@ -498,6 +498,13 @@ def build_stage_commands(experiment: Experiment, stage: Stage, reduced: bool, gi
     return commands
 
 
+def referenced_stages(experiment: Experiment) -> set:
+    """The names of the stages whose folder a later stage's flags name (in either variant):
+    they must have finished before the later stages start."""
+    return {ref for stage in experiment.stages for variant in stage.variants.values()
+            for text in _strings(variant.args) for ref in _STAGE_REFERENCE.findall(text)}
+
+
 def build_commands(experiment: Experiment, reduced: bool, given: Placeholders,
                    python: str = "python") -> List[List[str]]:
     """The commands of the variant, stage after stage (see `build_stage_commands`)."""

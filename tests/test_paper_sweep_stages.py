@@ -221,3 +221,77 @@ def test_dry_run_of_a_staged_definition_creates_nothing(tmp_path):
     code = paper_sweep.main(["run", "table6_task_specific", "--reduced", "--dry_run", "--data_dir",
                              str(tmp_path), "--output_dir", str(tmp_path / "out")])
     assert code == 0 and not (tmp_path / "out").exists()
+
+
+CHAINED = """
+title = "two meta-trainings, the second starting from the first's loss"
+reproduces = "nothing"
+[[stages]]
+name = "first"
+runner = "meta_train"
+[stages.paper.args]
+dataset = "synthetic"
+[stages.paper.cost]
+unit = "h"
+per_job = 1
+basis = "b"
+[stages.reduced.args]
+dataset = "synthetic"
+outer_steps = 1
+inner_steps = 5
+per_domain_cap = 60
+no_progress = true
+resume = true
+[stages.reduced.cost]
+unit = "h"
+per_job = 1
+basis = "b"
+[[stages]]
+name = "second"
+runner = "meta_train"
+[stages.paper.args]
+dataset = "synthetic"
+[stages.paper.cost]
+unit = "h"
+per_job = 1
+basis = "b"
+[stages.reduced.args]
+dataset = "synthetic"
+outer_steps = 1
+inner_steps = 5
+no_progress = true
+resume = true
+per_domain_cap = 60
+init = "{first}/loss.json"
+[stages.reduced.cost]
+unit = "h"
+per_job = 1
+basis = "b"
+"""
+
+
+def test_submitit_waits_for_a_stage_whose_output_a_later_stage_needs(domainbed_root, tmp_path, monkeypatch):
+    from domainbed_itl import launchers
+
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "chained.toml").write_text(CHAINED)
+    argv = ["--sweeps_dir", str(sweeps), "run", "chained", "--reduced", "--data_dir", str(tmp_path),
+            "--output_dir", str(tmp_path / "out"), "--command_launcher", "submitit",
+            "--domainbed_root", str(domainbed_root)]
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_CLUSTER", "local")
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_GPUS", "0")
+    monkeypatch.setenv("DOMAINBED_SUBMITIT_WAIT", "0")
+    assert paper_sweep.main(argv) == 2 and not (tmp_path / "out").exists()
+    monkeypatch.delenv("DOMAINBED_SUBMITIT_WAIT")
+    seen = []
+    real = launchers.make_submitit_launcher
+    monkeypatch.setattr(launchers, "make_submitit_launcher", lambda config: seen.append(config.wait) or real(config))
+    assert paper_sweep.main(argv) == 0
+    assert seen == [True, None]  # the first stage is waited for, the last left to the settings
+    import torch
+
+    first = json.loads((tmp_path / "out" / "first" / "loss.json").read_text())["parameters"]
+    second = torch.load(tmp_path / "out" / "second" / "checkpoint.pt", weights_only=False)
+    assert second["init_omega"] == pytest.approx(first)  # it started where the first ended

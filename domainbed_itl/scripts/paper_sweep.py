@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 from ..domainbed_env import DomainBedNotFound, check_domainbed_root
 from ..paper_sweeps import (SWEEPS_DIR, Experiment, Placeholders, SweepDefinitionError, available,
                             build_stage_commands, count_jobs, count_stage_jobs,
-                            estimate_cost, format_command, load_experiment)
+                            estimate_cost, format_command, load_experiment, referenced_stages)
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
 META_TRAIN_LAUNCHERS = ("local", "submitit")
@@ -159,6 +159,10 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
     if dry_run:
         return 0
     _check_runner_installed(experiment)
+    needed = referenced_stages(experiment)
+    if given.command_launcher == "submitit" and needed and os.environ.get("DOMAINBED_SUBMITIT_WAIT") == "0":
+        raise PaperSweepError(f"DOMAINBED_SUBMITIT_WAIT=0, but later stages of {experiment.name} need "
+                              f"the outputs of {', '.join(sorted(needed))}: unset it, or set it to 1")
     if not Path(given.data_dir).is_dir():
         raise PaperSweepError(f"--data_dir {given.data_dir} is not a folder")
     checkout = _domainbed_checkout(given.domainbed_root, need_patches=any(
@@ -170,11 +174,12 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
               for tokens in build_stage_commands(experiment, stage, reduced, given, python=sys.executable)]
     for stage, tokens in staged:
         print(f"\n$ {format_command(tokens)}", flush=True)
+        stage_env = dict(env, DOMAINBED_SUBMITIT_WAIT="1") if stage.name in needed else env
         if stage.runner_name == "meta_train" and given.command_launcher == "submitit":
             from ..launchers import SubmititConfig, SubmititJobsFailed, make_submitit_launcher
 
             try:
-                config = SubmititConfig.from_env()
+                config = SubmititConfig.from_env(stage_env)
             except ValueError as error:
                 raise PaperSweepError(str(error)) from None
             command = f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} {format_command(tokens)}"
@@ -184,7 +189,7 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
                 print(f"error: {error}", file=sys.stderr)
                 return 1
             continue
-        returncode = subprocess.run(tokens, env=env).returncode
+        returncode = subprocess.run(tokens, env=stage_env).returncode
         if returncode != 0:
             print(f"error: the command above failed with exit status {returncode}", file=sys.stderr)
             return 1
