@@ -157,8 +157,8 @@ def test_loss_landscape_of_domainbed_models(debug_runs, tmp_path, capsys):
         splits = rebuild_splits(model.args, model.hparams, domainbed_root=root)
         source = subsample(ConcatDataset([splits.in_splits[i] for i in splits.sources]), 16, seed=0)
         logits, labels = predict(model.algorithm, [source])
-        assert m["source_loss"][1] == pytest.approx(accuracy_and_cross_entropy(logits, labels)["cross_entropy"],
-                                                    rel=1e-5)
+        expected = accuracy_and_cross_entropy(logits, labels)["cross_entropy"]
+        assert m["source_loss"][1] == pytest.approx(expected, rel=1e-5)
         assert len(m["target_loss"]) == 3 and all(math.isfinite(v) for v in m["target_loss"])
     own = tmp_path / "own"
     code = loss_landscape.main([str(base / "ITL"), *common, "--loss", "own", "--output_dir", str(own)])
@@ -170,8 +170,9 @@ def test_loss_landscape_of_domainbed_models(debug_runs, tmp_path, capsys):
 
 def test_bad_inputs_exit_2_naming_them(debug_runs, tmp_path):
     root, base = debug_runs
-    missing = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.in_vs_cross", str(tmp_path / "none"),
-                              "--output_dir", str(tmp_path / "out"), "--domainbed_root", str(root)],
+    missing = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.in_vs_cross",
+                              str(tmp_path / "none"), "--output_dir", str(tmp_path / "out"),
+                              "--domainbed_root", str(root)],
                              capture_output=True, text=True, timeout=300, env=domainbed_env(root))
     assert missing.returncode == 2 and f"{tmp_path / 'none'} does not exist" in missing.stderr
     (tmp_path / "empty").mkdir()

@@ -87,7 +87,8 @@ def test_a_one_stage_experiment_has_no_subfolder_and_a_staged_one_no_single_runn
     one = load_experiment("table2_multi_source")
     assert [s.name for s in one.stages] == [None] and one.runner_name == "domainbed_sweep"
     staged = load_experiment("table6_task_specific")
-    with pytest.raises(SweepDefinitionError, match="has 3 stages; ask for one of meta, generic, task_specific"):
+    with pytest.raises(SweepDefinitionError,
+                       match="has 3 stages; ask for one of meta, generic, task_specific"):
         staged.variant(reduced=True)
 
 
@@ -133,59 +134,31 @@ def test_cli_show_of_a_staged_definition():
 
 # --- runs (need DomainBed: every run imports it from the checkout) ----------------------------
 
-STAGED = """
-title = "tiny staged"
-reproduces = "nothing"
-notes = "meta-train on synthetic data, then sweep Debug28 with the learned loss"
-[[stages]]
-name = "meta"
-runner = "meta_train"
-[stages.paper.args]
-dataset = "synthetic"
-[stages.paper.cost]
-unit = "wall-minutes"
-per_job = 1
-basis = "b"
-[stages.reduced.args]
-dataset = "{dataset}"
-outer_steps = 1
-inner_steps = 5
-per_domain_cap = 60
-no_progress = true
-resume = true
-[stages.reduced.cost]
-unit = "wall-minutes"
-per_job = 1
-basis = "b"
-[[stages]]
-name = "sweep"
-runner = "domainbed_sweep"
-[stages.paper.args]
-datasets = ["Debug28"]
-algorithms = ["ITL"]
-[stages.paper.cost]
-unit = "wall-minutes"
-per_job = 1
-basis = "b"
-[stages.reduced.args]
-datasets = ["Debug28"]
-algorithms = ["ITL"]
-n_hparams = 1
-n_trials = 1
-single_test_envs = true
-steps = 1
-hparams = {{ batch_size = 8, itl_loss = "{{meta}}/loss.json" }}
-[stages.reduced.cost]
-unit = "wall-minutes"
-per_job = 1
-basis = "b"
-"""
+def _stage_toml(name, runner, paper_args, reduced_args):
+    """A [[stages]] entry of a definition file, with a placeholder cost."""
+    cost = '[stages.{}.cost]\nunit = "wall-minutes"\nper_job = 1\nbasis = "b"\n'
+    return (f'[[stages]]\nname = "{name}"\nrunner = "{runner}"\n[stages.paper.args]\n{paper_args}\n'
+            + cost.format("paper") + f"[stages.reduced.args]\n{reduced_args}\n" + cost.format("reduced"))
+
+
+HEADER = 'title = "tiny staged"\nreproduces = "nothing"\n'
+META = 'outer_steps = 1\ninner_steps = 5\nper_domain_cap = 60\nno_progress = true\nresume = true\n'
+SWEEP = 'datasets = ["Debug28"]\nalgorithms = ["ITL"]\n'
+
+
+def _staged_toml(dataset):
+    """Meta-train on `dataset`, then sweep Debug28 with the learned loss."""
+    return HEADER + _stage_toml("meta", "meta_train", 'dataset = "synthetic"',
+                                f'dataset = "{dataset}"\n{META}') \
+        + _stage_toml("sweep", "domainbed_sweep", SWEEP,
+                      SWEEP + 'n_hparams = 1\nn_trials = 1\nsingle_test_envs = true\nsteps = 1\n'
+                      'hparams = { batch_size = 8, itl_loss = "{meta}/loss.json" }')
 
 
 def _run_staged(root, tmp_path, dataset="synthetic"):
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir(exist_ok=True)
-    (sweeps / "staged.toml").write_text(STAGED.format(dataset=dataset))
+    (sweeps / "staged.toml").write_text(_staged_toml(dataset))
     return subprocess.run(
         [sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "--sweeps_dir", str(sweeps), "run",
          "staged", "--reduced", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
@@ -223,51 +196,11 @@ def test_dry_run_of_a_staged_definition_creates_nothing(tmp_path):
     assert code == 0 and not (tmp_path / "out").exists()
 
 
-CHAINED = """
-title = "two meta-trainings, the second starting from the first's loss"
-reproduces = "nothing"
-[[stages]]
-name = "first"
-runner = "meta_train"
-[stages.paper.args]
-dataset = "synthetic"
-[stages.paper.cost]
-unit = "h"
-per_job = 1
-basis = "b"
-[stages.reduced.args]
-dataset = "synthetic"
-outer_steps = 1
-inner_steps = 5
-per_domain_cap = 60
-no_progress = true
-resume = true
-[stages.reduced.cost]
-unit = "h"
-per_job = 1
-basis = "b"
-[[stages]]
-name = "second"
-runner = "meta_train"
-[stages.paper.args]
-dataset = "synthetic"
-[stages.paper.cost]
-unit = "h"
-per_job = 1
-basis = "b"
-[stages.reduced.args]
-dataset = "synthetic"
-outer_steps = 1
-inner_steps = 5
-no_progress = true
-resume = true
-per_domain_cap = 60
-init = "{first}/loss.json"
-[stages.reduced.cost]
-unit = "h"
-per_job = 1
-basis = "b"
-"""
+# Two meta-trainings, the second starting from the first's loss.
+CHAINED = HEADER + _stage_toml("first", "meta_train", 'dataset = "synthetic"',
+                              f'dataset = "synthetic"\n{META}') \
+    + _stage_toml("second", "meta_train", 'dataset = "synthetic"',
+                  f'dataset = "synthetic"\n{META}init = "{{first}}/loss.json"')
 
 
 def test_submitit_waits_for_a_stage_whose_output_a_later_stage_needs(domainbed_root, tmp_path, monkeypatch):
@@ -287,7 +220,8 @@ def test_submitit_waits_for_a_stage_whose_output_a_later_stage_needs(domainbed_r
     monkeypatch.delenv("DOMAINBED_SUBMITIT_WAIT")
     seen = []
     real = launchers.make_submitit_launcher
-    monkeypatch.setattr(launchers, "make_submitit_launcher", lambda config: seen.append(config.wait) or real(config))
+    monkeypatch.setattr(launchers, "make_submitit_launcher",
+                        lambda config: seen.append(config.wait) or real(config))
     assert paper_sweep.main(argv) == 0
     assert seen == [True, None]  # the first stage is waited for, the last left to the settings
     import torch
