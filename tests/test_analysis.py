@@ -239,7 +239,7 @@ def test_loss_shapes_command(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "domainbed_itl.scripts.loss_shapes", "--losses", "CE", "Focal:gamma=2",
          "ITL", str(path), "--labels", "CE", "Focal", "ITL", "iSCE", "--num_classes", "7", "--points", "11",
-         "--output_dir", str(out)], capture_output=True, text=True, timeout=120)
+         "--output_dir", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "loss_shapes.json").read_text())
     assert [c["label"] for c in data["losses"]] == ["CE", "Focal", "ITL", "iSCE"]
