@@ -251,6 +251,6 @@ def test_loss_shapes_command(tmp_path):
     assert "ITL" in result.stdout and "wrote" in result.stdout
     again = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.loss_shapes", "--losses", "Hinge",
                             "--output_dir", str(tmp_path / "bad")],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "'Hinge' is neither a zoo loss" in again.stderr
     assert not (tmp_path / "bad").exists()
