@@ -27,10 +27,13 @@ def _check_rhs(b: Tensor) -> None:
         raise ValueError(f"solvers work on flat 1-D tensors, got b of shape {tuple(b.shape)}")
 
 
-def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01) -> Tensor:
+def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01,
+            scale: bool = True) -> Tensor:
     """Truncated Neumann series α Σ_{j=0..steps} (I − αA)^j b ≈ A⁻¹ b (Eq. 6, Algorithm 2).
 
-    Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α).
+    Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α). `scale=False`
+    returns Σ_{j=0..steps} (I − αA)^j b without the factor α, as Algorithm 2 is printed: an
+    estimate of A⁻¹ b / α, which makes every hypergradient 1/α times larger.
     """
     _check_rhs(b)
     if steps < 0:
@@ -41,8 +44,7 @@ def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01) -> 
     for _ in range(steps):  # Algorithm 2: v -= α A v; p += v
         v = v - alpha * matvec(v)
         p = p + v
-    # Algorithm 2 drops the α factor; the true inverse series needs it.
-    return alpha * p
+    return alpha * p if scale else p
 
 
 def cg(matvec: MatVec, b: Tensor, maxiter: int = 15, tol: float = 1e-6) -> Tensor:
