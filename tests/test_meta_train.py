@@ -26,7 +26,7 @@ from domainbed_itl.scripts import meta_train, plot_meta
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(inner_steps=8, hidden=(8,), hvp_batch=32, eval_size=None, batch_size=16)
-TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_step_s")
+TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_diagnostics_s", "time_step_s")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +58,7 @@ def _untimed(record):
     (dict(inner_lr=float("nan")), "inner_lr must be a positive number.*got nan"),
     (dict(hidden=()), "hidden must list at least one width"),
     (dict(hidden=(8, 0)), "every hidden width must be a positive integer, got 0"),
-    (dict(solver="lu"), "unknown solver 'lu'; expected 'neumann' or 'cg'"),
+    (dict(solver="lu"), "unknown solver 'lu'; expected one of neumann, cg"),
     (dict(aggregate="sum"), "unknown aggregation 'sum'; expected one of pcgrad, mean"),
     (dict(outer_optimizer="rmsprop"), "unknown outer optimizer 'rmsprop'"),
 ])
@@ -258,7 +258,7 @@ def test_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------ command line
 
 CLI_TINY = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps", "8",
-            "--hidden", "8", "--hvp_batch", "32", "--no_progress"]
+            "--hidden", "8", "--hvp_batch", "32", "--outer_lr", "0.0001", "--no_progress"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -290,10 +290,13 @@ def test_cli_protects_output_dir_and_reports_missing_domainbed(tmp_path, capsys)
     assert meta_train.main(CLI_TINY + ["--output_dir", str(tmp_path / "used")]) == 2
     assert "is not empty" in capsys.readouterr().err
     code = meta_train.main(["--dataset", "RotatedMNIST", "--domainbed_root", str(tmp_path),
-                            "--output_dir", str(tmp_path / "new")])
+                            "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "new")])
     assert code == 2
     err = capsys.readouterr().err
     assert "is not a DomainBed checkout" in err and "github.com/facebookresearch/DomainBed" in err
+    code = meta_train.main(["--dataset", "RotatedMNIST", "--output_dir", str(tmp_path / "new")])
+    assert code == 2
+    assert "--dataset RotatedMNIST needs --data_dir" in capsys.readouterr().err
     with pytest.raises(DomainBedNotFound):
         from domainbed_itl.meta.domainbed_data import load_domainbed_domains
         load_domainbed_domains("RotatedMNIST", tmp_path, domainbed_root=tmp_path)
