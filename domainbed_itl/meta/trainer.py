@@ -7,7 +7,7 @@ M = cross-entropy on the held-out domain i (Algorithm 2, hypergradient.py), aggr
 hypergradients (PCGrad or mean, aggregators.py) and update ω with the outer optimiser. Each
 step also records whether its hypergradients can be trusted: the inner gradient norm at the
 returned θ (the IFT assumes it is 0), the relative residual of the linear solve and, every
-`reference_every` steps, the cosine to a long conjugate-gradient solve on one domain.
+`reference_every` steps, the cosine to a long MINRES solve on one domain.
 
 Works on plain tensors, one (x, y) per domain (data.py); it never imports DomainBed. All the
 randomness of outer step k comes from a generator seeded by (seed, k), so a run resumed from the
@@ -358,11 +358,12 @@ class MetaTrainer:
 
     def _reference(self, step: int, thetas: Tensor, vs: Tensor, hypergrads: Tensor,
                    x_hvp: Tensor, y_hvp: Tensor, omega: Tensor) -> Dict[str, Any]:
-        """The configured hypergradient of one domain against a long CG solve of the same system."""
+        """The configured hypergradient of one domain against a long MINRES solve of the same
+        system (MINRES, not CG: away from a minimum the Hessian is indefinite)."""
         c = self.config
         d = (step // c.reference_every - 1) % self.num_domains
         inner_grad = functools.partial(self._inner_grad, x=x_hvp[d], y=y_hvp[d])
-        reference_solve = functools.partial(solvers.cg, maxiter=c.reference_maxiter, tol=0.0)
+        reference_solve = functools.partial(solvers.minres, maxiter=c.reference_maxiter)
         h_ref, u = implicit_grad(inner_grad, thetas[d], omega, vs[d], reference_solve,
                                  return_adjoint=True)
         _, hessian_t = vjp(lambda t: inner_grad(t, omega), thetas[d])

@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     diag = p.add_argument_group("diagnostics")
     diag.add_argument("--reference_every", type=_nonnegative_int,
                       help="every K outer steps, compare one domain's hypergradient with a long "
-                           "CG solve (0: never)")
+                           "MINRES solve (0: never)")
     diag.add_argument("--reference_maxiter", type=_positive_int,
-                      help="conjugate-gradient iterations of that reference solve")
+                      help="MINRES iterations of that reference solve")
     run = p.add_argument_group("execution")
     run.add_argument("--batched", action=argparse.BooleanOptionalAction,
                      help="train the per-domain inner networks as one stack and vmap their "
