@@ -32,6 +32,13 @@ def implicit_grad(inner_grad: Callable[[Tensor, Tensor], Tensor], theta: Tensor,
     return (mixed_t(u)[0], u) if return_adjoint else mixed_t(u)[0]
 
 
+def adjoint_residual(inner_grad: Callable[[Tensor, Tensor], Tensor], theta: Tensor, omega: Tensor,
+                     v: Tensor, u: Tensor) -> Tensor:
+    """‖Hᵀu + v‖ / ‖v‖: how far u is from solving Hᵀu = −v, the linear system of implicit_grad."""
+    _, hessian_t = vjp(lambda t: inner_grad(t, omega), theta)
+    return (hessian_t(u)[0] + v).norm() / v.norm()
+
+
 def flatten_module(module: nn.Module) -> Tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
     """(θ, apply): the module's parameters as one flat detached vector, and apply(θ, x) = module(x)
     with the parameters taken from θ (torch.func.functional_call; buffers stay the module's own)."""

@@ -122,7 +122,7 @@ def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[s
     loss of every network at every step, (n, steps).
     """
     n, steps, _ = batches.shape
-    losses = torch.empty(n, steps, device=x.device)
+    losses = torch.empty(n, steps, device=x.device, dtype=x.dtype)
     start = int(state["step"])
     groups = [slice(0, n)] if batched else [slice(i, i + 1) for i in range(n)]
     for group in groups:

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, grad_and_value, vjp, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from ..losses.families import get_family
 from . import aggregators, inner, solvers
 from .data import Domain, check_domains
-from .hypergradient import flatten_module, implicit_grad
+from .hypergradient import adjoint_residual, flatten_module, implicit_grad
 from .inner import INNER_OPTIMIZERS, InnerOptimizer, Params, init_params, mlp
 
 OUTER_OPTIMIZERS = ("sgd", "adam")
@@ -98,6 +98,7 @@ class MetaConfig:
     outer_optimizer: str = "sgd"
     outer_lr: float = 0.01
     batched: bool = False
+    max_solver_residual: Optional[float] = None
     reference_every: int = 0
     reference_maxiter: int = 200
     seed: int = 0
@@ -113,6 +114,8 @@ class MetaConfig:
                 _positive_int(name, getattr(self, name))
         for name in ("inner_lr", "neumann_alpha", "outer_lr"):
             _positive_float(name, getattr(self, name))
+        if self.max_solver_residual is not None:
+            _positive_float("max_solver_residual", self.max_solver_residual)
         if not isinstance(self.cg_tol, (int, float)) or not self.cg_tol >= 0:
             raise ValueError(f"cg_tol must be a number >= 0, got {self.cg_tol!r}")
         if (not isinstance(self.inner_momentum, (int, float)) or isinstance(self.inner_momentum, bool)
@@ -265,9 +268,7 @@ class MetaTrainer:
         """(dM/dω, ‖H(c·u) + v‖/‖v‖): the hypergradient and the relative residual of its solve."""
         inner_grad = functools.partial(self._inner_grad, x=x, y=y)
         h, u = implicit_grad(inner_grad, theta, omega, v, self._solve, return_adjoint=True)  # Alg. 2
-        _, hessian_t = vjp(lambda t: inner_grad(t, omega), theta)
-        residual = hessian_t(self.config.solution_scale * u)[0] + v
-        return h, residual.norm() / v.norm()
+        return h, adjoint_residual(inner_grad, theta, omega, v, self.config.solution_scale * u)
 
     def _draw(self, step: int) -> Dict[str, Any]:
         """All random choices of outer step `step`, drawn in a fixed order on the CPU."""
@@ -292,18 +293,17 @@ class MetaTrainer:
             "surgery": torch.Generator().manual_seed(int(torch.randint(2 ** 62, (), generator=g))),
         }
 
-    def _train_inner(self, draws: Dict[str, Any], omega: Tensor,
-                     warm: bool) -> Tuple[Params, Dict[str, Any], Tensor]:
-        """Algorithm 1, lines 9-11: (params, optimiser state, losses (n, steps)) after training.
-
-        Fresh networks from the step's seeds, or copies of the warm-started ones.
-        """
+    def _start(self, draws: Dict[str, Any], warm: bool) -> Tuple[Params, Dict[str, Any]]:
+        """Algorithm 1, line 9: fresh networks from the step's seeds, or copies of the
+        warm-started ones, with their inner-optimiser state."""
         if warm and self._warm is not None:
-            params = {k: v.clone() for k, v in self._warm[0].items()}
-            state = _clone_state(self._warm[1])
-        else:
-            params = init_params(self._init_model, draws["init_seeds"], self.device)
-            state = self._inner_optimizer.init_state(params)
+            return {k: v.clone() for k, v in self._warm[0].items()}, _clone_state(self._warm[1])
+        params = init_params(self._init_model, draws["init_seeds"], self.device)
+        return params, self._inner_optimizer.init_state(params)
+
+    def _train_inner(self, params: Params, state: Dict[str, Any], draws: Dict[str, Any],
+                     omega: Tensor) -> Tensor:
+        """Algorithm 1, lines 10-11: train the networks in place; their losses (n, steps)."""
         loss = self.family.module(omega.tolist()).to(self.device)  # fixed L_ω, fused gradient
         losses = inner.train(params, loss, self._inner_optimizer, state, self.x, self.y,
                              draws["batches"], batched=self.config.batched)
@@ -312,7 +312,7 @@ class MetaTrainer:
             if t_bad is not None:
                 raise NonFiniteError(f"outer step {self.steps_done + 1}: non-finite inner training "
                                      f"loss when training without domain {i} (inner step {t_bad + 1})")
-        return params, state, losses
+        return losses
 
     def _heldout(self, thetas: Tensor, draws: Dict[str, Any]) -> Tuple[Tensor, Tensor, Tensor]:
         """(∂M/∂θ per domain, M per domain, held-out accuracy per domain)."""
@@ -335,7 +335,8 @@ class MetaTrainer:
         omega = torch.as_tensor(omega, dtype=torch.float32).to(self.device)
         self.family.check(omega)
         draws = self._draw(step)
-        params, _, losses = self._train_inner(draws, omega, warm=False)
+        params, state = self._start(draws, warm=False)
+        losses = self._train_inner(params, state, draws, omega)
         thetas = inner.flat(params)
         _, heldout_loss, heldout_acc = self._heldout(thetas, draws)
         return {"outer_heldout_loss": float(heldout_loss.mean()),
@@ -352,7 +353,8 @@ class MetaTrainer:
                 for i, idx in enumerate(draws["source_eval"])])
 
     def _inner_grad_norms(self, thetas: Tensor, omega: Tensor, draws: Dict[str, Any]) -> Tensor:
-        """‖∂L_ω/∂θ‖ at each returned θ_i on its `eval_size` source examples: stationarity."""
+        """‖∂L_ω/∂θ‖ at each θ_i on its `eval_size` source examples: stationarity. Recorded at
+        the returned θ and, as a ratio to it, at the starting θ (which makes it scale-free)."""
         return torch.stack([self._inner_grad(thetas[i], omega, self.x[idx], self.y[idx]).norm()
                             for i, idx in enumerate(draws["source_eval"])])
 
@@ -366,8 +368,7 @@ class MetaTrainer:
         reference_solve = functools.partial(solvers.minres, maxiter=c.reference_maxiter)
         h_ref, u = implicit_grad(inner_grad, thetas[d], omega, vs[d], reference_solve,
                                  return_adjoint=True)
-        _, hessian_t = vjp(lambda t: inner_grad(t, omega), thetas[d])
-        residual = (hessian_t(u)[0] + vs[d]).norm() / vs[d].norm()
+        residual = adjoint_residual(inner_grad, thetas[d], omega, vs[d], u)
         return {"domain": d, "cosine": _cosine(hypergrads[d], h_ref),
                 "norm_ratio": float(hypergrads[d].norm() / h_ref.norm().clamp_min(1e-30)),
                 "reference_residual": float(residual), "reference_maxiter": c.reference_maxiter}
@@ -379,7 +380,9 @@ class MetaTrainer:
         omega = self.omega.detach().clone()
         t0 = time.perf_counter()
 
-        params, inner_state, losses = self._train_inner(draws, omega, warm=c.warm_start)
+        params, inner_state = self._start(draws, warm=c.warm_start)
+        start_grad_norms = self._inner_grad_norms(inner.flat(params), omega, draws)
+        losses = self._train_inner(params, inner_state, draws, omega)
         thetas = inner.flat(params)
         t1 = time.perf_counter()
 
@@ -395,19 +398,26 @@ class MetaTrainer:
             pairs = [self._hypergradient(thetas[i], vs[i], x_hvp[i], y_hvp[i], omega) for i in range(n)]
             hypergrads = torch.stack([h for h, _ in pairs])
             residuals = torch.stack([r for _, r in pairs])
+        # With max_solver_residual, a domain whose linear solve failed (e.g. a Neumann series that
+        # diverges once αλ_max(H) > 2) gives no hypergradient; with none left, ω is not updated.
+        trusted = torch.ones(n, dtype=torch.bool)
+        if c.max_solver_residual is not None:
+            trusted = (residuals <= c.max_solver_residual).cpu()
         for i in range(n):
-            if not torch.isfinite(hypergrads[i]).all():
+            if trusted[i] and not torch.isfinite(hypergrads[i]).all():
                 raise NonFiniteError(f"outer step {step}: non-finite hypergradient for held-out "
                                      f"domain {i}")
-        h = self._aggregate(hypergrads, draws["surgery"])  # Algorithm 1, line 15
+        h = (self._aggregate(hypergrads[trusted.to(hypergrads.device)], draws["surgery"])
+             if trusted.any() else torch.zeros_like(self.omega))  # Algorithm 1, line 15
         if not torch.isfinite(h).all():
             raise NonFiniteError(f"outer step {step}: non-finite aggregated hypergradient")
         t2 = time.perf_counter()
 
         previous = self.state_dict()
-        self.omega.grad = h
-        self.optimizer.step()  # Algorithm 1, line 16
-        self.omega.grad = None
+        if trusted.any():
+            self.omega.grad = h
+            self.optimizer.step()  # Algorithm 1, line 16
+            self.omega.grad = None
         if not torch.isfinite(self.omega).all():
             bad_omega = self.omega.tolist()
             self.load_state_dict(previous)
@@ -432,7 +442,9 @@ class MetaTrainer:
             "inner_loss": float(final.mean()),
             "hypergradient_norm": float(h.norm()),
             "inner_grad_norm": float(grad_norms.mean()),
+            "inner_grad_norm_ratio": float((grad_norms / start_grad_norms).mean()),
             "solver_residual": float(residuals.mean()),
+            "trusted_domains": int(trusted.sum()),
             "omega": self.omega.tolist(),
             "per_domain": {
                 "inner_source_acc": source_acc.tolist(),
@@ -440,6 +452,7 @@ class MetaTrainer:
                 "heldout_loss": heldout_loss_t.tolist(),
                 "inner_loss": final.tolist(),
                 "inner_grad_norm": grad_norms.tolist(),
+                "inner_grad_norm_start": start_grad_norms.tolist(),
                 "solver_residual": residuals.tolist(),
                 "hypergradient_norm": hypergrads.norm(dim=1).tolist(),
             },

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--cg_tol", type=float)
     hyper.add_argument("--hvp_batch", type=_positive_int,
                        help="source examples in the Hessian-vector products")
+    hyper.add_argument("--max_solver_residual", type=_positive_float,
+                       help="leave out of the update every domain whose linear solve has a "
+                            "larger relative residual (1: worse than no solve, as a diverging "
+                            "Neumann series); no update when none is left")
     diag = p.add_argument_group("diagnostics")
     diag.add_argument("--reference_every", type=_nonnegative_int,
                       help="every K outer steps, compare one domain's hypergradient with a long "
@@ -159,7 +163,7 @@ CONFIG_FLAGS = ("outer_steps", "outer_optimizer", "outer_lr", "aggregate", "aggr
                 "outer_batch", "eval_size", "inner_steps", "inner_optimizer", "inner_lr",
                 "inner_momentum", "warm_start", "batch_size", "hidden", "solver", "neumann_steps",
                 "neumann_alpha", "neumann_form", "cg_maxiter", "cg_tol", "hvp_batch",
-                "reference_every", "reference_maxiter", "batched", "seed")
+                "max_solver_residual", "reference_every", "reference_maxiter", "batched", "seed")
 
 
 def _presets_help() -> str:
