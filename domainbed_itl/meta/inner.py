@@ -2,10 +2,12 @@
 
 The n networks of one outer step are independent, so their parameters are stacked along a
 leading dimension and trained together: every layer is one batched matrix product
-(torch.baddbmm), and one backward pass of the summed per-network losses gives every network its
-own gradient. The loss is any callable `loss(logits, target, reduction="none")`, called like
-F.cross_entropy on the n minibatches flattened to (n·batch, classes); for a fixed Taylor loss it
-is TaylorLoss, whose gradient is fused in closed form.
+(torch.baddbmm), and backpropagation, written out for the MLP, is two more per layer. Only the
+loss's gradient with respect to the logits goes through autograd, so the loss is any callable
+`loss(logits, target, reduction="none")`, called like F.cross_entropy on the n minibatches
+flattened to (n·batch, classes); for a fixed Taylor loss it is TaylorLoss, whose gradient is
+fused in closed form. With plain SGD the update is fused into the weight-gradient product (the
+profile of the autograd version was dominated by writing, then adding, the weight gradients).
 
 Optimisers update the stacked tensors in place: SGD (Algorithm 1's inner loop, Sec. 4.1),
 heavy-ball momentum and Adam, written out so that their state can be checkpointed and resumed
@@ -113,6 +115,52 @@ class InnerOptimizer:
                 p.addcdiv_(m, (v.sqrt() / root_correction).add_(ADAM_EPS), value=-step_size)
 
 
+def _logit_grad(loss: LossFn, logits: Tensor, y: Tensor) -> tuple:
+    """(per-network mean loss (n,), ∂(Σ of those means)/∂logits (n, batch, classes))."""
+    n, batch, classes = logits.shape
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_()
+        per_net = loss(leaf.reshape(-1, classes), y.reshape(-1),
+                       reduction="none").reshape(n, batch).mean(1)
+        (grad,) = torch.autograd.grad(per_net.sum(), leaf)
+    return per_net.detach(), grad
+
+
+def _step(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
+          x: Tensor, y: Tensor) -> Tensor:
+    """One optimiser step of every stacked MLP; backpropagation written out (two batched
+    products per layer). For SGD the update is fused into the weight-gradient product."""
+    names = list(params)
+    weights = [params[names[k]] for k in range(0, len(names), 2)]
+    biases = [params[names[k]] for k in range(1, len(names), 2)]
+    inputs, pre = [x], []
+    h = x
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        pre.append(z)
+        h = z.relu() if k + 1 < len(weights) else z
+        inputs.append(h)
+    per_net, dz = _logit_grad(loss, h, y)
+    fused = optimizer.name == "sgd"
+    grads: Params = {}
+    for k in reversed(range(len(weights))):
+        w, b = weights[k], biases[k]
+        dh = torch.bmm(dz, w) if k else None  # before w changes
+        if fused:  # Algorithm 1, line 11: θ ← θ − η ∂L/∂θ
+            w.transpose(1, 2).baddbmm_(inputs[k].transpose(1, 2), dz, alpha=-optimizer.lr)
+            b.sub_(dz.sum(1), alpha=optimizer.lr)
+        else:
+            grads[names[2 * k]] = torch.bmm(dz.transpose(1, 2), inputs[k])
+            grads[names[2 * k + 1]] = dz.sum(1)
+        if k:
+            dz = dh * (pre[k - 1] > 0)
+    if fused:
+        state["step"] = int(state["step"]) + 1
+    else:
+        optimizer.step(params, grads, state)
+    return per_net
+
+
 def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
           x: Tensor, y: Tensor, batches: Tensor, batched: bool = True) -> Tensor:
     """Train the stacked MLPs in place; network i takes minibatch batches[i, t] at step t.
@@ -125,21 +173,15 @@ def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[s
     losses = torch.empty(n, steps, device=x.device, dtype=x.dtype)
     start = int(state["step"])
     groups = [slice(0, n)] if batched else [slice(i, i + 1) for i in range(n)]
-    for group in groups:
-        sub = {name: p[group] for name, p in params.items()}  # views: updated in place
-        sub_state = {k: ({name: b[group] for name, b in v.items()} if isinstance(v, dict) else v)
-                     for k, v in state.items()}
-        sub_state["step"] = start
-        for t in range(steps):
-            idx = batches[group, t]
-            leaves = {name: p.detach().requires_grad_() for name, p in sub.items()}
-            logits = mlp_forward(leaves, x[idx])
-            per_net = loss(logits.reshape(-1, logits.shape[-1]), y[idx].reshape(-1),
-                           reduction="none").reshape(idx.shape).mean(dim=1)
-            grads = torch.autograd.grad(per_net.sum(), list(leaves.values()))
-            with torch.no_grad():
-                optimizer.step(sub, dict(zip(sub, grads)), sub_state)
-            losses[group, t] = per_net.detach()
+    with torch.no_grad():
+        for group in groups:
+            sub = {name: p[group] for name, p in params.items()}  # views: updated in place
+            sub_state = {k: ({name: b[group] for name, b in v.items()} if isinstance(v, dict)
+                             else v) for k, v in state.items()}
+            sub_state["step"] = start
+            for t in range(steps):
+                idx = batches[group, t]
+                losses[group, t] = _step(sub, loss, optimizer, sub_state, x[idx], y[idx])
     state["step"] = start + steps
     return losses
 
