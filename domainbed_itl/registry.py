@@ -35,8 +35,8 @@ def register_algorithms(namespace: MutableMapping) -> Dict[str, type]:
 
 
 def register_command_launchers(registry: MutableMapping[str, Callable]) -> None:
-    """Add our command launchers (see domainbed_itl.launchers) to DomainBed's REGISTRY."""
-    from .launchers import LAUNCHERS
+    """Add our command launchers (see domainbed_itl.experiments.launchers) to DomainBed's REGISTRY."""
+    from .experiments.launchers import LAUNCHERS
 
     for name, launcher in LAUNCHERS.items():
         registry.setdefault(name, launcher)

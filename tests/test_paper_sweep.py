@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from domainbed_itl.paper_sweeps import (NUM_ENVIRONMENTS, Placeholders, SweepDefinitionError,
+from domainbed_itl.experiments.paper import (NUM_ENVIRONMENTS, Placeholders, SweepDefinitionError,
                                         available, build_commands, count_jobs, estimate_cost,
                                         load_experiment, parse_experiment, render_flags)
 from domainbed_itl.scripts import paper_sweep

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from domainbed_itl import significance as sig
+from domainbed_itl.analysis import friedman_nemenyi as sig
 
 FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
 
@@ -167,7 +167,8 @@ def test_command_on_real_single_source_runs(tmp_path):
     text = (out / "cd_single_source_domain.txt").read_text()
     assert "N = 3 blocks, k = 2 algorithms" in text
     assert (out / "cd_single_source_domain.png").read_bytes().startswith(b"\x89PNG")
-    from domainbed_itl.single_source import load_runs, read_manifest, summarise
+    from domainbed_itl.single_source.runs import load_runs, read_manifest
+    from domainbed_itl.single_source.selection import summarise
 
     scores = summarise(load_runs(FIXTURE), read_manifest(FIXTURE)).scores(
         "domain", ["ERM", "ITL"], ["Debug28"])

@@ -1,4 +1,4 @@
-"""List, show and run the paper's experiments (the definitions in sweeps/, see domainbed_itl.paper_sweeps).
+"""List, show and run the paper's experiments (the definitions in sweeps/, see domainbed_itl.experiments.paper).
 
     python -m domainbed_itl.scripts.paper_sweep list
     python -m domainbed_itl.scripts.paper_sweep show table2_multi_source [--reduced]
@@ -9,7 +9,7 @@
 dataset and the cost estimate with its basis. `run` runs the commands one after the other, with
 the DomainBed checkout on PYTHONPATH: the sweep (DomainBed's, or ours for single-source), then
 the collection of its results; `--dry_run` prints them only. The command launcher defaults to
-`submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.launchers) for the
+`submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.experiments.launchers) for the
 paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status: 0 done,
 1 a command failed, 2 bad input.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..domainbed_env import DomainBedNotFound, check_domainbed_root
-from ..paper_sweeps import (SWEEPS_DIR, Experiment, Placeholders, SweepDefinitionError, available,
+from ..experiments.paper import (SWEEPS_DIR, Experiment, Placeholders, SweepDefinitionError, available,
                             build_commands, count_jobs, estimate_cost, format_command,
                             load_experiment)
 
@@ -154,7 +154,7 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
     for tokens in commands:
         print(f"\n$ {format_command(tokens)}", flush=True)
         if experiment.runner_name == "meta_train" and given.command_launcher == "submitit":
-            from ..launchers import SubmititConfig, SubmititJobsFailed, make_submitit_launcher
+            from ..experiments.launchers import SubmititConfig, SubmititJobsFailed, make_submitit_launcher
 
             try:
                 config = SubmititConfig.from_env()

@@ -25,7 +25,7 @@ The flags are those of DomainBed's sweep, plus:
   checkout must carry our patches: `python -m domainbed_itl.scripts.patch apply`.
 * `--sources`: only these source domains (default: all of them).
 * `--checkpoint_freq`: passed to train (changes the job hashes; by default it is not passed).
-* `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.launchers;
+* `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.experiments.launchers;
   a flag overrides the matching DOMAINBED_SUBMITIT_* variable).
 * `--seed`: seeds the shuffled launch order (DomainBed's sweep accepts `--seed` and ignores it).
 
@@ -42,14 +42,15 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 from ..algorithms import ALGORITHM_SPECS
 from ..domainbed_env import DomainBedNotFound, import_domainbed
-from ..launchers import Launcher, SubmititConfig, make_submitit_launcher
-from ..single_source import PlannedJob, RunKey, update_manifest
+from ..experiments.launchers import Launcher, SubmititConfig, make_submitit_launcher
+from ..single_source.planning import single_source_args
+from ..single_source.runs import PlannedJob, RunKey, update_manifest
 
 
 def _json_object(text: str) -> dict:
@@ -161,32 +162,6 @@ def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleT
                                   f"got {args.hparams!r}")
     if not Path(args.data_dir).is_dir():
         raise SweepInputError(f"--data_dir {args.data_dir!r} is not a folder")
-
-
-def single_source_args(args_list: Sequence[dict], num_environments: Callable[[str], int],
-                       seed_hash: Callable[..., int], sources: Optional[Sequence[int]] = None,
-                       checkpoint_freq: Optional[int] = None) -> List[Tuple[dict, int]]:
-    """(train args, source) for every entry of `make_args_list(..., single_test_envs=True)`.
-
-    Each entry's test_envs [s] becomes every other domain, so s is the one training domain, and
-    the seed is re-derived as DomainBed's make_args_list derives it, from the new test_envs.
-    Entries whose s is not in `sources` (when given) are left out.
-    """
-    out = []
-    for train_args in args_list:
-        (source,) = train_args["test_envs"]
-        if sources is not None and source not in sources:
-            continue
-        train_args = dict(train_args)
-        train_args["test_envs"] = [e for e in range(num_environments(train_args["dataset"]))
-                                   if e != source]
-        train_args["seed"] = seed_hash(train_args["dataset"], train_args["algorithm"],
-                                       train_args["test_envs"], train_args["hparams_seed"],
-                                       train_args["trial_seed"])
-        if checkpoint_freq is not None:
-            train_args["checkpoint_freq"] = checkpoint_freq
-        out.append((train_args, source))
-    return out
 
 
 def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> Launcher:

@@ -42,7 +42,7 @@ except ModuleNotFoundError:  # Python < 3.11
     except ModuleNotFoundError:
         tomllib = None
 
-SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
+SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 VARIANTS = ("paper", "reduced")
 
 # Environments per DomainBed dataset (DomainBed's datasets.num_environments, checked by the tests).
