@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from domainbed_itl.domainbed_env import DomainBedNotFound, import_domainbed  # noqa: E402
-from domainbed_itl.losses import (ITL_PARAMETERS, TaylorLoss, taylor_loss,  # noqa: E402
+from domainbed_itl.domainbed_env import DomainBedNotFound, import_domainbed
+from domainbed_itl.losses import (ITL_PARAMETERS, TaylorLoss, taylor_loss,
                                   taylor_loss_reference)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, domainbed_env
+from domainbed_itl.domainbed_env import with_pythonpath
 from domainbed_itl.single_source import planning, selection, tables
 from domainbed_itl.single_source import runs as run_folders
 from domainbed_itl.scripts import single_source_sweep as sweep
@@ -388,13 +389,12 @@ def test_single_source_args_complement_the_test_env():
     assert "checkpoint_freq" not in planning.single_source_args(args_list, lambda d: 4, seed_hash)[0][0]
 
 
-def test_export_checkout_puts_it_first_once():
-    environ = {"PYTHONPATH": os.pathsep.join(["/a", "/db", "/b"])}
-    sweep.export_checkout(Path("/db"), environ)
-    assert environ["PYTHONPATH"] == os.pathsep.join(["/db", "/a", "/b"])
-    empty = {}
-    sweep.export_checkout(Path("/db"), empty)
-    assert empty == {"PYTHONPATH": "/db"}
+def test_with_pythonpath_puts_the_checkout_first_once():
+    environ = {"PYTHONPATH": os.pathsep.join(["/a", "/db", "/b"]), "OTHER": "x"}
+    env = with_pythonpath(Path("/db"), environ)
+    assert env == {"PYTHONPATH": os.pathsep.join(["/db", "/a", "/b"]), "OTHER": "x"}
+    assert environ["PYTHONPATH"] == os.pathsep.join(["/a", "/db", "/b"])  # a copy: not modified
+    assert with_pythonpath("/db", {}) == {"PYTHONPATH": "/db"}
 
 
 def test_submitit_settings_come_from_flags(tmp_path, monkeypatch):

@@ -46,8 +46,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from ..algorithms import ALGORITHM_SPECS
-from ..domainbed_env import DomainBedNotFound, import_domainbed
+from ..algorithms import ALGORITHMS
+from ..domainbed_env import DomainBedNotFound, find_domainbed_root, import_domainbed, with_pythonpath
 from ..experiments.launchers import Launcher, SubmititConfig, make_submitit_launcher
 from ..single_source.planning import single_source_args
 from ..single_source.runs import PlannedJob, RunKey, update_manifest
@@ -123,7 +123,11 @@ def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleT
     for algorithm in args.algorithms:
         if algorithm in algorithms.ALGORITHMS:
             continue
-        if algorithm in ALGORITHM_SPECS:
+        if algorithm in ALGORITHMS and ALGORITHMS[algorithm].base not in algorithms.ALGORITHMS:
+            raise SweepInputError(f"algorithm {algorithm!r} is domainbed-itl's {ALGORITHMS[algorithm].loss} "
+                                  f"inside {ALGORITHMS[algorithm].base}, which the DomainBed checkout "
+                                  f"{checkout} does not have")
+        if algorithm in ALGORITHMS:
             raise SweepInputError(
                 f"algorithm {algorithm!r} is domainbed-itl's, and the DomainBed checkout {checkout} "
                 f"does not have our patches: python -m domainbed_itl.scripts.patch apply "
@@ -177,12 +181,6 @@ def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> La
     return make_submitit_launcher(config)
 
 
-def export_checkout(checkout: Path, environ: Dict[str, str] = os.environ) -> None:
-    """Put `checkout` first on PYTHONPATH in `environ`, which the launched jobs inherit."""
-    parts = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(checkout)]
-    environ["PYTHONPATH"] = os.pathsep.join([str(checkout), *parts])
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; 2 on bad input."""
     args = build_parser().parse_args(argv)
@@ -192,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         algorithms = import_domainbed(args.domainbed_root, "domainbed.algorithms")
         misc = import_domainbed(args.domainbed_root, "domainbed.lib.misc")
         command_launchers = import_domainbed(args.domainbed_root, "domainbed.command_launchers")
-        checkout = Path(sweep.__file__).resolve().parents[2]
+        checkout = find_domainbed_root(args.domainbed_root)
         args.datasets = args.datasets or list(sweep.DATASETS)
         args.algorithms = args.algorithms or list(algorithms.ALGORITHMS)
         validate(args, datasets, algorithms, command_launchers.REGISTRY, checkout)
@@ -228,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        RunKey(a["dataset"], a["algorithm"], source, a["trial_seed"], a["hparams_seed"]),
                        len(a["test_envs"]) + 1)
             for (job, source), (a, _) in zip(jobs, planned)])
-        export_checkout(checkout)
+        os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
         print(f"The jobs import DomainBed from {checkout} (first on their PYTHONPATH).")
         np.random.seed(args.seed)
         sweep.Job.launch(to_launch, launcher_fn)
