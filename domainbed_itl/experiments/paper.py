@@ -31,8 +31,9 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ..resources import Traversable, shipped
 
 try:
     import tomllib
@@ -42,7 +43,6 @@ except ModuleNotFoundError:  # Python < 3.11
     except ModuleNotFoundError:
         tomllib = None
 
-SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 VARIANTS = ("paper", "reduced")
 
 # Environments per DomainBed dataset (DomainBed's datasets.num_environments, checked by the tests).
@@ -136,7 +136,7 @@ class Experiment:
     runner_name: str
     notes: str
     variants: Mapping[str, Variant]
-    path: Path
+    path: Union[Traversable, str]
 
     @property
     def runner(self) -> Runner:
@@ -205,7 +205,8 @@ def _parse_cost(table: Mapping, where: str) -> Cost:
     return Cost(unit, {k: float(v) for k, v in per_job.items()}, basis)
 
 
-def parse_experiment(name: str, data: Mapping[str, Any], path: Path = Path("<memory>")) -> Experiment:
+def parse_experiment(name: str, data: Mapping[str, Any], path: Union[Traversable, str] = "<memory>"
+                     ) -> Experiment:
     """An experiment from the parsed TOML `data`; raises SweepDefinitionError on any problem."""
     where = str(path)
     known = {"title", "reproduces", "runner", "notes", *VARIANTS}
@@ -233,21 +234,26 @@ def parse_experiment(name: str, data: Mapping[str, Any], path: Path = Path("<mem
                       data.get("notes", ""), variants, path)
 
 
-def available(sweeps_dir: Path = SWEEPS_DIR) -> List[str]:
-    """The names of the definitions in `sweeps_dir` (file names without .toml), sorted."""
-    if not Path(sweeps_dir).is_dir():
-        raise SweepDefinitionError(f"sweep definitions folder {sweeps_dir} does not exist; pass "
-                                   "--sweeps_dir (the repository's sweeps/ folder)")
-    return sorted(p.stem for p in Path(sweeps_dir).glob("*.toml"))
+def _folder(sweeps_dir: Optional[Traversable]) -> Traversable:
+    return shipped("sweeps") if sweeps_dir is None else sweeps_dir
 
 
-def load_experiment(name: str, sweeps_dir: Path = SWEEPS_DIR) -> Experiment:
-    """The definition `name` (sweeps_dir/name.toml)."""
+def available(sweeps_dir: Optional[Traversable] = None) -> List[str]:
+    """The names of the definitions in `sweeps_dir` (default: the shipped `sweeps/`), sorted."""
+    folder = _folder(sweeps_dir)
+    if not folder.is_dir():
+        raise SweepDefinitionError(f"sweep definitions folder {folder} does not exist; pass "
+                                   "--sweeps_dir a folder of *.toml definitions")
+    return sorted(p.name[:-len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_experiment(name: str, sweeps_dir: Optional[Traversable] = None) -> Experiment:
+    """The definition `name` (name.toml in `sweeps_dir`, default: the shipped `sweeps/`)."""
     names = available(sweeps_dir)
     if name not in names:
-        raise SweepDefinitionError(f"no sweep definition {name!r} in {sweeps_dir}; "
+        raise SweepDefinitionError(f"no sweep definition {name!r} in {_folder(sweeps_dir)}; "
                                    f"expected one of: {', '.join(names)}")
-    path = Path(sweeps_dir) / f"{name}.toml"
+    path = _folder(sweeps_dir).joinpath(f"{name}.toml")
     if tomllib is None:
         raise SweepDefinitionError("reading sweep definitions needs Python >= 3.11 (tomllib) or "
                                    "the tomli package: pip install tomli")
