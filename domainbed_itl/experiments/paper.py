@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..resources import Traversable, shipped
 
@@ -51,11 +51,29 @@ NUM_ENVIRONMENTS: Dict[str, int] = {
     "OfficeHome": 4, "TerraIncognita": 4, "DomainNet": 6,
 }
 
-# The flags of DomainBed's sweep (scripts/sweep.py), less those given at build time.
-_DOMAINBED_SWEEP_FLAGS = {"datasets", "algorithms", "task", "n_hparams_from", "n_hparams", "seed",
-                          "n_trials", "steps", "hparams", "holdout_fraction", "single_test_envs"}
-_BUILD_TIME_FLAGS = {"data_dir", "output_dir", "command_launcher", "domainbed_root",
-                     "skip_confirmation"}
+# The flags given when the commands are built, never by a definition.
+BUILD_TIME_FLAGS = frozenset({"data_dir", "output_dir", "command_launcher", "domainbed_root",
+                              "skip_confirmation"})
+
+# The flags a definition may set, per runner, as spelled on its command line (less the build-time
+# ones). Explicit lists: tests/test_paper_sweep.py checks each against its runner's parser.
+# DomainBed's sweep (domainbed/scripts/sweep.py).
+DOMAINBED_SWEEP_FLAGS = frozenset({
+    "datasets", "algorithms", "task", "n_hparams_from", "n_hparams", "seed", "n_trials", "steps",
+    "hparams", "holdout_fraction", "single_test_envs"})
+# domainbed_itl.scripts.single_source_sweep: DomainBed's sweep flags, ours, and the submitit ones.
+SINGLE_SOURCE_SWEEP_FLAGS = frozenset({
+    "datasets", "algorithms", "n_hparams_from", "n_hparams", "n_trials", "steps", "hparams",
+    "holdout_fraction", "seed", "sources", "checkpoint_freq", "submitit_folder", "submitit_cluster",
+    "submitit_partition", "submitit_gpus_per_node", "submitit_cpus_per_task", "submitit_mem_gb",
+    "submitit_timeout_min", "submitit_array_parallelism", "submitit_max_array_size",
+    "submitit_wait", "submitit_name", "submitit_extra"})
+# domainbed_itl.scripts.meta_train.
+META_TRAIN_FLAGS = frozenset({
+    "dataset", "per_domain_cap", "data_seed", "family", "order", "init", "outer_steps",
+    "outer_lr", "outer_optimizer", "aggregate", "inner_steps", "inner_lr", "batch_size", "hidden",
+    "solver", "neumann_steps", "neumann_alpha", "cg_maxiter", "cg_tol", "hvp_batch", "outer_batch",
+    "eval_size", "batched", "device", "seed", "no_progress", "resume", "overwrite"})
 
 
 class SweepDefinitionError(ValueError):
@@ -71,32 +89,18 @@ class Runner:
     collect_module: Optional[str]
     takes_launcher: bool
     takes_domainbed_root: bool
-    flags: Optional[Callable[[], set]]  # the allowed flags; None: any flag
-
-
-def _parser_flags(module: str) -> Callable[[], set]:
-    """The long option names of `module.build_parser()`, less those given at build time."""
-
-    def flags() -> set:
-        import importlib
-
-        parser = importlib.import_module(module).build_parser()
-        names = {opt[2:] for action in parser._actions for opt in action.option_strings
-                 if opt.startswith("--")}
-        return names - _BUILD_TIME_FLAGS - {"help"}
-
-    return flags
+    flags: FrozenSet[str]  # the flags a definition may set
 
 
 RUNNERS: Dict[str, Runner] = {
     "domainbed_sweep": Runner("domainbed.scripts.sweep", "launch",
                               "domainbed.scripts.collect_results", True, False,
-                              lambda: set(_DOMAINBED_SWEEP_FLAGS)),
+                              DOMAINBED_SWEEP_FLAGS),
     "single_source_sweep": Runner("domainbed_itl.scripts.single_source_sweep", "launch",
                                   "domainbed_itl.scripts.collect_single_source", True, True,
-                                  _parser_flags("domainbed_itl.scripts.single_source_sweep")),
+                                  SINGLE_SOURCE_SWEEP_FLAGS),
     "meta_train": Runner("domainbed_itl.scripts.meta_train", None, None, False, True,
-                         _parser_flags("domainbed_itl.scripts.meta_train")),
+                         META_TRAIN_FLAGS),
 }
 
 
@@ -158,19 +162,13 @@ def _require(table: Mapping, key: str, kind: type, where: str) -> Any:
 
 
 def _check_args(args: Mapping[str, Any], runner_name: str, where: str) -> None:
-    forbidden = sorted(set(args) & _BUILD_TIME_FLAGS)
+    forbidden = sorted(set(args) & BUILD_TIME_FLAGS)
     if forbidden:
         raise SweepDefinitionError(
             f"{where}: {', '.join(forbidden)} must not be in a definition; they are given to "
             "paper_sweep (--data_dir, --output_dir, --command_launcher, --domainbed_root)")
-    flags_of = RUNNERS[runner_name].flags
-    allowed: Optional[set] = None
-    if flags_of is not None:
-        try:
-            allowed = flags_of()
-        except ImportError:
-            allowed = None  # the runner is not installed: `run` says so; nothing to check against
-    unknown = sorted(set(args) - allowed) if allowed is not None else []
+    allowed = RUNNERS[runner_name].flags
+    unknown = sorted(set(args) - allowed)
     if unknown:
         raise SweepDefinitionError(f"{where}: unknown flag(s) {', '.join(unknown)} for runner "
                                    f"{runner_name}; it takes {', '.join(sorted(allowed))}")
