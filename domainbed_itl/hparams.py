@@ -42,5 +42,5 @@ def wrap_hparams(original: Callable) -> Callable:
 
     _hparams.__doc__ = original.__doc__
     setattr(_hparams, _WRAPPED, True)
-    setattr(_hparams, "__wrapped__", original)
+    _hparams.__wrapped__ = original
     return _hparams

@@ -28,7 +28,8 @@ def test_setup_cfg_lists_every_package_of_the_source_tree():
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
     listed = set(config["options"]["packages"].split())
-    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "domainbed_itl").rglob("__init__.py")}
+    found = {".".join(p.parent.relative_to(REPO).parts)
+             for p in (REPO / "domainbed_itl").rglob("__init__.py")}
     assert listed == found | {"domainbed_itl.sweeps", "domainbed_itl.patches"}
     assert config["options"]["package_dir"].split() == [
         "domainbed_itl.sweeps", "=", "sweeps", "domainbed_itl.patches", "=", "patches"]

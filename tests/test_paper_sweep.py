@@ -362,4 +362,5 @@ def test_run_meta_training_reports_a_failed_job(domainbed_root, tmp_path, monkey
     code = paper_sweep.main(["--sweeps_dir", str(sweeps), "run", "meta", "--reduced", "--data_dir",
                              str(tmp_path), "--output_dir", str(tmp_path / "meta"),
                              "--command_launcher", "submitit", "--domainbed_root", str(domainbed_root)])
-    assert code == 2 and "DOMAINBED_SUBMITIT_MEM_GB must be an integer >= 1, got 'lots'" in capsys.readouterr().err
+    assert code == 2
+    assert "DOMAINBED_SUBMITIT_MEM_GB must be an integer >= 1, got 'lots'" in capsys.readouterr().err

@@ -130,7 +130,8 @@ def test_checkouts_the_hooks_cannot_fit_are_refused_unchanged(source, tmp_path, 
     assert "nothing was changed" in result.stderr and reason in result.stderr and "0003" in result.stderr
     assert {p: p.read_bytes() for p in before} == before, "a refused apply changed files"
     checked = _cli(root, "check")
-    assert checked.returncode == 1 and f"0003-Register-domainbed-itl-s-command-launchers-submitit.patch: {CONFLICT}" in checked.stdout
+    assert checked.returncode == 1
+    assert f"0003-Register-domainbed-itl-s-command-launchers-submitit.patch: {CONFLICT}" in checked.stdout
 
 
 def test_a_repeated_hook_is_a_conflict_and_revert_refuses_it(tmp_path):

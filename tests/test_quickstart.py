@@ -119,8 +119,8 @@ def upstream(tmp_path_factory):
     if DOMAINBED_ROOT is None:
         pytest.skip("needs a DomainBed checkout: set DOMAINBED_ROOT")
     tmp = tmp_path_factory.mktemp("upstream")
-    pinned = subprocess.run(["git", "-C", str(DOMAINBED_ROOT), "cat-file", "-e", f"{UPSTREAM_COMMIT}^{{commit}}"],
-                            capture_output=True)
+    pinned = subprocess.run(["git", "-C", str(DOMAINBED_ROOT), "cat-file", "-e",
+                             f"{UPSTREAM_COMMIT}^{{commit}}"], capture_output=True)
     if pinned.returncode == 0:
         subprocess.run(["git", "clone", "--quiet", "--bare", str(DOMAINBED_ROOT), str(tmp / "DomainBed.git")],
                        check=True, capture_output=True)

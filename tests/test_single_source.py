@@ -148,7 +148,8 @@ def test_missing_and_unfinished_runs_are_named_never_averaged():
 
 
 def test_multi_source_records_are_counted_and_ignored():
-    multi = [run_folders.Run(f"m{t}", [record(n=3, test_envs=[t], step=s) for s in (0, 1)], True) for t in range(3)]
+    multi = [run_folders.Run(f"m{t}", [record(n=3, test_envs=[t], step=s) for s in (0, 1)], True)
+             for t in range(3)]
     alone = selection.summarise(grid())
     mixed = selection.summarise(grid() + multi)
     assert (mixed.ignored_multi_source_runs, mixed.ignored_multi_source_records) == (3, 6)
@@ -182,7 +183,8 @@ def test_duplicate_runs_and_foreign_records_are_reported():
     runs = grid(seeds=(0,), trials=(0,))
     runs.append(run_folders.Run("copy", [record(source=0)], True))
     runs.append(run_folders.Run("junk", [{"hello": 1}], True))
-    runs.append(run_folders.Run("uda", [dict(record(), args={**record()["args"], "task": "domain_adaptation"})], True))
+    uda = dict(record(), args={**record()["args"], "task": "domain_adaptation"})
+    runs.append(run_folders.Run("uda", [uda], True))
     results = selection.summarise(runs)
     assert any(p.startswith("D/ERM source 0 trial 0 hparams_seed 0: ambiguous: folders ERM-0-0-0, copy")
                for p in results.problems)
@@ -309,7 +311,8 @@ def test_report_command_on_the_fixture_without_domainbed(tmp_path):
 def test_report_command_names_a_run_that_lost_its_done_marker(tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(FIXTURE, copy)
-    job = next(j for j in run_folders.read_manifest(copy) if j.key == run_folders.RunKey("Debug28", "ITL", 1, 0, 1))
+    key = run_folders.RunKey("Debug28", "ITL", 1, 0, 1)
+    job = next(j for j in run_folders.read_manifest(copy) if j.key == key)
     (copy / job.folder / "done").unlink()
     shutil.rmtree(copy / next(j.folder for j in run_folders.read_manifest(copy)
                               if j.key == run_folders.RunKey("Debug28", "ERM", 2, 1, 0)))

@@ -57,7 +57,7 @@ def load() -> Optional[ModuleType]:
             _state["module"] = None
             _state["error"] = f"{type(error).__name__}: {error}"
             warnings.warn("domainbed-itl: the C++ Taylor-loss kernel could not be built, using the "
-                          f"slower pure-torch path ({_state['error'].splitlines()[0]})")
+                          f"slower pure-torch path ({_state['error'].splitlines()[0]})", stacklevel=3)
         finally:
             quiet.setLevel(level)
     return _state["module"]

@@ -1,4 +1,4 @@
-"""List, show and run the paper's experiments (the definitions in sweeps/, see domainbed_itl.experiments.paper).
+"""List, show and run the paper's experiments (sweeps/, see domainbed_itl.experiments.paper).
 
     python -m domainbed_itl.scripts.paper_sweep list
     python -m domainbed_itl.scripts.paper_sweep show table2_multi_source [--reduced]

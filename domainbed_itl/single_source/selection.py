@@ -119,7 +119,8 @@ class SingleSourceResults:
                 if level == "dataset":
                     means, expected = self.dataset_trial_means(dataset, algorithm)
                     complete = bool(means) and len(means) == expected
-                    _put(table, dataset, algorithm, float(np.mean(list(means.values()))) if complete else None)
+                    _put(table, dataset, algorithm,
+                         float(np.mean(list(means.values()))) if complete else None)
                     continue
                 for source in range(self.n_envs[dataset]):
                     cell = self.cells[dataset, algorithm, source]
