@@ -76,6 +76,17 @@ def test_tie_corrected_friedman_equals_scipy():
         assert ours.p_value == pytest.approx(theirs.pvalue, rel=1e-9)
 
 
+def test_nemenyi_pvalues_equal_scikit_posthocs():
+    """Where scikit-posthocs is installed (not a dependency: see the module docstring), its
+    posthoc_nemenyi_friedman gives our p-values."""
+    posthocs = pytest.importorskip("scikit_posthocs")
+    rng = np.random.default_rng(0)
+    for scores in (DEMSAR_AUC, rng.integers(0, 4, size=(9, 5)).astype(float), rng.random((12, 6))):
+        ours = sig.nemenyi_pvalues(sig.rank_scores(scores).mean(axis=0), len(scores))
+        theirs = posthocs.posthoc_nemenyi_friedman(scores).to_numpy()
+        np.testing.assert_allclose(ours, theirs, atol=1e-12)
+
+
 def test_ranks_prefer_higher_scores_and_average_ties():
     ranks = sig.rank_scores(np.array([[0.9, 0.5, 0.9, 0.1]]))
     np.testing.assert_allclose(ranks, [[1.5, 3, 1.5, 4]])
