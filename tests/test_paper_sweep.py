@@ -59,7 +59,7 @@ def test_paper_job_counts(name):
     assert sum(count_jobs(load_experiment(name), reduced=False).values()) == PAPER_JOBS[name]
 
 
-def test_reduced_variants_stay_on_the_offline_digits():
+def test_reduced_variants_stay_on_mnist():
     for name in EXPERIMENTS:
         args = load_experiment(name).variant(reduced=True).args
         datasets = args.get("datasets", [args.get("dataset")])
