@@ -9,6 +9,7 @@ hparams are those of `algorithms.LOSSES`.
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,18 @@ import numpy as np
 from .algorithms import ALGORITHMS, LOSSES
 
 _WRAPPED = "_domainbed_itl_wrapped"
+
+
+def parse_hparams_flag(text: str) -> dict:
+    """The value of a sweep's `--hparams` flag: a JSON object; ValueError naming the problem."""
+    try:
+        hparams = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--hparams {text!r} is not JSON: {error}") from None
+    if not isinstance(hparams, dict):
+        raise ValueError(f"--hparams must be a JSON object such as '{{\"batch_size\": 32}}', "
+                         f"got {text!r}")
+    return hparams
 
 
 def wrap_hparams(original: Callable) -> Callable:

@@ -165,14 +165,6 @@ def status(root: str | os.PathLike, hooks: Optional[Sequence[Hook]] = None) -> L
     return [file_state(hook, _read(root, hook)) for hook in (hooks or load_hooks())]
 
 
-def _refuse_conflicts(root: Path, hooks: Sequence[Hook], states: Sequence[State]) -> None:
-    bad = [f"  {h.name}: {s}" for h, s in zip(hooks, states) if s.kind == CONFLICT]
-    if bad:
-        raise PatchError(
-            f"{root} is not what the patches can handle (they were made against DomainBed "
-            f"commit {UPSTREAM_COMMIT}); nothing was changed:\n" + "\n".join(bad))
-
-
 def _write(root: Path, hook: Hook, text: str, expected: str) -> None:
     """Write `text` to the hook's file (atomically, keeping its mode) and read it back."""
     compile(text, hook.target, "exec")
@@ -183,15 +175,26 @@ def _write(root: Path, hook: Hook, text: str, expected: str) -> None:
         raise PatchError(f"wrote {path}, but reading it back finds the hook {state}, not {expected}")
 
 
+def _without_conflicts(root: str | os.PathLike, hooks: Optional[Sequence[Hook]]
+                       ) -> Tuple[Path, List[Hook], List[State]]:
+    """The checkout, the hooks and their states; PatchError when any patch is in conflict."""
+    root = check_domainbed_root(root)
+    hooks = list(hooks or load_hooks())
+    states = status(root, hooks)
+    bad = [f"  {h.name}: {s}" for h, s in zip(hooks, states) if s.kind == CONFLICT]
+    if bad:
+        raise PatchError(
+            f"{root} is not what the patches can handle (they were made against DomainBed "
+            f"commit {UPSTREAM_COMMIT}); nothing was changed:\n" + "\n".join(bad))
+    return root, hooks, states
+
+
 def apply(root: str | os.PathLike, hooks: Optional[Sequence[Hook]] = None) -> List[str]:
     """Append every hook not yet present; the names of the patches applied now.
 
     Refuses, changing nothing, when any patch is in conflict.
     """
-    root = check_domainbed_root(root)
-    hooks = list(hooks or load_hooks())
-    states = status(root, hooks)
-    _refuse_conflicts(root, hooks, states)
+    root, hooks, states = _without_conflicts(root, hooks)
     done = []
     for hook, state in zip(hooks, states):
         if state.kind == APPLICABLE:
@@ -207,10 +210,7 @@ def revert(root: str | os.PathLike, hooks: Optional[Sequence[Hook]] = None) -> L
 
     Refuses, changing nothing, when any patch is in conflict.
     """
-    root = check_domainbed_root(root)
-    hooks = list(hooks or load_hooks())
-    states = status(root, hooks)
-    _refuse_conflicts(root, hooks, states)
+    root, hooks, states = _without_conflicts(root, hooks)
     done = []
     for hook, state in reversed(list(zip(hooks, states))):
         if state.kind == APPLIED:

@@ -1,7 +1,8 @@
 """The paper's experiments as sweep definitions: one TOML file per table or figure in `sweeps/`.
 
 Each file names the command that runs the experiment (`runner`) and two variants of its flags:
-`paper`, the paper-scale sweep for a GPU cluster, and `reduced`, a small CPU run on MNIST. A variant also carries a cost estimate per job and the basis of that estimate.
+`paper`, the paper-scale sweep for a GPU cluster, and `reduced`, a small CPU run on MNIST. A
+variant also carries a cost estimate per job and the basis of that estimate.
 
     title = "..."
     reproduces = "Table 2 (per domain: Table 9)"

@@ -24,7 +24,6 @@ jobs that started but failed are listed with DomainBed's command that clears the
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import List, Optional, Sequence
 from ..domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
                              git_commit, with_pythonpath)
 from ..experiments.paper import format_command
+from ..hparams import parse_hparams_flag
 from ..patching import APPLIED, UPSTREAM_COMMIT, PatchError, apply, import_check, status
 from ..single_source.runs import is_job_folder
 
@@ -86,12 +86,9 @@ def _validate(args: argparse.Namespace) -> None:
             raise QuickstartInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.hparams is not None:
         try:
-            hparams = json.loads(args.hparams)
-        except json.JSONDecodeError as error:
-            raise QuickstartInputError(f"--hparams {args.hparams!r} is not JSON: {error}") from None
-        if not isinstance(hparams, dict):
-            raise QuickstartInputError(f"--hparams must be a JSON object such as '{{\"batch_size\": 32}}', "
-                                  f"got {args.hparams!r}")
+            parse_hparams_flag(args.hparams)
+        except ValueError as error:
+            raise QuickstartInputError(str(error)) from None
     if args.workdir.exists() and not args.workdir.is_dir():
         raise QuickstartInputError(f"--workdir {args.workdir} exists and is not a folder")
 

@@ -49,6 +49,7 @@ import numpy as np
 from ..algorithms import ALGORITHMS
 from ..domainbed_env import DomainBedNotFound, find_domainbed_root, import_domainbed, with_pythonpath
 from ..experiments.launchers import Launcher, SubmititConfig, make_submitit_launcher
+from ..hparams import parse_hparams_flag
 from ..single_source.planning import single_source_args
 from ..single_source.runs import PlannedJob, RunKey, update_manifest
 
@@ -158,12 +159,9 @@ def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleT
                               f"needs both a training and a validation split; got {args.holdout_fraction}")
     if args.hparams is not None:
         try:
-            hparams = json.loads(args.hparams)
-        except json.JSONDecodeError as error:
-            raise SweepInputError(f"--hparams {args.hparams!r} is not JSON: {error}") from None
-        if not isinstance(hparams, dict):
-            raise SweepInputError(f"--hparams must be a JSON object such as '{{\"batch_size\": 32}}', "
-                                  f"got {args.hparams!r}")
+            parse_hparams_flag(args.hparams)
+        except ValueError as error:
+            raise SweepInputError(str(error)) from None
     if not Path(args.data_dir).is_dir():
         raise SweepInputError(f"--data_dir {args.data_dir!r} is not a folder")
 
