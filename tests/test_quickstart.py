@@ -15,7 +15,8 @@ import pytest
 from conftest import DOMAINBED_ROOT, MNIST10K, STANDIN
 
 from domainbed_itl.patching import UPSTREAM_COMMIT
-from domainbed_itl.scripts.quickstart import MNIST_FILES, mnist_problem, unfinished_jobs
+from domainbed_itl.scripts.quickstart import (MNIST_FILES, mnist_problem, remove_never_started,
+                                              unfinished_jobs)
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
@@ -102,6 +103,16 @@ def test_missing_mnist_names_the_files_and_the_folder(tmp_path):
         assert mnist_problem(MNIST10K, download=False) is None
 
 
+def test_only_the_empty_folders_of_jobs_never_started_are_removed(tmp_path):
+    started, never, logs = tmp_path / ("a" * 32), tmp_path / ("b" * 32), tmp_path / "submitit"
+    for folder in (started, never, logs):
+        folder.mkdir()
+    (started / "out.txt").write_text("step 0\n")
+    assert remove_never_started(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([started.name, logs.name])
+    assert remove_never_started(tmp_path / "absent") == 0
+
+
 def test_unfinished_jobs_are_named_with_their_last_error(tmp_path):
     done, failed, silent = (tmp_path / h for h in ("a" * 32, "b" * 32, "c" * 32))
     for folder in (done, failed, silent, tmp_path / "submitit"):
@@ -148,3 +159,12 @@ def test_the_sweep_runs_and_prints_collect_results(upstream, tmp_path):
                         "--data_dir", str(tmp_path / "data"), *DEBUG)
     assert again.returncode == 0 and "About to launch 0 jobs." in again.stdout
     assert again.stdout.split("domainbed.scripts.collect_results")[-1] == table
+
+    # As after an interrupted run: a job whose folder DomainBed made but never started runs now.
+    shutil.rmtree(jobs[0])
+    jobs[0].mkdir()
+    resumed = _quickstart("--workdir", str(workdir), "--domainbed_root", str(workdir / "DomainBed"),
+                          "--data_dir", str(tmp_path / "data"), *DEBUG)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "1 job(s) of an earlier run never started" in resumed.stdout
+    assert "About to launch 1 jobs." in resumed.stdout and (jobs[0] / "done").exists()

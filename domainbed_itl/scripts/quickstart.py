@@ -15,8 +15,9 @@
    launcher), into WORKDIR/sweep.
 5. Prints DomainBed's `collect_results` table.
 
-Run it again to finish an interrupted sweep: DomainBed launches only jobs without a folder, and
-jobs that started but failed are listed with DomainBed's command that clears them.
+Run it again to finish an interrupted sweep: DomainBed launches only jobs without a folder, so
+the empty folders of jobs that never started are removed first; a job that started and did not
+finish (failed, or killed) is listed with DomainBed's command that clears it.
 `--setup_only` stops after step 3; `--dry_run` prints what would run. Exit status: 0 done,
 1 a step or a job failed, 2 bad input.
 """
@@ -153,6 +154,17 @@ def sweep_commands(args: argparse.Namespace, data_dir: Path, output_dir: Path) -
     return [launch, collect]
 
 
+def remove_never_started(output_dir: Path) -> int:
+    """Remove the empty job folders that DomainBed made for jobs it never started (an interrupted
+    sweep makes every folder first), so that its launch runs them; how many."""
+    if not output_dir.is_dir():
+        return 0
+    empty = [p for p in output_dir.iterdir() if is_job_folder(p) and not any(p.iterdir())]
+    for folder in empty:
+        folder.rmdir()
+    return len(empty)
+
+
 def unfinished_jobs(output_dir: Path) -> List[str]:
     """Job folders of the sweep without DomainBed's `done` marker, each with its last error."""
     out = []
@@ -195,6 +207,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     env = with_pythonpath(root)
     launch, collect = sweep_commands(args, data_dir, output_dir)
+    removed = remove_never_started(output_dir)
+    if removed:
+        print(f"{removed} job(s) of an earlier run never started; their empty folders are removed, "
+              "so that they run now")
     print(f"\n$ {format_command(launch)}", flush=True)
     if subprocess.run(launch, env=env).returncode != 0:
         raise QuickstartError("DomainBed's sweep failed (see its output above)")
