@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, MutableMapping, Optional
 
-from .algorithms import ALGORITHM_SPECS, make_loss_algorithm
+from .algorithms import ALGORITHMS, make_loss_algorithm
 from .hparams import wrap_hparams
 
 __all__ = ["register", "register_algorithms", "register_command_launchers", "wrap_hparams"]
@@ -20,14 +20,16 @@ def register_algorithms(namespace: MutableMapping) -> Dict[str, type]:
     """Add our algorithms to the namespace of `domainbed.algorithms` and to its ALGORITHMS list.
 
     `namespace` is that module's globals(): DomainBed's `get_algorithm_class` looks names up
-    there. Already registered names are left as they are.
+    there. Already registered names are left as they are, and an algorithm whose base this
+    DomainBed does not have (a fork without Fish, say) is left out, so that DomainBed still
+    imports; the others are registered.
     """
     names = namespace["ALGORITHMS"]
     added = {}
-    for name, spec in ALGORITHM_SPECS.items():
+    for name, spec in ALGORITHMS.items():
         if name not in namespace:
             if spec.base not in namespace:
-                raise KeyError(f"DomainBed has no algorithm {spec.base!r}, the base of {name!r}")
+                continue
             namespace[name] = added[name] = make_loss_algorithm(namespace[spec.base], spec.loss, name)
         if name not in names:
             names.append(name)
@@ -35,8 +37,8 @@ def register_algorithms(namespace: MutableMapping) -> Dict[str, type]:
 
 
 def register_command_launchers(registry: MutableMapping[str, Callable]) -> None:
-    """Add our command launchers (see domainbed_itl.launchers) to DomainBed's REGISTRY."""
-    from .launchers import LAUNCHERS
+    """Add our command launchers (see domainbed_itl.experiments.launchers) to DomainBed's REGISTRY."""
+    from .experiments.launchers import LAUNCHERS
 
     for name, launcher in LAUNCHERS.items():
         registry.setdefault(name, launcher)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from domainbed_itl import comparison

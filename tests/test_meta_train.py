@@ -185,8 +185,9 @@ def test_diagnostics_are_what_they_say():
         (g,) = torch.autograd.grad(loss, theta)
         assert first["per_domain"]["inner_grad_norm"][i] == pytest.approx(float(g.norm()), rel=1e-4)
         hvp_idx = draws["hvp"][i]
-        h = hessian(lambda t: trainer.family.loss(trainer.apply(t, trainer.x[hvp_idx]),
-                                                  trainer.y[hvp_idx], omega))(thetas[i]).double()
+        x_h, y_h = trainer.x[hvp_idx], trainer.y[hvp_idx]
+        h = hessian(lambda t, x_h=x_h, y_h=y_h: trainer.family.loss(trainer.apply(t, x_h), y_h, omega)
+                    )(thetas[i]).double()
         alpha, eye = config.neumann_alpha, torch.eye(h.shape[0], dtype=torch.float64)
         step = eye - alpha * h
         u, term = torch.zeros_like(vs[i], dtype=torch.float64), -vs[i].double()

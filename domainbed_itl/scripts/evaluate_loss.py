@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import comparison
 from ..atomic import OutputExists, write_atomic
-from ..domainbed_env import DomainBedNotFound, import_domainbed
+from ..domainbed_env import DomainBedNotFound, import_domainbed, with_pythonpath
 from ..losses import zoo
 from ..losses.lossfile import PRESETS, LossFileError, resolve_loss
 from .meta_train import _positive_int, _widths, _positive_float
@@ -192,7 +192,8 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str) -
     print(body)
 
 
-def plan_jobs(args: argparse.Namespace, losses: Dict[str, str], seed_hash) -> List[Tuple[dict, str, int, int]]:
+def plan_jobs(args: argparse.Namespace, losses: Dict[str, str],
+              seed_hash) -> List[Tuple[dict, str, int, int]]:
     """(train args, loss label, test env, trial) of every DomainBed job, without output_dir.
 
     Every loss of a (test env, trial) gets the same seed, so the losses share initial weights
@@ -232,7 +233,7 @@ def domainbed_records(jobs, results, selection) -> Tuple[List[Dict[str, Any]], L
     records, missing = [], []
     for job, label, test_env, trial in jobs:
         folder = Path(job.output_dir)
-        runs = results.filter(lambda r: Path(r["args"]["output_dir"]).name == folder.name)
+        runs = results.filter(lambda r, name=folder.name: Path(r["args"]["output_dir"]).name == name)
         if not (folder / "done").exists() or not len(runs):
             missing.append(f"{label}, test env {test_env}, trial {trial}: {folder} ({job.state})")
             continue
@@ -247,8 +248,7 @@ def domainbed_records(jobs, results, selection) -> Tuple[List[Dict[str, Any]], L
 
 def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: str) -> None:
     """The DomainBed protocol: launch DomainBed's train jobs, then report the finished ones."""
-    from .patch import patch_files, status
-    from .single_source_sweep import export_checkout
+    from ..patching import APPLIED, status
 
     sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
     datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
@@ -274,7 +274,7 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
         raise EvaluationInputError(f"unknown --command_launcher {args.command_launcher!r}; expected "
                                    f"one of {', '.join(sorted(launchers.REGISTRY))}")
     if any(loss not in ("CE",) for loss in losses.values()):
-        unpatched = [s for s in status(checkout, patch_files()) if s != "applied"]
+        unpatched = [s for s in status(checkout) if s.kind != APPLIED]
         if unpatched:
             raise EvaluationInputError(
                 f"the DomainBed checkout {checkout} lacks our patches, which its train needs for "
@@ -289,7 +289,7 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
     print(f"{len(jobs)} jobs, {len(to_launch)} to launch; DomainBed from {checkout}")
     if to_launch and not args.report_only:
         os.makedirs(args.output_dir, exist_ok=True)
-        export_checkout(checkout)
+        os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
         sweep.Job.launch(to_launch, launchers.REGISTRY[args.command_launcher])
     jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
     results = (reporting.load_records(args.output_dir) if Path(args.output_dir).is_dir()
