@@ -6,26 +6,24 @@ A step is forward, loss, backward and Adam. Both losses train the same model on 
 in interleaved blocks within one run; the ratio is of the median block times. Models: DomainBed's
 MNIST_CNN (RotatedMNIST's network; needs a DomainBed checkout) and a small MLP of DomainBed's
 MLP shape (784-256-256-10), at DomainBed's batch for RotatedMNIST (64 images x 5 training
-domains = 320) and at 64; then the loss alone (forward and backward) on fixed logits. ITL is timed with its compiled C++ kernel (what TaylorLoss uses on CPU)
-and with its pure-torch fused ops (the fallback, and the path on GPUs); 'horner' and
-'term-by-term' time the differentiable form used by the meta-learner and the naive Eq. 10 oracle.
+domains = 320) and at 64; then the loss alone (forward and backward) on fixed logits. ITL is
+timed with its pure-torch fused ops (TaylorLoss's default, and its path on GPUs) and with its
+compiled C++ kernel (opt-in on CPUs: DOMAINBED_ITL_CPU_KERNEL=1 or backend="cpp"; this script
+builds it, once, into torch's extension cache); 'horner' and 'term-by-term' time the
+differentiable form used by the meta-learner and the naive Eq. 10 oracle.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from domainbed_itl.domainbed_env import DomainBedNotFound, import_domainbed  # noqa: E402
-from domainbed_itl.losses import (ITL_PARAMETERS, TaylorLoss, taylor_loss,  # noqa: E402
+from domainbed_itl.domainbed_env import DomainBedNotFound, import_domainbed
+from domainbed_itl.losses import (ITL_PARAMETERS, TaylorLoss, taylor_loss,
                                   taylor_loss_reference)
 
 

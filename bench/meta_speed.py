@@ -1,13 +1,19 @@
-"""Meta-training speed: seconds per outer step, sequential vs batched, and where the time goes.
+"""Meta-training speed: seconds per outer step, sequential vs batched, against the arithmetic floor.
 
-    python bench/meta_speed.py                       # synthetic RotatedMNIST-sized domains
-    python bench/meta_speed.py --data_dir ../shared/data/mnist10k --domainbed_root ../DomainBed
+    python bench/meta_speed.py --data_dir DATA --domainbed_root DOMAINBED   # the paper protocol
+    python bench/meta_speed.py                                              # synthetic, same sizes
 
-One run measures both modes on the same data and configuration (a reduced protocol: few inner
-steps and examples, the paper's base network by default): after one warm-up outer step each,
-`--steps` outer steps per mode, alternating between the modes, reporting the median step time,
-the inner-training time, the hypergradient time and, inside it, the time spent in the linear
-solver (Neumann series).
+One run, on the same data and configuration (by default the paper protocol: RotatedMNIST's six
+domains of ~1667 digits, MLP 784-256-10, 1000 inner SGD steps of batch 32, Neumann J = 15 on 256
+examples):
+
+1. counts the floating-point operations of one outer step (torch.utils.flop_counter), and
+   measures this machine's matrix-multiply throughput on the step's own matrix shapes and on a
+   large square product;
+2. times `--steps` outer steps in each mode, sequential (one inner network after another) and
+   batched (the n networks as one stack), alternating between the modes after one warm-up step
+   each, and prints the median step time, its parts, and the step's FLOPs divided by the measured
+   throughput: the time the arithmetic alone would take.
 """
 
 from __future__ import annotations
@@ -18,58 +24,68 @@ import time
 from typing import Dict
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from domainbed_itl.meta.data import DomainData, synthetic_domains
+from domainbed_itl.meta.presets import preset_config
 from domainbed_itl.meta.trainer import MetaConfig, MetaTrainer
 
 
-class TimedSolve:
-    """A solver wrapper that accumulates the wall time spent inside the solver."""
-
-    def __init__(self, solve):
-        self.solve, self.seconds = solve, 0.0
-
-    def __call__(self, matvec, b):
+def matmul_throughput(shapes, repeats: int = 50) -> float:
+    """Median FLOP/s of torch.bmm over the given (batch, m, k, n) shapes, one after another."""
+    operands = [(torch.randn(b, m, k), torch.randn(b, k, n)) for b, m, k, n in shapes]
+    flops = sum(2 * b * m * k * n for b, m, k, n in shapes)
+    for a, w in operands:
+        torch.bmm(a, w)
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
-        x = self.solve(matvec, b)
-        self.seconds += time.perf_counter() - start
-        return x
+        for a, w in operands:
+            torch.bmm(a, w)
+        times.append(time.perf_counter() - start)
+    return flops / statistics.median(times)
 
 
-def measure(data: DomainData, base: MetaConfig, steps: int,
-            device: str) -> Dict[str, Dict[str, float]]:
-    """Median per-step seconds (total, inner training, hypergradient, solver) of both modes.
+def step_flops(data: DomainData, config: MetaConfig, device: str) -> float:
+    """FLOPs of one outer step, counted by torch's FlopCounterMode (matrix products dominate)."""
+    trainer = MetaTrainer(data.domains, data.num_classes, config, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.outer_step()
+    return float(counter.get_total_flops())
+
+
+def measure(data: DomainData, base: MetaConfig, steps: int, device: str) -> Dict[str, Dict[str, float]]:
+    """Median per-step seconds (total, inner training, hypergradient, diagnostics) of both modes.
 
     The two modes alternate step by step, so a change in machine load hits both alike.
     """
     runs = {}
     for mode in ("sequential", "batched"):
-        timed = TimedSolve(base.solve())
         config = MetaConfig(**{**base.to_dict(), "batched": mode == "batched"})
-        trainer = MetaTrainer(data.domains, data.num_classes, config, device=device, solve=timed)
+        trainer = MetaTrainer(data.domains, data.num_classes, config, device=device)
         trainer.outer_step()  # warm-up
-        runs[mode] = (trainer, timed, [])
+        runs[mode] = (trainer, [])
     for _ in range(steps):
-        for trainer, timed, rows in runs.values():
-            timed.seconds = 0.0
+        for trainer, rows in runs.values():
             record = trainer.outer_step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             rows.append({"step": record["time_step_s"], "inner": record["time_inner_s"],
                          "hypergradient": record["time_hypergradient_s"],
-                         "solver": timed.seconds})
+                         "diagnostics": record["time_diagnostics_s"]})
     return {mode: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            for mode, (_, _, rows) in runs.items()}
+            for mode, (_, rows) in runs.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", default=None, help="mnist10k folder (RotatedMNIST via DomainBed)")
+    p.add_argument("--data_dir", default=None, help="MNIST folder: RotatedMNIST through DomainBed")
     p.add_argument("--domainbed_root", default=None)
-    p.add_argument("--per_domain", type=int, default=256)
-    p.add_argument("--inner_steps", type=int, default=100)
+    p.add_argument("--per_domain", type=int, default=None, help="examples per domain (default all)")
+    p.add_argument("--inner_steps", type=int, default=None, help="default: the preset's (1000)")
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--hvp_batch", type=int, default=128)
+    p.add_argument("--preset", default="paper")
     p.add_argument("--steps", type=int, default=3, help="measured outer steps per mode")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default="cpu")
@@ -81,26 +97,35 @@ def main() -> None:
         data = load_domainbed_domains("RotatedMNIST", args.data_dir, args.domainbed_root,
                                       per_domain_cap=args.per_domain)
     else:
-        data = synthetic_domains(6, args.per_domain, 784, 10, seed=0, noise=2.0)
-    base = MetaConfig(inner_steps=args.inner_steps, hidden=(args.hidden,), hvp_batch=args.hvp_batch,
-                      eval_size=None)
-    print(f"data: {data.name}, {len(data.domains)} domains x {args.per_domain} examples, "
-          f"{data.domains[0][0].shape[1]} features; MLP {data.domains[0][0].shape[1]}-{args.hidden}-"
-          f"{data.num_classes}; inner {args.inner_steps} SGD steps of batch {base.batch_size}; "
-          f"Neumann J={base.neumann_steps} on {args.hvp_batch} source examples; device "
-          f"{args.device}, {torch.get_num_threads()} threads")
+        data = synthetic_domains(6, args.per_domain or 1667, 784, 10, seed=0, noise=2.0)
+    overrides = {"hidden": (args.hidden,)}
+    if args.inner_steps:
+        overrides["inner_steps"] = args.inner_steps
+    base = preset_config(args.preset, overrides)
+    n, features = len(data.domains), data.domains[0][0].shape[1]
+    print(f"data: {data.name}, {n} domains x {[len(y) for _, y in data.domains]} examples, "
+          f"{features} features; MLP {features}-{args.hidden}-{data.num_classes}; preset "
+          f"{args.preset}: {base.inner_steps} inner {base.inner_optimizer} steps of batch "
+          f"{base.batch_size}, {base.solver} J={base.neumann_steps} on {base.hvp_batch} examples; "
+          f"device {args.device}, {torch.get_num_threads()} threads")
+
+    flops = step_flops(data, base, args.device)
+    own = matmul_throughput([(n, base.batch_size, features, args.hidden),
+                             (n, args.hidden, base.batch_size, features)])
+    square = matmul_throughput([(1, 2048, 2048, 2048)], repeats=5)
+    print(f"one outer step: {flops / 1e9:.0f} GFLOP; matmul throughput {own / 1e9:.0f} GFLOP/s on "
+          f"the inner loop's shapes, {square / 1e9:.0f} GFLOP/s on 2048^3")
+
     results = measure(data, base, args.steps, args.device)
-    print(f"{'mode':<11} {'s/outer step':>12} {'inner train':>12} {'hypergrad':>10} {'solver':>8}")
+    print(f"{'mode':<11} {'s/outer step':>12} {'inner train':>12} {'hypergrad':>10} "
+          f"{'diagnostics':>12} {'floor (own shapes)':>19}")
     for mode, r in results.items():
         print(f"{mode:<11} {r['step']:>12.3f} {r['inner']:>12.3f} {r['hypergradient']:>10.3f} "
-              f"{r['solver']:>8.3f}")
+              f"{r['diagnostics']:>12.3f} {flops / own:>19.3f}")
     seq, bat = results["sequential"], results["batched"]
-    print(f"batched speed-up per outer step: {seq['step'] / bat['step']:.2f}x "
-          f"(inner training {seq['inner'] / bat['inner']:.2f}x, hypergradient "
-          f"{seq['hypergradient'] / bat['hypergradient']:.2f}x)")
-    for mode, r in results.items():
-        print(f"{mode}: solver {r['solver']:.3f} s vs inner training {r['inner']:.3f} s per outer step "
-              f"(solver = {100 * r['solver'] / r['step']:.0f}% of the step)")
+    print(f"batched speed-up per outer step: {seq['step'] / bat['step']:.2f}x; batched step / "
+          f"arithmetic floor: {bat['step'] / (flops / own):.2f}x (on 2048^3 throughput: "
+          f"{bat['step'] / (flops / square):.2f}x)")
 
 
 if __name__ == "__main__":

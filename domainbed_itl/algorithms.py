@@ -5,7 +5,7 @@ its code: while the base class's own `update` runs, the name `F` in the base's m
 writes `F.cross_entropy(...)`) resolves to torch.nn.functional with `cross_entropy` replaced by
 the chosen loss. `update`'s signature and returned dict are the base's, unchanged. Only bases
 whose every `F.cross_entropy` call is the supervised class loss may be wrapped (DANN's
-discriminator loss, for example, is not), which is why `ALGORITHM_SPECS` lists them explicitly.
+discriminator loss, for example, is not), which is why `LOSSES` lists them explicitly.
 The swap is module-global for the duration of `update`: code calling `domainbed.algorithms.F`
 from another thread meanwhile would see it too (DomainBed's training loop is single-threaded).
 
@@ -19,8 +19,9 @@ import functools
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Mapping
+from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,6 +29,49 @@ from .losses import zoo
 from .losses.lossfile import resolve_loss
 
 SupervisedLoss = Callable[..., Tensor]
+HparamDef = Tuple[str, Any, Callable[[np.random.RandomState], Any]]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A supervised loss of our algorithms: its builder from DomainBed hparams, its own hparams
+    (name, default, random-search draw, as DomainBed's `_hparam` takes them), and the
+    algorithms that train with it (name -> the DomainBed algorithm it replaces the CE of)."""
+
+    build: Callable[[Mapping], SupervisedLoss]
+    hparams: Tuple[HparamDef, ...]
+    algorithms: Mapping[str, str]
+
+
+# Random search for a loss parameter draws around its published value.
+LOSSES: Dict[str, Loss] = {
+    # Table 8's learned loss (a preset name) or a loss file's path; random search keeps it fixed.
+    # ERM with it is the paper's ITL-Net; inside other CE-based DG algorithms: Table 1's RSC + ITL
+    # and the others.
+    "ITL": Loss(lambda h: resolve_loss(h["itl_loss"]).module(),
+                (("itl_loss", "ITL", lambda r: "ITL"),),
+                {"ITL": "ERM", "RSC_ITL": "RSC", "CORAL_ITL": "CORAL", "SagNet_ITL": "SagNet",
+                 "Mixup_ITL": "Mixup", "Fish_ITL": "Fish"}),
+    "BCE": Loss(lambda h: zoo.bce, (), {"ERM_BCE": "ERM"}),
+    # Lin et al. (2017) try γ in [0, 5] and recommend 2.
+    "Focal": Loss(lambda h: functools.partial(zoo.focal, gamma=float(h["focal_gamma"])),
+                  (("focal_gamma", 2.0, lambda r: float(r.choice([0.5, 1.0, 2.0, 3.0, 5.0]))),),
+                  {"ERM_Focal": "ERM"}),
+    # Wang et al. (2019): α = 0.1, β = 1.0 on CIFAR-10; α in [0.01, 1], β in [0.1, ~3].
+    "SCE": Loss(lambda h: functools.partial(zoo.sce, alpha=float(h["sce_alpha"]),
+                                            beta=float(h["sce_beta"])),
+                (("sce_alpha", 0.1, lambda r: float(10 ** r.uniform(-2, 0))),
+                 ("sce_beta", 1.0, lambda r: float(10 ** r.uniform(-1, 0.5)))),
+                {"ERM_SCE": "ERM"}),
+    # Zhang & Sabuncu (2018): q = 0.7.
+    "GCE": Loss(lambda h: functools.partial(zoo.gce, q=float(h["gce_q"])),
+                (("gce_q", 0.7, lambda r: float(r.uniform(0.4, 0.9))),),
+                {"ERM_GCE": "ERM"}),
+    # Szegedy et al. (2016): ε = 0.1.
+    "LS": Loss(lambda h: functools.partial(zoo.label_smoothing, epsilon=float(h["ls_epsilon"])),
+               (("ls_epsilon", 0.1, lambda r: float(r.uniform(0.0, 0.3))),),
+               {"ERM_LS": "ERM"}),
+}
 
 
 @dataclass(frozen=True)
@@ -39,43 +83,10 @@ class AlgorithmSpec:
     loss: str
 
 
-def _specs(*rows: tuple) -> Dict[str, AlgorithmSpec]:
-    return {name: AlgorithmSpec(name, base, loss) for name, base, loss in rows}
-
-
-# ERM with ITL (the paper's ITL-Net) and with each robust loss of Tables 1 and 3; ITL inside
-# other CE-based DG algorithms (Table 1's RSC+ITL and the others of the cluster-sweep issue).
-ALGORITHM_SPECS: Dict[str, AlgorithmSpec] = _specs(
-    ("ITL", "ERM", "ITL"),
-    ("ERM_BCE", "ERM", "BCE"),
-    ("ERM_Focal", "ERM", "Focal"),
-    ("ERM_SCE", "ERM", "SCE"),
-    ("ERM_GCE", "ERM", "GCE"),
-    ("ERM_LS", "ERM", "LS"),
-    ("RSC_ITL", "RSC", "ITL"),
-    ("CORAL_ITL", "CORAL", "ITL"),
-    ("SagNet_ITL", "SagNet", "ITL"),
-    ("Mixup_ITL", "Mixup", "ITL"),
-    ("Fish_ITL", "Fish", "ITL"),
-)
-
-
-def build_loss(loss: str, hparams: Mapping) -> SupervisedLoss:
-    """The loss `loss` configured from DomainBed hparams (see hparams.LOSS_HPARAMS)."""
-    if loss == "ITL":
-        return resolve_loss(hparams["itl_loss"]).module()
-    if loss == "BCE":
-        return zoo.bce
-    if loss == "Focal":
-        return functools.partial(zoo.focal, gamma=float(hparams["focal_gamma"]))
-    if loss == "SCE":
-        return functools.partial(zoo.sce, alpha=float(hparams["sce_alpha"]),
-                                 beta=float(hparams["sce_beta"]))
-    if loss == "GCE":
-        return functools.partial(zoo.gce, q=float(hparams["gce_q"]))
-    if loss == "LS":
-        return functools.partial(zoo.label_smoothing, epsilon=float(hparams["ls_epsilon"]))
-    raise ValueError(f"unknown supervised loss {loss!r}; expected ITL, BCE, Focal, SCE, GCE or LS")
+# Every algorithm of the table, by name.
+ALGORITHMS: Dict[str, AlgorithmSpec] = {
+    name: AlgorithmSpec(name, base, loss)
+    for loss, entry in LOSSES.items() for name, base in entry.algorithms.items()}
 
 
 class _FunctionalWithLoss:
@@ -117,7 +128,7 @@ def make_loss_algorithm(base: type, loss: str, name: str) -> type:
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         base.__init__(self, input_shape, num_classes, num_domains, hparams)
-        self.supervised_loss = build_loss(loss, hparams)
+        self.supervised_loss = LOSSES[loss].build(hparams)
 
     def update(self, minibatches, unlabeled=None):
         with supervised_loss(base.update.__module__, self.supervised_loss):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 
 # Read once: os.umask can only be read by setting it, which other threads would see.
@@ -17,13 +17,14 @@ class OutputExists(FileExistsError):
     """The output file exists and overwriting it was not asked for."""
 
 
-def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str], overwrite: bool = False) -> Path:
+def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str], overwrite: bool = False,
+                 mode: Optional[int] = None) -> Path:
     """Write `data` to `path` through a temporary file in the same folder.
 
     Without `overwrite`, an existing `path` is never replaced: `OutputExists` is raised, also when
     another process creates the file while this one writes (the final step is a hard link, which
     fails rather than replaces). With `overwrite`, the final step is os.replace. Text is written
-    as UTF-8. The file gets the usual umask-governed permissions.
+    as UTF-8. The file gets the usual umask-governed permissions, or `mode` when given.
     """
     path = Path(path)
     if not overwrite and path.exists():
@@ -36,7 +37,7 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str], overwri
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)
         if overwrite:
             os.replace(tmp, path)
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Dict, MutableMapping, Optional
 
-from .algorithms import ALGORITHM_SPECS, make_loss_algorithm
+from .algorithms import ALGORITHMS, make_loss_algorithm
 from .hparams import wrap_hparams
 from .single_source_mixup import BASE as MIXUP, NAME as SINGLE_SOURCE_MIXUP, make_single_source_mixup
 
@@ -22,17 +22,19 @@ def register_algorithms(namespace: MutableMapping) -> Dict[str, type]:
     """Add our algorithms to the namespace of `domainbed.algorithms` and to its ALGORITHMS list.
 
     `namespace` is that module's globals(): DomainBed's `get_algorithm_class` looks names up
-    there. Already registered names are left as they are.
+    there. Already registered names are left as they are, and an algorithm whose base this
+    DomainBed does not have (a fork without Fish, say) is left out, so that DomainBed still
+    imports; the others are registered.
     """
     names = namespace["ALGORITHMS"]
     added = {}
     builders = {name: (spec.base, functools.partial(make_loss_algorithm, loss=spec.loss, name=name))
-                for name, spec in ALGORITHM_SPECS.items()}
+                for name, spec in ALGORITHMS.items()}
     builders[SINGLE_SOURCE_MIXUP] = (MIXUP, make_single_source_mixup)
     for name, (base, build) in builders.items():
         if name not in namespace:
             if base not in namespace:
-                raise KeyError(f"DomainBed has no algorithm {base!r}, the base of {name!r}")
+                continue
             namespace[name] = added[name] = build(namespace[base])
         if name not in names:
             names.append(name)
@@ -40,8 +42,8 @@ def register_algorithms(namespace: MutableMapping) -> Dict[str, type]:
 
 
 def register_command_launchers(registry: MutableMapping[str, Callable]) -> None:
-    """Add our command launchers (see domainbed_itl.launchers) to DomainBed's REGISTRY."""
-    from .launchers import LAUNCHERS
+    """Add our command launchers (see domainbed_itl.experiments.launchers) to DomainBed's REGISTRY."""
+    from .experiments.launchers import LAUNCHERS
 
     for name, launcher in LAUNCHERS.items():
         registry.setdefault(name, launcher)

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from domainbed_itl.domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
+
 REPO = Path(__file__).resolve().parents[1]
-MNIST10K = REPO.parent / "shared" / "data" / "mnist10k"
+# Real MNIST digits for the tests that train on them: $DOMAINBED_ITL_TEST_MNIST, a --data_dir that
+# torchvision's MNIST reads offline; by default the folder beside the repository where the
+# development machine keeps one. Without it those tests are skipped.
+MNIST10K = Path(os.environ.get("DOMAINBED_ITL_TEST_MNIST") or REPO.parent / "shared" / "data" / "mnist10k")
 
 
 def _domainbed_root():
-    root = os.environ.get("DOMAINBED_ROOT")
-    if root:
-        return Path(root).resolve()
-    spec = importlib.util.find_spec("domainbed")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0]).resolve().parent
-    return None
+    try:
+        return find_domainbed_root(os.environ.get("DOMAINBED_ROOT") or None)
+    except DomainBedNotFound:
+        if os.environ.get("DOMAINBED_ROOT"):
+            raise
+        return None
 
 
 DOMAINBED_ROOT = _domainbed_root()
@@ -33,7 +37,7 @@ needs_domainbed = pytest.mark.skipif(
     reason="needs a DomainBed checkout: set DOMAINBED_ROOT to a clone of facebookresearch/DomainBed")
 needs_mnist10k = pytest.mark.skipif(
     not (MNIST10K / "MNIST" / "raw").is_dir(),
-    reason=f"needs the offline MNIST digits at {MNIST10K}")
+    reason=f"needs offline MNIST digits at {MNIST10K} (set DOMAINBED_ITL_TEST_MNIST)")
 
 
 @pytest.fixture
@@ -47,9 +51,9 @@ def domainbed_root() -> Path:
 
 @pytest.fixture
 def mnist10k() -> Path:
-    """The offline MNIST data folder shared beside the repository."""
+    """The offline MNIST data folder (DOMAINBED_ITL_TEST_MNIST)."""
     if not (MNIST10K / "MNIST" / "raw").is_dir():
-        pytest.skip(f"needs the offline MNIST digits at {MNIST10K}")
+        pytest.skip(f"needs offline MNIST digits at {MNIST10K} (set DOMAINBED_ITL_TEST_MNIST)")
     return MNIST10K
 
 
@@ -70,11 +74,9 @@ def patched_domainbed(tmp_path_factory) -> Path:
 
 
 def domainbed_env(root: Path) -> dict:
-    """The environment for a subprocess that imports DomainBed from `root`."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO)] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return env
+    """The environment for a subprocess that imports DomainBed from `root` and this repository's
+    domainbed_itl."""
+    return with_pythonpath(root, with_pythonpath(REPO))
 
 
 @pytest.fixture
@@ -84,6 +86,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+STANDIN = Path(__file__).resolve().parent / "domainbed_standin"
+
+
+def _forget_domainbed() -> None:
+    for name in [n for n in sys.modules if n == "domainbed" or n.startswith("domainbed.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def bridge(monkeypatch):
+    """DomainBed's `algorithms` and `hparams_registry` with our algorithms registered in process
+    (no patch): the real checkout when there is one, else the stand-in under
+    tests/domainbed_standin (`bridge.real` says which)."""
+    import domainbed_itl
+
+    if DOMAINBED_ROOT is None:
+        monkeypatch.syspath_prepend(str(STANDIN))
+        _forget_domainbed()
+    from domainbed import algorithms, hparams_registry
+
+    domainbed_itl.register()
+    yield SimpleNamespace(algorithms=algorithms, hparams_registry=hparams_registry,
+                          real=DOMAINBED_ROOT is not None)
+    if DOMAINBED_ROOT is None:
+        _forget_domainbed()
 
 
 @pytest.fixture

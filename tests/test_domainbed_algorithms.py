@@ -1,4 +1,8 @@
-"""ITL and the robust-loss algorithms inside DomainBed, in process, on Debug28 on the CPU."""
+"""ITL and the robust-loss algorithms inside DomainBed, in process, on the CPU.
+
+The `bridge` fixture is the real DomainBed when DOMAINBED_ROOT is set, else the stand-in under
+tests/domainbed_standin (as in CI): these tests check our side of the bridge either way.
+"""
 
 import json
 
@@ -6,53 +10,96 @@ import pytest
 import torch
 from conftest import CountingLoss
 
-from domainbed_itl.algorithms import ALGORITHM_SPECS
-from domainbed_itl.hparams import LOSS_HPARAMS
+from domainbed_itl.algorithms import ALGORITHMS, LOSSES
 from domainbed_itl.losses import PRESETS, LossFileError, LossSpec, TaylorLoss, save_loss
 
-ERM_BASED = [name for name, spec in ALGORITHM_SPECS.items() if spec.base == "ERM"]
+ERM_BASED = [name for name, spec in ALGORITHMS.items() if spec.base == "ERM"]
+INPUT_SHAPE, NUM_CLASSES = (3, 28, 28), 2  # DomainBed's Debug28
 
 
-def _minibatches(datasets, hparams, n_envs=2, batch_size=8):
-    dataset = datasets.Debug28("", [], hparams)
-    return [(torch.stack([env[i][0] for i in range(batch_size)]),
-             torch.tensor([int(env[i][1]) for i in range(batch_size)]))
-            for env in list(dataset)[:n_envs]], dataset
+def _minibatches(n_envs=2, batch_size=8):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch_size, *INPUT_SHAPE, generator=generator),
+             torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator))
+            for _ in range(n_envs)]
 
 
-def test_register_is_idempotent(domainbed):
+def _algorithm(bridge, name, hparams=None):
+    hparams = hparams or bridge.hparams_registry.default_hparams(name, "Debug28")
+    return bridge.algorithms.get_algorithm_class(name)(INPUT_SHAPE, NUM_CLASSES, 2, hparams)
+
+
+def _base_of(bridge, name):
+    base = ALGORITHMS[name].base
+    if base not in bridge.algorithms.ALGORITHMS:
+        pytest.skip(f"the DomainBed stand-in has no {base}; DOMAINBED_ROOT runs this test")
+    return base
+
+
+def test_every_algorithm_is_one_loss_inside_one_base():
+    assert set(ALGORITHMS) == {n for loss in LOSSES.values() for n in loss.algorithms}
+    assert {s.loss for s in ALGORITHMS.values()} == set(LOSSES)
+    assert ALGORITHMS["ITL"].base == "ERM" and ALGORITHMS["RSC_ITL"].base == "RSC"
+    hparams = [h[0] for loss in LOSSES.values() for h in loss.hparams]
+    assert len(hparams) == len(set(hparams)), "two losses define the same hparam"
+
+
+def test_register_is_idempotent(bridge):
     import domainbed_itl
 
-    algorithms, _, hparams_registry = domainbed
+    algorithms, hparams_registry = bridge.algorithms, bridge.hparams_registry
     before = list(algorithms.ALGORITHMS)
     wrapped = hparams_registry._hparams
-    classes = {name: algorithms.get_algorithm_class(name) for name in ALGORITHM_SPECS}
+    ours = [name for name in ALGORITHMS if name in before]
+    assert set(ERM_BASED) <= set(ours)
+    classes = {name: algorithms.get_algorithm_class(name) for name in ours}
     domainbed_itl.register()
     assert algorithms.ALGORITHMS == before
     assert hparams_registry._hparams is wrapped
     assert all(algorithms.get_algorithm_class(n) is c for n, c in classes.items())
-    assert all(before.count(name) == 1 for name in ALGORITHM_SPECS)
+    assert all(before.count(name) == 1 for name in ours)
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHM_SPECS))
-def test_hparams_extend_the_base(domainbed, name):
-    _, _, hparams_registry = domainbed
-    spec = ALGORITHM_SPECS[name]
+def test_an_algorithm_whose_base_is_missing_is_left_out():
+    from domainbed_itl.registry import register_algorithms
+
+    class ERM:
+        pass
+
+    namespace = {"ALGORITHMS": ["ERM"], "ERM": ERM}
+    added = register_algorithms(namespace)
+    assert set(added) == set(ERM_BASED) and namespace["ALGORITHMS"] == ["ERM", *ERM_BASED]
+    assert "RSC_ITL" not in namespace and issubclass(namespace["ITL"], ERM)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_hparams_extend_the_base(bridge, name):
+    base = _base_of(bridge, name)
+    hparams_registry = bridge.hparams_registry
     for dataset in ("RotatedMNIST", "PACS"):
-        base = hparams_registry.default_hparams(spec.base, dataset)
+        base_hparams = hparams_registry.default_hparams(base, dataset)
         ours = hparams_registry.default_hparams(name, dataset)
-        extra = {n: default for n, default, _ in LOSS_HPARAMS[spec.loss]}
-        assert ours == {**base, **extra}
+        extra = {n: default for n, default, _ in LOSSES[ALGORITHMS[name].loss].hparams}
+        assert ours == {**base_hparams, **extra}
         # Same hparams seed, same base draws: ITL and its base are compared at equal settings.
-        r_base = hparams_registry.random_hparams(spec.base, dataset, 7)
+        r_base = hparams_registry.random_hparams(base, dataset, 7)
         r_ours = hparams_registry.random_hparams(name, dataset, 7)
         assert {k: r_ours[k] for k in r_base} == r_base
         assert r_ours == hparams_registry.random_hparams(name, dataset, 7)
         json.dumps(r_ours)  # results.jsonl stores hparams as JSON
 
 
-def test_random_search_draws_loss_hparams_in_range(domainbed):
-    _, _, hparams_registry = domainbed
+def test_loss_hparams_are_drawn_with_domainbeds_seed_hash(bridge):
+    import numpy as np
+    from domainbed.lib import misc
+
+    drawn = bridge.hparams_registry.random_hparams("ERM_GCE", "PACS", 11)["gce_q"]
+    (_, _, draw), = LOSSES["GCE"].hparams
+    assert drawn == draw(np.random.RandomState(misc.seed_hash(11, "gce_q")))
+
+
+def test_random_search_draws_loss_hparams_in_range(bridge):
+    hparams_registry = bridge.hparams_registry
     gammas = {hparams_registry.random_hparams("ERM_Focal", "PACS", s)["focal_gamma"] for s in range(20)}
     assert len(gammas) > 1 and gammas <= {0.5, 1.0, 2.0, 3.0, 5.0}
     qs = [hparams_registry.random_hparams("ERM_GCE", "PACS", s)["gce_q"] for s in range(20)]
@@ -60,26 +107,21 @@ def test_random_search_draws_loss_hparams_in_range(domainbed):
 
 
 @pytest.mark.parametrize("name", ERM_BASED)
-def test_init_update_predict_on_cpu(domainbed, name):
-    algorithms, datasets, hparams_registry = domainbed
-    hparams = hparams_registry.default_hparams(name, "Debug28")
-    minibatches, dataset = _minibatches(datasets, hparams)
-    algorithm = algorithms.get_algorithm_class(name)(
-        dataset.input_shape, dataset.num_classes, len(dataset) - 1, hparams)
+def test_init_update_predict_on_cpu(bridge, name):
+    algorithm = _algorithm(bridge, name)
+    minibatches = _minibatches()
     algorithm.supervised_loss = spy = CountingLoss(algorithm.supervised_loss)
     for _ in range(2):
         result = algorithm.update(minibatches)
         assert set(result) == {"loss"} and all(type(v) is float for v in result.values())
     assert spy.calls == 2, "the replaced loss was not used"
-    assert algorithms.F is torch.nn.functional, "F was not restored after update"
-    assert algorithm.predict(minibatches[0][0]).shape == (8, dataset.num_classes)
+    assert bridge.algorithms.F is torch.nn.functional, "F was not restored after update"
+    assert algorithm.predict(minibatches[0][0]).shape == (8, NUM_CLASSES)
 
 
-def test_itl_reports_its_own_loss_value(domainbed):
-    algorithms, datasets, hparams_registry = domainbed
-    hparams = hparams_registry.default_hparams("ITL", "Debug28")
-    minibatches, dataset = _minibatches(datasets, hparams)
-    algorithm = algorithms.get_algorithm_class("ITL")(dataset.input_shape, dataset.num_classes, 2, hparams)
+def test_itl_reports_its_own_loss_value(bridge):
+    algorithm = _algorithm(bridge, "ITL")
+    minibatches = _minibatches()
     x = torch.cat([x for x, _ in minibatches])
     y = torch.cat([y for _, y in minibatches])
     with torch.no_grad():
@@ -87,33 +129,35 @@ def test_itl_reports_its_own_loss_value(domainbed):
     assert algorithm.update(minibatches)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_itl_loss_hparam_reads_a_loss_file(domainbed, tmp_path):
-    algorithms, datasets, hparams_registry = domainbed
+def test_itl_loss_hparam_reads_a_loss_file(bridge, tmp_path):
     path = save_loss(tmp_path / "order2.json", LossSpec("taylor", 2, [1.0, 0.0, 0.0, 0.0, 10.0]))
-    hparams = {**hparams_registry.default_hparams("ITL", "Debug28"), "itl_loss": str(path)}
-    _, dataset = _minibatches(datasets, hparams)
-    algorithm = algorithms.get_algorithm_class("ITL")(dataset.input_shape, dataset.num_classes, 2, hparams)
+    hparams = {**bridge.hparams_registry.default_hparams("ITL", "Debug28"), "itl_loss": str(path)}
+    algorithm = _algorithm(bridge, "ITL", hparams)
     assert algorithm.supervised_loss.order == 2
     assert algorithm.supervised_loss.omega.tolist() == [1.0, 0.0, 0.0, 0.0, 10.0]
 
     bad = {**hparams, "itl_loss": str(tmp_path / "typo.json")}
     with pytest.raises(LossFileError, match="typo.json"):
-        algorithms.get_algorithm_class("ITL")(dataset.input_shape, dataset.num_classes, 2, bad)
+        _algorithm(bridge, "ITL", bad)
 
 
-def test_itl_is_the_table_8_preset_by_default(domainbed):
-    algorithms, datasets, hparams_registry = domainbed
-    hparams = hparams_registry.default_hparams("ITL", "Debug28")
-    _, dataset = _minibatches(datasets, hparams)
-    algorithm = algorithms.get_algorithm_class("ITL")(dataset.input_shape, dataset.num_classes, 2, hparams)
+def test_itl_is_the_table_8_preset_by_default(bridge):
+    algorithm = _algorithm(bridge, "ITL")
     assert algorithm.supervised_loss.omega.tolist() == pytest.approx(PRESETS["ITL"].parameters)
 
 
-def test_replaced_cross_entropy_rejects_unsupported_arguments(domainbed):
+@pytest.mark.parametrize("name, attribute, expected", [
+    ("ERM_Focal", "gamma", 2.0), ("ERM_GCE", "q", 0.7), ("ERM_LS", "epsilon", 0.1)])
+def test_zoo_losses_take_their_hparams(bridge, name, attribute, expected):
+    loss = _algorithm(bridge, name).supervised_loss
+    assert loss.keywords == {attribute: expected}
+
+
+def test_replaced_cross_entropy_rejects_unsupported_arguments(bridge):
     from domainbed_itl.algorithms import supervised_loss
 
-    algorithms, _, _ = domainbed
     with supervised_loss("domainbed.algorithms", TaylorLoss()):
         with pytest.raises(TypeError, match="label_smoothing"):
-            algorithms.F.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), label_smoothing=0.1)
-    assert algorithms.F is torch.nn.functional
+            bridge.algorithms.F.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]),
+                                              label_smoothing=0.1)
+    assert bridge.algorithms.F is torch.nn.functional

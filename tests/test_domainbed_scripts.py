@@ -22,45 +22,11 @@ def _run(args, root, cwd=None, check=True, timeout=600):
     return result
 
 
-def _patch(root, command):
-    return subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.patch", command,
-                           "--domainbed_root", str(root)], capture_output=True, text=True)
-
-
 @pytest.fixture
 def clean_copy(domainbed_root, tmp_path):
     copy = tmp_path / "DomainBed"
     shutil.copytree(domainbed_root, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc"))
     return copy
-
-
-def test_patch_apply_check_revert(clean_copy):
-    original = (clean_copy / "domainbed" / "algorithms.py").read_text()
-    assert "applicable" in _patch(clean_copy, "check").stdout
-    applied = _patch(clean_copy, "apply")
-    assert applied.returncode == 0 and "applied 3 patch(es)" in applied.stdout
-    again = _patch(clean_copy, "apply")
-    assert again.returncode == 0 and "all already applied" in again.stdout
-    patched = (clean_copy / "domainbed" / "algorithms.py").read_text()
-    assert patched.startswith(original) and patched.count("domainbed_itl") == 2
-    assert _patch(clean_copy, "check").stdout.count(": applied") == 3
-    reverted = _patch(clean_copy, "revert")
-    assert reverted.returncode == 0 and "reverted 3 patch(es)" in reverted.stdout
-    assert (clean_copy / "domainbed" / "algorithms.py").read_text() == original
-
-
-def test_patch_refuses_an_unexpected_checkout(clean_copy, tmp_path):
-    target = clean_copy / "domainbed" / "command_launchers.py"
-    text = target.read_text().replace("except ImportError:\n    pass", "except ImportError:\n    REGISTRY = {}")
-    target.write_text(text)
-    before = {p: p.read_text() for p in (clean_copy / "domainbed").glob("*.py")}
-    result = _patch(clean_copy, "apply")
-    assert result.returncode == 2
-    assert "not what the patches expect" in result.stderr and "b93c22a" in result.stderr
-    assert "0003" in result.stderr and "command_launchers.py" in result.stderr
-    assert {p: p.read_text() for p in before} == before, "a refused apply changed files"
-    missing = _patch(tmp_path, "check")
-    assert missing.returncode == 2 and "is not a DomainBed checkout" in missing.stderr
 
 
 def _unittest_outcomes(root):

@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import grad, hessian, jacrev
 
 from domainbed_itl.losses import cross_entropy_taylor_init, taylor_loss
-from domainbed_itl.meta.hypergradient import flatten_module, implicit_grad
-from domainbed_itl.meta.solvers import cg, dense, neumann
+from domainbed_itl.meta.hypergradient import adjoint_residual, flatten_module, implicit_grad
+from domainbed_itl.meta.solvers import cg, dense, minres, neumann
 
 DT = torch.float64
 
@@ -151,6 +151,47 @@ def test_paper_neumann_setting_is_the_closed_form_series():
     mixed = jacrev(grad(p.inner), argnums=1)(p.theta, p.omega)
     got = p.implicit(functools.partial(neumann, steps=15, alpha=alpha))
     torch.testing.assert_close(got, -(series @ p.v) @ mixed, rtol=1e-9, atol=1e-12)
+
+
+def test_algorithm_2_as_printed_is_the_series_without_alpha():
+    """The paper preset's form: dM/dω = -(Σ_j (I - αH)^j v)ᵀ ∂²L/∂θ∂ω, 1/α times the inverse form."""
+    p = taylor_mlp()
+    alpha, eye = 0.01, torch.eye(p.theta.numel(), dtype=DT)
+    series = sum(torch.linalg.matrix_power(eye - alpha * p.hess, j) for j in range(16))
+    mixed = jacrev(grad(p.inner), argnums=1)(p.theta, p.omega)
+    got = p.implicit(functools.partial(neumann, steps=15, alpha=alpha, scale=False))
+    torch.testing.assert_close(got, -(series @ p.v) @ mixed, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_adjoint_residual_is_the_closed_form_on_a_known_hessian(name):
+    """For the Neumann solve u = -α Σ_{j<=J} (I-αH)^j v, Hu + v = (I-αH)^{J+1} v exactly."""
+    p = PROBLEMS[name]()
+    alpha, steps = p.neumann_alpha(), 6
+    _, u = implicit_grad(p.inner_grad, p.theta, p.omega, p.v,
+                         functools.partial(neumann, steps=steps, alpha=alpha), return_adjoint=True)
+    eye = torch.eye(p.theta.numel(), dtype=DT)
+    closed = torch.linalg.matrix_power(eye - alpha * p.hess, steps + 1) @ p.v
+    got = adjoint_residual(p.inner_grad, p.theta, p.omega, p.v, u)
+    torch.testing.assert_close(got, closed.norm() / p.v.norm(), rtol=1e-9, atol=1e-12)
+    exact_u = -torch.linalg.solve(p.hess, p.v)
+    assert float(adjoint_residual(p.inner_grad, p.theta, p.omega, p.v, exact_u)) < 1e-10
+    assert float(adjoint_residual(p.inner_grad, p.theta, p.omega, p.v, torch.zeros_like(u))) == 1.0
+
+
+def test_minres_solves_an_indefinite_system_where_cg_breaks_down():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=DT))
+    a = q @ torch.diag(torch.tensor([-3.0, -1.0, -0.5] + [0.5 + k for k in range(9)], dtype=DT)) @ q.T
+    b = torch.randn(12, generator=g, dtype=DT)
+    exact = torch.linalg.solve(a, b)
+    torch.testing.assert_close(minres(lambda v: a @ v, b, maxiter=100, tol=1e-12), exact,
+                               rtol=1e-8, atol=1e-8)
+    # CG divides by p'Ap, which an indefinite matrix can make 0: diag(1, -1) with b = (1, 1).
+    a2, b2 = torch.diag(torch.tensor([1.0, -1.0], dtype=DT)), torch.ones(2, dtype=DT)
+    assert not torch.isfinite(cg(lambda v: a2 @ v, b2, maxiter=2, tol=0.0)).all()
+    torch.testing.assert_close(minres(lambda v: a2 @ v, b2, maxiter=10),
+                               torch.tensor([1.0, -1.0], dtype=DT))
 
 
 @pytest.mark.parametrize("name,coords", [("logistic", [0, 1, 2, 3, 4]), ("taylor_mlp", [0, 1, 6, 8, 9])])

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from domainbed_itl.launchers import (LAUNCHERS, CommandFailed, SubmititConfig, SubmititJobsFailed,
+from domainbed_itl.experiments.launchers import (LAUNCHERS, CommandFailed, SubmititConfig, SubmititJobsFailed,
                                      default_folder, make_submitit_launcher, slot_gpus,
                                      submitit_launcher)
 
@@ -78,8 +78,8 @@ def test_default_folder_is_beside_the_sweep_jobs(tmp_path):
     commands = [f"python -m domainbed.scripts.train --output_dir {sweep / h} --steps 3" for h in "ab"]
     assert default_folder(commands) == str(sweep / "submitit")
     assert default_folder(commands + ["python -c 'print(1)'"]) == "submitit_logs"
-    assert default_folder([f"x --output_dir {tmp_path / 'a' / 'j'}", f"x --output_dir {tmp_path / 'b' / 'j'}"]) \
-        == "submitit_logs"
+    apart = [f"x --output_dir {tmp_path / 'a' / 'j'}", f"x --output_dir {tmp_path / 'b' / 'j'}"]
+    assert default_folder(apart) == "submitit_logs"
 
 
 def test_slot_gpus_spread_local_jobs_over_the_gpus():

@@ -19,7 +19,8 @@ def test_round_trip(tmp_path):
     assert loaded.parameters == spec.parameters and loaded.order == 3
     assert loaded.provenance == {"package_version": __version__, **spec.provenance}
     logits, target = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    torch.testing.assert_close(loaded.module()(logits, target), TaylorLoss(spec.parameters, 3)(logits, target))
+    torch.testing.assert_close(loaded.module()(logits, target),
+                               TaylorLoss(spec.parameters, 3)(logits, target))
 
 
 def test_save_never_overwrites_by_accident(tmp_path):

@@ -26,7 +26,7 @@ from domainbed_itl.scripts import meta_train, plot_meta
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(inner_steps=8, hidden=(8,), hvp_batch=32, eval_size=None, batch_size=16)
-TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_step_s")
+TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_diagnostics_s", "time_step_s")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,9 +58,16 @@ def _untimed(record):
     (dict(inner_lr=float("nan")), "inner_lr must be a positive number.*got nan"),
     (dict(hidden=()), "hidden must list at least one width"),
     (dict(hidden=(8, 0)), "every hidden width must be a positive integer, got 0"),
-    (dict(solver="lu"), "unknown solver 'lu'; expected 'neumann' or 'cg'"),
+    (dict(solver="lu"), "unknown solver 'lu'; expected one of neumann, cg"),
     (dict(aggregate="sum"), "unknown aggregation 'sum'; expected one of pcgrad, mean"),
     (dict(outer_optimizer="rmsprop"), "unknown outer optimizer 'rmsprop'"),
+    (dict(inner_optimizer="lbfgs"), "unknown inner optimizer 'lbfgs'"),
+    (dict(neumann_form="paper"), "unknown neumann_form 'paper'; expected one of inverse, algorithm2"),
+    (dict(aggregate_reduction="max"), "unknown aggregate_reduction 'max'; expected one of mean, sum"),
+    (dict(inner_momentum=1.0), r"inner_momentum must be a number in \[0, 1\), got 1.0"),
+    (dict(warm_start="yes"), "warm_start must be true or false, got 'yes'"),
+    (dict(max_solver_residual=0.0), "max_solver_residual must be a positive number"),
+    (dict(reference_every=-1), "reference_every must be an integer >= 0, got -1"),
 ])
 def test_config_rejects_bad_values_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -149,6 +156,133 @@ def test_meta_training_lowers_the_held_out_loss():
     again = MetaTrainer(data.domains, data.num_classes, config, omega=trainer.omega).outer_step()
     assert again["outer_heldout_loss"] < records[0]["outer_heldout_loss"] - 0.05
     assert again["outer_heldout_acc"] > records[0]["outer_heldout_acc"]
+
+
+def test_diagnostics_are_what_they_say():
+    """The recorded inner gradient norm is ‖∂L_ω/∂θ‖ on the source data at the returned θ, the
+    residual ‖H u + v‖/‖v‖ of the Neumann solve u ≈ −H⁻¹v against the dense Hessian of the
+    same batch, and the reference compares with a long MINRES solve every K steps."""
+    from torch.func import hessian
+
+    data = _data()
+    config = _config(reference_every=2)
+    trainer = MetaTrainer(data.domains, data.num_classes, config)
+    omega = trainer.omega.clone()
+    captured = {}
+    original = trainer._heldout
+
+    def spy(thetas, draws):
+        captured["thetas"], captured["draws"] = thetas, draws
+        captured["out"] = original(thetas, draws)
+        return captured["out"]
+
+    trainer._heldout = spy
+    first = trainer.outer_step()
+    thetas, draws, vs = captured["thetas"], captured["draws"], captured["out"][0]
+    for i, idx in enumerate(draws["source_eval"]):
+        theta = thetas[i].clone().requires_grad_()
+        loss = trainer.family.loss(trainer.apply(theta, trainer.x[idx]), trainer.y[idx], omega)
+        (g,) = torch.autograd.grad(loss, theta)
+        assert first["per_domain"]["inner_grad_norm"][i] == pytest.approx(float(g.norm()), rel=1e-4)
+        hvp_idx = draws["hvp"][i]
+        x_h, y_h = trainer.x[hvp_idx], trainer.y[hvp_idx]
+        h = hessian(lambda t, x_h=x_h, y_h=y_h: trainer.family.loss(trainer.apply(t, x_h), y_h, omega)
+                    )(thetas[i]).double()
+        alpha, eye = config.neumann_alpha, torch.eye(h.shape[0], dtype=torch.float64)
+        step = eye - alpha * h
+        u, term = torch.zeros_like(vs[i], dtype=torch.float64), -vs[i].double()
+        for _ in range(config.neumann_steps + 1):
+            u, term = u + alpha * term, step @ term
+        expected = (h @ u + vs[i].double()).norm() / vs[i].double().norm()
+        assert first["per_domain"]["solver_residual"][i] == pytest.approx(float(expected), rel=1e-3)
+    assert 0 < first["inner_grad_norm_ratio"] < 1  # training reduced the gradient
+    assert "reference" not in first
+    second = trainer.outer_step()
+    ref = second["reference"]
+    assert ref["domain"] == 0 and -1 <= ref["cosine"] <= 1 and ref["reference_maxiter"] == 200
+    assert ref["reference_residual"] < second["per_domain"]["solver_residual"][0]
+
+
+def test_residual_of_a_diverging_neumann_series_exceeds_one_and_can_be_left_out():
+    data = _data()
+    diverging = _config(neumann_alpha=50.0, neumann_steps=10)
+    record = MetaTrainer(data.domains, data.num_classes, diverging).outer_step()
+    assert min(record["per_domain"]["solver_residual"]) > 1
+    guarded = MetaTrainer(data.domains, data.num_classes,
+                          dataclasses.replace(diverging, max_solver_residual=1.0))
+    start = guarded.omega.clone()
+    record = guarded.outer_step()
+    assert record["trusted_domains"] == 0 and record["hypergradient_norm"] == 0
+    assert torch.equal(guarded.omega, start) and guarded.steps_done == 1
+    mixed = MetaTrainer(data.domains, data.num_classes, _config(max_solver_residual=1.0))
+    record = mixed.outer_step()
+    residuals = record["per_domain"]["solver_residual"]
+    assert record["trusted_domains"] == sum(r <= 1.0 for r in residuals) > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_warm_start_continues_the_networks_and_resumes_bit_for_bit(tmp_path, optimizer):
+    data = _data()
+    config = _config(warm_start=True, inner_optimizer=optimizer,
+                     inner_lr=0.01 if optimizer == "adam" else 0.05, outer_steps=4)
+    full = run_meta_training(data, config, tmp_path / "full", progress=False)
+    run_meta_training(data, dataclasses.replace(config, outer_steps=2), tmp_path / "cut",
+                      progress=False)
+    ckpt = runner.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert ckpt["trainer"]["inner"]["optimizer"]["step"] == 2 * config.inner_steps
+    resumed = run_meta_training(data, config, tmp_path / "cut", resume=True, progress=False)
+    assert torch.equal(resumed.omega, full.omega)
+    for (name, a), b in zip(full.state_dict()["inner"]["params"].items(),
+                            resumed.state_dict()["inner"]["params"].values()):
+        assert torch.equal(a, b), name
+    records = [[_untimed(json.loads(line)) for line in (tmp_path / d / "metrics.jsonl").read_text()
+                .splitlines()] for d in ("full", "cut")]
+    assert records[0] == records[1]
+    # The networks carried over train on: the starting gradient of step 2 is the end of step 1's.
+    assert records[0][1]["per_domain"]["inner_grad_norm_start"] == pytest.approx(
+        records[0][0]["per_domain"]["inner_grad_norm"], rel=1e-3)
+
+
+def test_heldout_objective_is_the_outer_steps_objective():
+    data = _data()
+    trainer = MetaTrainer(data.domains, data.num_classes, _config())
+    objective = trainer.heldout_objective(trainer.omega.clone(), step=1)
+    record = trainer.outer_step()
+    for key in ("outer_heldout_loss", "outer_heldout_acc", "inner_source_acc", "inner_loss"):
+        assert objective[key] == pytest.approx(record[key], rel=1e-6)
+    assert trainer.heldout_objective(trainer.omega, step=1)["outer_heldout_loss"] != pytest.approx(
+        objective["outer_heldout_loss"], rel=1e-6)
+
+
+def test_paper_preset_is_the_papers_protocol_read_literally():
+    from domainbed_itl.meta.presets import GUESSES, PRESETS, preset_config
+
+    config = preset_config("paper")
+    assert (config.outer_lr, config.inner_lr, config.batch_size, config.neumann_steps,
+            config.outer_steps) == (0.01, 0.01, 32, 15, 200)
+    assert (config.outer_optimizer, config.inner_optimizer) == ("sgd", "sgd")
+    assert (config.neumann_form, config.aggregate, config.aggregate_reduction) == (
+        "algorithm2", "pcgrad", "sum")
+    assert {"neumann_alpha", "inner_steps", "init"} <= set(GUESSES["paper"])
+    assert preset_config("paper", {"outer_steps": 3}).outer_steps == 3
+    with pytest.raises(ValueError, match="unknown preset 'fast'; expected one of " + ", ".join(PRESETS)):
+        preset_config("fast")
+    with pytest.raises(ValueError, match="unknown meta-training setting"):
+        preset_config("paper", {"outer_step": 3})
+
+
+def test_checkpoints_written_before_a_setting_existed_resume_with_its_default(tmp_path):
+    data = _data()
+    run_meta_training(data, _config(outer_steps=1), tmp_path, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["warm_start"], ckpt["config"]["max_solver_residual"]
+    torch.save(ckpt, path)
+    assert run_meta_training(data, _config(outer_steps=2), tmp_path, resume=True,
+                             progress=False).steps_done == 2
+    with pytest.raises(RunDirError, match="warm_start: False in the checkpoint, True now"):
+        run_meta_training(data, _config(outer_steps=3, warm_start=True), tmp_path, resume=True,
+                          progress=False)
 
 
 # ------------------------------------------------------------------------------ run directory
@@ -258,7 +392,7 @@ def test_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------ command line
 
 CLI_TINY = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps", "8",
-            "--hidden", "8", "--hvp_batch", "32", "--no_progress"]
+            "--hidden", "8", "--hvp_batch", "32", "--outer_lr", "0.0001", "--no_progress"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -290,10 +424,13 @@ def test_cli_protects_output_dir_and_reports_missing_domainbed(tmp_path, capsys)
     assert meta_train.main(CLI_TINY + ["--output_dir", str(tmp_path / "used")]) == 2
     assert "is not empty" in capsys.readouterr().err
     code = meta_train.main(["--dataset", "RotatedMNIST", "--domainbed_root", str(tmp_path),
-                            "--output_dir", str(tmp_path / "new")])
+                            "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "new")])
     assert code == 2
     err = capsys.readouterr().err
     assert "is not a DomainBed checkout" in err and "github.com/facebookresearch/DomainBed" in err
+    code = meta_train.main(["--dataset", "RotatedMNIST", "--output_dir", str(tmp_path / "new")])
+    assert code == 2
+    assert "--dataset RotatedMNIST needs --data_dir" in capsys.readouterr().err
     with pytest.raises(DomainBedNotFound):
         from domainbed_itl.meta.domainbed_data import load_domainbed_domains
         load_domainbed_domains("RotatedMNIST", tmp_path, domainbed_root=tmp_path)

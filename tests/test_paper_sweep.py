@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from domainbed_itl.paper_sweeps import (NUM_ENVIRONMENTS, Placeholders, SweepDefinitionError,
-                                        available, build_commands, count_jobs, count_stage_jobs,
-                                        estimate_cost, load_experiment, parse_experiment, render_flags)
+from domainbed_itl.experiments.paper import (BUILD_TIME_FLAGS, DOMAINBED_SWEEP_FLAGS, META_TRAIN_FLAGS,
+                                             NUM_ENVIRONMENTS, SINGLE_SOURCE_SWEEP_FLAGS, Placeholders,
+                                             SweepDefinitionError, available, build_commands,
+                                             count_jobs, count_stage_jobs, estimate_cost,
+                                             load_experiment, parse_experiment, render_flags)
 from domainbed_itl.scripts import paper_sweep
 
 from conftest import domainbed_env
@@ -66,7 +68,7 @@ def test_reduced_job_counts_of_the_staged_definitions(name):
     assert sum(count_jobs(load_experiment(name), reduced=True).values()) == REDUCED_JOBS[name]
 
 
-def test_reduced_variants_stay_on_the_offline_digits():
+def test_reduced_variants_stay_on_mnist():
     for name in EXPERIMENTS:
         for stage in load_experiment(name).stages:
             args = stage.variant(reduced=True).args
@@ -207,9 +209,9 @@ def test_run_needs_data_dir_and_output_dir():
 
 
 def test_run_refuses_an_unpatched_checkout(domainbed_root, tmp_path):
-    from domainbed_itl.scripts.patch import patch_files, status
+    from domainbed_itl.patching import status
 
-    if set(status(domainbed_root, patch_files())) == {"applied"}:
+    if {state.kind for state in status(domainbed_root)} == {"applied"}:
         pytest.skip("DOMAINBED_ROOT carries the patches already")
     code = paper_sweep.main(["run", "table2_multi_source", "--reduced", "--data_dir", str(tmp_path),
                              "--output_dir", str(tmp_path / "out"), "--domainbed_root",
@@ -262,6 +264,29 @@ def test_run_executes_the_sweep_and_the_collection(patched_domainbed, tmp_path):
     assert shlex.split(first)[1:4] == ["-m", "domainbed.scripts.sweep", "launch"]
 
 
+def _long_options(parser):
+    # Tests may read argparse's actions; the library keeps explicit lists instead.
+    return {o[2:] for a in parser._actions for o in a.option_strings
+            if o.startswith("--") and not o.startswith("--no-")} - {"help"}
+
+
+@pytest.mark.parametrize("module, flags", [("single_source_sweep", SINGLE_SOURCE_SWEEP_FLAGS),
+                                           ("meta_train", META_TRAIN_FLAGS)])
+def test_runner_flag_lists_are_the_runners_flags(module, flags):
+    import importlib
+
+    parser = importlib.import_module(f"domainbed_itl.scripts.{module}").build_parser()
+    assert flags == _long_options(parser) - BUILD_TIME_FLAGS
+
+
+def test_domainbed_sweep_flag_list_is_its_sweeps_flags(domainbed_root):
+    import re
+
+    text = (domainbed_root / "domainbed" / "scripts" / "sweep.py").read_text()
+    flags = set(re.findall(r"""add_argument\(\s*['"]--(\w+)['"]""", text))
+    assert DOMAINBED_SWEEP_FLAGS == flags - BUILD_TIME_FLAGS
+
+
 def test_num_environments_match_domainbed(domainbed_root):
     from domainbed import datasets
 
@@ -295,9 +320,10 @@ def test_job_counts_match_domainbeds_make_args_list(domainbed_root, name, reduce
             single_test_envs=single_source or args.get("single_test_envs", False),
             hparams=json.dumps(args["hparams"]) if "hparams" in args else None)
         if single_source:
-            sweep = pytest.importorskip("domainbed_itl.scripts.single_source_sweep")
-            args_list = sweep.single_source_args(args_list, datasets.num_environments, misc.seed_hash,
-                                                 args.get("sources"))
+            from domainbed_itl.single_source.planning import single_source_args
+
+            args_list = single_source_args(args_list, datasets.num_environments, misc.seed_hash,
+                                           args.get("sources"))
         assert sum(count_stage_jobs(stage, reduced).values()) == len(args_list), stage.name
         total += len(args_list)
     assert sum(count_jobs(experiment, reduced).values()) == total
@@ -360,4 +386,5 @@ def test_run_meta_training_reports_a_failed_job(domainbed_root, tmp_path, monkey
     code = paper_sweep.main(["--sweeps_dir", str(sweeps), "run", "meta", "--reduced", "--data_dir",
                              str(tmp_path), "--output_dir", str(tmp_path / "meta"),
                              "--command_launcher", "submitit", "--domainbed_root", str(domainbed_root)])
-    assert code == 2 and "DOMAINBED_SUBMITIT_MEM_GB must be an integer >= 1, got 'lots'" in capsys.readouterr().err
+    assert code == 2
+    assert "DOMAINBED_SUBMITIT_MEM_GB must be an integer >= 1, got 'lots'" in capsys.readouterr().err

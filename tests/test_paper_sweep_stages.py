@@ -10,9 +10,9 @@ import pytest
 
 from conftest import domainbed_env
 
-from domainbed_itl.paper_sweeps import (Placeholders, SweepDefinitionError, build_commands,
-                                        count_jobs, estimate_cost, format_command, load_experiment,
-                                        parse_experiment, stage_output_dir)
+from domainbed_itl.experiments.paper import (Placeholders, SweepDefinitionError, build_commands,
+                                             count_jobs, estimate_cost, format_command,
+                                             load_experiment, parse_experiment, stage_output_dir)
 from domainbed_itl.scripts import paper_sweep
 
 COST = {"unit": "wall-minutes", "per_job": 1.0, "basis": "b"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from domainbed_itl import significance as sig
+from domainbed_itl.analysis import friedman_nemenyi as sig
 
 FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
 
@@ -74,6 +74,17 @@ def test_tie_corrected_friedman_equals_scipy():
         theirs = stats.friedmanchisquare(*scores.T)
         assert ours.chi2 == pytest.approx(theirs.statistic, rel=1e-12)
         assert ours.p_value == pytest.approx(theirs.pvalue, rel=1e-9)
+
+
+def test_nemenyi_pvalues_equal_scikit_posthocs():
+    """Where scikit-posthocs is installed (not a dependency: see the module docstring), its
+    posthoc_nemenyi_friedman gives our p-values."""
+    posthocs = pytest.importorskip("scikit_posthocs")
+    rng = np.random.default_rng(0)
+    for scores in (DEMSAR_AUC, rng.integers(0, 4, size=(9, 5)).astype(float), rng.random((12, 6))):
+        ours = sig.nemenyi_pvalues(sig.rank_scores(scores).mean(axis=0), len(scores))
+        theirs = posthocs.posthoc_nemenyi_friedman(scores).to_numpy()
+        np.testing.assert_allclose(ours, theirs, atol=1e-12)
 
 
 def test_ranks_prefer_higher_scores_and_average_ties():
@@ -167,7 +178,8 @@ def test_command_on_real_single_source_runs(tmp_path):
     text = (out / "cd_single_source_domain.txt").read_text()
     assert "N = 3 blocks, k = 2 algorithms" in text
     assert (out / "cd_single_source_domain.png").read_bytes().startswith(b"\x89PNG")
-    from domainbed_itl.single_source import load_runs, read_manifest, summarise
+    from domainbed_itl.single_source.runs import load_runs, read_manifest
+    from domainbed_itl.single_source.selection import summarise
 
     scores = summarise(load_runs(FIXTURE), read_manifest(FIXTURE)).scores(
         "domain", ["ERM", "ITL"], ["Debug28"])

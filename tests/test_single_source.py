@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, domainbed_env
-from domainbed_itl import single_source as ss
+from domainbed_itl.domainbed_env import with_pythonpath
+from domainbed_itl.single_source import planning, selection, tables
+from domainbed_itl.single_source import runs as run_folders
 from domainbed_itl.scripts import single_source_sweep as sweep
 
 FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
@@ -49,7 +51,7 @@ def grid(n=3, trials=(0, 1), seeds=(0, 1), algorithms=("ERM",), acc=lambda a, s,
             for t in trials:
                 for h in seeds:
                     value = acc(a, s, t, h)
-                    runs.append(ss.Run(f"{a}-{s}-{t}-{h}", [record(
+                    runs.append(run_folders.Run(f"{a}-{s}-{t}-{h}", [record(
                         s, n, val=0.5 + 0.01 * h, accs=[value] * n, algorithm=a, trial=t,
                         hparams_seed=h)], True))
     return runs
@@ -63,8 +65,8 @@ def test_checkpoint_selection_uses_the_source_validation_split():
                record(step=100, val=0.8, accs=[0.9, 0.4, 0.5]),
                record(step=200, val=0.8, accs=[0.9, 0.1, 0.1]),
                record(step=300, val=0.6, accs=[0.9, 0.95, 0.95])]
-    assert ss.select_checkpoint(records, 0)["step"] == 100  # best val, earliest of the tie
-    chosen = ss.select_model({0: records}, 0)
+    assert selection.select_checkpoint(records, 0)["step"] == 100  # best val, earliest of the tie
+    chosen = selection.select_model({0: records}, 0)
     assert (chosen.step, chosen.val_acc, chosen.target_accs) == (100, 0.8, {1: 0.4, 2: 0.5})
 
 
@@ -73,28 +75,28 @@ def test_hparams_selection_takes_the_best_validation_over_seeds_and_checkpoints(
             1: [record(step=0, val=0.6, accs=[0, 0.9, 0.9], hparams_seed=1),
                 record(step=5, val=0.75, accs=[0, 0.3, 0.2], hparams_seed=1)],
             2: [record(step=0, val=0.75, accs=[0, 0.1, 0.1], hparams_seed=2)]}
-    chosen = ss.select_model(runs, 0)
+    chosen = selection.select_model(runs, 0)
     assert (chosen.hparams_seed, chosen.step) == (1, 5)  # tie at 0.75: the lower seed
     assert chosen.target_accs == {1: 0.3, 2: 0.2}
-    source2 = ss.select_model({0: [record(source=2, val=0.4, accs=[0.11, 0.22, 0.33])]}, 2)
+    source2 = selection.select_model({0: [record(source=2, val=0.4, accs=[0.11, 0.22, 0.33])]}, 2)
     assert source2.target_accs == {0: 0.11, 1: 0.22}
 
 
 def test_mean_and_error_is_domainbeds_format_mean():
-    mean, err = ss.mean_and_error([0.5, 0.7])
+    mean, err = selection.mean_and_error([0.5, 0.7])
     assert mean == pytest.approx(60.0) and err == pytest.approx(100 * 0.1 / np.sqrt(2))
     data = [0.61, 0.58, 0.66]
-    assert ss.mean_and_error(data) == pytest.approx(
+    assert selection.mean_and_error(data) == pytest.approx(
         (100 * np.mean(data), 100 * np.std(list(data) / np.sqrt(len(data)))))  # DomainBed's formula
-    assert ss.mean_and_error([0.25]) == (25.0, 0.0)
+    assert selection.mean_and_error([0.25]) == (25.0, 0.0)
 
 
 def test_source_of_single_and_multi_source_records():
-    assert ss.source_of(record(source=1, n=4)) == 1
-    assert ss.source_of(record(n=4, test_envs=[3])) is None
-    assert ss.count_envs(record(n=6)) == 6
+    assert run_folders.source_of(record(source=1, n=4)) == 1
+    assert run_folders.source_of(record(n=4, test_envs=[3])) is None
+    assert run_folders.count_envs(record(n=6)) == 6
     with pytest.raises(ValueError, match=r"test_envs \[3\] is not single-source"):
-        ss.run_key(record(n=4, test_envs=[3]))
+        run_folders.run_key(record(n=4, test_envs=[3]))
 
 
 # ---------------------------------------------------------------- aggregation and report
@@ -102,14 +104,14 @@ def test_source_of_single_and_multi_source_records():
 
 def test_complete_grid_cells_and_tables():
     acc = {(0, 0): 0.50, (0, 1): 0.60, (1, 0): 0.70, (1, 1): 0.80, (2, 0): 0.20, (2, 1): 0.40}
-    results = ss.summarise(grid(trials=(0, 1), seeds=(0,), acc=lambda a, s, t, h: acc[s, t]))
+    results = selection.summarise(grid(trials=(0, 1), seeds=(0,), acc=lambda a, s, t, h: acc[s, t]))
     assert results.problems == [] and results.n_runs == 6 == results.n_complete_runs
     cell = results.cells["D", "ERM", 1]
     assert cell.targets == (0, 2) and cell.complete
-    assert ss.format_cell(cell) == "75.0/75.0 75.0 +/- 3.5"  # SE: 5.0 / sqrt(2)
+    assert tables.format_cell(cell) == "75.0/75.0 75.0 +/- 3.5"  # SE: 5.0 / sqrt(2)
     means, expected = results.dataset_trial_means("D", "ERM")
     assert expected == 2 and means == pytest.approx({0: (0.5 + 0.7 + 0.2) / 3, 1: (0.6 + 0.8 + 0.4) / 3})
-    report = ss.render_report(results)
+    report = tables.render_report(results)
     assert re.search(r"^ERM\s+55\.0/55\.0 55\.0 \+/- 3\.5\s+75\.0/75\.0 75\.0 \+/- 3\.5\s+"
                      r"30\.0/30\.0 30\.0 \+/- 7\.1\s+53\.3 \+/- 4\.7$", report, flags=re.M), report
     assert re.search(r"^ERM\s+53\.3 \+/- 4\.7\s+53\.3$", report, flags=re.M), report
@@ -117,9 +119,9 @@ def test_complete_grid_cells_and_tables():
 
 
 def test_target_accuracies_are_listed_in_target_order():
-    runs = [ss.Run(f"r{s}", [record(source=s, accs=[0.11, 0.22, 0.33])], True) for s in range(3)]
-    results = ss.summarise(runs)
-    assert [ss.format_cell(results.cells["D", "ERM", s]) for s in range(3)] == [
+    runs = [run_folders.Run(f"r{s}", [record(source=s, accs=[0.11, 0.22, 0.33])], True) for s in range(3)]
+    results = selection.summarise(runs)
+    assert [tables.format_cell(results.cells["D", "ERM", s]) for s in range(3)] == [
         "22.0/33.0 27.5 +/- 0.0", "11.0/33.0 22.0 +/- 0.0", "11.0/22.0 16.5 +/- 0.0"]
 
 
@@ -128,43 +130,44 @@ def test_missing_and_unfinished_runs_are_named_never_averaged():
     unfinished = next(r for r in runs if r.folder == "ERM-2-0-1")
     unfinished.done = False
     unfinished.records[0]["env2_out_acc"] = 1.0  # would win the selection if it were used
-    results = ss.summarise(runs)
+    results = selection.summarise(runs)
     assert results.problems == [
         "D/ERM source 1 trial 1 hparams_seed 0: no job folder",
         "D/ERM source 2 trial 0 hparams_seed 1: folder ERM-2-0-1 has no `done` marker (still "
         "running, or failed)"]
     assert sorted(results.cells["D", "ERM", 1].selections) == [0]
     assert sorted(results.cells["D", "ERM", 2].selections) == [1]
-    assert ss.format_cell(results.cells["D", "ERM", 1]).endswith(" [1/2 trials]")
-    assert ss.format_cell(results.cells["D", "ERM", 0]).endswith("+/- 0.0")
+    assert tables.format_cell(results.cells["D", "ERM", 1]).endswith(" [1/2 trials]")
+    assert tables.format_cell(results.cells["D", "ERM", 0]).endswith("+/- 0.0")
     means, expected = results.dataset_trial_means("D", "ERM")
     assert means == {} and expected == 2
-    report = ss.render_report(results)
+    report = tables.render_report(results)
     assert "WARNING: 2 missing or incomplete runs" in report
     assert re.search(r"^ERM\s+X \[0/2 trials\]\s+X$", report, flags=re.M), report
     assert report.rstrip().endswith("has no `done` marker (still running, or failed)")
 
 
 def test_multi_source_records_are_counted_and_ignored():
-    multi = [ss.Run(f"m{t}", [record(n=3, test_envs=[t], step=s) for s in (0, 1)], True) for t in range(3)]
-    alone = ss.summarise(grid())
-    mixed = ss.summarise(grid() + multi)
+    multi = [run_folders.Run(f"m{t}", [record(n=3, test_envs=[t], step=s) for s in (0, 1)], True)
+             for t in range(3)]
+    alone = selection.summarise(grid())
+    mixed = selection.summarise(grid() + multi)
     assert (mixed.ignored_multi_source_runs, mixed.ignored_multi_source_records) == (3, 6)
     assert mixed.cells.keys() == alone.cells.keys()
     assert all(mixed.cells[k].selections == alone.cells[k].selections for k in alone.cells)
-    assert "ignored multi-source runs: 3 (6 records)" in ss.render_report(mixed)
+    assert "ignored multi-source runs: 3 (6 records)" in tables.render_report(mixed)
 
 
 def test_manifest_names_folders_without_records(tmp_path):
     runs = grid(seeds=(0,))
-    empty = ss.Run("f-empty", [], False)
-    stray = ss.Run("f-stray", [], False)
-    planned = [ss.PlannedJob("f-empty", ss.RunKey("D", "ERM", 0, 2, 0), 3),
-               ss.PlannedJob("f-gone", ss.RunKey("D", "ITL", 1, 0, 0), 3)]
-    ss.update_manifest(tmp_path, planned[:1])
-    ss.update_manifest(tmp_path, planned[1:])
-    assert sorted(ss.read_manifest(tmp_path), key=lambda j: j.folder) == planned
-    results = ss.summarise(runs + [empty, stray], ss.read_manifest(tmp_path))
+    empty = run_folders.Run("f-empty", [], False)
+    stray = run_folders.Run("f-stray", [], False)
+    planned = [run_folders.PlannedJob("f-empty", run_folders.RunKey("D", "ERM", 0, 2, 0), 3),
+               run_folders.PlannedJob("f-gone", run_folders.RunKey("D", "ITL", 1, 0, 0), 3)]
+    run_folders.update_manifest(tmp_path, planned[:1])
+    run_folders.update_manifest(tmp_path, planned[1:])
+    assert sorted(run_folders.read_manifest(tmp_path), key=lambda j: j.folder) == planned
+    results = selection.summarise(runs + [empty, stray], run_folders.read_manifest(tmp_path))
     problems = "\n".join(results.problems)
     assert "D/ERM source 0 trial 2 hparams_seed 0: folder f-empty has no `done` marker" in problems
     assert "folder f-stray: no results.jsonl records and not in the sweep manifest" in problems
@@ -173,15 +176,16 @@ def test_manifest_names_folders_without_records(tmp_path):
         assert f"D/ITL source {s} trial 0 hparams_seed 0: no job folder" in problems
     # trial 2 is expected for every ERM source now, and only source 0 has a folder for it
     assert "D/ERM source 1 trial 2 hparams_seed 0: no job folder" in problems
-    assert ss.format_cell(results.cells["D", "ITL", 1]) == "X [0/1 trials]"
+    assert tables.format_cell(results.cells["D", "ITL", 1]) == "X [0/1 trials]"
 
 
 def test_duplicate_runs_and_foreign_records_are_reported():
     runs = grid(seeds=(0,), trials=(0,))
-    runs.append(ss.Run("copy", [record(source=0)], True))
-    runs.append(ss.Run("junk", [{"hello": 1}], True))
-    runs.append(ss.Run("uda", [dict(record(), args={**record()["args"], "task": "domain_adaptation"})], True))
-    results = ss.summarise(runs)
+    runs.append(run_folders.Run("copy", [record(source=0)], True))
+    runs.append(run_folders.Run("junk", [{"hello": 1}], True))
+    uda = dict(record(), args={**record()["args"], "task": "domain_adaptation"})
+    runs.append(run_folders.Run("uda", [uda], True))
+    results = selection.summarise(runs)
     assert any(p.startswith("D/ERM source 0 trial 0 hparams_seed 0: ambiguous: folders ERM-0-0-0, copy")
                for p in results.problems)
     assert any("folder junk: its records are not DomainBed train records" in p for p in results.problems)
@@ -199,36 +203,36 @@ def test_load_runs_tolerates_a_job_writing_its_last_line(tmp_path):
     (tmp_path / "results.txt").write_text("DomainBed's collect_results writes files here")
     (tmp_path / "submitit").mkdir()  # the submitit launcher's logs: not a job
     (tmp_path / ("0" * 32)).mkdir()  # a job folder made by Job.launch, its job not started
-    not_started, a, b = ss.load_runs(tmp_path)  # sorted by name
+    not_started, a, b = run_folders.load_runs(tmp_path)  # sorted by name
     assert (not_started.folder, not_started.records, not_started.done) == ("0" * 32, [], False)
     assert (a.folder, len(a.records), a.done, a.error) == ("a", 1, False, None)
     assert (b.folder, b.records, b.error) == ("b", [], "line 1 of results.jsonl is not JSON")
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        ss.load_runs(tmp_path / "nope")
+        run_folders.load_runs(tmp_path / "nope")
 
 
 def test_formats_and_ordering():
-    results = ss.summarise(grid(algorithms=("ITL", "ERM")))
-    latex = ss.render_report(results, "latex", algorithms=["ITL", "ERM"],
+    results = selection.summarise(grid(algorithms=("ITL", "ERM")))
+    latex = tables.render_report(results, "latex", algorithms=["ITL", "ERM"],
                              env_names={"D": ["Art", "Cartoon", "Photo"]})
     assert "\\begin{tabular}{lcccc}" in latex and "$\\pm$" in latex
     assert "\\textbf{Art -> Cartoon/Photo}" in latex
     assert latex.index("\nITL &") < latex.index("\nERM &")
-    markdown = ss.render_report(results, "markdown")
+    markdown = tables.render_report(results, "markdown")
     assert "| Algorithm | 0 -> 1/2 | 1 -> 0/2 | 2 -> 0/1 | Avg |" in markdown
     assert "| ERM | 50.0/50.0 50.0 ± 0.0 |" in markdown
     with pytest.raises(ValueError, match="algorithm 'SagNet' not in the results; they hold ERM, ITL"):
-        ss.render_report(results, algorithms=["ERM", "SagNet"])
+        tables.render_report(results, algorithms=["ERM", "SagNet"])
     with pytest.raises(ValueError, match="D has 3 domains in the records but 2 names"):
-        ss.render_report(results, env_names={"D": ["a", "b"]})
+        tables.render_report(results, env_names={"D": ["a", "b"]})
     with pytest.raises(ValueError, match="unknown format 'html'"):
-        ss.render_report(results, "html")
+        tables.render_report(results, "html")
 
 
 def test_scores_for_significance_use_complete_cells_only():
     runs = grid(algorithms=("ERM", "ITL"), acc=lambda a, s, t, h: 0.5 if a == "ERM" else 0.6 + 0.1 * s)
     runs = [r for r in runs if r.folder != "ITL-2-1-1"]
-    results = ss.summarise(runs)
+    results = selection.summarise(runs)
     by_domain = results.scores("domain", ["ERM", "ITL"], ["D"], {"D": ["a", "b", "c"]})
     assert by_domain == {"D:a": {"ERM": 0.5, "ITL": pytest.approx(0.6)},
                          "D:b": {"ERM": 0.5, "ITL": pytest.approx(0.7)}, "D:c": {"ERM": 0.5}}
@@ -243,7 +247,7 @@ def test_scores_for_significance_use_complete_cells_only():
 
 
 def _fixture_results():
-    return ss.summarise(ss.load_runs(FIXTURE), ss.read_manifest(FIXTURE))
+    return selection.summarise(run_folders.load_runs(FIXTURE), run_folders.read_manifest(FIXTURE))
 
 
 def test_fixture_of_real_domainbed_runs():
@@ -287,7 +291,7 @@ def test_report_command_on_the_fixture_without_domainbed(tmp_path):
     assert "ignored multi-source runs: 12 (24 records)" in out and "WARNING" not in out
     results = _fixture_results()
     for algorithm in ("ERM", "ITL"):
-        cells = [ss.format_cell(results.cells["Debug28", algorithm, s]) for s in range(3)]
+        cells = [tables.format_cell(results.cells["Debug28", algorithm, s]) for s in range(3)]
         assert re.search(rf"^{algorithm}\s+" + r"\s+".join(map(re.escape, cells)), out, flags=re.M), out
         for cell in cells:  # every source x target: two target accuracies, mean +/- SE
             assert re.fullmatch(r"\d+\.\d/\d+\.\d \d+\.\d \+/- \d+\.\d", cell)
@@ -307,10 +311,11 @@ def test_report_command_on_the_fixture_without_domainbed(tmp_path):
 def test_report_command_names_a_run_that_lost_its_done_marker(tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(FIXTURE, copy)
-    job = next(j for j in ss.read_manifest(copy) if j.key == ss.RunKey("Debug28", "ITL", 1, 0, 1))
+    key = run_folders.RunKey("Debug28", "ITL", 1, 0, 1)
+    job = next(j for j in run_folders.read_manifest(copy) if j.key == key)
     (copy / job.folder / "done").unlink()
-    shutil.rmtree(copy / next(j.folder for j in ss.read_manifest(copy)
-                              if j.key == ss.RunKey("Debug28", "ERM", 2, 1, 0)))
+    shutil.rmtree(copy / next(j.folder for j in run_folders.read_manifest(copy)
+                              if j.key == run_folders.RunKey("Debug28", "ERM", 2, 1, 0)))
     out = _collect("--input_dir", str(copy), env=_no_domainbed_env()).stdout
     assert "WARNING: 2 missing or incomplete runs" in out
     assert f"Debug28/ITL source 1 trial 0 hparams_seed 1: folder {job.folder} has no `done` marker" in out
@@ -379,21 +384,20 @@ def test_single_source_args_complement_the_test_env():
         seen.append(values)
         return len(seen)
 
-    out = sweep.single_source_args(args_list, lambda d: 4, seed_hash, sources=[1, 3], checkpoint_freq=7)
+    out = planning.single_source_args(args_list, lambda d: 4, seed_hash, sources=[1, 3], checkpoint_freq=7)
     assert [(a["test_envs"], s) for a, s in out] == [([0, 2, 3], 1)] * 2 + [([0, 1, 2], 3)] * 2
     assert seen[0] == ("Four", "ERM", [0, 2, 3], 0, 0)  # DomainBed's seed recipe, new test envs
     assert [a["seed"] for a, _ in out] == [1, 2, 3, 4] and all(a["checkpoint_freq"] == 7 for a, _ in out)
     assert args_list[2]["test_envs"] == [1]  # the input is not modified
-    assert "checkpoint_freq" not in sweep.single_source_args(args_list, lambda d: 4, seed_hash)[0][0]
+    assert "checkpoint_freq" not in planning.single_source_args(args_list, lambda d: 4, seed_hash)[0][0]
 
 
-def test_export_checkout_puts_it_first_once():
-    environ = {"PYTHONPATH": os.pathsep.join(["/a", "/db", "/b"])}
-    sweep.export_checkout(Path("/db"), environ)
-    assert environ["PYTHONPATH"] == os.pathsep.join(["/db", "/a", "/b"])
-    empty = {}
-    sweep.export_checkout(Path("/db"), empty)
-    assert empty == {"PYTHONPATH": "/db"}
+def test_with_pythonpath_puts_the_checkout_first_once():
+    environ = {"PYTHONPATH": os.pathsep.join(["/a", "/db", "/b"]), "OTHER": "x"}
+    env = with_pythonpath(Path("/db"), environ)
+    assert env == {"PYTHONPATH": os.pathsep.join(["/db", "/a", "/b"]), "OTHER": "x"}
+    assert environ["PYTHONPATH"] == os.pathsep.join(["/a", "/db", "/b"])  # a copy: not modified
+    assert with_pythonpath("/db", {}) == {"PYTHONPATH": "/db"}
 
 
 def test_submitit_settings_come_from_flags(tmp_path, monkeypatch):
@@ -461,7 +465,7 @@ def test_debug28_sweep_runs_end_to_end(debug_sweep):
         (a, t) for a in ("ERM", "ITL") for t in ((0, 1), (0, 2), (1, 2))]
     assert {r["hparams"]["batch_size"] for r in records} == {8}
     assert all(r["hparams"]["itl_loss"] == "ITL" for r in records if r["args"]["algorithm"] == "ITL")
-    assert len(ss.read_manifest(out)) == 6
+    assert len(run_folders.read_manifest(out)) == 6
     # DomainBed's own collect_results reads the folder.
     collected = subprocess.run([sys.executable, "-m", "domainbed.scripts.collect_results", "--input_dir",
                                 str(out)], capture_output=True, text=True, env=domainbed_env(root),

@@ -30,6 +30,21 @@ def test_neumann_is_exactly_the_scaled_truncated_series(steps, alpha):
     torch.testing.assert_close(got, closed, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("steps,alpha", [(0, 0.1), (2, 0.1), (15, 0.01)])
+def test_unscaled_neumann_is_algorithm_2_as_printed(steps, alpha):
+    a, b = _spd(5, seed=3), _rhs(5, seed=4)
+    # Algorithm 2 by hand: v = p = b; J times v -= α A v, p += v; return p (no α in front).
+    v, p = b.tolist(), b.tolist()
+    rows = a.tolist()
+    for _ in range(steps):
+        av = [sum(r[k] * v[k] for k in range(5)) for r in rows]
+        v = [vi - alpha * avi for vi, avi in zip(v, av)]
+        p = [pi + vi for pi, vi in zip(p, v)]
+    got = neumann(lambda w: a @ w, b, steps=steps, alpha=alpha, scale=False)
+    torch.testing.assert_close(got, torch.tensor(p, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got * alpha, neumann(lambda w: a @ w, b, steps=steps, alpha=alpha))
+
+
 def test_neumann_converges_to_the_inverse():
     a, b = _spd(8), _rhs(8)
     got = neumann(lambda v: a @ v, b, steps=400, alpha=0.5)  # eigenvalues in (0, 2/α)

@@ -133,6 +133,47 @@ def test_backends_agree_on_a_large_batch():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def _never_built():
+    raise AssertionError("the C++ kernel was loaded on the default path")
+
+
+def test_the_default_path_never_loads_the_kernel(monkeypatch):
+    monkeypatch.delenv(cpu_kernel.ENV, raising=False)
+    monkeypatch.setattr(cpu_kernel, "load", _never_built)
+    logits = torch.randn(4, 3, requires_grad=True)
+    TaylorLoss()(logits, torch.tensor([0, 1, 2, 0])).backward()
+    monkeypatch.setenv(cpu_kernel.ENV, "0")
+    TaylorLoss()(logits, torch.tensor([0, 1, 2, 0])).backward()
+
+
+def test_the_environment_variable_opts_in(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "load", lambda: calls.append(1))  # None: "auto" falls back
+    monkeypatch.setenv(cpu_kernel.ENV, "1")
+    logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    assert TaylorLoss()(logits, target) == TaylorLoss(backend="torch")(logits, target)
+    assert calls == [1]
+    monkeypatch.setenv(cpu_kernel.ENV, "yes")
+    with pytest.raises(ValueError, match="DOMAINBED_ITL_CPU_KERNEL must be 1 .* or 0, got 'yes'"):
+        TaylorLoss()(logits, target)
+
+
+def test_a_fresh_process_compiles_nothing_by_default(tmp_path):
+    """ITL training steps on the CPU leave torch's extension cache empty (nothing is built)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from domainbed_itl.losses import TaylorLoss; "
+            "z = torch.randn(8, 5, requires_grad=True); "
+            "TaylorLoss()(z, torch.randint(0, 5, (8,))).backward(); print(z.grad.abs().sum() > 0)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
+    env.pop(cpu_kernel.ENV, None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "tensor(True)", result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend must be one of auto, cpp, torch, got 'cuda'"):
         TaylorLoss(backend="cuda")

@@ -1,26 +1,47 @@
-"""The fused C++ CPU kernel of the fixed-ω Taylor loss, compiled on first use.
+"""The fused C++ CPU kernel of the fixed-ω Taylor loss: opt-in, compiled on first use.
 
-torch.utils.cpp_extension builds `taylor_kernel.cpp` once per source version into torch's
-extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), which later
-processes load in milliseconds. It needs a C++ compiler and ninja; where the build fails,
-`load()` returns None, the reason is kept in `load_error()`, and TaylorLoss uses its pure-torch
-path with a one-time warning.
+By default nothing is compiled: `TaylorLoss` runs its fused pure-torch path, which on DomainBed's
+MNIST CNN step measured as fast as the kernel (bench/loss_speed.py), and GPUs never use the
+kernel. Opt in with the environment variable `DOMAINBED_ITL_CPU_KERNEL=1` (inherited by
+DomainBed's training subprocesses) or `TaylorLoss(backend="cpp")`.
+
+torch.utils.cpp_extension then builds `taylor_kernel.cpp` once per source version into torch's
+extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions; about 30 s, needing
+a C++ compiler and ninja: `pip install domainbed-itl[cpu_kernel]`), which later processes load in
+milliseconds. Where the build fails, `load()` returns None, the reason is kept in
+`load_error()`, and "auto" falls back to the pure-torch path with a one-time warning.
+
+Cluster hazard: the jobs of a cluster usually share one extension cache, and the build holds a
+lock file there. A job killed while building leaves the lock behind, and every later job that
+wants the kernel waits on it forever. Build it once before launching (`python -c "from
+domainbed_itl.losses import cpu_kernel; print(cpu_kernel.load())"`), or give each job its own
+TORCH_EXTENSIONS_DIR; a stale `lock` file in the cache folder can be deleted by hand.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
 SOURCE = Path(__file__).with_name("taylor_kernel.cpp")
+ENV = "DOMAINBED_ITL_CPU_KERNEL"
 _state: dict = {}
 
 
+def enabled() -> bool:
+    """Whether the user opted in to the kernel: DOMAINBED_ITL_CPU_KERNEL=1 (0 or unset: no)."""
+    value = os.environ.get(ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV} must be 1 (use the compiled C++ kernel on CPU) or 0, got {value!r}")
+    return value == "1"
+
+
 def load() -> Optional[ModuleType]:
-    """The compiled kernel module, or None where it cannot be built here."""
+    """The compiled kernel module (built now if need be), or None where it cannot be built."""
     if "module" not in _state:
         quiet = logging.getLogger("torch.utils.cpp_extension")
         level = quiet.level
@@ -36,7 +57,7 @@ def load() -> Optional[ModuleType]:
             _state["module"] = None
             _state["error"] = f"{type(error).__name__}: {error}"
             warnings.warn("domainbed-itl: the C++ Taylor-loss kernel could not be built, using the "
-                          f"slower pure-torch path ({_state['error'].splitlines()[0]})")
+                          f"slower pure-torch path ({_state['error'].splitlines()[0]})", stacklevel=3)
         finally:
             quiet.setLevel(level)
     return _state["module"]

@@ -17,7 +17,8 @@ Three implementations, one definition:
 - `taylor_loss`: Horner's scheme with plain torch ops, differentiable in the logits *and* in ω,
   torch.func friendly; the meta-learner uses it.
 - `TaylorLoss`: a module for fixed ω whose custom autograd function computes the loss and its
-  closed-form gradient in one pass; DomainBed training uses it.
+  closed-form gradient in one pass; DomainBed training uses it (on CPUs, optionally through a
+  compiled C++ kernel: cpu_kernel.py).
 """
 
 from __future__ import annotations
@@ -217,9 +218,10 @@ class TaylorLoss(torch.nn.Module):
     forward(logits, target, reduction="mean") -> -(1/C) Σ_c ℓ_ω(softmax(logits)_c, onehot_c),
     computed with a fused closed-form gradient; ω is a buffer, not trained. The gradient is
     first-order only (double backward raises); use `taylor_loss` where second order is needed.
-    backend: on CPU tensors "auto" uses the compiled C++ kernel when it can be built and the
-    pure-torch fused ops otherwise; "cpp" requires the kernel; "torch" never uses it. Other
-    devices always use the torch ops.
+    backend: "auto" (the default) runs the pure-torch fused ops, or on CPU tensors the compiled
+    C++ kernel when DOMAINBED_ITL_CPU_KERNEL=1 and it can be built (see cpu_kernel.py: it is
+    compiled on first use, so it is opt-in); "cpp" requires the kernel on CPU tensors; "torch"
+    never uses it. Other devices always use the torch ops.
     """
 
     BACKENDS = ("auto", "cpp", "torch")
@@ -251,7 +253,8 @@ class TaylorLoss(torch.nn.Module):
             constant = scale * (logits.shape[1] * self._constants[0] + self._constants[1])
             self._folded = {key: (self._m0.to(logits) * scale, self._md.to(logits) * scale, constant)}
         kernel = None
-        if logits.device.type == "cpu" and self.backend != "torch":
+        if logits.device.type == "cpu" and (self.backend == "cpp" or
+                                            (self.backend == "auto" and cpu_kernel.enabled())):
             kernel = cpu_kernel.load()
             if kernel is None and self.backend == "cpp":
                 raise RuntimeError(f"the C++ Taylor-loss kernel is unavailable: {cpu_kernel.load_error()}")

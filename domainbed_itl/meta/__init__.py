@@ -7,7 +7,7 @@ from .data import DomainData, check_domains, synthetic_domains
 from .hypergradient import flatten_module, implicit_grad
 from .runner import RunDirError, run_meta_training
 from .solvers import cg, dense, neumann
-from .surgery import mean, pcgrad
+from .aggregators import mean, pcgrad
 from .trainer import MetaConfig, MetaTrainer, NonFiniteError, mlp, step_generator
 
 __all__ = [

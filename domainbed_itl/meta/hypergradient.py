@@ -17,17 +17,26 @@ from .solvers import Solver
 
 
 def implicit_grad(inner_grad: Callable[[Tensor, Tensor], Tensor], theta: Tensor, omega: Tensor,
-                  v: Tensor, solve: Solver) -> Tensor:
+                  v: Tensor, solve: Solver,
+                  return_adjoint: bool = False) -> Tensor | Tuple[Tensor, Tensor]:
     """dM/dω for M(θ*(ω)) with v = ∂M/∂θ at θ*, where inner_grad(θ, ω) = ∂L_ω/∂θ vanishes at θ*.
 
     θ, v and ω are flat 1-D tensors and the result has ω's shape; `solve(matvec, b)` approximates
     (Hᵀ)⁻¹ b from products with Hᵀ (see solvers.py). M must not depend on ω directly.
+    `return_adjoint=True` also returns u = solve(Hᵀ, −v), e.g. to measure the solve's residual.
     """
     # Eq. 4-5 (IFT), H = ∂²L/∂θ∂θᵀ: dθ*/dω = −H⁻¹ ∂²L/∂θ∂ω, so dM/dω = uᵀ ∂²L/∂θ∂ω with Hᵀu = −v.
     _, hessian_t = vjp(lambda t: inner_grad(t, omega), theta)
     u = solve(lambda w: hessian_t(w)[0], -v)
     _, mixed_t = vjp(lambda o: inner_grad(theta, o), omega)
-    return mixed_t(u)[0]
+    return (mixed_t(u)[0], u) if return_adjoint else mixed_t(u)[0]
+
+
+def adjoint_residual(inner_grad: Callable[[Tensor, Tensor], Tensor], theta: Tensor, omega: Tensor,
+                     v: Tensor, u: Tensor) -> Tensor:
+    """‖Hᵀu + v‖ / ‖v‖: how far u is from solving Hᵀu = −v, the linear system of implicit_grad."""
+    _, hessian_t = vjp(lambda t: inner_grad(t, omega), theta)
+    return (hessian_t(u)[0] + v).norm() / v.norm()
 
 
 def flatten_module(module: nn.Module) -> Tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -113,7 +114,8 @@ def _prepare(output_dir: Path, resume: bool, overwrite: bool) -> Optional[Dict[s
 
 def _check_resumable(ckpt: Dict[str, Any], config: MetaConfig, fingerprint: Dict[str, Any],
                      init_omega: List[float], path: Path) -> None:
-    saved = ckpt["config"]
+    # Settings added after a checkpoint was written took their default values there.
+    saved = {**MetaConfig().to_dict(), **ckpt["config"]}
     wanted = config.to_dict()
     changed = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in wanted.items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
@@ -128,13 +130,25 @@ def _check_resumable(ckpt: Dict[str, Any], config: MetaConfig, fingerprint: Dict
                           "from the same --init as the interrupted run")
 
 
+def source_commit() -> Optional[str]:
+    """The git commit of this package's source tree, or None outside a git checkout."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
 def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os.PathLike, *,
                       init: Optional[LossSpec] = None, resume: bool = False,
                       overwrite: bool = False, device: str | torch.device = "cpu",
-                      progress: bool = True) -> MetaTrainer:
+                      progress: bool = True,
+                      provenance: Optional[Dict[str, Any]] = None) -> MetaTrainer:
     """Meta-train on `data` into `output_dir` until config.outer_steps outer steps are done.
 
     init: the starting loss (its family must be config's); None starts from the family default.
+    provenance: extra entries for loss.json's provenance (e.g. the command and preset).
     Raises RunDirError for an unusable output dir and NonFiniteError (after keeping the last
     good checkpoint) when ω, a loss or a hypergradient stops being finite.
     """
@@ -154,14 +168,18 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
         records = list(ckpt["metrics"])
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    def provenance() -> Dict[str, Any]:
+    commit = source_commit()
+
+    def full_provenance() -> Dict[str, Any]:
         return {"meta_train_dataset": data.name, "steps": trainer.steps_done, "seed": config.seed,
-                "package_version": __version__, "meta_config": config.to_dict(),
-                "data": {k: v for k, v in fingerprint.items() if k != "sha256"}}
+                "package_version": __version__, "source_commit": commit, **(provenance or {}),
+                "meta_config": config.to_dict(),
+                "data": {**{k: v for k, v in fingerprint.items() if k != "sha256"}, **data.info},
+                "init_omega": init_omega}
 
     def write_views() -> None:
         _write_metrics(output_dir / METRICS, records)
-        spec = LossSpec(config.family, config.order, trainer.omega.tolist(), provenance())
+        spec = LossSpec(config.family, config.order, trainer.omega.tolist(), full_provenance())
         save_loss(output_dir / LOSS, spec, overwrite=True)
 
     if ckpt is not None:

@@ -27,10 +27,13 @@ def _check_rhs(b: Tensor) -> None:
         raise ValueError(f"solvers work on flat 1-D tensors, got b of shape {tuple(b.shape)}")
 
 
-def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01) -> Tensor:
+def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01,
+            scale: bool = True) -> Tensor:
     """Truncated Neumann series α Σ_{j=0..steps} (I − αA)^j b ≈ A⁻¹ b (Eq. 6, Algorithm 2).
 
-    Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α).
+    Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α). `scale=False`
+    returns Σ_{j=0..steps} (I − αA)^j b without the factor α, as Algorithm 2 is printed: an
+    estimate of A⁻¹ b / α, which makes every hypergradient 1/α times larger.
     """
     _check_rhs(b)
     if steps < 0:
@@ -41,8 +44,7 @@ def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01) -> 
     for _ in range(steps):  # Algorithm 2: v -= α A v; p += v
         v = v - alpha * matvec(v)
         p = p + v
-    # Algorithm 2 drops the α factor; the true inverse series needs it.
-    return alpha * p
+    return alpha * p if scale else p
 
 
 def cg(matvec: MatVec, b: Tensor, maxiter: int = 15, tol: float = 1e-6) -> Tensor:
@@ -72,6 +74,30 @@ def cg(matvec: MatVec, b: Tensor, maxiter: int = 15, tol: float = 1e-6) -> Tenso
     return x
 
 
+def minres(matvec: MatVec, b: Tensor, maxiter: int = 200, tol: float = 1e-8) -> Tensor:
+    """MINRES (scipy.sparse.linalg.minres) for symmetric A that may be indefinite.
+
+    The reference solver of the diagnostics: a Hessian away from a minimum has negative
+    eigenvalues, on which CG breaks down. Runs in float64 on the CPU, calling `matvec` once per
+    iteration; data-dependent, so not for vmap.
+    """
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator
+    from scipy.sparse.linalg import minres as scipy_minres
+
+    _check_rhs(b)
+    if maxiter < 1:
+        raise ValueError(f"minres maxiter must be >= 1, got {maxiter!r}")
+
+    def product(x: "np.ndarray") -> "np.ndarray":
+        return matvec(torch.from_numpy(x).to(b)).detach().cpu().double().numpy()
+
+    n = b.numel()
+    operator = LinearOperator((n, n), matvec=product, dtype=np.float64)
+    x, _ = scipy_minres(operator, b.detach().cpu().double().numpy(), rtol=tol, maxiter=maxiter)
+    return torch.from_numpy(x).to(b)
+
+
 def dense(matvec: MatVec, b: Tensor) -> Tensor:
     """Exact solve: materialise A column by column from matvec, then torch.linalg.solve. Tests only."""
     _check_rhs(b)
@@ -80,4 +106,4 @@ def dense(matvec: MatVec, b: Tensor) -> Tensor:
     return torch.linalg.solve(a, b)
 
 
-SOLVERS = {"neumann": neumann, "cg": cg, "dense": dense}
+SOLVERS = {"neumann": neumann, "cg": cg, "minres": minres, "dense": dense}

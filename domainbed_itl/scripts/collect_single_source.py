@@ -6,7 +6,7 @@
 Prints, like DomainBed's collect_results: per dataset, Table 10 (rows: algorithms; columns:
 source domains; cell: the accuracy on every target, '/'-separated, then their mean +/- standard
 error over trials), then Table 4 (rows: algorithms; columns: datasets; the mean over sources and
-targets). Model selection is source-domain validation; see domainbed_itl.single_source for the
+targets). Model selection is source-domain validation; see domainbed_itl.single_source.selection for the
 protocol. Runs that are missing, unfinished or unreadable are listed by dataset, algorithm,
 source, trial and hparams seed, and cells without all their trials say so. DomainBed is not
 needed; when it is importable (or --domainbed_root is given) its domain names label the columns
@@ -17,31 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 from ..atomic import OutputExists, write_atomic
-from ..domainbed_env import DomainBedNotFound, import_domainbed
-from ..single_source import (SingleSourceResults, load_runs, read_manifest, render_report,
-                             summarise)
-
-
-def domainbed_labels(results: SingleSourceResults, domainbed_root: Optional[str]
-                     ) -> Tuple[Optional[Dict[str, List[str]]], Optional[List[str]], Optional[List[str]]]:
-    """Domain names, algorithm order and dataset order from DomainBed; Nones without it."""
-    try:
-        datasets = import_domainbed(domainbed_root, "domainbed.datasets")
-        algorithms = import_domainbed(domainbed_root, "domainbed.algorithms")
-    except DomainBedNotFound:
-        if domainbed_root is not None:
-            raise
-        return None, None, None
-    names = {d: list(datasets.get_dataset_class(d).ENVIRONMENTS) for d in results.datasets
-             if d in datasets.DATASETS}
-    algorithm_order = ([a for a in algorithms.ALGORITHMS if a in results.algorithms] +
-                       [a for a in results.algorithms if a not in algorithms.ALGORITHMS])
-    dataset_order = ([d for d in datasets.DATASETS if d in results.datasets] +
-                     [d for d in results.datasets if d not in datasets.DATASETS])
-    return names, algorithm_order, dataset_order
+from ..domainbed_env import DomainBedNotFound, optional_domainbed
+from ..single_source.runs import load_runs, read_manifest
+from ..single_source.selection import summarise
+from ..single_source.tables import domainbed_labels, render_report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -64,7 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not results.cells:
             raise ValueError(f"no single-source runs in {args.input_dir} "
                              f"({results.ignored_multi_source_runs} multi-source runs ignored)")
-        env_names, algorithm_order, dataset_order = domainbed_labels(results, args.domainbed_root)
+        found = optional_domainbed(args.domainbed_root, "domainbed.datasets", "domainbed.algorithms")
+        env_names, algorithm_order, dataset_order = (domainbed_labels(results, *found) if found
+                                                     else (None, None, None))
         report = render_report(results, fmt, args.algorithms or algorithm_order,
                                args.datasets or dataset_order, env_names, source=args.input_dir)
         if args.output:

@@ -19,6 +19,7 @@ Writes loss_landscape.png and loss_landscape.json; prints λ, the residual and t
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -106,9 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "target_examples": len(target),
                       "top_eigenvalue": value, "residual": residual(matvec, value, vector),
                       "ritz_values": pairs.values.tolist(), "lanczos_steps": pairs.steps, "t": ts,
-                      "source_loss": landscape_1d(lambda p: mean_loss(flat, loss, source_batches, p),
+                      "source_loss": landscape_1d(functools.partial(mean_loss, flat, loss, source_batches),
                                                   theta, vector, ts),
-                      "target_loss": landscape_1d(lambda p: mean_loss(flat, loss, target_batches, p),
+                      "target_loss": landscape_1d(functools.partial(mean_loss, flat, loss, target_batches),
                                                   theta, vector, ts)}
             results.append(result)
             mid, end = len(ts) // 2, len(ts) - 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 from typing import Optional, Sequence, Tuple
 
@@ -21,9 +22,14 @@ import torch
 from ..domainbed_env import DomainBedNotFound
 from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
 from ..losses.taylor import MAX_ORDER, MIN_ORDER
+from ..meta.aggregators import AGGREGATORS, REDUCTIONS
 from ..meta.data import DomainData, synthetic_domains
+from ..meta.inner import INNER_OPTIMIZERS
+from ..meta.presets import GUESSES, PRESETS, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir, run_meta_training
-from ..meta.trainer import OUTER_OPTIMIZERS, MetaConfig, NonFiniteError
+from ..meta.trainer import NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, NonFiniteError
+
+DEFAULT_PRESET = "paper"
 
 FAMILY_CHOICES = tuple(f"taylor{k}" for k in range(MIN_ORDER, MAX_ORDER + 1)) + ("taylor", "sce")
 
@@ -67,15 +73,17 @@ def _widths(text: str) -> Tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
+    """The command-line interface. Settings left out come from --preset, then MetaConfig."""
     p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.meta_train",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = MetaConfig()
+                                description=__doc__.split("\n\n")[0], epilog=_presets_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                   help=f"named settings (default {DEFAULT_PRESET}); explicit flags override them")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="RotatedMNIST",
-                      help="a DomainBed dataset name, or 'synthetic'")
-    data.add_argument("--data_dir", default="./data", help="DomainBed's --data_dir")
+                      help="a DomainBed dataset name, or 'synthetic' (default RotatedMNIST)")
+    data.add_argument("--data_dir", default=None,
+                      help="DomainBed's --data_dir (needed for every dataset but 'synthetic')")
     data.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
                       help="DomainBed checkout, taken from $DOMAINBED_ROOT when that is set; "
                            "without one, `import domainbed` must work")
@@ -90,50 +98,93 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no_progress", action="store_true", help="no progress bar")
     loss = p.add_argument_group("loss")
     loss.add_argument("--family", choices=FAMILY_CHOICES, default=None, metavar="FAMILY",
-                      help=f"one of {', '.join(FAMILY_CHOICES)} (taylor needs --order); default "
-                           "taylor4, or the --init file's family")
+                      help=f"one of {', '.join(FAMILY_CHOICES)} (taylor needs --order); default: "
+                           "the --init file's family, else the preset's")
     loss.add_argument("--order", type=int, default=None, help="Taylor order with --family taylor")
     loss.add_argument("--init", default=None,
-                      help="start from this loss file (or preset, e.g. ITL); default: the family's "
-                           "default, for Taylor losses the Taylor expansion of cross-entropy")
+                      help="start from this loss file or preset loss (e.g. ITL); default: the "
+                           "family's default, for Taylor losses the Taylor expansion of "
+                           "cross-entropy")
     outer = p.add_argument_group("outer loop (Algorithm 1)")
-    outer.add_argument("--outer_steps", type=_positive_int, default=d.outer_steps)
-    outer.add_argument("--outer_optimizer", choices=OUTER_OPTIMIZERS, default=d.outer_optimizer,
+    outer.add_argument("--outer_steps", type=_positive_int)
+    outer.add_argument("--outer_optimizer", choices=OUTER_OPTIMIZERS,
                        help="sgd is Algorithm 1's plain gradient descent")
-    outer.add_argument("--outer_lr", type=_positive_float, default=d.outer_lr)
-    outer.add_argument("--aggregate", choices=("pcgrad", "mean"), default=d.aggregate)
-    outer.add_argument("--outer_batch", type=_positive_int, default=d.outer_batch,
+    outer.add_argument("--outer_lr", type=_positive_float)
+    outer.add_argument("--aggregate", choices=tuple(AGGREGATORS))
+    outer.add_argument("--aggregate_reduction", choices=REDUCTIONS,
+                       help="sum the per-domain hypergradients (Yu et al.'s PCGrad, the paper) "
+                            "or average them")
+    outer.add_argument("--outer_batch", type=_positive_int,
                        help="held-out examples for M per domain (default: the whole domain)")
-    outer.add_argument("--eval_size", type=_positive_int, default=d.eval_size,
-                       help="source examples for the logged inner source accuracy")
+    outer.add_argument("--eval_size", type=_positive_int,
+                       help="source examples for the logged inner source accuracy and gradient norm")
     inner = p.add_argument_group("inner loop")
-    inner.add_argument("--inner_steps", type=_positive_int, default=d.inner_steps)
-    inner.add_argument("--inner_lr", type=_positive_float, default=d.inner_lr)
-    inner.add_argument("--batch_size", type=_positive_int, default=d.batch_size)
-    inner.add_argument("--hidden", type=_widths, default=d.hidden,
+    inner.add_argument("--inner_steps", type=_positive_int)
+    inner.add_argument("--inner_optimizer", choices=INNER_OPTIMIZERS)
+    inner.add_argument("--inner_lr", type=_positive_float)
+    inner.add_argument("--inner_momentum", type=float, help="with --inner_optimizer momentum")
+    inner.add_argument("--warm_start", action=argparse.BooleanOptionalAction,
+                       help="continue training the previous outer step's inner networks instead "
+                            "of fresh ones (online IFT)")
+    inner.add_argument("--batch_size", type=_positive_int)
+    inner.add_argument("--hidden", type=_widths,
                        help="hidden widths of the base MLP, e.g. 256 (two weight layers)")
     hyper = p.add_argument_group("implicit gradient (Algorithm 2)")
-    hyper.add_argument("--solver", choices=("neumann", "cg"), default=d.solver)
-    hyper.add_argument("--neumann_steps", type=_positive_int, default=d.neumann_steps)
-    hyper.add_argument("--neumann_alpha", type=_positive_float, default=d.neumann_alpha)
-    hyper.add_argument("--cg_maxiter", type=_positive_int, default=d.cg_maxiter)
-    hyper.add_argument("--cg_tol", type=float, default=d.cg_tol)
-    hyper.add_argument("--hvp_batch", type=_positive_int, default=d.hvp_batch,
+    hyper.add_argument("--solver", choices=("neumann", "cg"))
+    hyper.add_argument("--neumann_steps", type=_positive_int)
+    hyper.add_argument("--neumann_alpha", type=_positive_float)
+    hyper.add_argument("--neumann_form", choices=NEUMANN_FORMS,
+                       help="inverse: α Σ (I-αH)^j v, an estimate of H^-1 v; algorithm2: the sum "
+                            "without α, as Algorithm 2 is printed")
+    hyper.add_argument("--cg_maxiter", type=_positive_int)
+    hyper.add_argument("--cg_tol", type=float)
+    hyper.add_argument("--hvp_batch", type=_positive_int,
                        help="source examples in the Hessian-vector products")
+    hyper.add_argument("--max_solver_residual", type=_positive_float,
+                       help="leave out of the update every domain whose linear solve has a "
+                            "larger relative residual (1: worse than no solve, as a diverging "
+                            "Neumann series); no update when none is left")
+    diag = p.add_argument_group("diagnostics")
+    diag.add_argument("--reference_every", type=_nonnegative_int,
+                      help="every K outer steps, compare one domain's hypergradient with a long "
+                           "MINRES solve (0: never)")
+    diag.add_argument("--reference_maxiter", type=_positive_int,
+                      help="MINRES iterations of that reference solve")
     run = p.add_argument_group("execution")
-    run.add_argument("--batched", action="store_true",
-                     help="run the per-domain inner loops together with torch.func.vmap")
+    run.add_argument("--batched", action=argparse.BooleanOptionalAction,
+                     help="train the per-domain inner networks as one stack and vmap their "
+                          "hypergradients")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    run.add_argument("--seed", type=_nonnegative_int, default=d.seed)
+    run.add_argument("--seed", type=_nonnegative_int)
     return p
 
 
-def _family(args: argparse.Namespace, init: Optional[LossSpec]) -> Tuple[str, Optional[int]]:
-    """(family, order) from --family/--order, checked against the --init loss."""
+CONFIG_FLAGS = ("outer_steps", "outer_optimizer", "outer_lr", "aggregate", "aggregate_reduction",
+                "outer_batch", "eval_size", "inner_steps", "inner_optimizer", "inner_lr",
+                "inner_momentum", "warm_start", "batch_size", "hidden", "solver", "neumann_steps",
+                "neumann_alpha", "neumann_form", "cg_maxiter", "cg_tol", "hvp_batch",
+                "max_solver_residual", "reference_every", "reference_maxiter", "batched", "seed")
+
+
+def _presets_help() -> str:
+    lines = ["presets (values that differ from MetaConfig's defaults):"]
+    defaults = MetaConfig().to_dict()
+    for name, values in PRESETS.items():
+        changed = ", ".join(f"{k}={v}" for k, v in values.items() if defaults.get(k) != v)
+        lines.append(f"  {name}: {changed}")
+        lines += [f"    guessed: {k}: {why}" for k, why in GUESSES.get(name, {}).items()]
+    defaults_text = ", ".join(f"{k}={v}" for k, v in defaults.items())
+    return "\n".join(lines + ["MetaConfig defaults: " + defaults_text])
+
+
+def _family(args: argparse.Namespace,
+            init: Optional[LossSpec]) -> Optional[Tuple[str, Optional[int]]]:
+    """(family, order) from --family/--order, checked against the --init loss; None if neither
+    says (the preset's family then applies)."""
     if args.family is None:
         if args.order is not None:
             raise ValueError(f"--order {args.order} needs --family taylor")
-        return (init.family, init.order) if init is not None else ("taylor", 4)
+        return (init.family, init.order) if init is not None else None
     if args.family.startswith("taylor") and args.family != "taylor":
         order = int(args.family[len("taylor"):])
         if args.order is not None and args.order != order:
@@ -167,9 +218,18 @@ def _device(text: str) -> torch.device:
 def _load_data(args: argparse.Namespace) -> DomainData:
     if args.dataset == "synthetic":
         return synthetic_domains(per_domain=args.per_domain_cap or 500, seed=args.data_seed)
+    if args.data_dir is None:
+        raise ValueError(f"--dataset {args.dataset} needs --data_dir, the folder DomainBed reads "
+                         "its data from")
     from ..meta.domainbed_data import load_domainbed_domains
     return load_domainbed_domains(args.dataset, args.data_dir, args.domainbed_root,
                                   args.per_domain_cap, args.data_seed)
+
+
+def _command_line(argv: Optional[Sequence[str]]) -> str:
+    """The command as typed, for the loss file's provenance."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", "-m", "domainbed_itl.scripts.meta_train", *words])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -178,15 +238,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         init = None if args.init is None else resolve_loss(args.init)
-        family, order = _family(args, init)
-        config = MetaConfig(
-            family=family, order=order, outer_steps=args.outer_steps, inner_steps=args.inner_steps,
-            inner_lr=args.inner_lr, batch_size=args.batch_size, hidden=args.hidden,
-            solver=args.solver, neumann_steps=args.neumann_steps, neumann_alpha=args.neumann_alpha,
-            cg_maxiter=args.cg_maxiter, cg_tol=args.cg_tol, hvp_batch=args.hvp_batch,
-            outer_batch=args.outer_batch, eval_size=args.eval_size, aggregate=args.aggregate,
-            outer_optimizer=args.outer_optimizer, outer_lr=args.outer_lr, batched=args.batched,
-            seed=args.seed)
+        overrides = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+        family = _family(args, init)
+        if family is not None:
+            overrides["family"], overrides["order"] = family
+        config = preset_config(args.preset, overrides)
         device = _device(args.device)
     except (ValueError, LossFileError) as e:
         parser.error(str(e))
@@ -195,7 +251,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = _load_data(args)
         trainer = run_meta_training(data, config, args.output_dir, init=init, resume=args.resume,
                                     overwrite=args.overwrite, device=device,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress,
+                                    provenance={"preset": args.preset, "init": args.init,
+                                                "command": _command_line(argv)})
     except (RunDirError, DomainBedNotFound, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

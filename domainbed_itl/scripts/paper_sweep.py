@@ -1,4 +1,4 @@
-"""List, show and run the paper's experiments (the definitions in sweeps/, see domainbed_itl.paper_sweeps).
+"""List, show and run the paper's experiments (sweeps/, see domainbed_itl.experiments.paper).
 
     python -m domainbed_itl.scripts.paper_sweep list
     python -m domainbed_itl.scripts.paper_sweep show table2_multi_source [--reduced]
@@ -11,9 +11,9 @@ the DomainBed checkout on PYTHONPATH: the sweep (DomainBed's, or ours for single
 the collection of its results; an experiment of several stages (e.g. meta-training, then a
 sweep with the learned loss) runs them in order, each in <output_dir>/<stage>, and stops at the
 first that fails; `--dry_run` prints them only. The command launcher defaults to
-`submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.launchers) for the
-paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status: 0 done,
-1 a command failed, 2 bad input.
+`submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.experiments.launchers)
+for the paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status:
+0 done, 1 a command failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..domainbed_env import DomainBedNotFound, check_domainbed_root
-from ..paper_sweeps import (SWEEPS_DIR, Experiment, Placeholders, SweepDefinitionError, available,
-                            build_stage_commands, count_jobs, count_stage_jobs,
-                            estimate_cost, format_command, load_experiment, referenced_stages)
+from ..domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
+from ..experiments.paper import (Experiment, Placeholders, SweepDefinitionError, available,
+                                 build_stage_commands, count_jobs, count_stage_jobs, estimate_cost,
+                                 format_command, load_experiment, referenced_stages)
+from ..patching import APPLIED, PatchError, status
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
 META_TRAIN_LAUNCHERS = ("local", "submitit")
@@ -44,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.paper_sweep",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweeps_dir", default=str(SWEEPS_DIR),
-                        help="folder of the *.toml definitions (default: the repository's sweeps/)")
+    parser.add_argument("--sweeps_dir", default=None, type=Path,
+                        help="folder of the *.toml definitions (default: the sweeps/ shipped with "
+                             "domainbed-itl)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{list,show,run}")
     commands.add_parser("list", help="the definitions, their jobs and costs")
     for name, help_text in (("show", "print a definition's commands, jobs and cost"),
@@ -111,7 +113,7 @@ def describe(experiment: Experiment, reduced: bool, given: Placeholders) -> str:
     return "\n".join(lines)
 
 
-def list_experiments(sweeps_dir: Path) -> str:
+def list_experiments(sweeps_dir: Optional[Path] = None) -> str:
     """The text of `list`: one line per definition."""
     rows = [("name", "reproduces", "paper jobs", "paper cost", "reduced jobs", "reduced cost")]
     for name in available(sweeps_dir):
@@ -127,20 +129,12 @@ def list_experiments(sweeps_dir: Path) -> str:
 
 def _domainbed_checkout(root: Optional[str], need_patches: bool) -> Path:
     """The DomainBed checkout to run with (`root`, else the importable one), patched if need be."""
-    from .patch import patch_files, status
-
-    if root is None:
-        spec = importlib.util.find_spec("domainbed")
-        if spec is None or not spec.submodule_search_locations:
-            raise PaperSweepError("no DomainBed checkout: pass --domainbed_root (or set "
-                                  "DOMAINBED_ROOT) to a clone of facebookresearch/DomainBed")
-        root = str(Path(list(spec.submodule_search_locations)[0]).parent)
-    checkout = check_domainbed_root(root)
-    states = status(checkout, patch_files()) if need_patches else []
-    if any(state != "applied" for state in states):
+    checkout = find_domainbed_root(root)
+    states = status(checkout) if need_patches else []
+    if any(state.kind != APPLIED for state in states):
         raise PaperSweepError(
             f"the DomainBed checkout {checkout} does not carry domainbed-itl's patches "
-            f"({', '.join(states)}); run `python -m domainbed_itl.scripts.patch apply "
+            f"({', '.join(map(str, states))}); run `python -m domainbed_itl.scripts.patch apply "
             f"--domainbed_root {checkout}` first")
     return checkout
 
@@ -167,8 +161,7 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
         raise PaperSweepError(f"--data_dir {given.data_dir} is not a folder")
     checkout = _domainbed_checkout(given.domainbed_root, need_patches=any(
         stage.runner_name != "meta_train" for stage in experiment.stages))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(checkout)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = with_pythonpath(checkout)
     Path(given.output_dir).mkdir(parents=True, exist_ok=True)
     staged = [(stage, tokens) for stage in experiment.stages
               for tokens in build_stage_commands(experiment, stage, reduced, given, python=sys.executable)]
@@ -176,7 +169,11 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
         print(f"\n$ {format_command(tokens)}", flush=True)
         stage_env = dict(env, DOMAINBED_SUBMITIT_WAIT="1") if stage.name in needed else env
         if stage.runner_name == "meta_train" and given.command_launcher == "submitit":
-            from ..launchers import SubmititConfig, SubmititJobsFailed, make_submitit_launcher
+            from ..experiments.launchers import (
+                SubmititConfig,
+                SubmititJobsFailed,
+                make_submitit_launcher,
+            )
 
             try:
                 config = SubmititConfig.from_env(stage_env)
@@ -199,7 +196,7 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    sweeps_dir = Path(args.sweeps_dir)
+    sweeps_dir = args.sweeps_dir
     try:
         if args.command == "list":
             print(list_experiments(sweeps_dir))
@@ -211,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(describe(experiment, args.reduced, given))
             return 0
         return run(experiment, args.reduced, given, args.dry_run)
-    except (SweepDefinitionError, PaperSweepError, DomainBedNotFound) as error:
+    except (SweepDefinitionError, PaperSweepError, PatchError, DomainBedNotFound) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

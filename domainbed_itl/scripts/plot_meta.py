@@ -2,9 +2,13 @@
 
     python -m domainbed_itl.scripts.plot_meta runs/meta/metrics.jsonl --output runs/meta/curve.png
 
-Left: the inner source accuracy (mean over the n inner trainings of their source-domain accuracy)
-and the outer held-out accuracy (mean over the held-out domains) against the outer step.
-Right: the outer held-out loss M.
+Top left: the inner source accuracy (mean over the n inner trainings of their source-domain
+accuracy) and the outer held-out accuracy (mean over the held-out domains) against the outer
+step. Top right: the outer held-out loss M. Below, when the run recorded them, the diagnostics of
+whether its hypergradients can be trusted: stationarity of the inner networks (gradient norm at
+the returned θ over that at the start; the implicit function theorem assumes 0) and the
+relative residual of the linear solve (above 1: worse than no solve), with the cosine to the
+reference MINRES hypergradient where one was computed.
 """
 
 from __future__ import annotations
@@ -43,9 +47,12 @@ def read_metrics(path: str | Path) -> List[Dict[str, Any]]:
 
 
 def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path, title: str = "") -> Path:
-    """Save the Fig. 3-style learning curve of `records` as an image at `output`."""
+    """Save the Fig. 3-style learning curve of `records`, with its diagnostics, at `output`."""
     steps = [r["step"] for r in records]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    diagnostics = all("solver_residual" in r and "inner_grad_norm_ratio" in r for r in records)
+    fig, axes = plt.subplots(2 if diagnostics else 1, 2, figsize=(10, 7.2 if diagnostics else 3.8),
+                             squeeze=False)
+    (ax_acc, ax_loss) = axes[0]
     ax_acc.plot(steps, [100 * r["inner_source_acc"] for r in records], marker=".",
                 label="inner loop: source domains")
     ax_acc.plot(steps, [100 * r["outer_heldout_acc"] for r in records], marker=".",
@@ -55,7 +62,9 @@ def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path, title: str 
     ax_loss.plot(steps, [r["outer_heldout_loss"] for r in records], marker=".", color="C3")
     ax_loss.set(xlabel="outer step (loss update)", ylabel="cross-entropy",
                 title="held-out loss M")
-    for ax in (ax_acc, ax_loss):
+    if diagnostics:
+        _plot_diagnostics(records, steps, *axes[1])
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -65,6 +74,24 @@ def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path, title: str 
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output
+
+
+def _plot_diagnostics(records: Sequence[Dict[str, Any]], steps: List[int], ax_stat, ax_res) -> None:
+    ax_stat.semilogy(steps, [r["inner_grad_norm_ratio"] for r in records], marker=".", color="C2")
+    ax_stat.set(xlabel="outer step (loss update)", ylabel="‖∇L(θ returned)‖ / ‖∇L(θ start)‖",
+                title="stationarity of the inner networks")
+    ax_res.semilogy(steps, [r["solver_residual"] for r in records], marker=".", color="C4",
+                    label="linear solve: relative residual")
+    ax_res.axhline(1.0, color="C4", ls=":", lw=1)
+    ax_res.set(xlabel="outer step (loss update)", ylabel="‖H u + v‖ / ‖v‖",
+               title="hypergradient trust")
+    refs = [(r["step"], r["reference"]["cosine"]) for r in records if "reference" in r]
+    if refs:
+        twin = ax_res.twinx()
+        twin.plot(*zip(*refs), "s", color="C1", label="cosine to MINRES reference")
+        twin.set(ylim=(-1.05, 1.05), ylabel="cosine")
+        twin.legend(loc="lower right")
+    ax_res.legend(loc="upper left")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,14 +28,13 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from ..atomic import OutputExists, write_atomic
-from ..domainbed_env import DomainBedNotFound, import_domainbed
-from ..significance import cd_diagram_png, format_result, friedman_nemenyi, mean_over_trials
-from ..single_source import (BLOCK_LEVELS, check_subset, count_envs, load_runs, read_manifest,
-                             summarise)
-from .collect_single_source import domainbed_labels
+from ..analysis.friedman_nemenyi import cd_diagram_png, format_result, friedman_nemenyi
+from ..analysis.multi_source import multi_source_blocks
+from ..domainbed_env import DomainBedNotFound, import_domainbed, optional_domainbed
+from ..single_source.runs import load_runs, read_manifest
+from ..single_source.selection import BLOCK_LEVELS, check_subset, summarise
+from ..single_source.tables import domainbed_labels
 
 Table = Dict[str, Dict[str, float]]
 
@@ -47,7 +46,9 @@ def single_source_table(input_dir: str, level: str, algorithms: Optional[Sequenc
     results = summarise(load_runs(input_dir), read_manifest(input_dir))
     if not results.cells:
         raise ValueError(f"no single-source runs in {input_dir}")
-    env_names, algorithm_order, dataset_order = domainbed_labels(results, domainbed_root)
+    found = optional_domainbed(domainbed_root, "domainbed.datasets", "domainbed.algorithms")
+    env_names, algorithm_order, dataset_order = (domainbed_labels(results, *found) if found
+                                                 else (None, None, None))
     algorithms = check_subset("algorithm", algorithms, algorithm_order or results.algorithms)
     datasets = check_subset("dataset", datasets, dataset_order or results.datasets)
     notes = [f"single-source: {len(results.problems)} missing or incomplete runs leave their cells "
@@ -68,41 +69,14 @@ def multi_source_table(input_dir: str, level: str, algorithms: Optional[Sequence
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"--multi_source_dir {input_dir} is not a folder")
     grouped = reporting.get_grouped_records(reporting.load_records(input_dir))
-    accs, n_envs = [], {}
-    for group in grouped:
-        acc = model_selection.IIDAccuracySelectionMethod.sweep_acc(group["records"])
-        if acc is not None:
-            n_envs[group["dataset"]] = count_envs(group["records"][0])
-            accs.append((group["dataset"], group["algorithm"], group["test_env"],
-                         group["trial_seed"], acc))
-    if not accs:
-        raise ValueError(f"no multi-source (single test env) runs in {input_dir}")
-    algorithms = check_subset("algorithm", algorithms, sorted({a[1] for a in accs}))
-    datasets = check_subset("dataset", datasets, sorted({a[0] for a in accs}))
-    accs = [a for a in accs if a[0] in datasets and a[1] in algorithms]
-    names = {d: list(db_datasets.get_dataset_class(d).ENVIRONMENTS) if d in db_datasets.DATASETS
-             else [str(e) for e in range(n_envs[d])] for d in datasets}
-    notes: List[str] = []
-    if level == "domain":
-        entries = [(f"{d}:{names[d][e]}", a, t, acc) for d, a, e, t, acc in accs]
-    else:
-        per_trial: Dict[Tuple[str, str, int], Dict[int, float]] = {}
-        for d, a, e, t, acc in accs:
-            per_trial.setdefault((d, a, t), {})[e] = acc
-        entries = [(d, a, t, float(np.mean(list(envs.values()))))
-                   for (d, a, t), envs in per_trial.items() if len(envs) == n_envs[d]]
-        partial = sorted(f"{d} {a} trial {t}" for (d, a, t), envs in per_trial.items()
-                         if len(envs) < n_envs[d])
-        if partial:
-            notes.append(f"multi-source: left out {len(partial)} trials without every test env: "
-                         + "; ".join(partial))
-    table, counts = mean_over_trials(entries)
-    most = max(counts.values(), default=0)
-    fewer = sorted(f"{b} {a}: {n}" for (b, a), n in counts.items() if n < most)
-    if fewer:
-        notes.append(f"multi-source: {len(fewer)} cells average fewer than {most} trials: "
-                     + "; ".join(fewer))
-    return table, algorithms, notes
+
+    def env_names(dataset: str) -> Optional[List[str]]:
+        if dataset not in db_datasets.DATASETS:
+            return None
+        return list(db_datasets.get_dataset_class(dataset).ENVIRONMENTS)
+
+    return multi_source_blocks(grouped, model_selection.IIDAccuracySelectionMethod.sweep_acc,
+                               env_names, level, algorithms, datasets, source=input_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -25,7 +25,7 @@ The flags are those of DomainBed's sweep, plus:
   checkout must carry our patches: `python -m domainbed_itl.scripts.patch apply`.
 * `--sources`: only these source domains (default: all of them).
 * `--checkpoint_freq`: passed to train (changes the job hashes; by default it is not passed).
-* `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.launchers;
+* `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.experiments.launchers;
   a flag overrides the matching DOMAINBED_SUBMITIT_* variable).
 * `--seed`: seeds the shuffled launch order (DomainBed's sweep accepts `--seed` and ignores it).
 
@@ -42,14 +42,16 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from ..algorithms import ALGORITHM_SPECS
-from ..domainbed_env import DomainBedNotFound, import_domainbed
-from ..launchers import Launcher, SubmititConfig, make_submitit_launcher
-from ..single_source import PlannedJob, RunKey, update_manifest
+from ..algorithms import ALGORITHMS
+from ..domainbed_env import DomainBedNotFound, find_domainbed_root, import_domainbed, with_pythonpath
+from ..experiments.launchers import Launcher, SubmititConfig, make_submitit_launcher
+from ..hparams import parse_hparams_flag
+from ..single_source.planning import single_source_args
+from ..single_source.runs import PlannedJob, RunKey, update_manifest
 from ..single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
 
 
@@ -123,7 +125,11 @@ def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleT
     for algorithm in args.algorithms:
         if algorithm in algorithms.ALGORITHMS:
             continue
-        if algorithm in ALGORITHM_SPECS or algorithm == SINGLE_SOURCE_MIXUP:
+        if algorithm in ALGORITHMS and ALGORITHMS[algorithm].base not in algorithms.ALGORITHMS:
+            raise SweepInputError(f"algorithm {algorithm!r} is domainbed-itl's {ALGORITHMS[algorithm].loss} "
+                                  f"inside {ALGORITHMS[algorithm].base}, which the DomainBed checkout "
+                                  f"{checkout} does not have")
+        if algorithm in ALGORITHMS or algorithm == SINGLE_SOURCE_MIXUP:
             raise SweepInputError(
                 f"algorithm {algorithm!r} is domainbed-itl's, and the DomainBed checkout {checkout} "
                 f"does not have our patches: python -m domainbed_itl.scripts.patch apply "
@@ -154,40 +160,11 @@ def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleT
                               f"needs both a training and a validation split; got {args.holdout_fraction}")
     if args.hparams is not None:
         try:
-            hparams = json.loads(args.hparams)
-        except json.JSONDecodeError as error:
-            raise SweepInputError(f"--hparams {args.hparams!r} is not JSON: {error}") from None
-        if not isinstance(hparams, dict):
-            raise SweepInputError(f"--hparams must be a JSON object such as '{{\"batch_size\": 32}}', "
-                                  f"got {args.hparams!r}")
+            parse_hparams_flag(args.hparams)
+        except ValueError as error:
+            raise SweepInputError(str(error)) from None
     if not Path(args.data_dir).is_dir():
         raise SweepInputError(f"--data_dir {args.data_dir!r} is not a folder")
-
-
-def single_source_args(args_list: Sequence[dict], num_environments: Callable[[str], int],
-                       seed_hash: Callable[..., int], sources: Optional[Sequence[int]] = None,
-                       checkpoint_freq: Optional[int] = None) -> List[Tuple[dict, int]]:
-    """(train args, source) for every entry of `make_args_list(..., single_test_envs=True)`.
-
-    Each entry's test_envs [s] becomes every other domain, so s is the one training domain, and
-    the seed is re-derived as DomainBed's make_args_list derives it, from the new test_envs.
-    Entries whose s is not in `sources` (when given) are left out.
-    """
-    out = []
-    for train_args in args_list:
-        (source,) = train_args["test_envs"]
-        if sources is not None and source not in sources:
-            continue
-        train_args = dict(train_args)
-        train_args["test_envs"] = [e for e in range(num_environments(train_args["dataset"]))
-                                   if e != source]
-        train_args["seed"] = seed_hash(train_args["dataset"], train_args["algorithm"],
-                                       train_args["test_envs"], train_args["hparams_seed"],
-                                       train_args["trial_seed"])
-        if checkpoint_freq is not None:
-            train_args["checkpoint_freq"] = checkpoint_freq
-        out.append((train_args, source))
-    return out
 
 
 def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> Launcher:
@@ -203,12 +180,6 @@ def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> La
     return make_submitit_launcher(config)
 
 
-def export_checkout(checkout: Path, environ: Dict[str, str] = os.environ) -> None:
-    """Put `checkout` first on PYTHONPATH in `environ`, which the launched jobs inherit."""
-    parts = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(checkout)]
-    environ["PYTHONPATH"] = os.pathsep.join([str(checkout), *parts])
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; 2 on bad input."""
     args = build_parser().parse_args(argv)
@@ -218,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         algorithms = import_domainbed(args.domainbed_root, "domainbed.algorithms")
         misc = import_domainbed(args.domainbed_root, "domainbed.lib.misc")
         command_launchers = import_domainbed(args.domainbed_root, "domainbed.command_launchers")
-        checkout = Path(sweep.__file__).resolve().parents[2]
+        checkout = find_domainbed_root(args.domainbed_root)
         args.datasets = args.datasets or list(sweep.DATASETS)
         args.algorithms = args.algorithms or list(algorithms.ALGORITHMS)
         validate(args, datasets, algorithms, command_launchers.REGISTRY, checkout)
@@ -257,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        RunKey(a["dataset"], a["algorithm"], source, a["trial_seed"], a["hparams_seed"]),
                        len(a["test_envs"]) + 1)
             for (job, source), (a, _) in zip(jobs, planned)])
-        export_checkout(checkout)
+        os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
         print(f"The jobs import DomainBed from {checkout} (first on their PYTHONPATH).")
         np.random.seed(args.seed)
         sweep.Job.launch(to_launch, launcher_fn)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domainbed_itl.meta.surgery import mean, pcgrad
+from domainbed_itl.meta.aggregators import mean, pcgrad
 
 
-def _reference_pcgrad(grads: torch.Tensor, seed: int) -> torch.Tensor:
-    """Yu et al.'s Algorithm 1 written out with Python floats, averaged, same random orders."""
+def _reference_pcgrad(grads: torch.Tensor, seed: int, reduction: str = "mean") -> torch.Tensor:
+    """Yu et al.'s Algorithm 1 written out with Python floats, same random orders."""
     g = torch.Generator().manual_seed(seed)
     rows = [r.tolist() for r in grads]
     out = []
@@ -23,7 +23,8 @@ def _reference_pcgrad(grads: torch.Tensor, seed: int) -> torch.Tensor:
                 norm2 = sum(b * b for b in rows[j])
                 pc = [a - dot / norm2 * b for a, b in zip(pc, rows[j])]
         out.append(pc)
-    return torch.tensor(out, dtype=torch.float64).mean(0)
+    out = torch.tensor(out, dtype=torch.float64)
+    return out.sum(0) if reduction == "sum" else out.mean(0)
 
 
 def test_conflicting_pair_is_projected():
@@ -35,18 +36,32 @@ def test_conflicting_pair_is_projected():
         assert got @ g >= 0  # for two tasks the result conflicts with neither
 
 
+def test_sum_is_yu_et_al_and_the_paper_setting():
+    grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    # Yu et al. sum the projected gradients: (0.5, 0.5) + (0, 1).
+    got = pcgrad(grads, torch.Generator().manual_seed(0), reduction="sum")
+    torch.testing.assert_close(got, torch.tensor([0.5, 1.5], dtype=torch.float64))
+    torch.testing.assert_close(mean(grads, reduction="sum"), grads.sum(0))
+
+
+def test_unknown_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction must be one of mean, sum, got 'max'"):
+        pcgrad(torch.randn(2, 3), reduction="max")
+
+
 def test_non_conflicting_gradients_are_untouched():
     grads = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 1.0], [2.0, 1.0, 1.0]])
     assert (grads @ grads.T >= 0).all()
     assert torch.equal(pcgrad(grads, torch.Generator().manual_seed(0)), grads.mean(0))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_the_reference_with_random_orders(seed):
+def test_matches_the_reference_with_random_orders(seed, reduction):
     grads = torch.randn(5, 7, generator=torch.Generator().manual_seed(10 + seed), dtype=torch.float64)
     assert (grads @ grads.T < 0).any()
-    got = pcgrad(grads, torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(got, _reference_pcgrad(grads, seed))
+    got = pcgrad(grads, torch.Generator().manual_seed(seed), reduction=reduction)
+    torch.testing.assert_close(got, _reference_pcgrad(grads, seed, reduction))
     assert not torch.allclose(got, grads.mean(0))
 
 

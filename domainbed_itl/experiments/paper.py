@@ -1,8 +1,8 @@
 """The paper's experiments as sweep definitions: one TOML file per table or figure in `sweeps/`.
 
 Each file names the command that runs the experiment (`runner`) and two variants of its flags:
-`paper`, the paper-scale sweep for a GPU cluster, and `reduced`, a small CPU run on the offline
-MNIST digits. A variant also carries a cost estimate per job and the basis of that estimate.
+`paper`, the paper-scale sweep for a GPU cluster, and `reduced`, a small CPU run on MNIST. A
+variant also carries a cost estimate per job and the basis of that estimate.
 
     title = "..."
     reproduces = "Table 2 (per domain: Table 9)"
@@ -54,8 +54,9 @@ import os
 import re
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ..resources import Traversable, shipped
 
 try:
     import tomllib
@@ -65,7 +66,6 @@ except ModuleNotFoundError:  # Python < 3.11
     except ModuleNotFoundError:
         tomllib = None
 
-SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 VARIANTS = ("paper", "reduced")
 
 # Environments per DomainBed dataset (DomainBed's datasets.num_environments, checked by the tests).
@@ -74,11 +74,31 @@ NUM_ENVIRONMENTS: Dict[str, int] = {
     "OfficeHome": 4, "TerraIncognita": 4, "DomainNet": 6,
 }
 
-# The flags of DomainBed's sweep (scripts/sweep.py), less those given at build time.
-_DOMAINBED_SWEEP_FLAGS = {"datasets", "algorithms", "task", "n_hparams_from", "n_hparams", "seed",
-                          "n_trials", "steps", "hparams", "holdout_fraction", "single_test_envs"}
-_BUILD_TIME_FLAGS = {"data_dir", "output_dir", "command_launcher", "domainbed_root",
-                     "skip_confirmation"}
+# The flags given when the commands are built, never by a definition.
+BUILD_TIME_FLAGS = frozenset({"data_dir", "output_dir", "command_launcher", "domainbed_root",
+                              "skip_confirmation"})
+
+# The flags a definition may set, per runner, as spelled on its command line (less the build-time
+# ones). Explicit lists: tests/test_paper_sweep.py checks each against its runner's parser.
+# DomainBed's sweep (domainbed/scripts/sweep.py).
+DOMAINBED_SWEEP_FLAGS = frozenset({
+    "datasets", "algorithms", "task", "n_hparams_from", "n_hparams", "seed", "n_trials", "steps",
+    "hparams", "holdout_fraction", "single_test_envs"})
+# domainbed_itl.scripts.single_source_sweep: DomainBed's sweep flags, ours, and the submitit ones.
+SINGLE_SOURCE_SWEEP_FLAGS = frozenset({
+    "datasets", "algorithms", "n_hparams_from", "n_hparams", "n_trials", "steps", "hparams",
+    "holdout_fraction", "seed", "sources", "checkpoint_freq", "submitit_folder", "submitit_cluster",
+    "submitit_partition", "submitit_gpus_per_node", "submitit_cpus_per_task", "submitit_mem_gb",
+    "submitit_timeout_min", "submitit_array_parallelism", "submitit_max_array_size",
+    "submitit_wait", "submitit_name", "submitit_extra"})
+# domainbed_itl.scripts.meta_train.
+META_TRAIN_FLAGS = frozenset({
+    "preset", "dataset", "per_domain_cap", "data_seed", "family", "order", "init", "outer_steps",
+    "outer_lr", "outer_optimizer", "aggregate", "aggregate_reduction", "inner_steps",
+    "inner_optimizer", "inner_lr", "inner_momentum", "warm_start", "batch_size", "hidden",
+    "solver", "neumann_steps", "neumann_alpha", "neumann_form", "cg_maxiter", "cg_tol",
+    "hvp_batch", "outer_batch", "eval_size", "max_solver_residual", "reference_every",
+    "reference_maxiter", "batched", "device", "seed", "no_progress", "resume", "overwrite"})
 
 
 class SweepDefinitionError(ValueError):
@@ -94,32 +114,18 @@ class Runner:
     collect_module: Optional[str]
     takes_launcher: bool
     takes_domainbed_root: bool
-    flags: Optional[Callable[[], set]]  # the allowed flags; None: any flag
-
-
-def _parser_flags(module: str) -> Callable[[], set]:
-    """The long option names of `module.build_parser()`, less those given at build time."""
-
-    def flags() -> set:
-        import importlib
-
-        parser = importlib.import_module(module).build_parser()
-        names = {opt[2:] for action in parser._actions for opt in action.option_strings
-                 if opt.startswith("--")}
-        return names - _BUILD_TIME_FLAGS - {"help"}
-
-    return flags
+    flags: FrozenSet[str]  # the flags a definition may set
 
 
 RUNNERS: Dict[str, Runner] = {
     "domainbed_sweep": Runner("domainbed.scripts.sweep", "launch",
                               "domainbed.scripts.collect_results", True, False,
-                              lambda: set(_DOMAINBED_SWEEP_FLAGS)),
+                              DOMAINBED_SWEEP_FLAGS),
     "single_source_sweep": Runner("domainbed_itl.scripts.single_source_sweep", "launch",
                                   "domainbed_itl.scripts.collect_single_source", True, True,
-                                  _parser_flags("domainbed_itl.scripts.single_source_sweep")),
+                                  SINGLE_SOURCE_SWEEP_FLAGS),
     "meta_train": Runner("domainbed_itl.scripts.meta_train", None, None, False, True,
-                         _parser_flags("domainbed_itl.scripts.meta_train")),
+                         META_TRAIN_FLAGS),
 }
 
 
@@ -177,7 +183,7 @@ class Experiment:
     reproduces: str
     notes: str
     stages: Tuple[Stage, ...]
-    path: Path
+    path: Union[Traversable, str]
 
     @property
     def stage(self) -> Stage:
@@ -212,19 +218,13 @@ def _require(table: Mapping, key: str, kind: type, where: str) -> Any:
 
 
 def _check_args(args: Mapping[str, Any], runner_name: str, where: str) -> None:
-    forbidden = sorted(set(args) & _BUILD_TIME_FLAGS)
+    forbidden = sorted(set(args) & BUILD_TIME_FLAGS)
     if forbidden:
         raise SweepDefinitionError(
             f"{where}: {', '.join(forbidden)} must not be in a definition; they are given to "
             "paper_sweep (--data_dir, --output_dir, --command_launcher, --domainbed_root)")
-    flags_of = RUNNERS[runner_name].flags
-    allowed: Optional[set] = None
-    if flags_of is not None:
-        try:
-            allowed = flags_of()
-        except ImportError:
-            allowed = None  # the runner is not installed: `run` says so; nothing to check against
-    unknown = sorted(set(args) - allowed) if allowed is not None else []
+    allowed = RUNNERS[runner_name].flags
+    unknown = sorted(set(args) - allowed)
     if unknown:
         raise SweepDefinitionError(f"{where}: unknown flag(s) {', '.join(unknown)} for runner "
                                    f"{runner_name}; it takes {', '.join(sorted(allowed))}")
@@ -299,7 +299,8 @@ def _parse_stage(table: Mapping[str, Any], name: Optional[str], earlier: Sequenc
     return Stage(name, runner, variants)
 
 
-def parse_experiment(name: str, data: Mapping[str, Any], path: Path = Path("<memory>")) -> Experiment:
+def parse_experiment(name: str, data: Mapping[str, Any], path: Union[Traversable, str] = "<memory>"
+                     ) -> Experiment:
     """An experiment from the parsed TOML `data`; raises SweepDefinitionError on any problem."""
     where = str(path)
     common = {"title", "reproduces", "notes"}
@@ -337,21 +338,26 @@ def parse_experiment(name: str, data: Mapping[str, Any], path: Path = Path("<mem
                       _require(data, "reproduces", str, where), data.get("notes", ""), stages, path)
 
 
-def available(sweeps_dir: Path = SWEEPS_DIR) -> List[str]:
-    """The names of the definitions in `sweeps_dir` (file names without .toml), sorted."""
-    if not Path(sweeps_dir).is_dir():
-        raise SweepDefinitionError(f"sweep definitions folder {sweeps_dir} does not exist; pass "
-                                   "--sweeps_dir (the repository's sweeps/ folder)")
-    return sorted(p.stem for p in Path(sweeps_dir).glob("*.toml"))
+def _folder(sweeps_dir: Optional[Traversable]) -> Traversable:
+    return shipped("sweeps") if sweeps_dir is None else sweeps_dir
 
 
-def load_experiment(name: str, sweeps_dir: Path = SWEEPS_DIR) -> Experiment:
-    """The definition `name` (sweeps_dir/name.toml)."""
+def available(sweeps_dir: Optional[Traversable] = None) -> List[str]:
+    """The names of the definitions in `sweeps_dir` (default: the shipped `sweeps/`), sorted."""
+    folder = _folder(sweeps_dir)
+    if not folder.is_dir():
+        raise SweepDefinitionError(f"sweep definitions folder {folder} does not exist; pass "
+                                   "--sweeps_dir a folder of *.toml definitions")
+    return sorted(p.name[:-len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_experiment(name: str, sweeps_dir: Optional[Traversable] = None) -> Experiment:
+    """The definition `name` (name.toml in `sweeps_dir`, default: the shipped `sweeps/`)."""
     names = available(sweeps_dir)
     if name not in names:
-        raise SweepDefinitionError(f"no sweep definition {name!r} in {sweeps_dir}; "
+        raise SweepDefinitionError(f"no sweep definition {name!r} in {_folder(sweeps_dir)}; "
                                    f"expected one of: {', '.join(names)}")
-    path = Path(sweeps_dir) / f"{name}.toml"
+    path = _folder(sweeps_dir).joinpath(f"{name}.toml")
     if tomllib is None:
         raise SweepDefinitionError("reading sweep definitions needs Python >= 3.11 (tomllib) or "
                                    "the tomli package: pip install tomli")

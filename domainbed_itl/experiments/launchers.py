@@ -144,8 +144,9 @@ class SubmititConfig:
                 try:
                     kwargs[name] = json.loads(raw)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{var} must be a JSON object of submitit parameters, "
-                                     f"e.g. '{{\"slurm_account\": \"abc\"}}'; got {raw!r} ({error})") from None
+                    raise ValueError(f"{var} must be a JSON object of submitit parameters, e.g. "
+                                     f"'{{\"slurm_account\": \"abc\"}}'; got {raw!r} ({error})"
+                                     ) from None
                 if not isinstance(kwargs[name], dict):
                     raise ValueError(f"{var} must be a JSON object of submitit parameters, got {raw!r}")
             else:

@@ -7,6 +7,14 @@ Nemenyi test calls two algorithms different when their average ranks differ by a
 critical difference CD = q_alpha * sqrt(k (k + 1) / (6 N)), where q_alpha is the studentized
 range quantile for k groups and infinite degrees of freedom divided by sqrt(2) (computed with
 scipy, not read from a table). Pure numpy/scipy/matplotlib: no DomainBed import.
+
+Why not scikit-posthocs: its `posthoc_nemenyi_friedman` gives exactly these p-values (both call
+scipy's studentized range; tests/test_significance.py compares them where it is installed), but
+it would add statsmodels, seaborn and patsy to the dependencies for those few lines, and its
+`critical_difference_diagram` draws groups from pairwise p-values without Demšar's CD scale.
+The Friedman statistic is computed here rather than by scipy.stats.friedmanchisquare because
+scipy refuses two algorithms (ERM against ITL is the common case); the tests check the two
+agree for three and more.
 """
 
 from __future__ import annotations

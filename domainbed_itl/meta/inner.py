@@ -1,0 +1,195 @@
+"""The inner loop (Algorithm 1, lines 9-11): n base MLPs trained at once on a fixed loss.
+
+The n networks of one outer step are independent, so their parameters are stacked along a
+leading dimension and trained together: every layer is one batched matrix product
+(torch.baddbmm), and backpropagation, written out for the MLP, is two more per layer. Only the
+loss's gradient with respect to the logits goes through autograd, so the loss is any callable
+`loss(logits, target, reduction="none")`, called like F.cross_entropy on the n minibatches
+flattened to (n·batch, classes); for a fixed Taylor loss it is TaylorLoss, whose gradient is
+fused in closed form. With plain SGD the update is fused into the weight-gradient product (the
+profile of the autograd version was dominated by writing, then adding, the weight gradients).
+
+Optimisers update the stacked tensors in place: SGD (Algorithm 1's inner loop, Sec. 4.1),
+heavy-ball momentum and Adam, written out so that their state can be checkpointed and resumed
+bit for bit (warm-started inner networks carry it across outer steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Params = Dict[str, Tensor]
+LossFn = Callable[..., Tensor]
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
+    """The base network: Linear-ReLU blocks of widths `hidden`, then a linear classifier."""
+    widths = [in_features, *hidden]
+    layers: List[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], num_classes))
+
+
+def init_params(model: nn.Sequential, seeds: Sequence[int], device: torch.device) -> Params:
+    """Fresh weights for one network per seed (Algorithm 1, line 9), stacked along dim 0.
+
+    Each network gets the model's own initialisation drawn on the CPU from its seed, so the
+    same seed gives the same network on every device.
+    """
+    stacked: Dict[str, List[Tensor]] = {name: [] for name, _ in model.named_parameters()}
+    with torch.random.fork_rng(devices=[]):
+        for seed in seeds:
+            torch.default_generator.manual_seed(seed)
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            for name, p in model.named_parameters():
+                stacked[name].append(p.detach().clone())
+    return {name: torch.stack(ps).to(device) for name, ps in stacked.items()}
+
+
+def mlp_forward(params: Params, x: Tensor) -> Tensor:
+    """Logits (n, batch, classes) of the n stacked MLPs of `mlp` on inputs x (n, batch, features)."""
+    names = list(params)
+    h = x
+    for k in range(0, len(names), 2):
+        weight, bias = params[names[k]], params[names[k + 1]]
+        h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        if k + 2 < len(names):
+            h = h.relu()
+    return h
+
+
+def flat(params: Params) -> Tensor:
+    """The stacked parameters as rows θ_i, in `flatten_module`'s order (n, parameters)."""
+    return torch.cat([p.reshape(p.shape[0], -1) for p in params.values()], dim=1)
+
+
+class InnerOptimizer:
+    """SGD, heavy-ball momentum (PyTorch's convention) or Adam on stacked parameters, in place.
+
+    `init_state(params)` makes the state (moment buffers and the step count); `step` updates
+    parameters and state in place. All networks of a stack share the step count.
+    """
+
+    def __init__(self, name: str = "sgd", lr: float = 0.01, momentum: float = 0.9):
+        if name not in INNER_OPTIMIZERS:
+            raise ValueError(f"unknown inner optimizer {name!r}; expected one of "
+                             f"{', '.join(INNER_OPTIMIZERS)}")
+        self.name, self.lr, self.momentum = name, lr, momentum
+
+    def init_state(self, params: Params) -> Dict[str, object]:
+        """Zero moment buffers shaped like `params` and a step count of 0."""
+        buffers = {"sgd": (), "momentum": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}[self.name]
+        state: Dict[str, object] = {"step": 0}
+        for b in buffers:
+            state[b] = {name: torch.zeros_like(p) for name, p in params.items()}
+        return state
+
+    def step(self, params: Params, grads: Params, state: Dict[str, object]) -> None:
+        """One update of every stacked network."""
+        state["step"] = int(state["step"]) + 1
+        if self.name == "sgd":
+            for name, p in params.items():
+                p.add_(grads[name], alpha=-self.lr)
+        elif self.name == "momentum":
+            for name, p in params.items():
+                buf = state["momentum"][name].mul_(self.momentum).add_(grads[name])
+                p.add_(buf, alpha=-self.lr)
+        else:
+            b1, b2 = ADAM_BETAS
+            t = state["step"]
+            step_size = self.lr / (1 - b1 ** t)
+            root_correction = math.sqrt(1 - b2 ** t)
+            for name, p in params.items():
+                m = state["exp_avg"][name].mul_(b1).add_(grads[name], alpha=1 - b1)
+                v = state["exp_avg_sq"][name].mul_(b2).addcmul_(grads[name], grads[name], value=1 - b2)
+                p.addcdiv_(m, (v.sqrt() / root_correction).add_(ADAM_EPS), value=-step_size)
+
+
+def _logit_grad(loss: LossFn, logits: Tensor, y: Tensor) -> tuple:
+    """(per-network mean loss (n,), ∂(Σ of those means)/∂logits (n, batch, classes))."""
+    n, batch, classes = logits.shape
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_()
+        per_net = loss(leaf.reshape(-1, classes), y.reshape(-1),
+                       reduction="none").reshape(n, batch).mean(1)
+        (grad,) = torch.autograd.grad(per_net.sum(), leaf)
+    return per_net.detach(), grad
+
+
+def _step(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
+          x: Tensor, y: Tensor) -> Tensor:
+    """One optimiser step of every stacked MLP; backpropagation written out (two batched
+    products per layer). For SGD the update is fused into the weight-gradient product."""
+    names = list(params)
+    weights = [params[names[k]] for k in range(0, len(names), 2)]
+    biases = [params[names[k]] for k in range(1, len(names), 2)]
+    inputs, pre = [x], []
+    h = x
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        pre.append(z)
+        h = z.relu() if k + 1 < len(weights) else z
+        inputs.append(h)
+    per_net, dz = _logit_grad(loss, h, y)
+    fused = optimizer.name == "sgd"
+    grads: Params = {}
+    for k in reversed(range(len(weights))):
+        w, b = weights[k], biases[k]
+        dh = torch.bmm(dz, w) if k else None  # before w changes
+        if fused:  # Algorithm 1, line 11: θ ← θ − η ∂L/∂θ
+            w.transpose(1, 2).baddbmm_(inputs[k].transpose(1, 2), dz, alpha=-optimizer.lr)
+            b.sub_(dz.sum(1), alpha=optimizer.lr)
+        else:
+            grads[names[2 * k]] = torch.bmm(dz.transpose(1, 2), inputs[k])
+            grads[names[2 * k + 1]] = dz.sum(1)
+        if k:
+            dz = dh * (pre[k - 1] > 0)
+    if fused:
+        state["step"] = int(state["step"]) + 1
+    else:
+        optimizer.step(params, grads, state)
+    return per_net
+
+
+def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
+          x: Tensor, y: Tensor, batches: Tensor, batched: bool = True) -> Tensor:
+    """Train the stacked MLPs in place; network i takes minibatch batches[i, t] at step t.
+
+    x, y: all examples; batches: (n, steps, batch) indices into them. `batched=False` trains
+    the networks one after another (less memory, the same arithmetic). Returns the training
+    loss of every network at every step, (n, steps).
+    """
+    n, steps, _ = batches.shape
+    losses = torch.empty(n, steps, device=x.device, dtype=x.dtype)
+    start = int(state["step"])
+    groups = [slice(0, n)] if batched else [slice(i, i + 1) for i in range(n)]
+    with torch.no_grad():
+        for group in groups:
+            sub = {name: p[group] for name, p in params.items()}  # views: updated in place
+            sub_state = {k: ({name: b[group] for name, b in v.items()} if isinstance(v, dict)
+                             else v) for k, v in state.items()}
+            sub_state["step"] = start
+            for t in range(steps):
+                idx = batches[group, t]
+                losses[group, t] = _step(sub, loss, optimizer, sub_state, x[idx], y[idx])
+    state["step"] = start + steps
+    return losses
+
+
+def predict(params: Params, x: Tensor, chunk: Optional[int] = 4096) -> Tensor:
+    """Logits of the n stacked networks on the same inputs x (m, features): (n, m, classes)."""
+    n = next(iter(params.values())).shape[0]
+    with torch.no_grad():
+        parts = [mlp_forward(params, part.unsqueeze(0).expand(n, -1, -1))
+                 for part in (x.split(chunk) if chunk else [x])]
+    return torch.cat(parts, dim=1)

@@ -1,0 +1,42 @@
+"""The data shipped with the package: the paper's sweep definitions and the DomainBed patches.
+
+They live in the repository's `sweeps/` and `patches/` folders, where users look for them, and
+are installed as the data packages `domainbed_itl.sweeps` and `domainbed_itl.patches`
+(setup.cfg's `package_dir`), which `importlib.resources` reads from a wheel or a `pip install .`.
+Run from a source checkout (the folder holding this `domainbed_itl` also holds domainbed-itl's
+`setup.cfg`: an editable install, or PYTHONPATH), the checkout's own folders are read; there
+setuptools' editable finder could not import them anyway (it maps only folders with an
+`__init__.py`), and an edit needs no reinstall.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+try:
+    from importlib.resources.abc import Traversable
+except ImportError:  # Python 3.10
+    from importlib.abc import Traversable
+
+SHIPPED = ("sweeps", "patches")
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _is_source_checkout(root: Path) -> bool:
+    setup_cfg = root / "setup.cfg"
+    return setup_cfg.is_file() and "name = domainbed-itl" in setup_cfg.read_text(errors="replace")
+
+
+def shipped(name: str) -> Traversable:
+    """The shipped folder `name` ('sweeps' or 'patches'), as a Traversable (e.g. a Path)."""
+    if name not in SHIPPED:
+        raise ValueError(f"unknown shipped folder {name!r}; expected one of {', '.join(SHIPPED)}")
+    if _is_source_checkout(_SOURCE_ROOT) and (_SOURCE_ROOT / name).is_dir():
+        return _SOURCE_ROOT / name
+    try:
+        return importlib.resources.files(f"domainbed_itl.{name}")
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            f"this installation of domainbed-itl lacks its {name}/ folder (the data package "
+            f"domainbed_itl.{name}); reinstall it with pip") from None

@@ -1,0 +1,1 @@
+"""A stand-in for DomainBed's package (see ../README.md): what domainbed-itl's bridge touches."""

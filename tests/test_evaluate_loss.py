@@ -1,0 +1,169 @@
+"""The loss evaluation: the meta protocol's pairing, its command, the DomainBed protocol, and an
+end-to-end search whose learned loss beats its initial loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch.nn.functional as F
+
+from domainbed_itl import comparison
+from domainbed_itl.losses import ITL_PARAMETERS, TaylorLoss
+from domainbed_itl.meta import synthetic_domains
+from domainbed_itl.meta.evaluate import Protocol, evaluate_losses
+from domainbed_itl.meta.presets import preset_config
+from domainbed_itl.meta.trainer import MetaTrainer
+from domainbed_itl.scripts import evaluate_loss
+
+from conftest import domainbed_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROTOCOL = Protocol(inner_steps=(15, 30), hidden=(8,), batch_size=16, eval_size=50)
+
+
+def _data():
+    return synthetic_domains(3, 40, 10, 3, seed=0, noise=1.5, degrees_per_domain=20)
+
+
+def test_losses_meet_the_same_networks_and_data():
+    itl = TaylorLoss(ITL_PARAMETERS, 4, backend="torch")
+    records = evaluate_losses(_data(), {"CE": F.cross_entropy, "CE again": F.cross_entropy,
+                                        "ITL": itl}, [0, 1], PROTOCOL)
+    assert len(records) == 3 * 2 * 3 * 2  # losses x seeds x domains x lengths
+
+    def rows(loss):
+        return [{k: v for k, v in r.items() if k != "loss"} for r in records if r["loss"] == loss]
+
+    assert rows("CE") == rows("CE again")  # same seed: same initial weights and minibatches
+    assert rows("CE") != rows("ITL")
+    first = [r for r in rows("CE") if r["unit"] == 0]
+    second = [r for r in rows("CE") if r["unit"] == 1]
+    assert [r["heldout_ce"] for r in first] != [r["heldout_ce"] for r in second]
+    for r in records:
+        assert r["gap"] == pytest.approx(r["source_acc"] - r["heldout_acc"])
+
+
+def test_reading_off_at_several_lengths_equals_separate_runs():
+    data = _data()
+    both = evaluate_losses(data, {"CE": F.cross_entropy}, [3], PROTOCOL)
+    alone = evaluate_losses(data, {"CE": F.cross_entropy}, [3],
+                            Protocol(inner_steps=(30,), hidden=(8,), batch_size=16, eval_size=50))
+    assert [r for r in both if r["inner_steps"] == 30] == alone
+
+
+def test_protocol_rejects_bad_values():
+    with pytest.raises(ValueError, match="inner_steps must be positive"):
+        Protocol(inner_steps=(0,))
+    with pytest.raises(ValueError, match="unknown inner optimizer 'rmsprop'"):
+        Protocol(inner_optimizer="rmsprop")
+
+
+def test_a_learned_loss_beats_its_initial_loss_end_to_end():
+    """The paper preset on synthetic rotated domains: 12 outer steps lift held-out accuracy of
+    fresh networks, trained as in the search, on every one of 5 paired seeds."""
+    data = synthetic_domains(4, 60, 16, 4, seed=0, noise=1.5, degrees_per_domain=20)
+    config = preset_config("paper", {"outer_steps": 12, "inner_steps": 40, "hidden": (16,),
+                                     "hvp_batch": 64, "batched": True})
+    trainer = MetaTrainer(data.domains, data.num_classes, config)
+    initial = trainer.omega.tolist()
+    for _ in range(config.outer_steps):
+        trainer.outer_step()
+    losses = {"initial": trainer.family.module(initial),
+              "learned": trainer.family.module(trainer.omega.tolist())}
+    records = evaluate_losses(data, losses, [0, 1, 2, 3, 4],
+                              Protocol(inner_steps=(40,), hidden=(16,)))
+    diff = comparison.compare(records, "heldout_acc", "initial")[("learned",)]["difference"]
+    assert diff.wins == 5 and diff.mean > 0.2 and diff.t_pvalue < 0.01
+
+
+def test_meta_command_writes_tables_and_refuses_to_overwrite(tmp_path, capsys):
+    argv = ["meta", "--dataset", "synthetic", "--per_domain_cap", "40", "--losses", "CE",
+            "preset=ITL", "--seeds", "0", "1", "--inner_steps", "5", "--hidden", "4",
+            "--output_dir", str(tmp_path)]
+    assert evaluate_loss.main(argv) == 0
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["reference"] == "CE" and report["losses"] == {"CE": "CE", "preset": "ITL"}
+    assert len(report["records"]) == 2 * 2 * 6
+    md = (tmp_path / "evaluation.md").read_text()
+    assert "| preset | 5 |" in md and "Δ vs CE" in md
+    capsys.readouterr()
+    assert evaluate_loss.main(argv) == 2
+    assert "already holds an evaluation" in capsys.readouterr().err
+    assert evaluate_loss.main(argv + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("losses,message", [
+    (["CE", "nope.json"], "--losses entry 'nope.json'"),
+    (["CE", "x=CE", "x=ITL"], "names 'x' twice"),
+])
+def test_meta_command_names_bad_losses(tmp_path, capsys, losses, message):
+    code = evaluate_loss.main(["meta", "--dataset", "synthetic", "--losses", *losses,
+                               "--output_dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "evaluation.md").exists()
+
+
+def test_reference_must_be_a_given_loss(tmp_path, capsys):
+    assert evaluate_loss.main(["meta", "--dataset", "synthetic", "--losses", "CE", "ITL",
+                               "--reference", "Focal", "--output_dir", str(tmp_path)]) == 2
+    assert "--reference 'Focal' is not one of the --losses labels CE, ITL" in capsys.readouterr().err
+
+
+@pytest.mark.domainbed
+@pytest.mark.slow
+def test_domainbed_protocol_runs_domainbeds_train_paired_and_reports(patched_domainbed, tmp_path):
+    out = tmp_path / "eval"
+    argv = [sys.executable, "-m", "domainbed_itl.scripts.evaluate_loss", "domainbed",
+            "--dataset", "Debug28", "--data_dir", str(tmp_path), "--domainbed_root",
+            str(patched_domainbed), "--losses", "CE", "ITL", "--test_envs", "0", "--n_trials", "2",
+            "--steps", "3", "--checkpoint_freq", "2", "--hparams", '{"batch_size": 8}',
+            "--output_dir", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, env=domainbed_env(patched_domainbed),
+                         timeout=900)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "evaluation.json").read_text())
+    assert not report["missing"] and len(report["records"]) == 4
+    results = {}
+    for folder in [p for p in out.iterdir() if p.is_dir()]:
+        first = json.loads((folder / "results.jsonl").read_text().splitlines()[0])
+        results[folder.name] = first["args"]
+    by_trial = {}
+    for args in results.values():
+        by_trial.setdefault(args["trial_seed"], set()).add((args["algorithm"], args["seed"]))
+    for pairs in by_trial.values():  # CE (ERM) and ITL share the seed within a trial
+        assert {a for a, _ in pairs} == {"ERM", "ITL"} and len({s for _, s in pairs}) == 1
+    again = subprocess.run(argv + ["--report_only"], capture_output=True, text=True,
+                           env=domainbed_env(patched_domainbed), timeout=600)
+    assert again.returncode == 0 and "4 jobs, 0 to launch" in again.stdout
+
+
+@pytest.mark.domainbed
+def test_domainbed_protocol_refuses_an_unpatched_checkout(domainbed_root, tmp_path, capsys):
+    code = evaluate_loss.main(["domainbed", "--dataset", "Debug28", "--data_dir", str(tmp_path),
+                               "--domainbed_root", str(domainbed_root), "--losses", "CE", "ITL",
+                               "--test_envs", "0", "--output_dir", str(tmp_path / "o")])
+    assert code == 2
+    assert "lacks our patches" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_seeds_pair_losses_in_the_domainbed_plan(tmp_path):
+    parser = evaluate_loss.build_parser()
+    args = parser.parse_args(["domainbed", "--losses", "CE", "ITL", "--test_envs", "0", "5",
+                              "--n_trials", "2", "--data_dir", str(tmp_path), "--output_dir",
+                              str(tmp_path), "--steps", "100"])
+    losses, _ = evaluate_loss._losses(args)
+    jobs = evaluate_loss.plan_jobs(args, losses, lambda *a: hash(a) % 1000)
+    assert len(jobs) == 2 * 2 * 2
+    seeds = {}
+    for train_args, label, env, trial in jobs:
+        seeds.setdefault((env, trial), set()).add(train_args["seed"])
+        assert train_args["steps"] == 100 and train_args["hparams_seed"] == 0
+        assert (train_args["algorithm"], label) in {("ERM", "CE"), ("ITL", "ITL")}
+    assert all(len(s) == 1 for s in seeds.values()) and len(seeds) == 4

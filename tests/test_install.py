@@ -1,0 +1,115 @@
+"""Non-editable installs: a built wheel, and `pip install .`, each into a fresh virtual environment,
+run `patch`, `paper_sweep list` and an ITL run in DomainBed from the installed package data.
+
+The venvs see this interpreter's site-packages (torch and the rest are not downloaded again);
+the package itself is installed into them with --no-deps from a copy of the source tree, and
+the commands run with no PYTHONPATH and outside the repository, so that only the installed
+copy can be imported. The DomainBed run uses the real checkout with DOMAINBED_ROOT, else the
+stand-in of tests/domainbed_standin.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DOMAINBED_ROOT, REPO, STANDIN
+
+pytestmark = pytest.mark.slow
+
+SOURCE = ("domainbed_itl", "sweeps", "patches", "setup.cfg", "pyproject.toml", "README.md")
+
+
+def _run(args, cwd, env, timeout=600):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DOMAINBED_ROOT")}
+    return {**env, **extra}
+
+
+def _source_copy(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    for name in SOURCE:
+        origin = REPO / name
+        if origin.is_dir():
+            shutil.copytree(origin, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy2(origin, src / name)
+    return src
+
+
+_STANDIN_ITL_RUN = """
+import json, torch
+from domainbed import algorithms, hparams_registry
+from domainbed_itl.losses import TaylorLoss
+hparams = hparams_registry.default_hparams("ITL", "Debug28")
+algorithm = algorithms.get_algorithm_class("ITL")((3, 28, 28), 2, 2, hparams)
+x, y = torch.randn(16, 3, 28, 28), torch.randint(0, 2, (16,))
+with torch.no_grad():
+    expected = TaylorLoss()(algorithm.predict(x), y).item()
+print(json.dumps({"hparams": hparams, "loss": algorithm.update([(x[:8], y[:8]), (x[8:], y[8:])])["loss"],
+                  "expected": expected}))
+"""
+
+
+@pytest.mark.parametrize("how", ["wheel", "pip install ."])
+def test_installed_package_runs_from_its_package_data(tmp_path, how):
+    src = _source_copy(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                   check=True)
+    python = str(venv / ("Scripts" if os.name == "nt" else "bin") / "python")
+    env = _clean_env()
+    install = [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--ignore-installed",
+               "--no-index", "--quiet"]
+    if how == "wheel":
+        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+              "--quiet", "-w", str(tmp_path / "dist"), str(src)], tmp_path, env)
+        (wheel,) = (tmp_path / "dist").glob("domainbed_itl-*.whl")
+        _run([*install, str(wheel)], tmp_path, env)
+    else:
+        _run([*install, str(src)], tmp_path, env)
+    shutil.rmtree(src)  # nothing may be read from the source tree any more
+
+    where = _run([python, "-c", "import domainbed_itl; print(domainbed_itl.__file__)"], tmp_path, env)
+    assert Path(where.strip()).is_relative_to(venv), where
+
+    listed = _run([python, "-m", "domainbed_itl.scripts.paper_sweep", "list"], tmp_path, env)
+    for definition in (REPO / "sweeps").glob("*.toml"):
+        assert f"\n{definition.stem} " in listed, listed
+    shown = _run([python, "-m", "domainbed_itl.scripts.paper_sweep", "show", "table2_multi_source"],
+                 tmp_path, env)
+    assert f"definition: {venv}" in shown, shown
+
+    checkout = tmp_path / "DomainBed"
+    shutil.copytree(DOMAINBED_ROOT or STANDIN, checkout,
+                    ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc"))
+    patch = [python, "-m", "domainbed_itl.scripts.patch"]
+    assert "applicable" in _run([*patch, "check", "--domainbed_root", str(checkout)], tmp_path, env)
+    assert "applied 3 patch(es)" in _run([*patch, "apply", "--domainbed_root", str(checkout)], tmp_path, env)
+    assert "DomainBed registers ITL" in _run([*patch, "check", "--import", "--domainbed_root", str(checkout)],
+                                             tmp_path, env)
+
+    in_checkout = _clean_env(PYTHONPATH=str(checkout))
+    if DOMAINBED_ROOT is None:
+        result = json.loads(_run([python, "-c", _STANDIN_ITL_RUN], tmp_path, in_checkout))
+        assert result["hparams"]["itl_loss"] == "ITL"
+        assert result["loss"] == pytest.approx(result["expected"], rel=1e-5)
+        return
+    out = tmp_path / "itl_run"
+    _run([python, "-m", "domainbed.scripts.train", "--dataset", "Debug28", "--algorithm", "ITL",
+          "--data_dir", str(tmp_path), "--output_dir", str(out), "--steps", "2", "--checkpoint_freq", "1",
+          "--hparams", '{"batch_size": 8}', "--test_envs", "0", "--skip_model_save"], tmp_path, in_checkout)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert (out / "done").exists() and records[-1]["hparams"]["itl_loss"] == "ITL"
+    assert records[-1]["loss"] < 0  # the Taylor loss, not cross-entropy, was minimised
