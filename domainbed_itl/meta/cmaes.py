@@ -1,0 +1,265 @@
+"""CMA-ES search for the loss parameters ω: the evolutionary baseline of the paper's Fig. 4.
+
+TaylorGLO (Gonzalez & Miikkulainen) searches Taylor losses with CMA-ES (Hansen & Ostermeier,
+1996); the paper compares it with implicit gradients "in the meta-train stage". `CMASearch` runs
+pycma's `CMAEvolutionStrategy` on any objective f(ω, generation) -> {"outer_heldout_loss": M,
+...}; with `MetaTrainer.heldout_objective` as f it searches the same family, on the same data,
+with the same inner training and the same held-out objective M as Algorithm 1. Every candidate
+of generation g is scored with the randomness of outer step g (the same inner initialisations
+and minibatches), so the candidates of a generation are compared on common random numbers, and
+generation g of CMA-ES sees what outer step g of the implicit-gradient run sees.
+
+One candidate costs one inner training per held-out domain (no hypergradient), so a generation
+of λ candidates costs λ outer steps' worth of inner trainings: the budget the Fig. 4 plot
+compares at. pycma draws its samples from a `numpy.random.RandomState` seeded with `seed` (never
+the global one), and the whole strategy is pickled into the state, so a search resumed from
+`state_dict()` repeats the uninterrupted search exactly. `run_cma_search` keeps a search in a run
+folder laid out as meta_train's (runner.py): checkpoint.pt, metrics.jsonl and loss.json.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import cma
+import numpy as np
+import torch
+
+from .. import __version__
+from ..losses.lossfile import LossSpec, save_loss
+from .data import DomainData
+from .runner import (CHECKPOINT, LOSS, METRICS, OUTPUTS, RunDirError, check_output_dir,
+                     data_fingerprint, source_commit)
+from .runner import _save_checkpoint as save_checkpoint
+from .runner import _write_metrics as write_metrics
+from .trainer import MetaConfig, MetaTrainer
+
+# An objective: ω and the generation (1, 2, ...) -> a dict holding at least `FITNESS`.
+Objective = Callable[[List[float], int], Dict[str, Any]]
+FITNESS = "outer_heldout_loss"
+# A candidate's objective raises this when its loss cannot be trained with (the trainer's
+# NonFiniteError: the inner training diverged): the candidate is ranked last, the search goes on.
+CandidateFailure = FloatingPointError
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class CMAConfig:
+    """The search's settings. popsize None is pycma's default λ = 4 + ⌊3 ln n⌋ for n parameters."""
+
+    generations: int = 20
+    popsize: Optional[int] = None
+    sigma0: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.generations) or self.generations < 1:
+            raise ValueError(f"generations must be a positive integer, got {self.generations!r}")
+        if self.popsize is not None and (not _is_int(self.popsize) or self.popsize < 2):
+            raise ValueError(f"popsize must be an integer >= 2 (or None for pycma's default), "
+                             f"got {self.popsize!r}")
+        if (not isinstance(self.sigma0, (int, float)) or isinstance(self.sigma0, bool)
+                or not 0 < self.sigma0 < math.inf):
+            raise ValueError(f"sigma0 must be a positive finite number, got {self.sigma0!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The settings as a plain dict (stored in checkpoints and provenance)."""
+        return asdict(self)
+
+
+def default_popsize(dimension: int) -> int:
+    """pycma's default population size for `dimension` parameters: 4 + ⌊3 ln n⌋."""
+    return 4 + int(3 * math.log(dimension))
+
+
+class CMASearch:
+    """CMA-ES on ω from `x0`: `generation(objective)` samples, scores and updates once.
+
+    The incumbent (`best`) is the candidate with the lowest fitness seen so far, with its
+    objective record; `mean` is the strategy's current mean (pycma's `xfavorite`).
+    """
+
+    def __init__(self, x0: Sequence[float], config: CMAConfig):
+        self.config = config
+        self.dimension = len(x0)
+        if self.dimension < 2:
+            raise ValueError(f"CMA-ES needs at least 2 parameters, got {self.dimension}")
+        rng = np.random.RandomState(config.seed)
+        options = {"randn": rng.randn, "seed": np.nan, "verbose": -9}
+        if config.popsize is not None:
+            options["popsize"] = config.popsize
+        self.es = cma.CMAEvolutionStrategy(list(map(float, x0)), config.sigma0, options)
+        self.generations_done = 0
+        self.best: Optional[Dict[str, Any]] = None  # {"omega", "generation", "result"}
+
+    @property
+    def popsize(self) -> int:
+        """λ, the candidates per generation."""
+        return int(self.es.popsize)
+
+    @property
+    def mean(self) -> List[float]:
+        """The current mean of the search distribution."""
+        return [float(v) for v in self.es.mean]
+
+    def generation(self, objective: Objective) -> Dict[str, Any]:
+        """Sample λ candidates, score each with `objective(ω, g)`, update the distribution.
+
+        Returns the generation's record: the best candidate's objective record (its keys at the
+        top level), its ω, every candidate's fitness (None where its objective failed), the
+        incumbent and the strategy's mean and step size after the update.
+        """
+        g = self.generations_done + 1
+        t0 = time.perf_counter()
+        candidates = self.es.ask()
+        results: List[Optional[Dict[str, Any]]] = []
+        failures: List[Optional[str]] = []
+        for x in candidates:
+            try:
+                result = objective([float(v) for v in x], g)
+                fitness = float(result[FITNESS])
+                if not math.isfinite(fitness):
+                    raise FloatingPointError(f"non-finite {FITNESS} {fitness}")
+                results.append(result)
+                failures.append(None)
+            except CandidateFailure as error:
+                results.append(None)
+                failures.append(str(error))
+        scored = [float(r[FITNESS]) for r in results if r is not None]
+        if not scored:
+            raise FloatingPointError(f"generation {g}: every candidate failed, e.g. {failures[0]}")
+        # Failed candidates rank below every scored one (CMA-ES uses only the ranking).
+        worst = max(scored) + 1.0 + abs(max(scored))
+        fitnesses = [worst if r is None else float(r[FITNESS]) for r in results]
+        self.es.tell(candidates, fitnesses)
+        self.generations_done = g
+        best_index = min((i for i, r in enumerate(results) if r is not None), key=fitnesses.__getitem__)
+        best_omega = [float(v) for v in candidates[best_index]]
+        if self.best is None or fitnesses[best_index] < self.best["result"][FITNESS]:
+            self.best = {"omega": best_omega, "generation": g, "result": results[best_index]}
+        elapsed = time.perf_counter() - t0
+        return {**results[best_index], "step": g, "omega": self.best["omega"],
+                "candidate_omega": best_omega,
+                "population": {FITNESS: [None if r is None else float(r[FITNESS]) for r in results],
+                               "outer_heldout_acc": [None if r is None else r.get("outer_heldout_acc")
+                                                     for r in results],
+                               "failed": [f for f in failures if f is not None]},
+                "best_generation": self.best["generation"],
+                "best_outer_heldout_loss": float(self.best["result"][FITNESS]),
+                "cma_mean": self.mean, "cma_sigma": float(self.es.sigma),
+                "popsize": self.popsize, "time_step_s": elapsed}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What `load_state_dict` needs to continue exactly (the pickled strategy among it)."""
+        return {"generations_done": self.generations_done, "best": self.best,
+                "es": pickle.dumps(self.es)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue from `state_dict()`. The strategy is unpickled: load only your own files."""
+        es = pickle.loads(state["es"])
+        if not isinstance(es, cma.CMAEvolutionStrategy) or es.N != self.dimension:
+            raise ValueError(f"the state holds no CMA-ES of dimension {self.dimension}")
+        self.es = es
+        self.generations_done = int(state["generations_done"])
+        self.best = state["best"]
+
+
+CHECKPOINT_FORMAT = "domainbed-itl-cmaes-checkpoint"
+
+
+def _check_resumable(ckpt: Dict[str, Any], config: CMAConfig, meta_config: MetaConfig,
+                     fingerprint: Dict[str, Any], init_omega: List[float], path: Path) -> None:
+    changed = [f"{k}: {ckpt['cma_config'].get(k)!r} in the checkpoint, {v!r} now"
+               for k, v in config.to_dict().items() if k != "generations" and ckpt["cma_config"].get(k) != v]
+    changed += [f"{k}: {ckpt['meta_config'].get(k)!r} in the checkpoint, {v!r} now"
+                for k, v in meta_config.to_dict().items() if ckpt["meta_config"].get(k) != v]
+    if changed:
+        raise RunDirError(f"cannot resume {path} with different settings: " + "; ".join(changed))
+    if ckpt["data"] != fingerprint:
+        raise RunDirError(f"cannot resume {path}: the data differ from the checkpoint's")
+    if ckpt["init_omega"] != init_omega:
+        raise RunDirError(f"cannot resume {path}: the initial loss parameters differ "
+                          f"({ckpt['init_omega']} in the checkpoint, {init_omega} now)")
+
+
+def load_cma_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a CMA-ES search checkpoint; RunDirError naming the file if it is not one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or foreign files
+        raise RunDirError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunDirError(f"{path} is not a domainbed-itl CMA-ES checkpoint")
+    return ckpt
+
+
+def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
+                   output_dir: str | os.PathLike, *, init: Optional[LossSpec] = None,
+                   resume: bool = False, overwrite: bool = False,
+                   device: str | torch.device = "cpu",
+                   provenance: Optional[Dict[str, Any]] = None,
+                   on_generation: Optional[Callable[[Dict[str, Any]], None]] = None) -> CMASearch:
+    """CMA-ES over `meta_config`'s loss family, scored by `MetaTrainer.heldout_objective`, into
+    `output_dir`: checkpoint.pt, metrics.jsonl (one record per generation) and loss.json (the
+    incumbent), each replaced atomically after every generation, as meta_train's run folder.
+    """
+    output_dir = Path(output_dir)
+    if init is not None and (init.family, init.order) != (meta_config.family, meta_config.order):
+        raise ValueError(f"the initial loss is a {init.family} loss of order {init.order}, but the "
+                         f"search is over {meta_config.family} (order {meta_config.order})")
+    trainer = MetaTrainer(data.domains, data.num_classes, meta_config,
+                          None if init is None else init.parameters, device=device)
+    init_omega = trainer.omega.tolist()
+    search = CMASearch(init_omega, config)
+    check_output_dir(output_dir, resume, overwrite)
+    fingerprint = data_fingerprint(data)
+    records: List[Dict[str, Any]] = []
+    if resume and (output_dir / CHECKPOINT).is_file():
+        ckpt = load_cma_checkpoint(output_dir / CHECKPOINT)
+        _check_resumable(ckpt, config, meta_config, fingerprint, init_omega, output_dir / CHECKPOINT)
+        search.load_state_dict(ckpt["search"])
+        records = list(ckpt["metrics"])
+    elif overwrite:
+        for name in OUTPUTS:
+            (output_dir / name).unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    commit = source_commit()
+
+    def write_views() -> None:
+        write_metrics(output_dir / METRICS, records)
+        if search.best is not None:
+            spec = LossSpec(meta_config.family, meta_config.order, search.best["omega"], {
+                "search": "cma-es", "meta_train_dataset": data.name,
+                "generations": search.generations_done, "best_generation": search.best["generation"],
+                "best_outer_heldout_loss": search.best["result"][FITNESS], "seed": config.seed,
+                "package_version": __version__, "source_commit": commit, **(provenance or {}),
+                "cma_config": config.to_dict(), "meta_config": meta_config.to_dict(),
+                "data": {**{k: v for k, v in fingerprint.items() if k != "sha256"}, **data.info},
+                "init_omega": init_omega})
+            save_loss(output_dir / LOSS, spec, overwrite=True)
+
+    if records:
+        write_views()
+    while search.generations_done < config.generations:
+        record = search.generation(lambda omega, g: trainer.heldout_objective(omega, g))
+        record["inner_trainings"] = search.generations_done * search.popsize * trainer.num_domains
+        records.append(record)
+        save_checkpoint(output_dir / CHECKPOINT, {
+            "format": CHECKPOINT_FORMAT, "version": 1, "package_version": __version__,
+            "cma_config": config.to_dict(), "meta_config": meta_config.to_dict(), "data": fingerprint,
+            "init_omega": init_omega, "search": search.state_dict(), "metrics": records})
+        write_views()
+        if on_generation is not None:
+            on_generation(record)
+    return search

@@ -1,0 +1,149 @@
+"""Search a loss with CMA-ES instead of implicit gradients (the paper's Fig. 4 baseline).
+
+    python -m domainbed_itl.scripts.cma_search --dataset RotatedMNIST --data_dir ./data \\
+        --domainbed_root ../DomainBed --output_dir runs/cma --generations 20
+
+The same harness as meta_train: the same --preset (default paper), data flags, loss family and
+inner training, and the same held-out objective M (cross-entropy on the left-out domain, mean
+over the leave-one-domain-out splits), minimised by pycma's CMA-ES (domainbed_itl.meta.cmaes).
+Writes loss.json (the best loss found), metrics.jsonl (one line per generation, with
+meta_train's keys: "step" is the generation, plus "inner_trainings") and checkpoint.pt (after
+every generation; --resume continues). Draw it beside an implicit-gradient run with
+domainbed_itl.scripts.plot_search. Exit status: 0 done, 1 every candidate of a generation
+diverged, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Optional, Sequence
+
+from tqdm import tqdm
+
+from ..domainbed_env import DomainBedNotFound
+from ..losses.lossfile import LossFileError, resolve_loss
+from ..meta.cmaes import CMAConfig, run_cma_search
+from ..meta.inner import INNER_OPTIMIZERS
+from ..meta.presets import PRESETS, preset_config
+from ..meta.runner import LOSS, RunDirError, check_output_dir
+from .meta_train import (DEFAULT_PRESET, FAMILY_CHOICES, _device, _family, _load_data,
+                         _nonnegative_int, _positive_float, _positive_int, _widths)
+
+# MetaConfig settings this command takes (those that shape the inner training and M).
+CONFIG_FLAGS = ("inner_steps", "inner_optimizer", "inner_lr", "inner_momentum", "batch_size",
+                "hidden", "outer_batch", "eval_size", "batched", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface. Inner-loop settings left out come from --preset."""
+    p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.cma_search",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                   help=f"meta_train's named settings (default {DEFAULT_PRESET}); explicit flags "
+                        "override them")
+    data = p.add_argument_group("data (as meta_train)")
+    data.add_argument("--dataset", default="RotatedMNIST",
+                      help="a DomainBed dataset name, or 'synthetic' (default RotatedMNIST)")
+    data.add_argument("--data_dir", default=None, help="DomainBed's --data_dir")
+    data.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
+                      help="DomainBed checkout (default: $DOMAINBED_ROOT, else `import domainbed`)")
+    data.add_argument("--per_domain_cap", type=_positive_int, default=None)
+    data.add_argument("--data_seed", type=_nonnegative_int, default=0)
+    out = p.add_argument_group("output")
+    out.add_argument("--output_dir", required=True)
+    out.add_argument("--resume", action="store_true", help="continue the search in --output_dir")
+    out.add_argument("--overwrite", action="store_true", help="start again in --output_dir")
+    out.add_argument("--no_progress", action="store_true", help="no progress bar")
+    loss = p.add_argument_group("loss (as meta_train)")
+    loss.add_argument("--family", choices=FAMILY_CHOICES, default=None, metavar="FAMILY",
+                      help=f"one of {', '.join(FAMILY_CHOICES)}; default: the --init file's "
+                           "family, else the preset's")
+    loss.add_argument("--order", type=int, default=None, help="Taylor order with --family taylor")
+    loss.add_argument("--init", default=None,
+                      help="the search's initial mean: a loss file or preset loss; default: the "
+                           "family's default (the Taylor expansion of cross-entropy)")
+    search = p.add_argument_group("CMA-ES")
+    search.add_argument("--generations", type=_positive_int, default=CMAConfig.generations)
+    search.add_argument("--popsize", type=_int_at_least_2, default=None,
+                        help="candidates per generation (default pycma's 4 + floor(3 ln n))")
+    search.add_argument("--sigma0", type=_positive_float, default=CMAConfig.sigma0,
+                        help="initial step size")
+    inner = p.add_argument_group("inner loop (as meta_train)")
+    inner.add_argument("--inner_steps", type=_positive_int)
+    inner.add_argument("--inner_optimizer", choices=INNER_OPTIMIZERS)
+    inner.add_argument("--inner_lr", type=_positive_float)
+    inner.add_argument("--inner_momentum", type=float)
+    inner.add_argument("--batch_size", type=_positive_int)
+    inner.add_argument("--hidden", type=_widths)
+    inner.add_argument("--outer_batch", type=_positive_int,
+                       help="held-out examples for M per domain (default: the whole domain)")
+    inner.add_argument("--eval_size", type=_positive_int,
+                       help="source examples for the logged inner source accuracy")
+    inner.add_argument("--batched", action=argparse.BooleanOptionalAction,
+                       help="train the per-domain inner networks as one stack")
+    run = p.add_argument_group("execution")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    run.add_argument("--seed", type=_nonnegative_int, default=None,
+                     help="seed of the inner trainings (as meta_train's) and of CMA-ES's samples")
+    return p
+
+
+def _int_at_least_2(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        init = None if args.init is None else resolve_loss(args.init)
+        overrides = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+        family = _family(args, init)
+        if family is not None:
+            overrides["family"], overrides["order"] = family
+        meta_config = preset_config(args.preset, overrides)
+        config = CMAConfig(args.generations, args.popsize, args.sigma0, meta_config.seed)
+        device = _device(args.device)
+    except (ValueError, LossFileError) as e:
+        parser.error(str(e))
+    words = list(sys.argv[1:] if argv is None else argv)
+    bar = tqdm(total=args.generations, desc="cma-es", unit="generation", disable=args.no_progress)
+
+    def progress(record) -> None:
+        bar.n = record["step"]
+        bar.set_postfix(best_M=f"{record['best_outer_heldout_loss']:.4f}",
+                        heldout_acc=f"{record['outer_heldout_acc']:.3f}")
+        bar.refresh()
+
+    try:
+        check_output_dir(args.output_dir, args.resume, args.overwrite)
+        data = _load_data(args)
+        search = run_cma_search(
+            data, config, meta_config, args.output_dir, init=init, resume=args.resume,
+            overwrite=args.overwrite, device=device, on_generation=progress,
+            provenance={"preset": args.preset, "init": args.init,
+                        "command": shlex.join(["python", "-m", "domainbed_itl.scripts.cma_search",
+                                               *words])})
+    except (RunDirError, DomainBedNotFound, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+    print(f"CMA-ES done: {search.generations_done} generations of {search.popsize}; best loss "
+          f"(generation {search.best['generation']}, M {search.best['result']['outer_heldout_loss']:.4f}) "
+          f"in {os.path.join(args.output_dir, LOSS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
