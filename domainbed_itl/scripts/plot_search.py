@@ -5,12 +5,12 @@
 
 Each run is a metrics.jsonl of meta_train (implicit gradients, one record per outer step) or of
 cma_search (CMA-ES, one record per generation: its best candidate), labelled `label=path`.
-Writes <stem>.png: rows held-out loss M, held-out accuracy and inner source accuracy; columns
-against outer steps (a CMA-ES generation is one step), against inner trainings and against
-wall-clock time (the runs' own time_step_s, summed). Every run is cut to the smallest run's
-budget of inner trainings unless --full. <stem>.json holds the plotted numbers and the budget.
-For Fig. 6 pass the meta_train runs of Taylor orders 2-5. Exit status: 0 done, 2 bad input or
-an existing output.
+Writes <stem>.png: rows held-out loss M (log scale), held-out accuracy and inner source
+accuracy; columns against outer steps (a CMA-ES generation is one step), against inner
+trainings and against wall-clock time (the runs' own time_step_s, summed). Every run is cut to
+the smallest run's budget of inner trainings unless --full. <stem>.json holds the plotted
+numbers and the budget. For Fig. 6 pass the meta_train runs of Taylor orders 2-5. Exit status:
+0 done, 2 bad input or an existing output.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from ..analysis.search_curves import at_budget, search_curve  # noqa: E402
 from ..atomic import OutputExists  # noqa: E402
 from .plot_meta import read_metrics  # noqa: E402
 
-ROWS = (("outer_heldout_loss", "held-out loss M"), ("outer_heldout_acc", "held-out accuracy"),
-        ("inner_source_acc", "inner source accuracy"))
+# (metric, label, y scale): M on a log scale, so that a diverging run does not flatten the others.
+ROWS = (("outer_heldout_loss", "held-out loss M", "log"),
+        ("outer_heldout_acc", "held-out accuracy", "linear"),
+        ("inner_source_acc", "inner source accuracy", "linear"))
 COLUMNS = (("step", "outer step (CMA-ES: generation)"), ("inner_trainings", "inner trainings"),
            ("wall_clock_s", "wall-clock (s)"))
 
@@ -85,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         budget = at_budget(curves)
         shown = curves if args.full else budget["curves"]
         fig, axes = plt.subplots(len(ROWS), len(COLUMNS), figsize=(13, 9.5), squeeze=False)
-        for r, (metric, metric_label) in enumerate(ROWS):
+        for r, (metric, metric_label, scale) in enumerate(ROWS):
             for c, (cost, cost_label) in enumerate(COLUMNS):
                 ax = axes[r, c]
                 for number, (label, curve) in enumerate(shown.items()):
@@ -93,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             label=_label(label, records[label]))
                 if cost == "inner_trainings" and args.full:
                     ax.axvline(budget["budget"], color="grey", ls=":", lw=1)
-                ax.set(xlabel=cost_label, ylabel=metric_label)
+                ax.set(xlabel=cost_label, ylabel=metric_label, yscale=scale)
                 ax.grid(alpha=0.3)
         axes[0, 0].legend()
         title = args.title or (f"equal budget: {budget['budget']} inner trainings" if not args.full else "")
