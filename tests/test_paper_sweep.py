@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from domainbed_itl.experiments.paper import (BUILD_TIME_FLAGS, DOMAINBED_SWEEP_FLAGS, META_TRAIN_FLAGS,
-                                             NUM_ENVIRONMENTS, SINGLE_SOURCE_SWEEP_FLAGS, Placeholders,
+from domainbed_itl.experiments.paper import (BUILD_TIME_FLAGS, DOMAINBED_SWEEP_FLAGS, EVALUATE_LOSS_FLAGS,
+                                             META_TRAIN_FLAGS, NUM_ENVIRONMENTS, ONE_JOB_RUNNERS,
+                                             SINGLE_SOURCE_SWEEP_FLAGS, Placeholders,
                                              SweepDefinitionError, available, build_commands,
                                              count_jobs, count_stage_jobs, estimate_cost,
                                              load_experiment, parse_experiment, render_flags)
@@ -17,19 +18,23 @@ from domainbed_itl.scripts import paper_sweep
 
 from conftest import domainbed_env
 
-EXPERIMENTS = ["table1_erm_losses", "table1_rsc_itl", "table2_multi_source", "table3_loss_zoo",
-               "table4_single_source", "table6_task_specific", "table8_fig3_meta_train"]
+EXPERIMENTS = ["fig6_taylor_order", "table1_erm_losses", "table1_rsc_itl", "table2_multi_source",
+               "table3_loss_zoo", "table4_single_source", "table5_meta_seeds", "table6_task_specific",
+               "table8_fig3_meta_train"]
 # Jobs at paper scale, by hand: datasets x algorithms x test-env settings x 20 hparams x 3 trials.
 PAPER_JOBS = {
+    "fig6_taylor_order": 4 + 1,                              # meta-train orders 2-5; evaluate
     "table1_erm_losses": 1 + 1 * 4 * 4 * 60 + 1 * 1 * 4 * 60,  # meta-train SCE; 4 losses; iSCE
     "table1_rsc_itl": 1 * 2 * 4 * 60,                        # PACS, single test envs
     "table2_multi_source": 6 * (6 + 4 * 10 + 21) * 60,       # 3 envs: 6 settings, 4: 10, 6: 21
     "table3_loss_zoo": 6 * 10 * 60,
     "table4_single_source": 4 * 5 * 4 * 60,                  # one job per source domain
+    "table5_meta_seeds": 5 + 5 * 1 * 4 * 20 * 1,            # 5 meta-train seeds; OfficeHome, 1 trial
     "table6_task_specific": 1 + 1 * 3 * 60 + 1 * 3 * 60,     # meta-train; generic ITL; learned loss
     "table8_fig3_meta_train": 1,
 }
-REDUCED_JOBS = {"table1_erm_losses": 1 + 4 * 3 + 3, "table6_task_specific": 1 + 3 + 3}
+REDUCED_JOBS = {"fig6_taylor_order": 4 + 1, "table1_erm_losses": 1 + 4 * 3 + 3,
+                "table5_meta_seeds": 5 + 5 * 3, "table6_task_specific": 1 + 3 + 3}
 
 
 def _cli(*args):
@@ -279,6 +284,13 @@ def test_runner_flag_lists_are_the_runners_flags(module, flags):
     assert flags == _long_options(parser) - BUILD_TIME_FLAGS
 
 
+def test_evaluate_loss_flag_list_is_its_meta_protocols_flags():
+    from domainbed_itl.scripts import evaluate_loss
+
+    (subcommands,) = [a for a in evaluate_loss.build_parser()._actions if a.choices and "meta" in a.choices]
+    assert EVALUATE_LOSS_FLAGS == _long_options(subcommands.choices["meta"]) - BUILD_TIME_FLAGS
+
+
 def test_domainbed_sweep_flag_list_is_its_sweeps_flags(domainbed_root):
     import re
 
@@ -307,7 +319,7 @@ def test_job_counts_match_domainbeds_make_args_list(domainbed_root, name, reduce
     total = 0
     for stage in experiment.stages:
         args = stage.variant(reduced).args
-        if stage.runner_name == "meta_train":
+        if stage.runner_name in ONE_JOB_RUNNERS:
             assert count_stage_jobs(stage, reduced) == {None: 1}
             total += 1
             continue

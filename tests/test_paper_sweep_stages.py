@@ -114,6 +114,38 @@ def test_table6_definition_meta_trains_on_coloredmnist_then_sweeps_both_losses()
     assert _sweep_hparams(specific) == {"itl_loss": "/o/meta/loss.json"}
 
 
+def test_fig6_definition_meta_trains_orders_2_to_5_then_evaluates_them_against_ce():
+    experiment = load_experiment("fig6_taylor_order")
+    assert [(s.name, s.runner_name) for s in experiment.stages] == [
+        ("order2", "meta_train"), ("order3", "meta_train"), ("order4", "meta_train"),
+        ("order5", "meta_train"), ("evaluate", "evaluate_loss")]
+    for reduced in (False, True):
+        *metas, evaluate = build_commands(experiment, reduced, Placeholders("/d", "/o", "local"))
+        for order, meta in zip((2, 3, 4, 5), metas):
+            assert meta[meta.index("--family") + 1] == f"taylor{order}"
+            assert meta[meta.index("--preset") + 1] == "paper" and "--resume" in meta
+            assert "--seed" not in meta  # one seed for every order
+        assert evaluate[2:4] == ["domainbed_itl.scripts.evaluate_loss", "meta"]
+        losses = evaluate[evaluate.index("--losses") + 1:evaluate.index("--dataset")]
+        assert losses == ["CE"] + [f"order{k}=/o/order{k}/loss.json" for k in (2, 3, 4, 5)]
+        assert evaluate[evaluate.index("--output_dir") + 1] == "/o/evaluate"
+
+
+def test_table5_definition_meta_trains_five_seeds_then_sweeps_each_loss():
+    experiment = load_experiment("table5_meta_seeds")
+    names = [s.name for s in experiment.stages]
+    assert names == [f"meta{k}" for k in range(5)] + [f"sweep{k}" for k in range(5)]
+    commands = build_commands(experiment, False, Placeholders("/d", "/o", "submitit"))
+    metas, sweeps = commands[:5], commands[5::2]
+    assert [m[m.index("--seed") + 1] for m in metas] == ["0", "1", "2", "3", "4"]
+    assert all(m[m.index("--preset") + 1] == "paper" for m in metas)
+    for k, sweep in enumerate(sweeps):
+        assert sweep[sweep.index("--datasets") + 1] == "OfficeHome" and "--single_test_envs" in sweep
+        assert _sweep_hparams(sweep) == {"itl_loss": f"/o/meta{k}/loss.json"}
+    reduced = build_commands(experiment, True, Placeholders("/d", "/o", "local"))
+    assert all(r[r.index("--datasets") + 1] == "ColoredMNIST" for r in reduced[5::2])
+
+
 def test_cli_show_of_a_staged_definition():
     result = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "show",
                              "table1_erm_losses", "--reduced", "--output_dir", "/o"],
@@ -182,6 +214,27 @@ def test_a_staged_run_sweeps_with_the_loss_its_first_stage_learned(patched_domai
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert loss.read_bytes() == before
     assert len((tmp_path / "out" / "meta" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_staged_run_evaluates_the_loss_its_first_stage_learned(domainbed_root, tmp_path):
+    # The evaluation, like meta-training, is one process: no patched checkout needed.
+    evaluate = ('losses = ["CE", "learned={meta}/loss.json"]\ndataset = "synthetic"\nseeds = [0, 1]\n'
+                'inner_steps = [5]\nhidden = "8"\nper_domain_cap = 60\n')
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "evaluated.toml").write_text(
+        HEADER + _stage_toml("meta", "meta_train", 'dataset = "synthetic"', f'dataset = "synthetic"\n{META}')
+        + _stage_toml("evaluate", "evaluate_loss", evaluate, evaluate))
+    result = subprocess.run(
+        [sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "--sweeps_dir", str(sweeps), "run",
+         "evaluated", "--reduced", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+         "--domainbed_root", str(domainbed_root)],
+        capture_output=True, text=True, timeout=600, env=domainbed_env(domainbed_root))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "evaluate" / "evaluation.json").read_text())
+    assert str(tmp_path / "out" / "meta" / "loss.json") in json.dumps(report)
+    assert "stage evaluate: loss evaluation: 1 job x 1 wall-minutes" in result.stdout
 
 
 def test_a_failed_stage_stops_the_run(patched_domainbed, tmp_path):

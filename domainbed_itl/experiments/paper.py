@@ -99,6 +99,10 @@ META_TRAIN_FLAGS = frozenset({
     "solver", "neumann_steps", "neumann_alpha", "neumann_form", "cg_maxiter", "cg_tol",
     "hvp_batch", "outer_batch", "eval_size", "max_solver_residual", "reference_every",
     "reference_maxiter", "batched", "device", "seed", "no_progress", "resume", "overwrite"})
+# domainbed_itl.scripts.evaluate_loss meta: losses against cross-entropy with fresh MLPs.
+EVALUATE_LOSS_FLAGS = frozenset({
+    "losses", "reference", "dataset", "seeds", "inner_steps", "inner_optimizer", "inner_lr",
+    "batch_size", "hidden", "eval_size", "per_domain_cap", "data_seed", "device", "overwrite"})
 
 
 class SweepDefinitionError(ValueError):
@@ -126,7 +130,11 @@ RUNNERS: Dict[str, Runner] = {
                                   SINGLE_SOURCE_SWEEP_FLAGS),
     "meta_train": Runner("domainbed_itl.scripts.meta_train", None, None, False, True,
                          META_TRAIN_FLAGS),
+    "evaluate_loss": Runner("domainbed_itl.scripts.evaluate_loss", "meta", None, False, True,
+                            EVALUATE_LOSS_FLAGS),
 }
+# Runners that are one process (one job), not a sweep of DomainBed jobs.
+ONE_JOB_RUNNERS = ("meta_train", "evaluate_loss")
 
 
 @dataclass(frozen=True)
@@ -233,7 +241,7 @@ def _check_args(args: Mapping[str, Any], runner_name: str, where: str) -> None:
             raise SweepDefinitionError(f"{where}: {key} must list strings or numbers, got {value!r}")
         if value is False:
             raise SweepDefinitionError(f"{where}: {key} = false; leave the flag out instead")
-    if runner_name != "meta_train":
+    if runner_name not in ONE_JOB_RUNNERS:
         for key in ("datasets", "algorithms"):
             values = _require(args, key, list, where)
             if not values or not all(isinstance(v, str) for v in values):
@@ -386,7 +394,8 @@ def n_test_env_settings(n_envs: int, single_test_envs: bool) -> int:
 
 
 def count_jobs(experiment: Experiment, reduced: bool) -> Dict[Optional[str], int]:
-    """Jobs per dataset of the variant, summed over the stages (key None: meta-training runs)."""
+    """Jobs per dataset of the variant, summed over the stages (key None: one-process runs such as
+    meta-training)."""
     jobs: Dict[Optional[str], int] = {}
     for stage in experiment.stages:
         for dataset, n in count_stage_jobs(stage, reduced).items():
@@ -395,13 +404,14 @@ def count_jobs(experiment: Experiment, reduced: bool) -> Dict[Optional[str], int
 
 
 def count_stage_jobs(stage: Stage, reduced: bool) -> Dict[Optional[str], int]:
-    """Jobs per dataset of one stage's variant (key None: the one job of a meta-training run).
+    """Jobs per dataset of one stage's variant (key None: the one job of a `ONE_JOB_RUNNERS` run,
+    meta-training or a loss evaluation).
 
     DomainBed's sweep: algorithms x test-env settings x hparams x trials per dataset.
     Single-source sweep: algorithms x source domains (all, or `sources`) x hparams x trials.
     """
     args = stage.variant(reduced).args
-    if stage.runner_name == "meta_train":
+    if stage.runner_name in ONE_JOB_RUNNERS:
         return {None: 1}
     seeds = args.get("n_hparams", 20) - args.get("n_hparams_from", 0)
     trials = args.get("n_trials", 3)

@@ -28,13 +28,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
-from ..experiments.paper import (Experiment, Placeholders, SweepDefinitionError, available,
-                                 build_stage_commands, count_jobs, count_stage_jobs, estimate_cost,
-                                 format_command, load_experiment, referenced_stages)
+from ..experiments.paper import (ONE_JOB_RUNNERS, Experiment, Placeholders, SweepDefinitionError,
+                                 available, build_stage_commands, count_jobs, count_stage_jobs,
+                                 estimate_cost, format_command, load_experiment, referenced_stages)
 from ..patching import APPLIED, PatchError, status
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
-META_TRAIN_LAUNCHERS = ("local", "submitit")
+# Meta-training and loss evaluation run in one process: here, or as one submitit job.
+ONE_JOB_LAUNCHERS = ("local", "submitit")
+ONE_JOB_LABELS = {"meta_train": "meta-training", "evaluate_loss": "loss evaluation"}
 
 
 class PaperSweepError(RuntimeError):
@@ -60,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data_dir", required=required, default=None)
         sub.add_argument("--output_dir", required=required, default=None)
         sub.add_argument("--command_launcher", default=None,
-                         help="sweeps: local, dummy, multi_gpu or submitit; meta-training: local "
-                              "(in this process) or submitit (default: submitit for the paper "
-                              "scale, local for --reduced)")
+                         help="sweeps: local, dummy, multi_gpu or submitit; meta-training and "
+                              "loss evaluation: local (in this process) or submitit (default: "
+                              "submitit for the paper scale, local for --reduced)")
         sub.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
                          help="the patched DomainBed checkout (default: $DOMAINBED_ROOT, else "
                               "`import domainbed`)")
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _launcher(experiment: Experiment, reduced: bool, requested: Optional[str]) -> str:
     runners = list(dict.fromkeys(stage.runner_name for stage in experiment.stages))
     choices = [c for c in SWEEP_LAUNCHERS if all(
-        c in (META_TRAIN_LAUNCHERS if runner == "meta_train" else SWEEP_LAUNCHERS) for runner in runners)]
+        c in (ONE_JOB_LAUNCHERS if runner in ONE_JOB_RUNNERS else SWEEP_LAUNCHERS) for runner in runners)]
     launcher = requested or ("local" if reduced else "submitit")
     if launcher not in choices:
         raise PaperSweepError(f"--command_launcher {launcher!r} is not one of {', '.join(choices)} "
@@ -105,7 +107,8 @@ def describe(experiment: Experiment, reduced: bool, given: Placeholders) -> str:
         prefix = f"stage {stage.name}: " if staged else ""
         for dataset, n in count_stage_jobs(stage, reduced).items():
             if dataset is not None or staged:
-                lines.append(f"  {prefix}{dataset or 'meta-training'}: {n} job{'s' * (n != 1)} x "
+                what = dataset or ONE_JOB_LABELS[stage.runner_name]
+                lines.append(f"  {prefix}{what}: {n} job{'s' * (n != 1)} x "
                              f"{cost.of(dataset):g} {unit} = {n * cost.of(dataset):g} {unit}")
     lines.append(f"estimated cost: {total:g} {unit}")
     for stage in experiment.stages:
@@ -160,7 +163,7 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
     if not Path(given.data_dir).is_dir():
         raise PaperSweepError(f"--data_dir {given.data_dir} is not a folder")
     checkout = _domainbed_checkout(given.domainbed_root, need_patches=any(
-        stage.runner_name != "meta_train" for stage in experiment.stages))
+        stage.runner_name not in ONE_JOB_RUNNERS for stage in experiment.stages))
     env = with_pythonpath(checkout)
     Path(given.output_dir).mkdir(parents=True, exist_ok=True)
     staged = [(stage, tokens) for stage in experiment.stages
@@ -168,7 +171,7 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
     for stage, tokens in staged:
         print(f"\n$ {format_command(tokens)}", flush=True)
         stage_env = dict(env, DOMAINBED_SUBMITIT_WAIT="1") if stage.name in needed else env
-        if stage.runner_name == "meta_train" and given.command_launcher == "submitit":
+        if stage.runner_name in ONE_JOB_RUNNERS and given.command_launcher == "submitit":
             from ..experiments.launchers import (
                 SubmititConfig,
                 SubmititJobsFailed,
