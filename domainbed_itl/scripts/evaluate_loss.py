@@ -48,11 +48,14 @@ REPORT_MD, REPORT_JSON = "evaluation.md", "evaluation.json"
 ZOO_ALGORITHMS = {"CE": "ERM", "BCE": "ERM_BCE", "Focal": "ERM_Focal", "SCE": "ERM_SCE",
                   "GCE": "ERM_GCE", "LS": "ERM_LS"}
 # (record field, label, scale, digits) of the tables.
-META_METRICS = [("heldout_acc", "held-out acc. (%)", 100, 1), ("heldout_ce", "held-out CE", 1, 3),
-                ("source_acc", "source acc. (%)", 100, 1), ("gap", "source − held-out (pts)", 100, 1)]
-DOMAINBED_METRICS = [("test_acc", "test acc. (%), training-domain validation", 100, 1),
-                     ("last_test_acc", "test acc. (%), last checkpoint", 100, 1),
-                     ("val_acc", "training-domain validation acc. (%)", 100, 1)]
+# (record field, label, scale, digits, higher is better)
+META_METRICS = [("heldout_acc", "held-out acc. (%)", 100, 1, True),
+                ("heldout_ce", "held-out CE", 1, 3, False),
+                ("source_acc", "source acc. (%)", 100, 1, True),
+                ("gap", "source − held-out (pts)", 100, 1, False)]
+DOMAINBED_METRICS = [("test_acc", "test acc. (%), training-domain validation", 100, 1, True),
+                     ("last_test_acc", "test acc. (%), last checkpoint", 100, 1, True),
+                     ("val_acc", "training-domain validation acc. (%)", 100, 1, True)]
 
 
 class EvaluationInputError(ValueError):
@@ -141,12 +144,13 @@ def _losses(args: argparse.Namespace) -> Tuple[Dict[str, str], str]:
 def _tables(records: List[Dict[str, Any]], metrics: Sequence[tuple], reference: str,
             order: Sequence[str], group: Sequence[str]) -> Tuple[str, Dict[str, Any]]:
     parts, stats = [], {}
-    for field, label, scale, digits in metrics:
-        result = comparison.compare(records, field, reference, group)
+    for field, label, scale, digits, higher_is_better in metrics:
+        result = comparison.compare(records, field, reference, group, higher_is_better)
         stats[field] = comparison.to_jsonable(result, group)
         parts.append(f"### {label}\n\n" + comparison.markdown_table(
             result, label, reference, group, scale, digits, order))
-    per_domain = comparison.compare(records, metrics[0][0], reference, [*group, "domain"])
+    per_domain = comparison.compare(records, metrics[0][0], reference, [*group, "domain"],
+                                    metrics[0][4])
     parts.append(f"### {metrics[0][1]}, per domain\n\n" + comparison.markdown_table(
         per_domain, metrics[0][1], reference, [*group, "domain"], metrics[0][2], metrics[0][3],
         order))
@@ -285,12 +289,18 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
     except json.JSONDecodeError as e:
         raise EvaluationInputError(f"--hparams {args.hparams!r} is not JSON: {e}") from None
     jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
-    to_launch = [job for job, *_ in jobs if job.state == sweep.Job.NOT_LAUNCHED]
-    print(f"{len(jobs)} jobs, {len(to_launch)} to launch; DomainBed from {checkout}")
-    if to_launch and not args.report_only:
+    units: Dict[Tuple[int, int], list] = {}
+    for job, _, test_env, trial in jobs:
+        if job.state == sweep.Job.NOT_LAUNCHED:
+            units.setdefault((test_env, trial), []).append(job)
+    print(f"{len(jobs)} jobs, {sum(map(len, units.values()))} to launch; DomainBed from {checkout}")
+    if units and not args.report_only:
         os.makedirs(args.output_dir, exist_ok=True)
         os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
-        sweep.Job.launch(to_launch, launchers.REGISTRY[args.command_launcher])
+        # One (test env, trial) at a time: DomainBed's launch shuffles the jobs it is given, and
+        # an interrupted evaluation should leave whole pairs, not scattered jobs.
+        for unit_jobs in units.values():
+            sweep.Job.launch(unit_jobs, launchers.REGISTRY[args.command_launcher])
     jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
     results = (reporting.load_records(args.output_dir) if Path(args.output_dir).is_dir()
                else query.Q([]))
