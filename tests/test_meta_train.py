@@ -271,6 +271,16 @@ def test_paper_preset_is_the_papers_protocol_read_literally():
         preset_config("paper", {"outer_step": 3})
 
 
+def test_the_guarded_preset_is_the_paper_preset_with_a_residual_guard_and_the_default():
+    from domainbed_itl.meta.presets import preset_config
+    from domainbed_itl.scripts.meta_train import DEFAULT_PRESET, build_parser
+
+    paper, guarded = preset_config("paper").to_dict(), preset_config("paper_guarded").to_dict()
+    assert {k for k in paper if paper[k] != guarded[k]} == {"max_solver_residual"}
+    assert (paper["max_solver_residual"], guarded["max_solver_residual"]) == (None, 1.0)
+    assert DEFAULT_PRESET == "paper_guarded" == build_parser().get_default("preset")
+
+
 def test_checkpoints_written_before_a_setting_existed_resume_with_its_default(tmp_path):
     data = _data()
     run_meta_training(data, _config(outer_steps=1), tmp_path, progress=False)

@@ -29,7 +29,7 @@ from ..meta.presets import GUESSES, PRESETS, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir, run_meta_training
 from ..meta.trainer import NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, NonFiniteError
 
-DEFAULT_PRESET = "paper"
+DEFAULT_PRESET = "paper_guarded"
 
 FAMILY_CHOICES = tuple(f"taylor{k}" for k in range(MIN_ORDER, MAX_ORDER + 1)) + ("taylor", "sce")
 
