@@ -93,9 +93,24 @@ def test_meta_train_command_has_no_launcher_and_no_collection():
     experiment = load_experiment("table8_fig3_meta_train")
     (command,) = build_commands(experiment, False, Placeholders(domainbed_root="/db"))
     text = " ".join(command)
-    assert "-m domainbed_itl.scripts.meta_train --dataset RotatedMNIST --outer_steps 200" in text
-    assert "--neumann_steps 15" in text and "--command_launcher" not in text
+    assert "-m domainbed_itl.scripts.meta_train --preset paper --dataset RotatedMNIST" in text
+    assert "--command_launcher" not in text
     assert text.endswith("--data_dir <data_dir> --output_dir <output_dir> --domainbed_root /db")
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_table8_definition_runs_the_paper_preset(reduced):
+    from domainbed_itl.meta.presets import preset_config
+    from domainbed_itl.scripts.meta_train import build_parser
+
+    (command,) = build_commands(load_experiment("table8_fig3_meta_train"), reduced, Placeholders())
+    tokens = command[command.index("domainbed_itl.scripts.meta_train") + 1:]
+    args = build_parser().parse_args(tokens)
+    assert args.preset == "paper" and args.batched and args.resume
+    config = preset_config(args.preset, {"outer_steps": args.outer_steps} if args.outer_steps else {})
+    assert (config.neumann_form, config.aggregate_reduction, config.inner_steps) == (
+        "algorithm2", "sum", 1000)
+    assert config.outer_steps == (20 if reduced else 200)
 
 
 def test_render_flags():
