@@ -4,6 +4,7 @@ end-to-end search whose learned loss beats its initial loss."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -141,6 +142,14 @@ def test_domainbed_protocol_runs_domainbeds_train_paired_and_reports(patched_dom
     again = subprocess.run(argv + ["--report_only"], capture_output=True, text=True,
                            env=domainbed_env(patched_domainbed), timeout=600)
     assert again.returncode == 0 and "4 jobs, 0 to launch" in again.stdout
+    # An interrupted launch leaves empty folders for jobs that never started: they run next time.
+    never_started = sorted(p for p in out.iterdir() if p.is_dir())[0]
+    shutil.rmtree(never_started)
+    never_started.mkdir()
+    rerun = subprocess.run(argv, capture_output=True, text=True, env=domainbed_env(patched_domainbed),
+                           timeout=900)
+    assert rerun.returncode == 0 and "4 jobs, 1 to launch" in rerun.stdout, rerun.stderr
+    assert (never_started / "done").exists()
 
 
 @pytest.mark.domainbed

@@ -289,6 +289,14 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
     except json.JSONDecodeError as e:
         raise EvaluationInputError(f"--hparams {args.hparams!r} is not JSON: {e}") from None
     jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
+    if not args.report_only:
+        # DomainBed's launch makes every job's folder before the first job runs: after an
+        # interruption, a job that never started has an empty folder, which would block it.
+        for job, *_ in jobs:
+            folder = Path(job.output_dir)
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
     units: Dict[Tuple[int, int], list] = {}
     for job, _, test_env, trial in jobs:
         if job.state == sweep.Job.NOT_LAUNCHED:
