@@ -220,6 +220,15 @@ def test_residual_of_a_diverging_neumann_series_exceeds_one_and_can_be_left_out(
     assert record["trusted_domains"] == sum(r <= 1.0 for r in residuals) > 0
 
 
+def test_a_run_says_when_a_step_trusted_no_domain(tmp_path, capsys):
+    data = _data()
+    config = _config(neumann_alpha=50.0, neumann_steps=10, max_solver_residual=1.0, outer_steps=1)
+    run_meta_training(data, config, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert "outer step 1: no domain's solve left a relative residual within max_solver_residual 1.0" in err
+    assert "ω unchanged" in err
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_warm_start_continues_the_networks_and_resumes_bit_for_bit(tmp_path, optimizer):
     data = _data()

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -196,6 +197,11 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
                         else "no checkpoint had been written yet")
                 raise NonFiniteError(f"{e}; stopping, {kept}") from e
             records.append(record)
+            if record.get("trusted_domains") == 0:
+                worst = min(record["per_domain"]["solver_residual"])
+                tqdm.write(f"outer step {record['step']}: no domain's solve left a relative residual "
+                           f"within max_solver_residual {config.max_solver_residual} (smallest "
+                           f"{worst:.3g}); ω unchanged", file=sys.stderr)
             _save_checkpoint(output_dir / CHECKPOINT, {
                 "format": CHECKPOINT_FORMAT, "version": 1, "package_version": __version__,
                 "config": config.to_dict(), "data": fingerprint, "init_omega": init_omega,
