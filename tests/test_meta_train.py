@@ -539,7 +539,7 @@ def test_cli_stops_on_non_finite_values(tmp_path):
 def test_cli_refuses_a_second_writer_by_name(tmp_path):
     first = _cli(CLI_TINY + ["--outer_steps", "1000", "--output_dir", str(tmp_path)])
     holder = tmp_path / ".domainbed_itl.lock.json"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline and not (tmp_path / "checkpoint.pt").exists():
         time.sleep(0.05)
     try:

@@ -5,30 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import hold_lock
 
 from domainbed_itl.runlock import (HOLDER_NAME, LOCK_NAME, FolderLocked, folder_lock,
                                    is_control_entry)
-
-HOLD = ("import sys, time\n"
-        "from domainbed_itl.runlock import folder_lock\n"
-        "with folder_lock(sys.argv[1], command='holder --of ' + sys.argv[1]):\n"
-        "    print('locked', flush=True)\n"
-        "    time.sleep(600)\n")
-
-
-def hold_lock(folder):
-    """A separate process holding the lock of `folder` (it prints 'locked' once it has it)."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert process.stdout.readline().strip() == "locked"
-    return process
-
 
 def test_a_second_writer_is_refused_by_name_until_the_holder_dies(tmp_path):
     holder = hold_lock(tmp_path / "run")
