@@ -254,7 +254,11 @@ def _run(args: argparse.Namespace, sweep: ModuleType, planned, launcher_fn: Opti
                                RunKey(a["dataset"], a["algorithm"], source, a["trial_seed"],
                                       a["hparams_seed"]), len(a["test_envs"]) + 1)
                     for (job, source), (a, _) in zip(jobs, planned)]
-        update_manifest(args.output_dir, manifest)
+        try:
+            update_manifest(args.output_dir, manifest)
+        except ValueError as error:  # a damaged manifest: never replaced with fewer jobs
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
         print(f"The jobs import DomainBed from {checkout} (first on their PYTHONPATH).")
         np.random.seed(args.seed)
