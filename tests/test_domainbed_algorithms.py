@@ -210,3 +210,31 @@ def test_replaced_cross_entropy_rejects_unsupported_arguments(bridge):
             bridge.algorithms.F.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]),
                                               label_smoothing=0.1)
     assert bridge.algorithms.F is torch.nn.functional
+
+
+def test_sweep_planning_checks_the_losses_for_the_datasets_classes(tmp_path):
+    from domainbed_itl.hparams import DATASET_CLASSES, check_sweep_losses
+
+    ours = [name for name in ALGORITHMS]
+    check_sweep_losses(ours + ["ERM", "Unknown"], list(DATASET_CLASSES), {})  # defaults all train
+    upside = _loss_file(tmp_path, "upside_down.json", "taylor", 4,
+                        [v if i < 2 else -v for i, v in enumerate(cross_entropy_taylor_init(4, 10))])
+    with pytest.raises(ValueError, match=r"^--hparams: algorithm ITL: the ITL loss of hparams itl_loss="
+                                         r".* would be maximised.*\(dataset RotatedMNIST\)$"):
+        check_sweep_losses(["ERM", "ITL"], ["RotatedMNIST"], {"itl_loss": upside})
+    # A dataset of unknown class count leaves that check to the algorithm's constructor...
+    check_sweep_losses(["ITL"], ["MyImages"], {"itl_loss": upside})
+    # ...but not the others.
+    with pytest.raises(ValueError, match="hparam focal_gamma=-0.5: expected a number >= 0"):
+        check_sweep_losses(["ERM_Focal"], ["MyImages"], {"focal_gamma": -0.5})
+    check_sweep_losses(["ERM"], ["RotatedMNIST"], {"itl_loss": upside})  # not one of ours: ignored
+
+
+@pytest.mark.slow
+def test_dataset_classes_match_domainbed(domainbed, mnist10k):
+    from domainbed_itl.hparams import DATASET_CLASSES
+
+    _, datasets, _ = domainbed
+    for name in ("Debug28", "Debug224", "ColoredMNIST", "RotatedMNIST"):
+        dataset = datasets.get_dataset_class(name)(str(mnist10k), [0], {"data_augmentation": False})
+        assert dataset.num_classes == DATASET_CLASSES[name], name
