@@ -274,7 +274,7 @@ def test_run_names_the_failed_jobs_of_a_domainbed_sweep(patched_domainbed, tmp_p
         [sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "--sweeps_dir", str(sweeps),
          "run", "nan", "--reduced", "--data_dir", str(tmp_path), "--output_dir", str(out),
          "--command_launcher", "local", "--domainbed_root", str(patched_domainbed)],
-        capture_output=True, text=True, timeout=600, env=domainbed_env(patched_domainbed))
+        capture_output=True, text=True, timeout=1800, env=domainbed_env(patched_domainbed))
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Total records: 0" in result.stdout  # the collection ran
     lines = result.stderr[result.stderr.index("error: 3 job folders"):].splitlines()

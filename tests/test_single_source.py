@@ -526,10 +526,10 @@ def test_parser_has_domainbeds_sweep_flags():
 # ---------------------------------------------------------------- real DomainBed sweeps
 
 
-def _launch(root, *args, check=True, env=None):
+def _launch(root, *args, check=True, env=None, timeout=600):
     result = subprocess.run(
         [sys.executable, "-m", "domainbed_itl.scripts.single_source_sweep", *args, "--domainbed_root",
-         str(root)], capture_output=True, text=True, timeout=600, env=env or _no_domainbed_env())
+         str(root)], capture_output=True, text=True, timeout=timeout, env=env or _no_domainbed_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
@@ -653,7 +653,7 @@ def test_jobs_that_fail_are_named_and_the_launch_exits_non_zero(patched_domainbe
                      "--sources", "0", "--n_hparams", "1", "--n_trials", "1", "--steps", "5",
                      "--hparams", '{"batch_size": 8, "lr": 1e30}', "--command_launcher", "local",
                      "--skip_confirmation", "--data_dir", str(tmp_path), "--output_dir", str(out),
-                     check=False)
+                     check=False, timeout=1800)
     assert result.returncode == 1, result.stderr[-3000:]
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     assert not (folder / "done").exists()
