@@ -238,6 +238,9 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
                    fingerprint, progress, provenance, replaced, log)
         except BaseException as error:
             if replaced is not None and (output_dir / REPLACED).is_dir():
+                if (output_dir / CHECKPOINT).is_file():  # stopped right after its first checkpoint
+                    _finish_interrupted_overwrite(output_dir, log)
+                    raise
                 _restore_replaced(output_dir)
                 if isinstance(error, NonFiniteError):
                     raise NonFiniteError(f"{error}; --overwrite kept the previous run ({replaced}) "
