@@ -261,6 +261,44 @@ def test_run_executes_the_sweep_and_the_collection(patched_domainbed, tmp_path):
     assert shlex.split(first)[1:4] == ["-m", "domainbed.scripts.sweep", "launch"]
 
 
+def test_run_checks_the_losses_before_anything_starts(tmp_path):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "focal.toml").write_text(TINY.replace('algorithms = ["ITL"]', 'algorithms = ["ERM_Focal"]')
+                                       .replace("steps = 3", "steps = 3\nhparams = { focal_gamma = -1.0 }"))
+    out = tmp_path / "out"
+    result = _cli("--sweeps_dir", str(sweeps), "run", "focal", "--reduced", "--data_dir", str(tmp_path),
+                  "--output_dir", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {sweeps / 'focal.toml'}: --hparams: algorithm ERM_Focal: hparam focal_gamma=-1.0: "
+        "expected a number >= 0 (the focusing parameter; 0 is cross-entropy)"]
+    assert result.stdout == "" and not out.exists()
+
+
+@pytest.mark.slow
+def test_run_names_the_failed_jobs_of_a_domainbed_sweep(patched_domainbed, tmp_path):
+    """DomainBed's sweep exits 0 although its jobs failed (lr 1e30 turns ITL's loss to NaN, which
+    stops them): paper_sweep names them, still collects, and exits 1."""
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "nan.toml").write_text(TINY.replace("steps = 3", 'steps = 5\nhparams = { batch_size = 8, '
+                                                               'lr = 1e30 }'))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "--sweeps_dir", str(sweeps),
+         "run", "nan", "--reduced", "--data_dir", str(tmp_path), "--output_dir", str(out),
+         "--command_launcher", "local", "--domainbed_root", str(patched_domainbed)],
+        capture_output=True, text=True, timeout=1800, env=domainbed_env(patched_domainbed))
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Total records: 0" in result.stdout  # the collection ran
+    lines = result.stderr[result.stderr.index("error: 3 job folders"):].splitlines()
+    assert lines[0] == (f"error: 3 job folders in {out} have no `done` marker (DomainBed's `sweep "
+                        "delete_incomplete` then `sweep launch` runs them again):")
+    assert len(lines) == 4 and all("NonFiniteTrainingError: algorithm ITL: update" in line
+                                   for line in lines[1:]), lines
+
+
 def _long_options(parser):
     # Tests may read argparse's actions; the library keeps explicit lists instead.
     return {o[2:] for a in parser._actions for o in a.option_strings

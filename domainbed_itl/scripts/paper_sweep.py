@@ -11,7 +11,15 @@ the DomainBed checkout on PYTHONPATH: the sweep (DomainBed's, or ours for single
 the collection of its results; `--dry_run` prints them only. The command launcher defaults to
 `submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.experiments.launchers) for the
 paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status: 0 done,
-1 a command failed, 2 bad input.
+1 a command or a job failed, 2 bad input.
+
+`run` checks the losses of the definition's algorithms under its `hparams` before anything
+starts (domainbed_itl.hparams.check_sweep_losses). DomainBed's own sweep exits 0 when its jobs
+fail, so after a DomainBed sweep with a launcher that waits for its jobs (`local`,
+`multi_gpu`) the job folders without DomainBed's `done` marker are listed with the last line
+of their `err.txt`; the collection still runs, then `run` exits with status 1. While it runs a
+DomainBed sweep, `run` holds the output folder's lock (domainbed_itl.runlock); our own runners
+take it themselves.
 """
 
 from __future__ import annotations
@@ -23,15 +31,20 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
 from ..experiments.paper import (Experiment, Placeholders, SweepDefinitionError, available,
                                  build_commands, count_jobs, estimate_cost, format_command,
                                  load_experiment)
+from ..hparams import check_sweep_losses
 from ..patching import APPLIED, PatchError, status
+from ..runlock import FolderLocked, folder_lock
+from ..single_source.runs import unfinished_jobs
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
+# Launchers that return once every job has ended, so that a job folder without `done` failed.
+WAITING_LAUNCHERS = ("local", "multi_gpu")
 META_TRAIN_LAUNCHERS = ("local", "submitit")
 
 
@@ -131,9 +144,22 @@ def _check_runner_installed(experiment: Experiment) -> None:
                               "domainbed-itl does not have")
 
 
+def check_losses(experiment: Experiment, reduced: bool) -> None:
+    """Raise PaperSweepError if one of the variant's algorithms would train with a loss that
+    cannot train under its `hparams`."""
+    if experiment.runner_name == "meta_train":
+        return
+    args = experiment.variant(reduced).args
+    try:
+        check_sweep_losses(args["algorithms"], args["datasets"], args.get("hparams", {}))
+    except ValueError as error:
+        raise PaperSweepError(f"{experiment.path}: {error}") from None
+
+
 def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: bool) -> int:
     """Run (or with `dry_run` print) the variant's commands; the exit status."""
     commands = build_commands(experiment, reduced, given, python=sys.executable)
+    check_losses(experiment, reduced)
     print(describe(experiment, reduced, given), flush=True)
     if dry_run:
         return 0
@@ -144,6 +170,16 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
                                    need_patches=experiment.runner_name != "meta_train")
     env = with_pythonpath(checkout)
     Path(given.output_dir).mkdir(parents=True, exist_ok=True)
+    if experiment.runner_name == "domainbed_sweep":  # DomainBed's sweep takes no lock itself
+        with folder_lock(given.output_dir):
+            return _run_commands(experiment, given, commands, env)
+    return _run_commands(experiment, given, commands, env)
+
+
+def _run_commands(experiment: Experiment, given: Placeholders, commands: List[List[str]],
+                  env: Dict[str, str]) -> int:
+    """Run the sweep, then (after a sweep whose jobs ran, failed or not) its collection."""
+    failed = None
     for tokens in commands:
         print(f"\n$ {format_command(tokens)}", flush=True)
         if experiment.runner_name == "meta_train" and given.command_launcher == "submitit":
@@ -165,9 +201,23 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
                 return 1
             continue
         returncode = subprocess.run(tokens, env=env).returncode
+        if tokens is commands[0] and experiment.runner.collect_module:
+            unfinished = (unfinished_jobs(given.output_dir)
+                          if experiment.runner_name == "domainbed_sweep"
+                          and given.command_launcher in WAITING_LAUNCHERS else [])
+            if returncode == 1 or (returncode == 0 and unfinished):
+                # Jobs failed: say which, and still collect what the others produced.
+                failed = (f"{len(unfinished)} job folders in {given.output_dir} have no `done` "
+                          "marker (DomainBed's `sweep delete_incomplete` then `sweep launch` "
+                          "runs them again):\n" + "\n".join(f"  {u}" for u in unfinished)
+                          if unfinished else "the sweep above reported failed jobs")
+                continue
         if returncode != 0:
             print(f"error: the command above failed with exit status {returncode}", file=sys.stderr)
             return 1
+    if failed is not None:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -186,7 +236,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(describe(experiment, args.reduced, given))
             return 0
         return run(experiment, args.reduced, given, args.dry_run)
-    except (SweepDefinitionError, PaperSweepError, PatchError, DomainBedNotFound) as error:
+    except (SweepDefinitionError, PaperSweepError, PatchError, DomainBedNotFound,
+            FolderLocked) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
