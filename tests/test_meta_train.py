@@ -546,8 +546,9 @@ def test_cli_killed_run_resumes_bitwise(tmp_path):
 
 
 def test_cli_stops_on_non_finite_values(tmp_path):
-    proc = _cli(CLI_TINY + ["--outer_steps", "3", "--outer_optimizer", "adam", "--outer_lr", "1e30",
-                            "--output_dir", str(tmp_path)])
+    # --preset paper: the default's residual guard would refuse the steps before ω blows up
+    proc = _cli(CLI_TINY + ["--preset", "paper", "--outer_steps", "3", "--outer_optimizer", "adam",
+                            "--outer_lr", "1e30", "--output_dir", str(tmp_path)])
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert "error: outer step 2: non-finite inner training loss" in err
