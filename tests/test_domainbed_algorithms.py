@@ -158,7 +158,8 @@ def _loss_file(tmp_path, name, family, order, parameters):
     ("ERM_SCE", "sce_beta", float("nan"), r"hparam sce_beta=nan: expected a finite number"),
     ("ERM_GCE", "gce_q", 0.0, r"hparam gce_q=0.0: expected a number in \(0, 1\]"),
     ("ERM_LS", "ls_epsilon", 1.0, r"hparam ls_epsilon=1.0: expected a number in \[0, 1\)"),
-    ("ITL", "itl_loss", 3, r"hparam itl_loss=3: expected a preset loss \(ITL\) or the path"),
+    ("ITL", "itl_loss", 3,
+     r"hparam itl_loss=3: expected a preset loss \(ITL, learned-RotatedMNIST\) or the path"),
     ("ITL", "itl_loss", "absurd", r"the ITL loss of hparams itl_loss='.*absurd.json' is not finite"),
     ("ITL", "itl_loss", "upside_down", r"the ITL loss of hparams itl_loss='.*upside_down.json' "
                                        r"would be maximised"),

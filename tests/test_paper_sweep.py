@@ -272,7 +272,7 @@ def test_run_checks_the_losses_before_anything_starts(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         f"error: {sweeps / 'focal.toml'}: --hparams: algorithm ERM_Focal: hparam focal_gamma=-1.0: "
-        "expected a number >= 0 (the focusing parameter; 0 is cross-entropy)"]
+        "expected a number >= 0 (the focusing parameter; 0 is cross-entropy) (dataset Debug28)"]
     assert result.stdout == "" and not out.exists()
 
 
