@@ -8,7 +8,8 @@ averaged over the domains; the losses are then compared unit by unit:
 - per loss: mean ± standard error (sample standard deviation / √n) over units, and the spread
   (minimum and maximum);
 - per loss against the reference: the paired differences, their mean ± SE, the number of units
-  the loss wins, a paired t-test (scipy.stats.ttest_rel) and a Wilcoxon signed-rank test
+  the loss wins (a higher value, or a lower one for a metric where lower is better), a paired
+  t-test (scipy.stats.ttest_rel) and a Wilcoxon signed-rank test
   (scipy.stats.wilcoxon, exact for small n; with 5 pairs its smallest two-sided p is 0.0625).
 
 Pure Python, numpy and scipy: no DomainBed.
@@ -57,9 +58,11 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(float(v.mean()), se, float(v.min()), float(v.max()), int(v.size))
 
 
-def paired_difference(values: Sequence[float], reference: Sequence[float]) -> PairedDifference:
+def paired_difference(values: Sequence[float], reference: Sequence[float],
+                      higher_is_better: bool = True) -> PairedDifference:
     """The paired differences values − reference with a t-test and a Wilcoxon signed-rank test.
 
+    A unit is a win where the difference is positive, or negative if not `higher_is_better`.
     The p-values are two-sided; nan where the test is undefined (fewer than 2 pairs, or every
     difference zero).
     """
@@ -72,7 +75,8 @@ def paired_difference(values: Sequence[float], reference: Sequence[float]) -> Pa
     if d.size > 1 and np.any(d != 0):
         t_p = float(stats.ttest_rel(a, b).pvalue)
         w_p = float(stats.wilcoxon(a, b).pvalue)
-    return PairedDifference(summary.mean, summary.se, int((d > 0).sum()), int((d == 0).sum()),
+    wins = int((d > 0).sum() if higher_is_better else (d < 0).sum())
+    return PairedDifference(summary.mean, summary.se, wins, int((d == 0).sum()),
                             int(d.size), t_p, w_p)
 
 
@@ -87,7 +91,7 @@ def unit_means(records: Sequence[Mapping[str, Any]], metric: str,
 
 
 def compare(records: Sequence[Mapping[str, Any]], metric: str, reference: str,
-            group: Sequence[str] = ()) -> Dict[tuple, Dict[str, Any]]:
+            group: Sequence[str] = (), higher_is_better: bool = True) -> Dict[tuple, Dict[str, Any]]:
     """Per (loss, *group): the Summary of `metric` and, but for the reference, its
     PairedDifference to the reference on the units both have. `group` names record fields kept
     apart (e.g. the number of inner steps)."""
@@ -100,7 +104,7 @@ def compare(records: Sequence[Mapping[str, Any]], metric: str, reference: str,
             shared = sorted(set(units) & set(ref), key=str)
             if shared:
                 entry["difference"] = paired_difference([units[u] for u in shared],
-                                                        [ref[u] for u in shared])
+                                                        [ref[u] for u in shared], higher_is_better)
         out[key] = entry
     return out
 

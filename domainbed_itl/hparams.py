@@ -6,16 +6,19 @@ DomainBed's `_hparam(name, default, random_fn)` pattern and seed hashing, so
 `default_hparams`, `random_hparams` and the sweep's random search work unchanged. The loss
 hparams are those of `algorithms.LOSSES`. Algorithms in `SAME_HPARAMS_AS` (SingleSourceMixup)
 take another DomainBed algorithm's hparams unchanged.
+
+`check_sweep_losses` checks, in the process that plans a sweep, the losses its jobs would train
+with, so that a bad one stops the launch instead of failing every job.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .algorithms import ALGORITHMS, LOSSES
+from .algorithms import ALGORITHMS, LOSSES, LossHparamError, check_loss_hparams
 from .single_source_mixup import BASE as MIXUP, NAME as SINGLE_SOURCE_MIXUP
 
 # Our algorithms that take another DomainBed algorithm's hparams unchanged.
@@ -34,6 +37,42 @@ def parse_hparams_flag(text: str) -> dict:
         raise ValueError(f"--hparams must be a JSON object such as '{{\"batch_size\": 32}}', "
                          f"got {text!r}")
     return hparams
+
+
+# Classes per DomainBed dataset: DomainBed knows them only once a dataset is loaded, and a loss
+# is checked for its number of classes before any job loads one (tests check these against
+# DomainBed where its data are available).
+DATASET_CLASSES = {
+    "Debug28": 2, "Debug224": 2, "ColoredMNIST": 2, "RotatedMNIST": 10, "VLCS": 5, "PACS": 7,
+    "OfficeHome": 65, "TerraIncognita": 10, "DomainNet": 345, "SVIRO": 7, "WILDSCamelyon": 2,
+    "WILDSFMoW": 62,
+}
+
+
+def check_sweep_losses(algorithms: Sequence[str], datasets: Optional[Sequence[str]],
+                       overrides: Mapping) -> None:
+    """Raise ValueError, naming the hparam, its value and what is expected, if one of our
+    `algorithms` would train with a loss that cannot train under the sweep's `overrides` (its
+    --hparams; the other loss hparams at their defaults, as random search draws them in range).
+
+    For datasets of DATASET_CLASSES the loss must also be finite and minimisable for that many
+    classes; other datasets get that check in the algorithm's constructor.
+    """
+    checked = set()
+    for algorithm in algorithms:
+        if algorithm not in ALGORITHMS:
+            continue
+        for dataset in datasets or [None]:
+            num_classes = DATASET_CLASSES.get(dataset)
+            key = (ALGORITHMS[algorithm].loss, num_classes)
+            if key in checked:
+                continue
+            checked.add(key)
+            try:
+                check_loss_hparams(algorithm, overrides, num_classes)
+            except LossHparamError as error:
+                where = f" (dataset {dataset})" if num_classes is not None else ""
+                raise ValueError(f"--hparams: {error}{where}") from None
 
 
 def wrap_hparams(original: Callable) -> Callable:

@@ -126,6 +126,36 @@ def domainbed(domainbed_root):
     return algorithms, datasets, hparams_registry
 
 
+_HOLD_LOCK = ("import sys, time\n"
+              "from domainbed_itl.runlock import folder_lock\n"
+              "with folder_lock(sys.argv[1], command='holder --of ' + sys.argv[1]):\n"
+              "    print('locked', flush=True)\n"
+              "    time.sleep(600)\n")
+
+
+def hold_lock(folder):
+    """A separate process holding the write lock of `folder` (started once it holds it); its
+    command reads 'holder --of <folder>'. Kill it to release the lock."""
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+@pytest.fixture
+def locked_folder(tmp_path):
+    """A folder whose write lock another process holds for the test."""
+    import signal
+
+    folder = tmp_path / "locked"
+    process = hold_lock(folder)
+    yield folder
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 class CountingLoss(torch.nn.Module):
     """Wraps a loss and counts its calls in `.calls`."""
 

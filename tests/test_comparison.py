@@ -47,6 +47,14 @@ def test_paired_difference_by_hand():
     assert d.wilcoxon_pvalue == pytest.approx(0.125, abs=0.01)
 
 
+def test_a_win_is_a_lower_value_where_lower_is_better():
+    values, reference = [0.4, 0.6, 0.5], [0.5, 0.5, 0.5]
+    assert comparison.paired_difference(values, reference).wins == 1
+    lower = comparison.paired_difference(values, reference, higher_is_better=False)
+    assert (lower.wins, lower.ties, lower.mean) == (1, 1, pytest.approx(0.0))
+    assert comparison.paired_difference([0.1, 0.2], [0.3, 0.3], higher_is_better=False).wins == 2
+
+
 def test_paired_difference_edge_cases():
     same = comparison.paired_difference([0.5, 0.6], [0.5, 0.6])
     assert same.mean == 0 and same.ties == 2 and math.isnan(same.t_pvalue)

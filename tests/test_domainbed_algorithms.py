@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import CountingLoss
 
-from domainbed_itl.algorithms import ALGORITHMS, LOSSES
-from domainbed_itl.losses import PRESETS, LossFileError, LossSpec, TaylorLoss, save_loss
+from domainbed_itl.algorithms import ALGORITHMS, LOSSES, LossHparamError, NonFiniteTrainingError
+from domainbed_itl.losses import PRESETS, LossSpec, TaylorLoss, cross_entropy_taylor_init, save_loss
 
 ERM_BASED = [name for name, spec in ALGORITHMS.items() if spec.base == "ERM"]
 INPUT_SHAPE, NUM_CLASSES = (3, 28, 28), 2  # DomainBed's Debug28
@@ -137,8 +137,58 @@ def test_itl_loss_hparam_reads_a_loss_file(bridge, tmp_path):
     assert algorithm.supervised_loss.omega.tolist() == [1.0, 0.0, 0.0, 0.0, 10.0]
 
     bad = {**hparams, "itl_loss": str(tmp_path / "typo.json")}
-    with pytest.raises(LossFileError, match="typo.json"):
+    with pytest.raises(LossHparamError, match="algorithm ITL: hparam itl_loss='.*typo.json' is "
+                                              "neither a preset loss nor an existing file"):
         _algorithm(bridge, "ITL", bad)
+
+
+def _loss_file(tmp_path, name, family, order, parameters):
+    """A loss file written as a user could, bypassing LossSpec's checks."""
+    path = tmp_path / name
+    path.write_text(json.dumps({"format": "domainbed-itl-loss", "version": 1, "family": family,
+                                "order": order, "parameters": parameters}))
+    return str(path)
+
+
+@pytest.mark.parametrize("name, hparam, value, message", [
+    ("ERM_Focal", "focal_gamma", -1.0, r"hparam focal_gamma=-1.0: expected a number >= 0"),
+    ("ERM_Focal", "focal_gamma", "2", r"hparam focal_gamma='2': expected a number >= 0"),
+    ("ERM_SCE", "sce_alpha", -0.1, r"hparams sce_alpha and sce_beta: SCE weights alpha=-0.1, "
+                                   r"beta=1.0: expected both >= 0"),
+    ("ERM_SCE", "sce_beta", float("nan"), r"hparam sce_beta=nan: expected a finite number"),
+    ("ERM_GCE", "gce_q", 0.0, r"hparam gce_q=0.0: expected a number in \(0, 1\]"),
+    ("ERM_LS", "ls_epsilon", 1.0, r"hparam ls_epsilon=1.0: expected a number in \[0, 1\)"),
+    ("ITL", "itl_loss", 3,
+     r"hparam itl_loss=3: expected a preset loss \(ITL, learned-RotatedMNIST\) or the path"),
+    ("ITL", "itl_loss", "absurd", r"the ITL loss of hparams itl_loss='.*absurd.json' is not finite"),
+    ("ITL", "itl_loss", "upside_down", r"the ITL loss of hparams itl_loss='.*upside_down.json' "
+                                       r"would be maximised"),
+    ("ITL", "itl_loss", "negative_sce", r"hparam itl_loss='.*negative_sce.json': SCE weights "
+                                        r"alpha=-1.0"),
+])
+def test_bad_loss_hparams_are_refused_by_the_constructor(bridge, tmp_path, name, hparam, value,
+                                                         message):
+    files = {"absurd": ("taylor", 4, [1e30] * 12),
+             # the Taylor expansion of cross-entropy with the wrong sign: +log p, maximised
+             "upside_down": ("taylor", 4, [v if i < 2 else -v for i, v in
+                                           enumerate(cross_entropy_taylor_init(4, NUM_CLASSES))]),
+             "negative_sce": ("sce", None, [-1.0, 1.0])}
+    if value in files:
+        value = _loss_file(tmp_path, f"{value}.json", *files[value])
+    hparams = {**bridge.hparams_registry.default_hparams(name, "Debug28"), hparam: value}
+    with pytest.raises(LossHparamError, match=f"algorithm {name}: {message}"):
+        _algorithm(bridge, name, hparams)
+
+
+def test_a_non_finite_training_step_stops_the_run(bridge):
+    algorithm = _algorithm(bridge, "ITL")
+    minibatches = _minibatches()
+    assert all(v == v for v in algorithm.update(minibatches).values())
+    poisoned = [(torch.full_like(x, float("nan")), y) for x, y in minibatches]
+    with pytest.raises(NonFiniteTrainingError, match=r"algorithm ITL: update 2 returned loss = nan; "
+                                                     r"stopping instead of training on non-finite "
+                                                     r"values \(itl_loss='ITL'\)"):
+        algorithm.update(poisoned)
 
 
 def test_itl_is_the_table_8_preset_by_default(bridge):
@@ -161,3 +211,31 @@ def test_replaced_cross_entropy_rejects_unsupported_arguments(bridge):
             bridge.algorithms.F.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]),
                                               label_smoothing=0.1)
     assert bridge.algorithms.F is torch.nn.functional
+
+
+def test_sweep_planning_checks_the_losses_for_the_datasets_classes(tmp_path):
+    from domainbed_itl.hparams import DATASET_CLASSES, check_sweep_losses
+
+    ours = [name for name in ALGORITHMS]
+    check_sweep_losses(ours + ["ERM", "Unknown"], list(DATASET_CLASSES), {})  # defaults all train
+    upside = _loss_file(tmp_path, "upside_down.json", "taylor", 4,
+                        [v if i < 2 else -v for i, v in enumerate(cross_entropy_taylor_init(4, 10))])
+    with pytest.raises(ValueError, match=r"^--hparams: algorithm ITL: the ITL loss of hparams itl_loss="
+                                         r".* would be maximised.*\(dataset RotatedMNIST\)$"):
+        check_sweep_losses(["ERM", "ITL"], ["RotatedMNIST"], {"itl_loss": upside})
+    # A dataset of unknown class count leaves that check to the algorithm's constructor...
+    check_sweep_losses(["ITL"], ["MyImages"], {"itl_loss": upside})
+    # ...but not the others.
+    with pytest.raises(ValueError, match="hparam focal_gamma=-0.5: expected a number >= 0"):
+        check_sweep_losses(["ERM_Focal"], ["MyImages"], {"focal_gamma": -0.5})
+    check_sweep_losses(["ERM"], ["RotatedMNIST"], {"itl_loss": upside})  # not one of ours: ignored
+
+
+@pytest.mark.slow
+def test_dataset_classes_match_domainbed(domainbed, mnist10k):
+    from domainbed_itl.hparams import DATASET_CLASSES
+
+    _, datasets, _ = domainbed
+    for name in ("Debug28", "Debug224", "ColoredMNIST", "RotatedMNIST"):
+        dataset = datasets.get_dataset_class(name)(str(mnist10k), [0], {"data_augmentation": False})
+        assert dataset.num_classes == DATASET_CLASSES[name], name

@@ -4,6 +4,7 @@ end-to-end search whose learned loss beats its initial loss."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -141,6 +142,23 @@ def test_domainbed_protocol_runs_domainbeds_train_paired_and_reports(patched_dom
     again = subprocess.run(argv + ["--report_only"], capture_output=True, text=True,
                            env=domainbed_env(patched_domainbed), timeout=600)
     assert again.returncode == 0 and "4 jobs, 0 to launch" in again.stdout
+    damaged = next(p for p in out.iterdir() if p.is_dir()) / "results.jsonl"
+    lines = damaged.read_text().splitlines()
+    damaged.write_text("\n".join([lines[0], "42", *lines[1:]]) + "\n")
+    third = subprocess.run(argv + ["--report_only"], capture_output=True, text=True,
+                           env=domainbed_env(patched_domainbed), timeout=600)
+    assert third.returncode == 0, third.stderr
+    assert f"Damaged records (skipped):\n\n- {damaged}:2: not a JSON object but 42" in third.stdout
+    report = json.loads((out / "evaluation.json").read_text())
+    assert len(report["records"]) == 4 and report["damaged"] == [f"{damaged}:2: not a JSON object but 42"]
+    # An interrupted launch leaves empty folders for jobs that never started: they run next time.
+    never_started = sorted(p for p in out.iterdir() if p.is_dir() and p != damaged.parent)[0]
+    shutil.rmtree(never_started)
+    never_started.mkdir()
+    rerun = subprocess.run(argv, capture_output=True, text=True, env=domainbed_env(patched_domainbed),
+                           timeout=900)
+    assert rerun.returncode == 0 and "4 jobs, 1 to launch" in rerun.stdout, rerun.stderr
+    assert (never_started / "done").exists()
 
 
 @pytest.mark.domainbed

@@ -81,3 +81,36 @@ def test_missing_file_and_unknown_preset(tmp_path):
         load_loss(tmp_path / "absent.json")
     with pytest.raises(LossFileError, match="neither a preset loss"):
         resolve_loss(str(tmp_path / "absent.json"))
+
+
+def _loss_at(spec, p_true, classes=10):
+    """The minimised loss of `spec` for predictions with p_true on class 0, the rest spread evenly."""
+    probs = torch.full((len(p_true), classes), 0.0, dtype=torch.float64)
+    probs[:, 0] = torch.tensor(p_true, dtype=torch.float64)
+    probs[:, 1:] = ((1 - probs[:, 0]) / (classes - 1)).unsqueeze(1)
+    logits = probs.log()
+    return TaylorLoss(spec.parameters, spec.order).double()(logits, torch.zeros(len(p_true)).long(),
+                                                            reduction="none")
+
+
+def test_shipped_learned_loss_is_minimised_by_the_true_class_and_says_how_it_was_found():
+    spec = resolve_loss("learned-RotatedMNIST")
+    assert spec.family == "taylor" and spec.order == 4 and len(spec.parameters) == 12
+    assert spec.parameters != list(ITL_PARAMETERS)
+    values = _loss_at(spec, [0.05 * k for k in range(1, 20)] + [0.999])
+    assert bool((values.diff() < 0).all())  # more mass on the true class, lower loss
+    for key in ("command", "source_commit", "selection", "hardware", "date", "evaluation"):
+        assert spec.provenance[key]
+
+
+def test_the_shipped_losss_command_is_one_meta_train_accepts(tmp_path):
+    import shlex
+
+    from domainbed_itl.scripts.meta_train import build_parser
+
+    command = PRESETS["learned-RotatedMNIST"].provenance["command"]
+    command = command.replace("<MNIST folder>", str(tmp_path)).replace("<run folder>", str(tmp_path / "run"))
+    tokens = shlex.split(command)
+    assert tokens[:3] == ["python", "-m", "domainbed_itl.scripts.meta_train"]
+    args = build_parser().parse_args(tokens[3:])
+    assert (args.preset, args.outer_steps, args.seed) == ("paper", 52, None)

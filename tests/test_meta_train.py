@@ -220,6 +220,15 @@ def test_residual_of_a_diverging_neumann_series_exceeds_one_and_can_be_left_out(
     assert record["trusted_domains"] == sum(r <= 1.0 for r in residuals) > 0
 
 
+def test_a_run_says_when_a_step_trusted_no_domain(tmp_path, capsys):
+    data = _data()
+    config = _config(neumann_alpha=50.0, neumann_steps=10, max_solver_residual=1.0, outer_steps=1)
+    run_meta_training(data, config, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert "outer step 1: no domain's solve left a relative residual within max_solver_residual 1.0" in err
+    assert "ω unchanged" in err
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_warm_start_continues_the_networks_and_resumes_bit_for_bit(tmp_path, optimizer):
     data = _data()
@@ -269,6 +278,16 @@ def test_paper_preset_is_the_papers_protocol_read_literally():
         preset_config("fast")
     with pytest.raises(ValueError, match="unknown meta-training setting"):
         preset_config("paper", {"outer_step": 3})
+
+
+def test_the_guarded_preset_is_the_paper_preset_with_a_residual_guard_and_the_default():
+    from domainbed_itl.meta.presets import preset_config
+    from domainbed_itl.scripts.meta_train import DEFAULT_PRESET, build_parser
+
+    paper, guarded = preset_config("paper").to_dict(), preset_config("paper_guarded").to_dict()
+    assert {k for k in paper if paper[k] != guarded[k]} == {"max_solver_residual"}
+    assert (paper["max_solver_residual"], guarded["max_solver_residual"]) == (None, 1.0)
+    assert DEFAULT_PRESET == "paper_guarded" == build_parser().get_default("preset")
 
 
 def test_checkpoints_written_before_a_setting_existed_resume_with_its_default(tmp_path):
@@ -389,6 +408,63 @@ def test_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def _outputs(folder):
+    return {name: (folder / name).read_bytes() for name in runner.OUTPUTS}
+
+
+def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_first(tmp_path):
+    data = _data()
+    run_meta_training(data, _config(outer_steps=2), tmp_path, progress=False)
+    before, notes = _outputs(tmp_path), []
+    with pytest.raises(NonFiniteError, match=r"outer step 1: .*no checkpoint had been written yet; "
+                                             r"--overwrite kept the previous run \(2 outer steps, "
+                                             r"checkpoint.pt, metrics.jsonl, loss.json\) in "):
+        run_meta_training(data, _config(outer_steps=2, inner_lr=1e30), tmp_path, overwrite=True,
+                          progress=False, log=notes.append)
+    assert _outputs(tmp_path) == before
+    assert not (tmp_path / runner.REPLACED).exists()
+    assert len(notes) == 1 and "moved the previous run" in notes[0]
+
+
+def test_overwrite_deletes_the_previous_run_once_the_first_checkpoint_exists(tmp_path):
+    data = _data()
+    run_meta_training(data, _config(outer_steps=2), tmp_path, progress=False)
+    before, seen = _outputs(tmp_path), []
+
+    def log(message):  # called right after the move aside, and after the first new checkpoint
+        seen.append((message, sorted(p.name for p in tmp_path.iterdir() if p.name in runner.OUTPUTS)))
+        if len(seen) == 1:
+            assert _outputs(tmp_path / runner.REPLACED) == before
+
+    run_meta_training(data, _config(outer_steps=2, seed=1), tmp_path, overwrite=True,
+                      progress=False, log=log)
+    (moved, left), (replaced, written) = seen
+    assert f"moved the previous run in {tmp_path} (2 outer steps, checkpoint.pt, metrics.jsonl, " \
+           f"loss.json) aside" in moved and left == []
+    assert replaced == (f"--overwrite: replaced the previous run in {tmp_path} (2 outer steps, "
+                        "checkpoint.pt, metrics.jsonl, loss.json)")
+    assert written == sorted(runner.OUTPUTS) and not (tmp_path / runner.REPLACED).exists()
+    assert _outputs(tmp_path)["checkpoint.pt"] != before["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("new_checkpoint", [False, True])
+def test_an_overwrite_killed_midway_is_finished_by_the_next_run(tmp_path, new_checkpoint):
+    data = _data()
+    run_meta_training(data, _config(outer_steps=1), tmp_path / "old", progress=False)
+    run_meta_training(data, _config(outer_steps=1, seed=1), tmp_path / "new", progress=False)
+    aside = tmp_path / "run" / runner.REPLACED  # as a killed --overwrite leaves it
+    aside.mkdir(parents=True)
+    for name in runner.OUTPUTS:
+        os.replace(tmp_path / "old" / name, aside / name)
+    if new_checkpoint:
+        os.replace(tmp_path / "new" / runner.CHECKPOINT, tmp_path / "run" / runner.CHECKPOINT)
+    notes = []
+    trainer = run_meta_training(data, _config(outer_steps=2, seed=int(new_checkpoint)),
+                                tmp_path / "run", resume=True, progress=False, log=notes.append)
+    assert trainer.steps_done == 2 and not aside.exists()
+    assert ("deleted the run" if new_checkpoint else "moved the previous run back") in notes[0]
+
+
 # ------------------------------------------------------------------------------ command line
 
 CLI_TINY = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps", "8",
@@ -470,13 +546,50 @@ def test_cli_killed_run_resumes_bitwise(tmp_path):
 
 
 def test_cli_stops_on_non_finite_values(tmp_path):
-    proc = _cli(CLI_TINY + ["--outer_steps", "3", "--outer_optimizer", "adam", "--outer_lr", "1e30",
-                            "--output_dir", str(tmp_path)])
+    # --preset paper: the default's residual guard would refuse the steps before ω blows up
+    proc = _cli(CLI_TINY + ["--preset", "paper", "--outer_steps", "3", "--outer_optimizer", "adam",
+                            "--outer_lr", "1e30", "--output_dir", str(tmp_path)])
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert "error: outer step 2: non-finite inner training loss" in err
     assert "Traceback" not in err
     assert load_loss(tmp_path / "loss.json").provenance["steps"] == 1
+
+
+def test_cli_refuses_a_second_writer_by_name(tmp_path):
+    first = _cli(CLI_TINY + ["--outer_steps", "1000", "--output_dir", str(tmp_path)])
+    holder = tmp_path / ".domainbed_itl.lock.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (tmp_path / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    try:
+        assert holder.exists(), first.communicate(timeout=5)
+        for flag in ("--overwrite", "--resume"):
+            second = _cli(CLI_TINY + ["--outer_steps", "2", "--output_dir", str(tmp_path), flag])
+            _, err = second.communicate(timeout=300)
+            assert second.returncode == 2 and "Traceback" not in err
+            (line,) = err.splitlines()
+            assert line.startswith(f"error: {tmp_path} is being written by another process "
+                                   f"(process {first.pid} on ")
+            assert f"--outer_steps 1000 --output_dir {tmp_path}" in line
+            assert not (tmp_path / ".domainbed_itl.replaced").exists()
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    assert load_loss(tmp_path / "loss.json").provenance["steps"] >= 1
+
+
+def test_cli_overwrite_that_fails_at_once_keeps_the_previous_run(tmp_path):
+    done = _cli(CLI_TINY + ["--outer_steps", "2", "--output_dir", str(tmp_path)])
+    assert done.wait(timeout=300) == 0
+    before = (tmp_path / "loss.json").read_bytes()
+    failed = _cli(CLI_TINY + ["--outer_steps", "2", "--inner_lr", "1e30", "--overwrite",
+                              "--output_dir", str(tmp_path)])
+    _, err = failed.communicate(timeout=300)
+    assert failed.returncode == 1 and "Traceback" not in err
+    assert "--overwrite kept the previous run (2 outer steps, checkpoint.pt" in err
+    assert (tmp_path / "loss.json").read_bytes() == before
 
 
 # ----------------------------------------------------------------------------------- plots

@@ -116,9 +116,24 @@ def test_meta_train_command_has_no_launcher_and_no_collection():
     experiment = load_experiment("table8_fig3_meta_train")
     (command,) = build_commands(experiment, False, Placeholders(domainbed_root="/db"))
     text = " ".join(command)
-    assert "-m domainbed_itl.scripts.meta_train --dataset RotatedMNIST --outer_steps 200" in text
-    assert "--neumann_steps 15" in text and "--command_launcher" not in text
+    assert "-m domainbed_itl.scripts.meta_train --preset paper --dataset RotatedMNIST" in text
+    assert "--command_launcher" not in text
     assert text.endswith("--data_dir <data_dir> --output_dir <output_dir> --domainbed_root /db")
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_table8_definition_runs_the_paper_preset(reduced):
+    from domainbed_itl.meta.presets import preset_config
+    from domainbed_itl.scripts.meta_train import build_parser
+
+    (command,) = build_commands(load_experiment("table8_fig3_meta_train"), reduced, Placeholders())
+    tokens = command[command.index("domainbed_itl.scripts.meta_train") + 1:]
+    args = build_parser().parse_args(tokens)
+    assert args.preset == "paper" and args.batched and args.resume
+    config = preset_config(args.preset, {"outer_steps": args.outer_steps} if args.outer_steps else {})
+    assert (config.neumann_form, config.aggregate_reduction, config.inner_steps) == (
+        "algorithm2", "sum", 1000)
+    assert config.outer_steps == (20 if reduced else 200)
 
 
 def test_render_flags():
@@ -267,6 +282,44 @@ def test_run_executes_the_sweep_and_the_collection(patched_domainbed, tmp_path):
     assert (out / "results.txt").exists()
     first = result.stdout.split("\n$ ")[1].splitlines()[0]
     assert shlex.split(first)[1:4] == ["-m", "domainbed.scripts.sweep", "launch"]
+
+
+def test_run_checks_the_losses_before_anything_starts(tmp_path):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "focal.toml").write_text(TINY.replace('algorithms = ["ITL"]', 'algorithms = ["ERM_Focal"]')
+                                       .replace("steps = 3", "steps = 3\nhparams = { focal_gamma = -1.0 }"))
+    out = tmp_path / "out"
+    result = _cli("--sweeps_dir", str(sweeps), "run", "focal", "--reduced", "--data_dir", str(tmp_path),
+                  "--output_dir", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {sweeps / 'focal.toml'}: --hparams: algorithm ERM_Focal: hparam focal_gamma=-1.0: "
+        "expected a number >= 0 (the focusing parameter; 0 is cross-entropy) (dataset Debug28)"]
+    assert result.stdout == "" and not out.exists()
+
+
+@pytest.mark.slow
+def test_run_names_the_failed_jobs_of_a_domainbed_sweep(patched_domainbed, tmp_path):
+    """DomainBed's sweep exits 0 although its jobs failed (lr 1e30 turns ITL's loss to NaN, which
+    stops them): paper_sweep names them, still collects, and exits 1."""
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "nan.toml").write_text(TINY.replace("steps = 3", 'steps = 5\nhparams = { batch_size = 8, '
+                                                               'lr = 1e30 }'))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "--sweeps_dir", str(sweeps),
+         "run", "nan", "--reduced", "--data_dir", str(tmp_path), "--output_dir", str(out),
+         "--command_launcher", "local", "--domainbed_root", str(patched_domainbed)],
+        capture_output=True, text=True, timeout=1800, env=domainbed_env(patched_domainbed))
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Total records: 0" in result.stdout  # the collection ran
+    lines = result.stderr[result.stderr.index("error: 3 job folders"):].splitlines()
+    assert lines[0] == (f"error: 3 job folders in {out} have no `done` marker (DomainBed's `sweep "
+                        "delete_incomplete` then `sweep launch` runs them again):")
+    assert len(lines) == 4 and all("NonFiniteTrainingError: algorithm ITL: update" in line
+                                   for line in lines[1:]), lines
 
 
 def _long_options(parser):

@@ -1,5 +1,6 @@
 """Friedman / Nemenyi (Demšar 2006) and the significance command, on published and real numbers."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,23 @@ def test_multi_source_uses_domainbed_selection(domainbed_root, tmp_path):
     assert f"Friedman chi2(1) = {expected.friedman.chi2:.3f}" in text
     assert (tmp_path / "cd_single_source_domain.png").exists()
     assert (tmp_path / "cd_multi_source_domain.png").exists()
+
+
+@pytest.mark.slow
+def test_multi_source_report_survives_a_damaged_record(domainbed_root, tmp_path):
+    """DomainBed's own load_records stops at a line that is not a record; ours lists and skips it."""
+    import shutil
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(FIXTURE, copy)
+    results = next(p / "results.jsonl" for p in sorted(copy.iterdir()) if (p / "results.jsonl").exists()
+                   and len(json.loads((p / "results.jsonl").read_text().splitlines()[0])["args"]
+                           ["test_envs"]) == 1)
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join([lines[0], "42", *lines[1:]]) + "\n")
+    result = _significance("--multi_source_dir", str(copy), "--output_dir", str(tmp_path / "sig"),
+                           "--domainbed_root", str(domainbed_root))
+    assert result.returncode == 0, result.stderr
+    assert (f"Note: multi-source: skipped 1 damaged records or manifest entries: {results}:2: not a "
+            "JSON object but 42") in result.stdout
+

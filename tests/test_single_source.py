@@ -205,10 +205,64 @@ def test_load_runs_tolerates_a_job_writing_its_last_line(tmp_path):
     (tmp_path / ("0" * 32)).mkdir()  # a job folder made by Job.launch, its job not started
     not_started, a, b = run_folders.load_runs(tmp_path)  # sorted by name
     assert (not_started.folder, not_started.records, not_started.done) == ("0" * 32, [], False)
-    assert (a.folder, len(a.records), a.done, a.error) == ("a", 1, False, None)
-    assert (b.folder, b.records, b.error) == ("b", [], "line 1 of results.jsonl is not JSON")
+    assert (a.folder, len(a.records), a.done, a.error, a.skipped) == ("a", 1, False, None, [])
+    assert (b.folder, len(b.records), b.error) == ("b", 1, None)  # the damaged line is skipped
+    assert b.skipped == [f"{tmp_path / 'b' / 'results.jsonl'}:1: not JSON"]
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         run_folders.load_runs(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (42, "not a JSON object but 42"),
+    ({"args": {}}, "no integer 'step' (got None)"),
+    ({"step": 0}, "no 'args' object"),
+    ({"step": 0, "args": {"dataset": "D"}}, "its 'args' lack algorithm, test_envs, trial_seed"),
+    ({"step": 0, "args": {**record()["args"], "test_envs": "1,2"}}, "test_envs '1,2' are not a list"),
+    ({**record(), "env1_in_acc": "high"}, "env1_in_acc missing or not numbers"),
+    ({"step": 0, "args": record()["args"]}, "no env<i>_out_acc accuracies for 2 or more domains"),
+])
+def test_record_problems_are_named(damage, problem):
+    assert run_folders.record_problem(record()) is None
+    assert problem in run_folders.record_problem(damage)
+
+
+def _damaged_copy(tmp_path):
+    """The committed sweep with three damaged records in one run and a truncated manifest."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(FIXTURE, copy)
+    job = next(j for j in run_folders.read_manifest(copy)
+               if j.key == run_folders.RunKey("Debug28", "ITL", 1, 0, 1))
+    results = copy / job.folder / "results.jsonl"
+    lines = results.read_text().splitlines()
+    no_step = json.loads(lines[1])
+    del no_step["step"]
+    results.write_text("\n".join([lines[0], "42", json.dumps(no_step), "{not json", *lines[2:]]) + "\n")
+    manifest = copy / run_folders.MANIFEST_NAME
+    manifest.write_text(manifest.read_text()[:200])
+    return copy, results
+
+
+def test_damaged_records_and_manifest_are_listed_and_skipped(tmp_path):
+    copy, results = _damaged_copy(tmp_path)
+    with pytest.raises(ValueError, match=rf"{run_folders.MANIFEST_NAME}:\d+: the sweep manifest is not "
+                                         r"valid JSON .*; move it aside"):
+        run_folders.update_manifest(copy, [])  # the launcher never drops a manifest's entries
+    result = _collect("--input_dir", str(copy), env=_no_domainbed_env())
+    assert result.returncode == 0 and result.stderr == ""
+    out = result.stdout
+    assert "WARNING: 4 damaged records or manifest entries could not be read and were skipped" in out
+    tail = out[out.index("Skipped damaged records (4):"):].splitlines()[1:]
+    assert tail[0].startswith(f"  {copy / run_folders.MANIFEST_NAME}:") and "not valid JSON" in tail[0]
+    assert tail[1:] == [f"  {results}:2: not a JSON object but 42",
+                        f"  {results}:3: no integer 'step' (got None)", f"  {results}:4: not JSON"]
+    # The damaged run keeps its readable records, so every cell is still there.
+    assert "missing or incomplete" not in out and re.search(r"^ITL\s+\d", out, flags=re.M), out
+    sig = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.significance",
+                          "--single_source_dir", str(copy), "--output_dir", str(tmp_path / "sig")],
+                         capture_output=True, text=True, timeout=300, env=_no_domainbed_env())
+    assert sig.returncode == 0, sig.stderr
+    assert f"single-source: skipped 4 damaged records or manifest entries: {copy}" in sig.stdout
+    assert f"{results}:2: not a JSON object but 42" in sig.stdout
 
 
 def test_formats_and_ordering():
@@ -368,6 +422,51 @@ def test_launcher_rejects_bad_input_by_name(tmp_path, overrides, message):
     assert message in str(error.value)
 
 
+def _absurd_loss_file(tmp_path):
+    path = tmp_path / "absurd.json"  # finite parameters, as a loss file may hold them
+    path.write_text(json.dumps({"family": "taylor", "order": 4, "parameters": [1e30] * 12}))
+    return str(path)
+
+
+@pytest.mark.parametrize("algorithm, hparams, message", [
+    ("ITL", {"itl_loss": "no/such/loss.json"},
+     "--hparams: algorithm ITL: hparam itl_loss='no/such/loss.json' is neither a preset loss nor "
+     "an existing file; expected a preset loss (ITL, learned-RotatedMNIST) or the path of a loss file"),
+    ("ITL", {"itl_loss": "absurd"}, "--hparams: algorithm ITL: the ITL loss of hparams itl_loss="),
+    ("ERM_Focal", {"focal_gamma": -1}, "--hparams: algorithm ERM_Focal: hparam focal_gamma=-1: "
+                                       "expected a number >= 0"),
+    ("ERM_SCE", {"sce_beta": -0.5}, "SCE weights alpha=0.1, beta=-0.5: expected both >= 0"),
+])
+def test_launcher_checks_the_losses_before_launching(tmp_path, algorithm, hparams, message):
+    datasets, algorithms = _fake_domainbed({"RotatedMNIST": 6})
+    algorithms.ALGORITHMS.append(algorithm)
+    if hparams.get("itl_loss") == "absurd":
+        hparams = {"itl_loss": _absurd_loss_file(tmp_path)}
+    args = _args(tmp_path, datasets=["RotatedMNIST"], algorithms=[algorithm],
+                 hparams=json.dumps(hparams))
+    with pytest.raises(sweep.SweepInputError) as error:
+        sweep.validate(args, datasets, algorithms, {"local": print}, Path("/db"))
+    assert message in str(error.value)
+    if "absurd" in str(error.value):
+        assert "is not finite" in str(error.value) and str(error.value).endswith(
+            "(dataset RotatedMNIST)")
+
+
+def test_launcher_checks_the_losses_before_looking_for_domainbed(tmp_path):
+    """Nothing is needed to refuse a bad loss: not even DomainBed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "domainbed_itl.scripts.single_source_sweep", "launch", "--algorithms",
+         "ITL", "--hparams", '{"itl_loss": "typo.json"}', "--data_dir", str(tmp_path),
+         "--output_dir", str(tmp_path / "out"), "--command_launcher", "local",
+         "--domainbed_root", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, timeout=300, env=_no_domainbed_env())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "error: --hparams: algorithm ITL: hparam itl_loss='typo.json' is neither a preset loss nor "
+        "an existing file; expected a preset loss (ITL, learned-RotatedMNIST) or the path of a loss file"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_launcher_rejects_a_missing_data_dir(tmp_path):
     datasets, algorithms = _fake_domainbed({"Three": 3})
     args = _args(tmp_path, data_dir=str(tmp_path / "no_data"))
@@ -427,10 +526,10 @@ def test_parser_has_domainbeds_sweep_flags():
 # ---------------------------------------------------------------- real DomainBed sweeps
 
 
-def _launch(root, *args, check=True, env=None):
+def _launch(root, *args, check=True, env=None, timeout=600):
     result = subprocess.run(
         [sys.executable, "-m", "domainbed_itl.scripts.single_source_sweep", *args, "--domainbed_root",
-         str(root)], capture_output=True, text=True, timeout=600, env=env or _no_domainbed_env())
+         str(root)], capture_output=True, text=True, timeout=timeout, env=env or _no_domainbed_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
@@ -543,6 +642,39 @@ def test_launcher_errors_against_a_real_checkout(domainbed_root, tmp_path):
     nowhere = _launch(tmp_path, *common, check=False)
     assert nowhere.returncode == 2 and "is not a DomainBed checkout" in nowhere.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_jobs_that_fail_are_named_and_the_launch_exits_non_zero(patched_domainbed, tmp_path):
+    """lr 1e30 drives ITL's loss to NaN: the jobs stop instead of finishing a run of NaNs
+    marked `done`, and the launcher names them."""
+    out = tmp_path / "sweep"
+    result = _launch(patched_domainbed, "launch", "--datasets", "Debug28", "--algorithms", "ITL",
+                     "--sources", "0", "--n_hparams", "1", "--n_trials", "1", "--steps", "5",
+                     "--hparams", '{"batch_size": 8, "lr": 1e30}', "--command_launcher", "local",
+                     "--skip_confirmation", "--data_dir", str(tmp_path), "--output_dir", str(out),
+                     check=False, timeout=1800)
+    assert result.returncode == 1, result.stderr[-3000:]
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert not (folder / "done").exists()
+    lines = result.stderr.splitlines()
+    assert "error: 1 of 1 launched jobs failed (no `done` marker)" in lines[-2]
+    assert lines[-1].startswith(f"  Debug28/ITL source 0 trial 0 hparams_seed 0: {folder}: ")
+    assert re.search(r"NonFiniteTrainingError: algorithm ITL: update \d+ returned loss = nan",
+                     lines[-1]), lines[-1]
+
+
+@pytest.mark.slow
+def test_a_second_launcher_on_the_same_folder_is_refused(domainbed_root, locked_folder, tmp_path):
+    result = _launch(domainbed_root, "launch", "--datasets", "Debug28", "--algorithms", "ERM",
+                     "--n_hparams", "1", "--n_trials", "1", "--command_launcher", "dummy",
+                     "--skip_confirmation", "--data_dir", str(tmp_path), "--output_dir",
+                     str(locked_folder), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {locked_folder} is being written by another process (process ")
+    assert f"command: holder --of {locked_folder}" in line
+    assert [p.name for p in locked_folder.iterdir() if p.is_dir()] == []
 
 
 @pytest.mark.slow

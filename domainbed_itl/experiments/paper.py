@@ -487,20 +487,31 @@ def _with_stage_folders(value: Any, folders: Mapping[str, str]) -> Any:
     return value
 
 
+def stage_references(value: Any) -> bool:
+    """Whether a flag value names an earlier stage's folder (`{stage}`)."""
+    return any(_STAGE_REFERENCE.search(text) for text in _strings(value))
+
+
+def _stage_folder(given: Placeholders, name: Optional[str]) -> str:
+    return (stage_output_dir(given.output_dir, name)
+            or ("<output_dir>" if name is None else f"<output_dir>/{name}"))
+
+
+def stage_args(experiment: Experiment, stage: Stage, reduced: bool, given: Placeholders) -> Dict[str, Any]:
+    """The stage's flags for its variant, `{stage}` references replaced by those stages' folders."""
+    folders = {s.name: _stage_folder(given, s.name) for s in experiment.stages if s.name is not None}
+    return _with_stage_folders(stage.variant(reduced).args, folders)
+
+
 def build_stage_commands(experiment: Experiment, stage: Stage, reduced: bool, given: Placeholders,
                          python: str = "python") -> List[List[str]]:
     """The commands of one stage's variant: the run, then (if the runner has one) the collection.
 
     `given.output_dir` is the experiment's; the stage runs in `stage_output_dir` of it, and
-    `{stage}` references in its flags become those stages' folders.
+    `{stage}` references in its flags become those stages' folders (`stage_args`).
     """
-    def folder(name: Optional[str]) -> str:
-        return (stage_output_dir(given.output_dir, name)
-                or ("<output_dir>" if name is None else f"<output_dir>/{name}"))
-
-    folders = {s.name: folder(s.name) for s in experiment.stages if s.name is not None}
-    args = _with_stage_folders(stage.variant(reduced).args, folders)
-    output_dir = folder(stage.name)
+    args = stage_args(experiment, stage, reduced, given)
+    output_dir = _stage_folder(given, stage.name)
     runner = stage.runner
     run = [python, "-m", runner.module, *([runner.subcommand] if runner.subcommand else []),
            *render_flags(args), "--data_dir", given.get("data_dir"), "--output_dir", output_dir]

@@ -20,6 +20,7 @@ import torch
 
 from ..atomic import write_atomic
 from .families import get_family
+from .learned import LEARNED
 from .taylor import ITL_PARAMETERS
 
 FORMAT = "domainbed-itl-loss"
@@ -64,6 +65,8 @@ PRESETS: Dict[str, LossSpec] = {
     "ITL": LossSpec("taylor", 4, list(ITL_PARAMETERS),
                     {"source": "Gao et al. (ICML 2022), Table 8", "meta_train_dataset": "RotatedMNIST",
                      "steps": 200}),
+    **{name: LossSpec(spec["family"], spec["order"], list(spec["parameters"]), dict(spec["provenance"]))
+       for name, spec in LEARNED.items()},
 }
 
 

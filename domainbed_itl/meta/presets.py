@@ -6,6 +6,12 @@ factor α (Algorithm 2 as printed: Σ_j (I − αH)^j v), PCGrad summed over the
 al., 200 outer steps. With the same η, its outer step is (1/α)·n times that of the library's
 defaults (a Neumann estimate of H⁻¹ and a mean over the n domains): 600 times with six domains.
 The paper does not give every value; `GUESSES` names the ones chosen here and why.
+
+`paper_guarded` is `paper` with one addition: a domain whose Neumann solve leaves a relative
+residual above 1 (‖(I − αH)Σ − v‖ / ‖v‖, i.e. the series has stopped converging because the
+learned loss's curvature grew past αλ_max = 2) gives no hypergradient that step, and a step with
+no trusted domain makes no update. On the offline RotatedMNIST digits the literal `paper` run
+diverged at outer step 54 (docs/loss_search.md); the guarded one did not.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "aggregate": "pcgrad", "aggregate_reduction": "sum",
     },
 }
+PRESETS["paper_guarded"] = {**PRESETS["paper"], "max_solver_residual": 1.0}
 
 # What the paper does not say, per preset: the value chosen and the reason.
 GUESSES: Dict[str, Dict[str, str]] = {
@@ -37,6 +44,11 @@ GUESSES: Dict[str, Dict[str, str]] = {
                   "RotatedMNIST images are 28x28",
         "hvp_batch": "256 source examples per Hessian-vector product: not given in the paper",
     },
+}
+GUESSES["paper_guarded"] = {
+    **GUESSES["paper"],
+    "max_solver_residual": "1.0: ours, not the paper's; a residual above ‖v‖ means the solve "
+                           "is no better than returning zero",
 }
 
 

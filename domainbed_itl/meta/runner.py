@@ -10,6 +10,14 @@ The run directory holds three files, all replaced atomically after every outer s
 A crash between two of these writes is repaired on --resume, which rewrites metrics.jsonl and
 loss.json from the checkpoint. A resumed run repeats the uninterrupted run exactly (bitwise on
 the same device) because the trainer's randomness depends only on (seed, step).
+
+One writer per run directory: a run holds the directory's lock (domainbed_itl.runlock) while it
+works, and a second run into it is refused with the holder's process id, host, start time and
+command. --overwrite loses nothing before the new run has something to show: the previous run's
+files are moved aside into `.domainbed_itl.replaced/` and deleted only once the new run has
+written its first checkpoint; a new run that stops before that moves them back. A run killed in
+between leaves them aside, and the next run in the directory finishes the job (deletes them if
+the new checkpoint exists, else moves them back) before anything else.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -28,6 +38,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..atomic import write_atomic
 from ..losses.lossfile import LossSpec, save_loss
+from ..runlock import CONTROL_PREFIX, folder_lock, is_control_entry
 from .data import DomainData
 from .trainer import MetaConfig, MetaTrainer, NonFiniteError
 
@@ -35,6 +46,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 LOSS = "loss.json"
 OUTPUTS = (CHECKPOINT, METRICS, LOSS)
+# Where --overwrite keeps the previous run until the new one has written its first checkpoint.
+REPLACED = CONTROL_PREFIX + "replaced"
 CHECKPOINT_FORMAT = "domainbed-itl-meta-checkpoint"
 # Config fields a resumed run may change: the number of steps to reach.
 RESUMABLE_CHANGES = ("outer_steps",)
@@ -89,7 +102,8 @@ def check_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: boo
                           f"{output_dir}, overwrite starts it again")
     if output_dir.exists() and not output_dir.is_dir():
         raise RunDirError(f"output dir {output_dir} exists and is not a directory")
-    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    contents = (sorted(p.name for p in output_dir.iterdir() if not is_control_entry(p.name))
+                if output_dir.is_dir() else [])
     if not contents or overwrite:
         return
     if not resume:
@@ -100,16 +114,57 @@ def check_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: boo
                           f"({', '.join(contents[:5])}); pass --overwrite to start again there")
 
 
-def _prepare(output_dir: Path, resume: bool, overwrite: bool) -> Optional[Dict[str, Any]]:
-    """Check the output dir, clear it of a previous run's outputs on overwrite; the checkpoint
-    to resume from, if any."""
-    check_output_dir(output_dir, resume, overwrite)
-    if resume and (output_dir / CHECKPOINT).is_file():
-        return load_checkpoint(output_dir / CHECKPOINT)
-    if overwrite:
-        for name in OUTPUTS:
-            (output_dir / name).unlink(missing_ok=True)
-    return None
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _describe_run(folder: Path) -> str:
+    """The run whose outputs are in `folder`, in a few words (its steps and files)."""
+    files = [name for name in OUTPUTS if (folder / name).exists()]
+    steps = ""
+    if CHECKPOINT in files:
+        try:
+            steps = f"{load_checkpoint(folder / CHECKPOINT)['trainer']['steps_done']} outer steps, "
+        except (RunDirError, KeyError, TypeError):
+            steps = "an unreadable checkpoint, "
+    return f"{steps}{', '.join(files)}"
+
+
+def _restore_replaced(output_dir: Path) -> None:
+    """Move the previous run's files back from REPLACED (keeping any file the new run wrote)."""
+    aside = output_dir / REPLACED
+    for path in aside.iterdir():
+        if not (output_dir / path.name).exists():
+            os.replace(path, output_dir / path.name)
+    shutil.rmtree(aside)
+
+
+def _finish_interrupted_overwrite(output_dir: Path, log: Callable[[str], None]) -> None:
+    """Complete an --overwrite whose process died: delete the previous run once a new checkpoint
+    exists, else move it back."""
+    aside = output_dir / REPLACED
+    if not aside.is_dir():
+        return
+    if (output_dir / CHECKPOINT).is_file():
+        shutil.rmtree(aside)
+        log(f"note: deleted the run ({output_dir}) that an interrupted --overwrite had replaced; "
+            "the new run had written its first checkpoint")
+    else:
+        _restore_replaced(output_dir)
+        log(f"note: an interrupted --overwrite in {output_dir} never wrote a checkpoint; moved the "
+            f"previous run back ({_describe_run(output_dir)})")
+
+
+def _move_aside(output_dir: Path) -> Optional[str]:
+    """Move a previous run's outputs into REPLACED; what they were, or None if there were none."""
+    present = [name for name in OUTPUTS if (output_dir / name).exists()]
+    if not present:
+        return None
+    description = _describe_run(output_dir)
+    (output_dir / REPLACED).mkdir()
+    for name in present:
+        os.replace(output_dir / name, output_dir / REPLACED / name)
+    return description
 
 
 def _check_resumable(ckpt: Dict[str, Any], config: MetaConfig, fingerprint: Dict[str, Any],
@@ -144,13 +199,16 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
                       init: Optional[LossSpec] = None, resume: bool = False,
                       overwrite: bool = False, device: str | torch.device = "cpu",
                       progress: bool = True,
-                      provenance: Optional[Dict[str, Any]] = None) -> MetaTrainer:
+                      provenance: Optional[Dict[str, Any]] = None,
+                      log: Callable[[str], None] = _log_stderr) -> MetaTrainer:
     """Meta-train on `data` into `output_dir` until config.outer_steps outer steps are done.
 
     init: the starting loss (its family must be config's); None starts from the family default.
-    provenance: extra entries for loss.json's provenance (e.g. the command and preset).
-    Raises RunDirError for an unusable output dir and NonFiniteError (after keeping the last
-    good checkpoint) when ω, a loss or a hypergradient stops being finite.
+    provenance: extra entries for loss.json's provenance (e.g. the command and preset; its
+    "command" also names this run to a second writer). log: where notes on replaced runs go.
+    Raises RunDirError for an unusable output dir, runlock.FolderLocked while another process
+    writes into it, and NonFiniteError (after keeping the last good checkpoint) when ω, a loss
+    or a hypergradient stops being finite.
     """
     output_dir = Path(output_dir)
     if init is not None and (init.family, init.order) != (config.family, config.order):
@@ -158,16 +216,46 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
                          f"config meta-learns {config.family} (order {config.order})")
     trainer = MetaTrainer(data.domains, data.num_classes, config,
                           None if init is None else init.parameters, device=device)
-    ckpt = _prepare(output_dir, resume, overwrite)
-    init_omega = trainer.omega.tolist()
-    fingerprint = data_fingerprint(data)
-    records: List[Dict[str, Any]] = []
-    if ckpt is not None:
-        _check_resumable(ckpt, config, fingerprint, init_omega, output_dir / CHECKPOINT)
-        trainer.load_state_dict(ckpt["trainer"])
-        records = list(ckpt["metrics"])
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(output_dir, resume, overwrite)  # before the lock creates the directory
+    with folder_lock(output_dir, command=(provenance or {}).get("command")):
+        _finish_interrupted_overwrite(output_dir, log)
+        check_output_dir(output_dir, resume, overwrite)
+        ckpt = (load_checkpoint(output_dir / CHECKPOINT)
+                if resume and (output_dir / CHECKPOINT).is_file() else None)
+        init_omega = trainer.omega.tolist()
+        fingerprint = data_fingerprint(data)
+        records: List[Dict[str, Any]] = []
+        if ckpt is not None:
+            _check_resumable(ckpt, config, fingerprint, init_omega, output_dir / CHECKPOINT)
+            trainer.load_state_dict(ckpt["trainer"])
+            records = list(ckpt["metrics"])
+        replaced = _move_aside(output_dir) if overwrite else None
+        if replaced is not None:
+            log(f"--overwrite: moved the previous run in {output_dir} ({replaced}) aside to "
+                f"{output_dir / REPLACED}; it is deleted once this run writes its first checkpoint")
+        try:
+            _train(trainer, data, config, output_dir, ckpt is not None, records, init_omega,
+                   fingerprint, progress, provenance, replaced, log)
+        except BaseException as error:
+            if replaced is not None and (output_dir / REPLACED).is_dir():
+                if (output_dir / CHECKPOINT).is_file():  # stopped right after its first checkpoint
+                    _finish_interrupted_overwrite(output_dir, log)
+                    raise
+                _restore_replaced(output_dir)
+                if isinstance(error, NonFiniteError):
+                    raise NonFiniteError(f"{error}; --overwrite kept the previous run ({replaced}) "
+                                         f"in {output_dir}") from error
+                log(f"--overwrite: this run stopped before its first checkpoint; the previous run "
+                    f"({replaced}) is back in {output_dir}")
+            raise
+    return trainer
 
+
+def _train(trainer: MetaTrainer, data: DomainData, config: MetaConfig, output_dir: Path,
+           resumed: bool, records: List[Dict[str, Any]], init_omega: List[float],
+           fingerprint: Dict[str, Any], progress: bool, provenance: Optional[Dict[str, Any]],
+           replaced: Optional[str], log: Callable[[str], None]) -> None:
+    """The outer loop of run_meta_training, writing the checkpoint and its views after each step."""
     commit = source_commit()
 
     def full_provenance() -> Dict[str, Any]:
@@ -182,7 +270,7 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
         spec = LossSpec(config.family, config.order, trainer.omega.tolist(), full_provenance())
         save_loss(output_dir / LOSS, spec, overwrite=True)
 
-    if ckpt is not None:
+    if resumed:
         write_views()
     bar = tqdm(total=config.outer_steps, initial=min(trainer.steps_done, config.outer_steps),
                desc="meta-train", unit="step", disable=not progress)
@@ -192,18 +280,25 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
                 record = trainer.outer_step()
             except NonFiniteError as e:
                 kept = (f"the last good checkpoint ({output_dir / CHECKPOINT}, step "
-                        f"{trainer.steps_done}) is kept" if trainer.steps_done
+                        f"{trainer.steps_done}) is kept" if (output_dir / CHECKPOINT).is_file()
                         else "no checkpoint had been written yet")
                 raise NonFiniteError(f"{e}; stopping, {kept}") from e
             records.append(record)
+            if record.get("trusted_domains") == 0:
+                worst = min(record["per_domain"]["solver_residual"])
+                tqdm.write(f"outer step {record['step']}: no domain's solve left a relative residual "
+                           f"within max_solver_residual {config.max_solver_residual} (smallest "
+                           f"{worst:.3g}); ω unchanged", file=sys.stderr)
             _save_checkpoint(output_dir / CHECKPOINT, {
                 "format": CHECKPOINT_FORMAT, "version": 1, "package_version": __version__,
                 "config": config.to_dict(), "data": fingerprint, "init_omega": init_omega,
                 "trainer": trainer.state_dict(), "metrics": records})
             write_views()
+            if replaced is not None and (output_dir / REPLACED).is_dir():
+                shutil.rmtree(output_dir / REPLACED)
+                log(f"--overwrite: replaced the previous run in {output_dir} ({replaced})")
             bar.update(1)
             bar.set_postfix(heldout_acc=f"{record['outer_heldout_acc']:.3f}",
                             source_acc=f"{record['inner_source_acc']:.3f}")
     finally:
         bar.close()
-    return trainer

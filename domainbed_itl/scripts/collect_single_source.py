@@ -8,7 +8,8 @@ source domains; cell: the accuracy on every target, '/'-separated, then their me
 error over trials), then Table 4 (rows: algorithms; columns: datasets; the mean over sources and
 targets). Model selection is source-domain validation; see domainbed_itl.single_source.selection for the
 protocol. Runs that are missing, unfinished or unreadable are listed by dataset, algorithm,
-source, trial and hparams seed, and cells without all their trials say so. DomainBed is not
+source, trial and hparams seed, and cells without all their trials say so; damaged records and
+manifest entries are listed with their file and line and skipped. DomainBed is not
 needed; when it is importable (or --domainbed_root is given) its domain names label the columns
 and its algorithm and dataset order is used.
 """
@@ -42,7 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     fmt = "latex" if args.latex else "markdown" if args.markdown else "text"
     try:
-        results = summarise(load_runs(args.input_dir), read_manifest(args.input_dir))
+        damaged: list = []
+        results = summarise(load_runs(args.input_dir), read_manifest(args.input_dir, damaged),
+                            damaged)
         if not results.cells:
             raise ValueError(f"no single-source runs in {args.input_dir} "
                              f"({results.ignored_multi_source_runs} multi-source runs ignored)")

@@ -25,7 +25,11 @@ are DomainBed's `Job`s, launched through its command launchers; running the comm
 launches only jobs without a folder, then reports every finished one (model selection:
 DomainBed's training-domain validation, and the last checkpoint). `--report_only` launches
 nothing. The report files are rewritten from the job folders each time; job folders are never
-replaced.
+replaced, and records that cannot be read are listed in the report and skipped.
+
+A loss that cannot train (an unreadable file, SCE weights below 0, values that are not finite or
+a loss that would be maximised for the dataset's classes: domainbed_itl.losses.checks) is
+refused before anything runs. The output folder has one writer (domainbed_itl.runlock).
 """
 
 from __future__ import annotations
@@ -40,19 +44,26 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .. import comparison
 from ..atomic import OutputExists, write_atomic
 from ..domainbed_env import DomainBedNotFound, import_domainbed, with_pythonpath
+from ..algorithms import LossHparamError, check_loss_hparams
+from ..hparams import DATASET_CLASSES
 from ..losses import zoo
 from ..losses.lossfile import PRESETS, LossFileError, resolve_loss
+from ..runlock import FolderLocked, folder_lock
+from ..single_source.runs import load_runs, records_of
 from .meta_train import _positive_int, _widths, _positive_float
 
 REPORT_MD, REPORT_JSON = "evaluation.md", "evaluation.json"
 ZOO_ALGORITHMS = {"CE": "ERM", "BCE": "ERM_BCE", "Focal": "ERM_Focal", "SCE": "ERM_SCE",
                   "GCE": "ERM_GCE", "LS": "ERM_LS"}
 # (record field, label, scale, digits) of the tables.
-META_METRICS = [("heldout_acc", "held-out acc. (%)", 100, 1), ("heldout_ce", "held-out CE", 1, 3),
-                ("source_acc", "source acc. (%)", 100, 1), ("gap", "source − held-out (pts)", 100, 1)]
-DOMAINBED_METRICS = [("test_acc", "test acc. (%), training-domain validation", 100, 1),
-                     ("last_test_acc", "test acc. (%), last checkpoint", 100, 1),
-                     ("val_acc", "training-domain validation acc. (%)", 100, 1)]
+# (record field, label, scale, digits, higher is better)
+META_METRICS = [("heldout_acc", "held-out acc. (%)", 100, 1, True),
+                ("heldout_ce", "held-out CE", 1, 3, False),
+                ("source_acc", "source acc. (%)", 100, 1, True),
+                ("gap", "source − held-out (pts)", 100, 1, False)]
+DOMAINBED_METRICS = [("test_acc", "test acc. (%), training-domain validation", 100, 1, True),
+                     ("last_test_acc", "test acc. (%), last checkpoint", 100, 1, True),
+                     ("val_acc", "training-domain validation acc. (%)", 100, 1, True)]
 
 
 class EvaluationInputError(ValueError):
@@ -130,6 +141,11 @@ def _losses(args: argparse.Namespace) -> Tuple[Dict[str, str], str]:
         label, loss = parse_loss(text)
         if label in losses:
             raise EvaluationInputError(f"--losses names {label!r} twice; label them LABEL=LOSS")
+        if loss not in ZOO_ALGORITHMS:  # trained as ITL with itl_loss = loss
+            try:
+                check_loss_hparams("ITL", {"itl_loss": loss}, DATASET_CLASSES.get(args.dataset))
+            except LossHparamError as error:
+                raise EvaluationInputError(f"--losses entry {text!r}: {error}") from None
         losses[label] = loss
     reference = args.reference or ("CE" if "CE" in losses else next(iter(losses)))
     if reference not in losses:
@@ -141,12 +157,13 @@ def _losses(args: argparse.Namespace) -> Tuple[Dict[str, str], str]:
 def _tables(records: List[Dict[str, Any]], metrics: Sequence[tuple], reference: str,
             order: Sequence[str], group: Sequence[str]) -> Tuple[str, Dict[str, Any]]:
     parts, stats = [], {}
-    for field, label, scale, digits in metrics:
-        result = comparison.compare(records, field, reference, group)
+    for field, label, scale, digits, higher_is_better in metrics:
+        result = comparison.compare(records, field, reference, group, higher_is_better)
         stats[field] = comparison.to_jsonable(result, group)
         parts.append(f"### {label}\n\n" + comparison.markdown_table(
             result, label, reference, group, scale, digits, order))
-    per_domain = comparison.compare(records, metrics[0][0], reference, [*group, "domain"])
+    per_domain = comparison.compare(records, metrics[0][0], reference, [*group, "domain"],
+                                    metrics[0][4])
     parts.append(f"### {metrics[0][1]}, per domain\n\n" + comparison.markdown_table(
         per_domain, metrics[0][1], reference, [*group, "domain"], metrics[0][2], metrics[0][3],
         order))
@@ -253,7 +270,6 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
     sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
     datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
     misc = import_domainbed(args.domainbed_root, "domainbed.lib.misc")
-    reporting = import_domainbed(args.domainbed_root, "domainbed.lib.reporting")
     query = import_domainbed(args.domainbed_root, "domainbed.lib.query")
     model_selection = import_domainbed(args.domainbed_root, "domainbed.model_selection")
     launchers = import_domainbed(args.domainbed_root, "domainbed.command_launchers")
@@ -284,30 +300,47 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
         planned = plan_jobs(args, losses, misc.seed_hash)
     except json.JSONDecodeError as e:
         raise EvaluationInputError(f"--hparams {args.hparams!r} is not JSON: {e}") from None
-    jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
-    to_launch = [job for job, *_ in jobs if job.state == sweep.Job.NOT_LAUNCHED]
-    print(f"{len(jobs)} jobs, {len(to_launch)} to launch; DomainBed from {checkout}")
-    if to_launch and not args.report_only:
-        os.makedirs(args.output_dir, exist_ok=True)
-        os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
-        sweep.Job.launch(to_launch, launchers.REGISTRY[args.command_launcher])
-    jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
-    results = (reporting.load_records(args.output_dir) if Path(args.output_dir).is_dir()
-               else query.Q([]))
-    records, missing = domainbed_records(jobs, results,
-                                         model_selection.IIDAccuracySelectionMethod)
-    settings = {"protocol": "domainbed", "dataset": args.dataset, "test_envs": args.test_envs,
-                "n_trials": args.n_trials, "steps": args.steps, "hparams": args.hparams,
-                "holdout_fraction": args.holdout_fraction, "hparams_seed": 0}
-    body, stats = (_tables(records, DOMAINBED_METRICS, reference, list(losses), []) if records
-                   else ("No finished job yet.", {}))
-    if missing:
-        body += "\n\nNot finished (left out above):\n\n" + "\n".join(f"- {m}" for m in missing)
-    os.makedirs(args.output_dir, exist_ok=True)
-    _write_report(Path(args.output_dir), "Loss evaluation, DomainBed protocol", settings, body,
-                  {"settings": settings, "losses": losses, "reference": reference,
-                   "statistics": stats, "records": records, "missing": missing}, overwrite=True)
-    print(body)
+    with folder_lock(args.output_dir):  # one writer: the launch and the report
+        jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
+        if not args.report_only:
+            # DomainBed's launch makes every job's folder before the first job runs: after an
+            # interruption, a job that never started has an empty folder, which would block it.
+            for job, *_ in jobs:
+                folder = Path(job.output_dir)
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            jobs = [(sweep.Job(a, args.output_dir), label, env, trial)
+                    for a, label, env, trial in planned]
+        units: Dict[Tuple[int, int], list] = {}
+        for job, _, test_env, trial in jobs:
+            if job.state == sweep.Job.NOT_LAUNCHED:
+                units.setdefault((test_env, trial), []).append(job)
+        print(f"{len(jobs)} jobs, {sum(map(len, units.values()))} to launch; DomainBed from {checkout}")
+        if units and not args.report_only:
+            os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
+            # One (test env, trial) at a time: DomainBed's launch shuffles the jobs it is given,
+            # and an interrupted evaluation should leave whole pairs, not scattered jobs.
+            for unit_jobs in units.values():
+                sweep.Job.launch(unit_jobs, launchers.REGISTRY[args.command_launcher])
+        jobs = [(sweep.Job(a, args.output_dir), label, env, trial) for a, label, env, trial in planned]
+        # DomainBed's reporting.load_records stops at the first damaged line; ours skips and lists it.
+        found, damaged = records_of(load_runs(args.output_dir))
+        records, missing = domainbed_records(jobs, query.Q(found),
+                                             model_selection.IIDAccuracySelectionMethod)
+        settings = {"protocol": "domainbed", "dataset": args.dataset, "test_envs": args.test_envs,
+                    "n_trials": args.n_trials, "steps": args.steps, "hparams": args.hparams,
+                    "holdout_fraction": args.holdout_fraction, "hparams_seed": 0}
+        body, stats = (_tables(records, DOMAINBED_METRICS, reference, list(losses), []) if records
+                       else ("No finished job yet.", {}))
+        if missing:
+            body += "\n\nNot finished (left out above):\n\n" + "\n".join(f"- {m}" for m in missing)
+        if damaged:
+            body += "\n\nDamaged records (skipped):\n\n" + "\n".join(f"- {d}" for d in damaged)
+        _write_report(Path(args.output_dir), "Loss evaluation, DomainBed protocol", settings, body,
+                      {"settings": settings, "losses": losses, "reference": reference,
+                       "statistics": stats, "records": records, "missing": missing,
+                       "damaged": damaged}, overwrite=True)
+        print(body)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -316,11 +349,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         losses, reference = _losses(args)
         if args.protocol == "meta":
-            run_meta(args, losses, reference)
+            with folder_lock(args.output_dir):
+                run_meta(args, losses, reference)
         else:
             run_domainbed(args, losses, reference)
     except (EvaluationInputError, DomainBedNotFound, OutputExists, FileNotFoundError,
-            ValueError) as e:
+            ValueError, FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

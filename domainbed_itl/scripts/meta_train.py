@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..domainbed_env import DomainBedNotFound
+from ..domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
 from ..losses.taylor import MAX_ORDER, MIN_ORDER
 from ..meta.aggregators import AGGREGATORS, REDUCTIONS
@@ -28,8 +28,9 @@ from ..meta.inner import INNER_OPTIMIZERS
 from ..meta.presets import GUESSES, PRESETS, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir, run_meta_training
 from ..meta.trainer import NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, NonFiniteError
+from ..runlock import FolderLocked, folder_lock
 
-DEFAULT_PRESET = "paper"
+DEFAULT_PRESET = "paper_guarded"
 
 FAMILY_CHOICES = tuple(f"taylor{k}" for k in range(MIN_ORDER, MAX_ORDER + 1)) + ("taylor", "sce")
 
@@ -215,12 +216,22 @@ def _device(text: str) -> torch.device:
     return device
 
 
-def _load_data(args: argparse.Namespace) -> DomainData:
+def _check_data_args(args: argparse.Namespace) -> None:
+    """Raise ValueError or DomainBedNotFound for data flags that cannot load (cheap checks only)."""
     if args.dataset == "synthetic":
-        return synthetic_domains(per_domain=args.per_domain_cap or 500, seed=args.data_seed)
+        return
     if args.data_dir is None:
         raise ValueError(f"--dataset {args.dataset} needs --data_dir, the folder DomainBed reads "
                          "its data from")
+    if not os.path.isdir(args.data_dir):
+        raise ValueError(f"--data_dir {args.data_dir!r} is not a folder")
+    find_domainbed_root(args.domainbed_root)
+
+
+def _load_data(args: argparse.Namespace) -> DomainData:
+    if args.dataset == "synthetic":
+        return synthetic_domains(per_domain=args.per_domain_cap or 500, seed=args.data_seed)
+    _check_data_args(args)
     from ..meta.domainbed_data import load_domainbed_domains
     return load_domainbed_domains(args.dataset, args.data_dir, args.domainbed_root,
                                   args.per_domain_cap, args.data_seed)
@@ -246,15 +257,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = _device(args.device)
     except (ValueError, LossFileError) as e:
         parser.error(str(e))
+    command = _command_line(argv)
     try:
         check_output_dir(args.output_dir, args.resume, args.overwrite)
-        data = _load_data(args)
-        trainer = run_meta_training(data, config, args.output_dir, init=init, resume=args.resume,
-                                    overwrite=args.overwrite, device=device,
-                                    progress=not args.no_progress,
-                                    provenance={"preset": args.preset, "init": args.init,
-                                                "command": _command_line(argv)})
-    except (RunDirError, DomainBedNotFound, FileNotFoundError, ValueError) as e:
+        _check_data_args(args)
+        with folder_lock(args.output_dir, command=command):  # before the (slow) data loading
+            data = _load_data(args)
+            trainer = run_meta_training(data, config, args.output_dir, init=init,
+                                        resume=args.resume, overwrite=args.overwrite,
+                                        device=device, progress=not args.no_progress,
+                                        provenance={"preset": args.preset, "init": args.init,
+                                                    "command": command})
+    except (RunDirError, FolderLocked, DomainBedNotFound, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

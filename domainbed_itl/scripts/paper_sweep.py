@@ -13,7 +13,16 @@ sweep with the learned loss) runs them in order, each in <output_dir>/<stage>, a
 first that fails; `--dry_run` prints them only. The command launcher defaults to
 `submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.experiments.launchers)
 for the paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status:
-0 done, 1 a command failed, 2 bad input.
+0 done, 1 a command or a job failed, 2 bad input.
+
+`run` checks the losses of the definition's algorithms under its `hparams` before anything
+starts (domainbed_itl.hparams.check_sweep_losses); a loss file that an earlier stage writes
+(`{stage}`) is checked when its stage starts. DomainBed's own sweep exits 0 when its jobs
+fail, so after a DomainBed sweep with a launcher that waits for its jobs (`local`,
+`multi_gpu`) the job folders without DomainBed's `done` marker are listed with the last line
+of their `err.txt`; the collection still runs, then `run` exits with status 1 (later stages do
+not start). While it runs a DomainBed sweep, `run` holds that sweep's folder lock
+(domainbed_itl.runlock); our own runners take it themselves.
 """
 
 from __future__ import annotations
@@ -25,15 +34,21 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
-from ..experiments.paper import (ONE_JOB_RUNNERS, Experiment, Placeholders, SweepDefinitionError,
+from ..experiments.paper import (ONE_JOB_RUNNERS, Experiment, Placeholders, Stage, SweepDefinitionError,
                                  available, build_stage_commands, count_jobs, count_stage_jobs,
-                                 estimate_cost, format_command, load_experiment, referenced_stages)
+                                 estimate_cost, format_command, load_experiment, referenced_stages,
+                                 stage_args, stage_output_dir, stage_references)
+from ..hparams import check_sweep_losses
 from ..patching import APPLIED, PatchError, status
+from ..runlock import FolderLocked, folder_lock
+from ..single_source.runs import unfinished_jobs
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
+# Launchers that return once every job has ended, so that a job folder without `done` failed.
+WAITING_LAUNCHERS = ("local", "multi_gpu")
 # Meta-training and loss evaluation run in one process: here, or as one submitit job.
 ONE_JOB_LAUNCHERS = ("local", "submitit")
 ONE_JOB_LABELS = {"meta_train": "meta-training", "evaluate_loss": "loss evaluation"}
@@ -150,8 +165,31 @@ def _check_runner_installed(experiment: Experiment) -> None:
                                   "domainbed-itl does not have")
 
 
+def check_losses(experiment: Experiment, reduced: bool, given: Optional[Placeholders] = None) -> None:
+    """Raise PaperSweepError if one of the variant's algorithms would train with a loss that
+    cannot train under its `hparams`. Without `given`, hparams naming an earlier stage's output
+    are left out (that file does not exist yet); with it, they are checked as resolved."""
+    for stage in experiment.stages:
+        _check_stage_losses(experiment, stage, reduced, given)
+
+
+def _check_stage_losses(experiment: Experiment, stage: Stage, reduced: bool,
+                        given: Optional[Placeholders]) -> None:
+    if stage.runner_name in ONE_JOB_RUNNERS:
+        return
+    args = stage.variant(reduced).args if given is None else stage_args(experiment, stage, reduced, given)
+    hparams = {k: v for k, v in args.get("hparams", {}).items()
+               if given is not None or not stage_references(v)}
+    try:
+        check_sweep_losses(args["algorithms"], args["datasets"], hparams)
+    except ValueError as error:
+        where = f" [stage {stage.name}]" if stage.name else ""
+        raise PaperSweepError(f"{experiment.path}{where}: {error}") from None
+
+
 def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: bool) -> int:
     """Run (or with `dry_run` print) the variant's commands; the exit status."""
+    check_losses(experiment, reduced)
     print(describe(experiment, reduced, given), flush=True)
     if dry_run:
         return 0
@@ -166,11 +204,27 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
         stage.runner_name not in ONE_JOB_RUNNERS for stage in experiment.stages))
     env = with_pythonpath(checkout)
     Path(given.output_dir).mkdir(parents=True, exist_ok=True)
-    staged = [(stage, tokens) for stage in experiment.stages
-              for tokens in build_stage_commands(experiment, stage, reduced, given, python=sys.executable)]
-    for stage, tokens in staged:
-        print(f"\n$ {format_command(tokens)}", flush=True)
+    for stage in experiment.stages:
+        commands = build_stage_commands(experiment, stage, reduced, given, python=sys.executable)
         stage_env = dict(env, DOMAINBED_SUBMITIT_WAIT="1") if stage.name in needed else env
+        folder = stage_output_dir(given.output_dir, stage.name)
+        if stage.runner_name == "domainbed_sweep":  # DomainBed's sweep takes no lock itself
+            _check_stage_losses(experiment, stage, reduced, given)  # with earlier stages' files
+            with folder_lock(folder):
+                code = _run_commands(stage, given, folder, commands, stage_env)
+        else:
+            code = _run_commands(stage, given, folder, commands, stage_env)
+        if code != 0:
+            return code
+    return 0
+
+
+def _run_commands(stage: Stage, given: Placeholders, folder: str, commands: List[List[str]],
+                  env: Dict[str, str]) -> int:
+    """Run one stage: the sweep, then (after a sweep whose jobs ran, failed or not) its collection."""
+    failed = None
+    for tokens in commands:
+        print(f"\n$ {format_command(tokens)}", flush=True)
         if stage.runner_name in ONE_JOB_RUNNERS and given.command_launcher == "submitit":
             from ..experiments.launchers import (
                 SubmititConfig,
@@ -179,7 +233,7 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
             )
 
             try:
-                config = SubmititConfig.from_env(stage_env)
+                config = SubmititConfig.from_env(env)
             except ValueError as error:
                 raise PaperSweepError(str(error)) from None
             command = f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} {format_command(tokens)}"
@@ -189,10 +243,24 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
                 print(f"error: {error}", file=sys.stderr)
                 return 1
             continue
-        returncode = subprocess.run(tokens, env=stage_env).returncode
+        returncode = subprocess.run(tokens, env=env).returncode
+        if tokens is commands[0] and stage.runner.collect_module:
+            unfinished = (unfinished_jobs(folder)
+                          if stage.runner_name == "domainbed_sweep"
+                          and given.command_launcher in WAITING_LAUNCHERS else [])
+            if returncode == 1 or (returncode == 0 and unfinished):
+                # Jobs failed: say which, and still collect what the others produced.
+                failed = (f"{len(unfinished)} job folders in {folder} have no `done` "
+                          "marker (DomainBed's `sweep delete_incomplete` then `sweep launch` "
+                          "runs them again):\n" + "\n".join(f"  {u}" for u in unfinished)
+                          if unfinished else "the sweep above reported failed jobs")
+                continue
         if returncode != 0:
             print(f"error: the command above failed with exit status {returncode}", file=sys.stderr)
             return 1
+    if failed is not None:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -211,7 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(describe(experiment, args.reduced, given))
             return 0
         return run(experiment, args.reduced, given, args.dry_run)
-    except (SweepDefinitionError, PaperSweepError, PatchError, DomainBedNotFound) as error:
+    except (SweepDefinitionError, PaperSweepError, PatchError, DomainBedNotFound,
+            FolderLocked) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -18,8 +18,9 @@
 Run it again to finish an interrupted sweep: DomainBed launches only jobs without a folder, so
 the empty folders of jobs that never started are removed first; a job that started and did not
 finish (failed, or killed) is listed with DomainBed's command that clears it.
-`--setup_only` stops after step 3; `--dry_run` prints what would run. Exit status: 0 done,
-1 a step or a job failed, 2 bad input.
+The losses of our algorithms under --hparams are checked before any step, and the sweep folder
+has one writer at a time (domainbed_itl.runlock). `--setup_only` stops after step 3; `--dry_run`
+prints what would run. Exit status: 0 done, 1 a step or a job failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from typing import List, Optional, Sequence
 from ..domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
                              git_commit, with_pythonpath)
 from ..experiments.paper import format_command
-from ..hparams import parse_hparams_flag
+from ..hparams import check_sweep_losses, parse_hparams_flag
 from ..patching import APPLIED, UPSTREAM_COMMIT, PatchError, apply, import_check, status
-from ..single_source.runs import is_job_folder
+from ..runlock import FolderLocked, folder_lock
+from ..single_source.runs import is_job_folder, unfinished_jobs
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -85,11 +87,11 @@ def _validate(args: argparse.Namespace) -> None:
     for flag in ("steps", "n_hparams", "n_trials"):
         if getattr(args, flag) < 1:
             raise QuickstartInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.hparams is not None:
-        try:
-            parse_hparams_flag(args.hparams)
-        except ValueError as error:
-            raise QuickstartInputError(str(error)) from None
+    try:
+        overrides = parse_hparams_flag(args.hparams) if args.hparams is not None else {}
+        check_sweep_losses(args.algorithms, args.datasets, overrides)
+    except ValueError as error:
+        raise QuickstartInputError(str(error)) from None
     if args.workdir.exists() and not args.workdir.is_dir():
         raise QuickstartInputError(f"--workdir {args.workdir} exists and is not a folder")
 
@@ -165,17 +167,6 @@ def remove_never_started(output_dir: Path) -> int:
     return len(empty)
 
 
-def unfinished_jobs(output_dir: Path) -> List[str]:
-    """Job folders of the sweep without DomainBed's `done` marker, each with its last error."""
-    out = []
-    for folder in sorted(p for p in output_dir.iterdir() if is_job_folder(p)):
-        if not (folder / "done").exists():
-            err = folder / "err.txt"
-            lines = err.read_text(errors="replace").strip().splitlines() if err.exists() else []
-            out.append(f"{folder}: {lines[-1] if lines else 'no err.txt'}")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     """All the steps; the exit status."""
     _validate(args)
@@ -205,6 +196,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"set up. The sweep would run:\n  PYTHONPATH={root} "
               f"{format_command(sweep_commands(args, data_dir, output_dir)[0])}")
         return 0
+    with folder_lock(output_dir):  # DomainBed's sweep takes no lock of its own
+        return _sweep(args, root, data_dir, output_dir)
+
+
+def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Path) -> int:
+    """Steps 4 and 5, holding the sweep folder's lock; the exit status."""
     env = with_pythonpath(root)
     launch, collect = sweep_commands(args, data_dir, output_dir)
     removed = remove_never_started(output_dir)
@@ -234,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (QuickstartInputError, DomainBedNotFound, PatchError) as error:
+    except (QuickstartInputError, DomainBedNotFound, PatchError, FolderLocked) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except QuickstartError as error:

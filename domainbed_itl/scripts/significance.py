@@ -32,7 +32,8 @@ from ..atomic import OutputExists, write_atomic
 from ..analysis.friedman_nemenyi import cd_diagram_png, format_result, friedman_nemenyi
 from ..analysis.multi_source import multi_source_blocks
 from ..domainbed_env import DomainBedNotFound, import_domainbed, optional_domainbed
-from ..single_source.runs import load_runs, read_manifest
+from ..runlock import FolderLocked, folder_lock
+from ..single_source.runs import load_runs, read_manifest, records_of
 from ..single_source.selection import BLOCK_LEVELS, check_subset, summarise
 from ..single_source.tables import domainbed_labels
 
@@ -43,7 +44,8 @@ def single_source_table(input_dir: str, level: str, algorithms: Optional[Sequenc
                         datasets: Optional[Sequence[str]], domainbed_root: Optional[str]
                         ) -> Tuple[Table, List[str], List[str]]:
     """{block: {algorithm: accuracy}} of a single-source sweep, its algorithms, and notes."""
-    results = summarise(load_runs(input_dir), read_manifest(input_dir))
+    damaged: List[str] = []
+    results = summarise(load_runs(input_dir), read_manifest(input_dir, damaged), damaged)
     if not results.cells:
         raise ValueError(f"no single-source runs in {input_dir}")
     found = optional_domainbed(domainbed_root, "domainbed.datasets", "domainbed.algorithms")
@@ -53,6 +55,7 @@ def single_source_table(input_dir: str, level: str, algorithms: Optional[Sequenc
     datasets = check_subset("dataset", datasets, dataset_order or results.datasets)
     notes = [f"single-source: {len(results.problems)} missing or incomplete runs leave their cells "
              f"out (see collect_single_source)"] if results.problems else []
+    notes += _damaged_note("single-source", results.damaged)
     return results.scores(level, algorithms, datasets, env_names), algorithms, notes
 
 
@@ -64,19 +67,31 @@ def multi_source_table(input_dir: str, level: str, algorithms: Optional[Sequence
     if level == "pair":
         raise ValueError("--blocks pair exists only for single-source sweeps")
     reporting = import_domainbed(domainbed_root, "domainbed.lib.reporting")
+    query = import_domainbed(domainbed_root, "domainbed.lib.query")
     model_selection = import_domainbed(domainbed_root, "domainbed.model_selection")
     db_datasets = import_domainbed(domainbed_root, "domainbed.datasets")
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"--multi_source_dir {input_dir} is not a folder")
-    grouped = reporting.get_grouped_records(reporting.load_records(input_dir))
+    # DomainBed's reporting.load_records stops at the first damaged line; ours skips and lists it.
+    records, damaged = records_of(load_runs(input_dir))
+    grouped = reporting.get_grouped_records(query.Q(records))
 
     def env_names(dataset: str) -> Optional[List[str]]:
         if dataset not in db_datasets.DATASETS:
             return None
         return list(db_datasets.get_dataset_class(dataset).ENVIRONMENTS)
 
-    return multi_source_blocks(grouped, model_selection.IIDAccuracySelectionMethod.sweep_acc,
-                               env_names, level, algorithms, datasets, source=input_dir)
+    table, algorithms, notes = multi_source_blocks(
+        grouped, model_selection.IIDAccuracySelectionMethod.sweep_acc, env_names, level,
+        algorithms, datasets, source=input_dir)
+    return table, algorithms, notes + _damaged_note("multi-source", damaged)
+
+
+def _damaged_note(setting: str, damaged: Sequence[str]) -> List[str]:
+    if not damaged:
+        return []
+    return [f"{setting}: skipped {len(damaged)} damaged records or manifest entries: "
+            + "; ".join(damaged)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -111,17 +126,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stem = Path(args.output_dir) / f"cd_{name}_{args.blocks}"
             outputs.append((stem, text, cd_diagram_png(result, f"{name.replace('_', '-')} DG, "
                                                                 f"blocks: {args.blocks}")))
-        if not args.overwrite:
-            for stem, _, _ in outputs:
-                for path in (stem.with_suffix(".txt"), stem.with_suffix(".png")):
-                    if path.exists():
-                        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
-        for stem, text, png in outputs:
-            write_atomic(stem.with_suffix(".txt"), text, overwrite=args.overwrite)
-            write_atomic(stem.with_suffix(".png"), png, overwrite=args.overwrite)
-            print(text)
-            print(f"wrote {stem}.txt and {stem}.png\n")
-    except (ValueError, FileNotFoundError, OutputExists, DomainBedNotFound) as error:
+        with folder_lock(args.output_dir):
+            if not args.overwrite:
+                for stem, _, _ in outputs:
+                    for path in (stem.with_suffix(".txt"), stem.with_suffix(".png")):
+                        if path.exists():
+                            raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+            for stem, text, png in outputs:
+                write_atomic(stem.with_suffix(".txt"), text, overwrite=args.overwrite)
+                write_atomic(stem.with_suffix(".png"), png, overwrite=args.overwrite)
+                print(text)
+                print(f"wrote {stem}.txt and {stem}.png\n")
+    except (ValueError, FileNotFoundError, OutputExists, DomainBedNotFound, FolderLocked) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -31,11 +31,19 @@ The flags are those of DomainBed's sweep, plus:
 
 Besides DomainBed's folders, `launch` keeps `single_source_sweep.json` in the output folder: the
 planned jobs, so that `collect_single_source` can name runs whose folders are missing or empty.
+
+Nothing starts on input that cannot work: the losses of our algorithms under `--hparams` are
+checked before anything is launched (domainbed_itl.hparams.check_sweep_losses), and the output
+folder has one writer (domainbed_itl.runlock): a second `launch` or `delete_incomplete` on it is
+refused while the first runs. With a launcher that waits for its jobs (`local`, `multi_gpu`,
+`submitit` unless it leaves Slurm jobs queued), jobs that end without DomainBed's `done` marker
+are listed with the last line of their `err.txt`, and the command exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,11 +56,16 @@ import numpy as np
 
 from ..algorithms import ALGORITHMS
 from ..domainbed_env import DomainBedNotFound, find_domainbed_root, import_domainbed, with_pythonpath
-from ..experiments.launchers import Launcher, SubmititConfig, make_submitit_launcher
-from ..hparams import parse_hparams_flag
+from ..experiments.launchers import (Launcher, SubmititConfig, SubmititJobsFailed,
+                                     make_submitit_launcher)
+from ..hparams import check_sweep_losses, parse_hparams_flag
+from ..runlock import FolderLocked, folder_lock
 from ..single_source.planning import single_source_args
-from ..single_source.runs import PlannedJob, RunKey, update_manifest
+from ..single_source.runs import PlannedJob, RunKey, last_error_line, update_manifest
 from ..single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
+
+# DomainBed launchers that return once every job has ended, so that a job without `done` failed.
+WAITING_LAUNCHERS = ("local", "multi_gpu")
 
 
 def _json_object(text: str) -> dict:
@@ -158,13 +171,19 @@ def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleT
     if not 0 < args.holdout_fraction < 1:
         raise SweepInputError(f"--holdout_fraction must be between 0 and 1 (exclusive): the source "
                               f"needs both a training and a validation split; got {args.holdout_fraction}")
-    if args.hparams is not None:
-        try:
-            parse_hparams_flag(args.hparams)
-        except ValueError as error:
-            raise SweepInputError(str(error)) from None
+    check_losses(args)
     if not Path(args.data_dir).is_dir():
         raise SweepInputError(f"--data_dir {args.data_dir!r} is not a folder")
+
+
+def check_losses(args: argparse.Namespace) -> None:
+    """Raise SweepInputError for a --hparams that is not a JSON object, or under which one of our
+    --algorithms would train with a loss that cannot train (see check_sweep_losses)."""
+    try:
+        overrides = parse_hparams_flag(args.hparams) if args.hparams is not None else {}
+        check_sweep_losses(args.algorithms or (), args.datasets, overrides)
+    except ValueError as error:
+        raise SweepInputError(str(error)) from None
 
 
 def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> Launcher:
@@ -181,9 +200,10 @@ def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> La
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; 2 on bad input."""
+    """Run the command; 1 when launched jobs failed, 2 on bad input."""
     args = build_parser().parse_args(argv)
     try:
+        check_losses(args)  # before DomainBed is even imported
         sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
         datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
         algorithms = import_domainbed(args.domainbed_root, "domainbed.algorithms")
@@ -208,6 +228,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         holdout_fraction=args.holdout_fraction, single_test_envs=True, hparams=args.hparams)
     planned = single_source_args(args_list, datasets.num_environments, misc.seed_hash,
                                  args.sources, args.checkpoint_freq)
+    nothing_there = args.command == "delete_incomplete" and not os.path.isdir(args.output_dir)
+    try:
+        with contextlib.nullcontext() if nothing_there else folder_lock(args.output_dir):
+            return _run(args, sweep, planned, launcher_fn, checkout)
+    except FolderLocked as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, sweep: ModuleType, planned, launcher_fn: Optional[Launcher],
+         checkout: Path) -> int:
+    """Launch or delete the planned jobs, holding the output folder's lock; the exit status."""
     jobs = [(sweep.Job(train_args, args.output_dir), source) for train_args, source in planned]
 
     for job, source in jobs:
@@ -222,16 +254,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"About to launch {len(to_launch)} jobs.")
         if not args.skip_confirmation:
             sweep.ask_for_confirmation()
-        os.makedirs(args.output_dir, exist_ok=True)
-        update_manifest(args.output_dir, [
-            PlannedJob(Path(job.output_dir).name,
-                       RunKey(a["dataset"], a["algorithm"], source, a["trial_seed"], a["hparams_seed"]),
-                       len(a["test_envs"]) + 1)
-            for (job, source), (a, _) in zip(jobs, planned)])
+        manifest = [PlannedJob(Path(job.output_dir).name,
+                               RunKey(a["dataset"], a["algorithm"], source, a["trial_seed"],
+                                      a["hparams_seed"]), len(a["test_envs"]) + 1)
+                    for (job, source), (a, _) in zip(jobs, planned)]
+        try:
+            update_manifest(args.output_dir, manifest)
+        except ValueError as error:  # a damaged manifest: never replaced with fewer jobs
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
         print(f"The jobs import DomainBed from {checkout} (first on their PYTHONPATH).")
         np.random.seed(args.seed)
-        sweep.Job.launch(to_launch, launcher_fn)
+        try:
+            sweep.Job.launch(to_launch, launcher_fn)
+        except SubmititJobsFailed as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        if args.command_launcher in WAITING_LAUNCHERS:
+            keys = {job.output_dir: entry.key for (job, _), entry in zip(jobs, manifest)}
+            failed = [job for job in to_launch
+                      if not os.path.exists(os.path.join(job.output_dir, "done"))]
+            if failed:
+                print(f"error: {len(failed)} of {len(to_launch)} launched jobs failed (no `done` "
+                      "marker); `delete_incomplete` then `launch` runs them again:", file=sys.stderr)
+                for job in failed:
+                    print(f"  {keys[job.output_dir]}: {job.output_dir}: "
+                          f"{last_error_line(job.output_dir) or 'no err.txt'}",
+                          file=sys.stderr)
+                return 1
     else:
         to_delete = [job for job, _ in jobs if job.state == sweep.Job.INCOMPLETE]
         print(f"About to delete {len(to_delete)} jobs.")

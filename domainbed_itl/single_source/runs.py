@@ -5,6 +5,10 @@ source. Its folder holds `results.jsonl` (plain dicts, exactly as DomainBed's tr
 and, once finished, `done`. The launcher (`domainbed_itl.scripts.single_source_sweep`) also keeps
 a manifest of the planned jobs (`MANIFEST_NAME`), so that the report can name runs whose folders
 are missing or empty. Nothing here imports DomainBed.
+
+Damaged input never stops a report: a record that is not JSON or lacks what the reports read
+(`record_problem`), and a manifest or manifest entry that cannot be read, are described with
+their file and line (or entry) and skipped.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List, Mapping, Optional, Union
+from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
 
 from ..atomic import write_atomic
 
@@ -61,12 +65,14 @@ class PlannedJob:
 
 @dataclass
 class Run:
-    """One job folder: its records, whether DomainBed's `done` marker exists, read errors."""
+    """One job folder: its records, whether DomainBed's `done` marker exists, why its results
+    could not be read (`error`), and the damaged lines skipped (`skipped`, 'file:line: why')."""
 
     folder: str
     records: List[dict]
     done: bool
     error: Optional[str] = None
+    skipped: List[str] = field(default_factory=list)
 
 
 def count_envs(record: Mapping) -> int:
@@ -97,19 +103,85 @@ def run_key(record: Mapping) -> RunKey:
                   int(args["hparams_seed"]))
 
 
-def read_manifest(sweep_dir: Union[str, os.PathLike]) -> List[PlannedJob]:
-    """The jobs listed in the sweep's manifest; [] without one."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_problem(record: Any) -> Optional[str]:
+    """Why `record` is not a DomainBed train record the reports can read; None if it is one.
+
+    A record is a JSON object with an integer `step`, `args` holding RECORD_ARGS (`test_envs`
+    a list of integers), and numeric env<i>_in_acc and env<i>_out_acc for 2 or more domains.
+    """
+    if not isinstance(record, dict):
+        return f"not a JSON object but {json.dumps(record)[:60]}"
+    if not _is_int(record.get("step")):
+        return f"no integer 'step' (got {record.get('step')!r})"
+    args = record.get("args")
+    if not isinstance(args, dict):
+        return "no 'args' object"
+    missing = [k for k in RECORD_ARGS if k not in args]
+    if missing:
+        return f"its 'args' lack {', '.join(missing)}"
+    if not isinstance(args["test_envs"], list) or not all(_is_int(e) for e in args["test_envs"]):
+        return f"its test_envs {args['test_envs']!r} are not a list of integers"
+    n = count_envs(record)
+    if n < 2:
+        return "no env<i>_out_acc accuracies for 2 or more domains"
+    bad = [f"env{e}_{split}_acc" for e in range(n) for split in ("in", "out")
+           if not _is_number(record.get(f"env{e}_{split}_acc"))]
+    if bad:
+        return f"{', '.join(bad)} missing or not numbers"
+    return None
+
+
+def read_manifest(sweep_dir: Union[str, os.PathLike],
+                  damaged: Optional[List[str]] = None) -> List[PlannedJob]:
+    """The jobs listed in the sweep's manifest; [] without one.
+
+    A manifest that cannot be read, or one of its entries, raises ValueError naming the file and
+    the line or entry; with a `damaged` list, it is described there instead and skipped.
+    """
     path = Path(sweep_dir) / MANIFEST_NAME
     if not path.exists():
         return []
-    data = json.loads(path.read_text())
-    if data.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not a {MANIFEST_FORMAT} manifest")
-    return [PlannedJob.from_json(entry) for entry in data["jobs"]]
+
+    def problem(text: str) -> None:
+        if damaged is None:
+            raise ValueError(f"{text}; move it aside (a launch writes the jobs it plans again)")
+        damaged.append(text)
+
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        problem(f"{path}:{error.lineno}: the sweep manifest is not valid JSON ({error.msg}, column "
+                f"{error.colno}); skipped")
+        return []
+    except (OSError, UnicodeDecodeError) as error:
+        problem(f"{path}: the sweep manifest cannot be read ({error}); skipped")
+        return []
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(
+            data.get("jobs"), list):
+        problem(f"{path}: not a {MANIFEST_FORMAT} manifest (a JSON object with format "
+                f"{MANIFEST_FORMAT!r} and a list of jobs); skipped")
+        return []
+    jobs = []
+    for i, entry in enumerate(data["jobs"]):
+        try:
+            jobs.append(PlannedJob.from_json(entry))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            problem(f"{path}: job entry {i + 1} of {len(data['jobs'])} cannot be read "
+                    f"({type(error).__name__}: {error}); skipped")
+    return jobs
 
 
 def update_manifest(sweep_dir: Union[str, os.PathLike], jobs: Iterable[PlannedJob]) -> Path:
-    """Add `jobs` to the sweep's manifest (atomically), keeping the jobs already listed."""
+    """Add `jobs` to the sweep's manifest (atomically), keeping the jobs already listed; a
+    damaged manifest raises ValueError (see read_manifest) rather than lose its entries."""
     merged = {job.folder: job for job in read_manifest(sweep_dir)}
     merged.update({job.folder: job for job in jobs})
     data = {"format": MANIFEST_FORMAT, "version": 1,
@@ -127,30 +199,67 @@ def is_job_folder(folder: Path) -> bool:
                                  (folder / "results.jsonl").exists() or (folder / "done").exists()))
 
 
+def last_error_line(folder: Union[str, os.PathLike]) -> Optional[str]:
+    """The last non-empty line of a DomainBed job's `err.txt` (its exception, for a crashed job)."""
+    try:
+        lines = (Path(folder) / "err.txt").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.strip() for line in reversed(lines) if line.strip()), None)
+
+
+def unfinished_jobs(sweep_dir: Union[str, os.PathLike]) -> List[str]:
+    """The job folders under `sweep_dir` without DomainBed's `done` marker, each with the last
+    line of its err.txt (for a crashed job, its exception)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return []
+    return [f"{folder}: {last_error_line(folder) or 'no err.txt'}"
+            for folder in sorted(sweep_dir.iterdir())
+            if is_job_folder(folder) and not (folder / "done").exists()]
+
+
 def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[Run]:
     """Every job folder under `sweep_dir` (see `is_job_folder`) with its records and `done` state.
 
-    A half-written last line (a job writing while we read) is skipped; any other line that is
-    not JSON marks the run as unreadable.
+    A half-written last line of an unfinished run (a job writing while we read) is left out
+    quietly; any other line that is not JSON, or not a record the reports can read
+    (`record_problem`), is skipped and described in the run's `skipped`. A results.jsonl that
+    cannot be read at all sets the run's `error`.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"--input_dir {sweep_dir} is not a folder")
     runs = []
     for folder in sorted(p for p in sweep_dir.iterdir() if is_job_folder(p)):
-        done = (folder / "done").exists()
-        records: List[dict] = []
-        error = None
+        run = Run(folder.name, [], (folder / "done").exists())
         results = folder / "results.jsonl"
-        if results.exists():
-            lines = results.read_text().splitlines()
-            for i, line in enumerate(lines):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    if i == len(lines) - 1 and not done:
-                        continue
-                    error = f"line {i + 1} of results.jsonl is not JSON"
-                    break
-        runs.append(Run(folder.name, records, done, error))
+        try:
+            lines = results.read_text().splitlines() if results.exists() else []
+        except (OSError, UnicodeDecodeError) as error:
+            run.error, lines = f"cannot read results.jsonl ({error})", []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1 and not run.done:
+                    continue
+                run.skipped.append(f"{results}:{i + 1}: not JSON")
+                continue
+            problem = record_problem(record)
+            if problem:
+                run.skipped.append(f"{results}:{i + 1}: {problem}")
+            else:
+                run.records.append(record)
+        runs.append(run)
     return runs
+
+
+def records_of(runs: Iterable[Run]) -> Tuple[List[dict], List[str]]:
+    """Every readable record of `runs`, and what was skipped (damaged lines, unreadable files)."""
+    records: List[dict] = []
+    damaged: List[str] = []
+    for run in runs:
+        records += run.records
+        damaged += run.skipped + ([f"{run.folder}: {run.error}"] if run.error else [])
+    return records, damaged

@@ -79,6 +79,7 @@ class SingleSourceResults:
     ignored_multi_source_runs: int
     ignored_multi_source_records: int
     ignored_other: List[str]
+    damaged: List[str] = field(default_factory=list)  # skipped records and manifest entries
 
     @property
     def datasets(self) -> List[str]:
@@ -174,8 +175,13 @@ def mean_and_error(values: Iterable[float]) -> Tuple[float, float]:
     return 100 * float(np.mean(data)), 100 * float(np.std(data) / np.sqrt(data.size))
 
 
-def summarise(runs: Sequence[Run], planned: Sequence[PlannedJob] = ()) -> SingleSourceResults:
-    """Select a model per (dataset, algorithm, source, trial) and list what is missing."""
+def summarise(runs: Sequence[Run], planned: Sequence[PlannedJob] = (),
+              damaged: Sequence[str] = ()) -> SingleSourceResults:
+    """Select a model per (dataset, algorithm, source, trial) and list what is missing.
+
+    `damaged`: the manifest's unreadable parts (runs.read_manifest); the runs' skipped lines
+    join them in the result's `damaged`.
+    """
     planned_by_folder = {job.folder: job for job in planned}
     by_key: Dict[RunKey, List[Run]] = {job.key: [] for job in planned}
     n_envs: Dict[str, int] = {job.key.dataset: job.n_envs for job in planned}
@@ -240,7 +246,8 @@ def summarise(runs: Sequence[Run], planned: Sequence[PlannedJob] = ()) -> Single
                 if len(finished) == len(seeds):
                     cell.selections[trial] = select_model(finished, source)
     return SingleSourceResults(cells, n_envs, problems, sum(len(v) for v in by_key.values()),
-                               n_complete, multi_runs, multi_records, ignored_other)
+                               n_complete, multi_runs, multi_records, ignored_other,
+                               [*damaged, *(line for run in runs for line in run.skipped)])
 
 
 def _run_problem(runs: Sequence[Run], planned_folder: Optional[str]) -> Optional[str]:

@@ -92,6 +92,9 @@ def render_report(results: SingleSourceResults, fmt: str = "text",
     if results.problems:
         out.append(f"{comment}WARNING: {len(results.problems)} missing or incomplete runs, listed at "
                    f"the end; their trials are left out and the cells say so.")
+    if results.damaged:
+        out.append(f"{comment}WARNING: {len(results.damaged)} damaged records or manifest entries "
+                   f"could not be read and were skipped, listed at the end.")
     for dataset in datasets:
         names = env_names_of(dataset, results.n_envs[dataset], env_names)
         rows_algorithms = [a for a in algorithms if (dataset, a, 0) in results.cells]
@@ -125,6 +128,10 @@ def render_report(results: SingleSourceResults, fmt: str = "text",
         out.append("")
         out.append(f"{comment}Missing or incomplete runs ({len(results.problems)}):")
         out += [f"{comment}  {p}" for p in results.problems]
+    if results.damaged:
+        out.append("")
+        out.append(f"{comment}Skipped damaged records ({len(results.damaged)}):")
+        out += [f"{comment}  {d}" for d in results.damaged]
     return "\n".join(out) + "\n"
 
 

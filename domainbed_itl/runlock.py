@@ -1,0 +1,109 @@
+"""One writer per output folder: an operating-system lock, released by the kernel when its holder dies.
+
+    with folder_lock("runs/meta", command="python -m domainbed_itl.scripts.meta_train ..."):
+        ...  # write into runs/meta
+
+The lock is `filelock`'s (flock on POSIX, LockFileEx on Windows) on `<folder>/.domainbed_itl.lock`,
+taken without waiting: a second writer gets `FolderLocked`, whose message names the holder
+(process id, host, start time, command) from `<folder>/.domainbed_itl.lock.json`, which the
+holder writes once it has the lock. A killed holder leaves no stale lock, since the kernel
+releases it; the lock file itself stays (removing it could let two writers lock two different
+files). The lock is re-entrant within a process, so a command may take it before the library
+function it calls takes it again. Names starting with `CONTROL_PREFIX` are this package's
+bookkeeping, not results; folder checks ignore them (`is_control_entry`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import filelock
+
+from .atomic import write_atomic
+
+CONTROL_PREFIX = ".domainbed_itl."
+LOCK_NAME = CONTROL_PREFIX + "lock"
+HOLDER_NAME = CONTROL_PREFIX + "lock.json"
+
+_held: Dict[Path, int] = {}
+_held_guard = threading.Lock()
+
+
+class FolderLocked(RuntimeError):
+    """Another process is writing into the folder."""
+
+
+def is_control_entry(name: str) -> bool:
+    """Whether a folder entry is this package's bookkeeping (lock, holder, a run moved aside,
+    or the temporary file of one being written)."""
+    return name.startswith(".") and name.lstrip(".").startswith(CONTROL_PREFIX[1:])
+
+
+def current_command() -> str:
+    """This process's command line, as a user would type it."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def describe_holder(folder: str | os.PathLike) -> str:
+    """Who holds the lock of `folder`, from its holder file (or a note that it says nothing yet)."""
+    path = Path(folder) / HOLDER_NAME
+    try:
+        holder = json.loads(path.read_text())
+        return (f"process {holder['pid']} on {holder['host']}, started {holder['started']}, "
+                f"command: {holder['command']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"a process that has not yet recorded itself in {path}"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Iterator[Path]:
+    """Hold the write lock of `folder` (created if missing) for the block; yields the folder.
+
+    Raises FolderLocked, naming the holder, when another process holds it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    with _held_guard:
+        if key in _held:
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield folder
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    lock = filelock.FileLock(str(folder / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise FolderLocked(f"{folder} is being written by another process ({describe_holder(folder)}); "
+                           "wait for it to finish or use another output folder") from None
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                  "command": command or current_command()}
+        write_atomic(folder / HOLDER_NAME, json.dumps(holder) + "\n", overwrite=True)
+        with _held_guard:
+            _held[key] = 1
+        try:
+            yield folder
+        finally:
+            with _held_guard:
+                del _held[key]
+            (folder / HOLDER_NAME).unlink(missing_ok=True)
+    finally:
+        lock.release()

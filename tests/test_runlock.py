@@ -1,0 +1,48 @@
+"""One writer per output folder: the lock names its holder, and dies with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+from conftest import hold_lock
+
+from domainbed_itl.runlock import (HOLDER_NAME, LOCK_NAME, FolderLocked, folder_lock,
+                                   is_control_entry)
+
+def test_a_second_writer_is_refused_by_name_until_the_holder_dies(tmp_path):
+    holder = hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(FolderLocked) as error:
+            with folder_lock(tmp_path / "run"):
+                pass
+        message = str(error.value)
+        assert f"process {holder.pid} on {socket.gethostname()}, started 20" in message
+        assert f"command: holder --of {tmp_path / 'run'}" in message
+        assert "wait for it to finish or use another output folder" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    deadline = time.time() + 30  # the kernel releases a dead process's lock: no stale lock
+    with folder_lock(tmp_path / "run"):
+        assert time.time() < deadline
+        assert str(os.getpid()) in (tmp_path / "run" / HOLDER_NAME).read_text()
+
+
+def test_lock_is_reentrant_in_process_and_leaves_only_the_lock_file(tmp_path):
+    with folder_lock(tmp_path / "a" / "b", command="outer") as folder:
+        with folder_lock(folder, command="inner"):
+            assert "outer" in (folder / HOLDER_NAME).read_text()
+        assert (folder / HOLDER_NAME).exists()  # the outer block still holds it
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
+    with folder_lock(folder):  # released: taken again at once
+        pass
+
+
+def test_control_entries_are_recognised():
+    assert is_control_entry(LOCK_NAME) and is_control_entry(HOLDER_NAME)
+    assert is_control_entry("." + HOLDER_NAME + ".x1y2.tmp")  # write_atomic's temporary file
+    assert not is_control_entry("loss.json") and not is_control_entry("domainbed_itl.lock")
