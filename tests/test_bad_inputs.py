@@ -19,6 +19,8 @@ FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
 SYNTHETIC = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps", "8", "--hidden", "8",
              "--hvp_batch", "32", "--outer_steps", "1", "--no_progress"]
 SWEEP = ["launch", "--command_launcher", "local", "--skip_confirmation"]
+CMA = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps", "8", "--hidden", "8",
+       "--generations", "1", "--no_progress"]
 FOCAL_DEFINITION = """title = "t"
 reproduces = "r"
 runner = "domainbed_sweep"
@@ -107,6 +109,17 @@ CATALOGUE = [
     ("quickstart", ["--workdir", "{out}", "--steps", "0", "--dry_run"], "got 0"),
     ("patch", ["apply", "--domainbed_root", "{missing}"], "{missing}"),
     ("plot_meta", ["{missing}"], "{missing}"),
+    ("cma_search", [*CMA, "--output_dir", "{out}", "--popsize", "1"], "'1'"),
+    ("cma_search", [*CMA, "--output_dir", "{out}", "--init", "{missing}"], "{missing}"),
+    ("cma_search", ["--dataset", "RotatedMNIST", "--data_dir", "{missing}", "--output_dir", "{out}"],
+     "{missing}"),
+    ("cma_search", [*CMA, "--output_dir", "{locked}"], "{locked}"),
+    ("plot_search", ["--runs", "A={missing}", "--output_dir", "{out}"], "{missing}"),
+    ("plot_search", ["--runs", "{missing}", "--output_dir", "{out}"], "{missing}"),
+    ("loss_shapes", ["--losses", "CE", "{missing}", "--output_dir", "{out}"], "{missing}"),
+    ("target_entropy", ["{missing}", "--output_dir", "{out}"], "{missing}"),
+    ("loss_landscape", ["{missing}", "--output_dir", "{out}"], "{missing}"),
+    ("in_vs_cross", ["{missing}", "--output_dir", "{out}"], "{missing}"),
 ]
 
 

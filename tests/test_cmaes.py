@@ -156,6 +156,31 @@ def test_run_folder_resumes_exactly_and_refuses_other_settings(tmp_path):
         tmp_path / "cut" / "loss.json").parameters
 
 
+def test_overwrite_keeps_the_previous_search_until_the_new_one_has_a_checkpoint(tmp_path):
+    data, meta, out = _data(), MetaConfig(**TINY), tmp_path / "run"
+    run_cma_search(data, CMAConfig(generations=2, popsize=3, sigma0=0.3), meta, out)
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "loss.json")}
+    notes = []
+    # Inner training with a learning rate of 1e30 diverges for every candidate: no checkpoint.
+    with pytest.raises(FloatingPointError, match=r"--overwrite kept the previous run \(2 records, "):
+        run_cma_search(data, CMAConfig(generations=2, popsize=3), MetaConfig(**{**TINY, "inner_lr": 1e30}),
+                       out, overwrite=True, log=notes.append)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert "moved the previous run" in notes[0]
+    run_cma_search(data, CMAConfig(generations=1, popsize=3, sigma0=0.3), meta, out, overwrite=True,
+                   log=notes.append)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert notes[-1].startswith(f"--overwrite: replaced the previous run in {out} (2 records")
+    assert not any(p.name.endswith("replaced") for p in out.iterdir())
+
+
+def test_a_second_writer_is_refused(locked_folder):
+    from domainbed_itl.runlock import FolderLocked
+
+    with pytest.raises(FolderLocked, match=str(locked_folder)):
+        run_cma_search(_data(), CMAConfig(generations=1, popsize=3), MetaConfig(**TINY), locked_folder)
+
+
 CLI_TINY = ["--dataset", "synthetic", "--per_domain_cap", "40", "--inner_steps", "6", "--hidden", "8",
             "--batch_size", "16", "--no_progress"]
 

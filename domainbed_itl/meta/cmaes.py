@@ -34,8 +34,10 @@ import torch
 from .. import __version__
 from ..losses.lossfile import LossSpec, save_loss
 from .data import DomainData
-from .runner import (CHECKPOINT, LOSS, METRICS, OUTPUTS, RunDirError, check_output_dir,
-                     data_fingerprint, source_commit)
+from ..runlock import folder_lock
+from .runner import (CHECKPOINT, LOSS, METRICS, REPLACED, RunDirError, check_output_dir,
+                     data_fingerprint, discard_replaced, finish_interrupted_overwrite,
+                     load_checkpoint, log_stderr, move_aside, replacing, source_commit)
 from .runner import _save_checkpoint as save_checkpoint
 from .runner import _write_metrics as write_metrics
 from .trainer import MetaConfig, MetaTrainer
@@ -193,26 +195,18 @@ def _check_resumable(ckpt: Dict[str, Any], config: CMAConfig, meta_config: MetaC
                           f"({ckpt['init_omega']} in the checkpoint, {init_omega} now)")
 
 
-def load_cma_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a CMA-ES search checkpoint; RunDirError naming the file if it is not one."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or foreign files
-        raise RunDirError(f"cannot read checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise RunDirError(f"{path} is not a domainbed-itl CMA-ES checkpoint")
-    return ckpt
-
-
 def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
                    output_dir: str | os.PathLike, *, init: Optional[LossSpec] = None,
                    resume: bool = False, overwrite: bool = False,
                    device: str | torch.device = "cpu",
                    provenance: Optional[Dict[str, Any]] = None,
-                   on_generation: Optional[Callable[[Dict[str, Any]], None]] = None) -> CMASearch:
+                   on_generation: Optional[Callable[[Dict[str, Any]], None]] = None,
+                   log: Callable[[str], None] = log_stderr) -> CMASearch:
     """CMA-ES over `meta_config`'s loss family, scored by `MetaTrainer.heldout_objective`, into
     `output_dir`: checkpoint.pt, metrics.jsonl (one record per generation) and loss.json (the
-    incumbent), each replaced atomically after every generation, as meta_train's run folder.
+    incumbent), each replaced atomically after every generation. The folder follows meta_train's
+    rules (runner.py): one writer at a time (its lock), --resume or --overwrite for a non-empty
+    folder, and an --overwrite that keeps the previous run until this one has a checkpoint.
     """
     output_dir = Path(output_dir)
     if init is not None and (init.family, init.order) != (meta_config.family, meta_config.order):
@@ -222,19 +216,9 @@ def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
                           None if init is None else init.parameters, device=device)
     init_omega = trainer.omega.tolist()
     search = CMASearch(init_omega, config)
-    check_output_dir(output_dir, resume, overwrite)
     fingerprint = data_fingerprint(data)
-    records: List[Dict[str, Any]] = []
-    if resume and (output_dir / CHECKPOINT).is_file():
-        ckpt = load_cma_checkpoint(output_dir / CHECKPOINT)
-        _check_resumable(ckpt, config, meta_config, fingerprint, init_omega, output_dir / CHECKPOINT)
-        search.load_state_dict(ckpt["search"])
-        records = list(ckpt["metrics"])
-    elif overwrite:
-        for name in OUTPUTS:
-            (output_dir / name).unlink(missing_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
     commit = source_commit()
+    records: List[Dict[str, Any]] = []
 
     def write_views() -> None:
         write_metrics(output_dir / METRICS, records)
@@ -249,17 +233,32 @@ def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
                 "init_omega": init_omega})
             save_loss(output_dir / LOSS, spec, overwrite=True)
 
-    if records:
-        write_views()
-    while search.generations_done < config.generations:
-        record = search.generation(lambda omega, g: trainer.heldout_objective(omega, g))
-        record["inner_trainings"] = search.generations_done * search.popsize * trainer.num_domains
-        records.append(record)
-        save_checkpoint(output_dir / CHECKPOINT, {
-            "format": CHECKPOINT_FORMAT, "version": 1, "package_version": __version__,
-            "cma_config": config.to_dict(), "meta_config": meta_config.to_dict(), "data": fingerprint,
-            "init_omega": init_omega, "search": search.state_dict(), "metrics": records})
-        write_views()
-        if on_generation is not None:
-            on_generation(record)
+    check_output_dir(output_dir, resume, overwrite)  # before the lock creates the directory
+    with folder_lock(output_dir, command=(provenance or {}).get("command")):
+        finish_interrupted_overwrite(output_dir, log)
+        check_output_dir(output_dir, resume, overwrite)
+        if resume and (output_dir / CHECKPOINT).is_file():
+            ckpt = load_checkpoint(output_dir / CHECKPOINT, CHECKPOINT_FORMAT, "CMA-ES search")
+            _check_resumable(ckpt, config, meta_config, fingerprint, init_omega, output_dir / CHECKPOINT)
+            search.load_state_dict(ckpt["search"])
+            records.extend(ckpt["metrics"])
+            write_views()
+        replaced = move_aside(output_dir) if overwrite else None
+        if replaced is not None:
+            log(f"--overwrite: moved the previous run in {output_dir} ({replaced}) aside to "
+                f"{output_dir / REPLACED}; it is deleted once this run writes its first checkpoint")
+        with replacing(output_dir, replaced, log):
+            while search.generations_done < config.generations:
+                record = search.generation(lambda omega, g: trainer.heldout_objective(omega, g))
+                record["inner_trainings"] = search.generations_done * search.popsize * trainer.num_domains
+                records.append(record)
+                save_checkpoint(output_dir / CHECKPOINT, {
+                    "format": CHECKPOINT_FORMAT, "version": 1, "package_version": __version__,
+                    "cma_config": config.to_dict(), "meta_config": meta_config.to_dict(),
+                    "data": fingerprint, "init_omega": init_omega, "search": search.state_dict(),
+                    "metrics": records})
+                write_views()
+                discard_replaced(output_dir, replaced, log)
+                if on_generation is not None:
+                    on_generation(record)
     return search

@@ -22,6 +22,7 @@ the new checkpoint exists, else moves them back) before anything else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,7 +31,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -78,15 +79,17 @@ def _write_metrics(path: Path, records: Sequence[Dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records), overwrite=True)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a meta-training checkpoint; raise RunDirError naming the file if it is not one."""
+def load_checkpoint(path: str | os.PathLike, fmt: str = CHECKPOINT_FORMAT,
+                    kind: str = "meta-training") -> Dict[str, Any]:
+    """Read a checkpoint of format `fmt` (a `kind` run's); raise RunDirError naming the file if it
+    is not one."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or foreign files
         raise RunDirError(f"cannot read checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise RunDirError(f"{path} is not a domainbed-itl meta-training checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise RunDirError(f"{path} is not a domainbed-itl {kind} checkpoint")
     return ckpt
 
 
@@ -114,18 +117,21 @@ def check_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: boo
                           f"({', '.join(contents[:5])}); pass --overwrite to start again there")
 
 
-def _log_stderr(message: str) -> None:
+def log_stderr(message: str) -> None:
+    """The default `log` of run folders: a line on stderr."""
     print(message, file=sys.stderr, flush=True)
 
 
 def _describe_run(folder: Path) -> str:
-    """The run whose outputs are in `folder`, in a few words (its steps and files)."""
+    """The run whose outputs are in `folder`, in a few words (its steps or records and files)."""
     files = [name for name in OUTPUTS if (folder / name).exists()]
     steps = ""
     if CHECKPOINT in files:
-        try:
-            steps = f"{load_checkpoint(folder / CHECKPOINT)['trainer']['steps_done']} outer steps, "
-        except (RunDirError, KeyError, TypeError):
+        try:  # a meta-training checkpoint, or another run's of this package (e.g. CMA-ES)
+            ckpt = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+            steps = (f"{ckpt['trainer']['steps_done']} outer steps, " if ckpt["format"] == CHECKPOINT_FORMAT
+                     else f"{len(ckpt['metrics'])} records, ")
+        except Exception:  # torch raises many types for corrupt or foreign files
             steps = "an unreadable checkpoint, "
     return f"{steps}{', '.join(files)}"
 
@@ -139,7 +145,7 @@ def _restore_replaced(output_dir: Path) -> None:
     shutil.rmtree(aside)
 
 
-def _finish_interrupted_overwrite(output_dir: Path, log: Callable[[str], None]) -> None:
+def finish_interrupted_overwrite(output_dir: Path, log: Callable[[str], None]) -> None:
     """Complete an --overwrite whose process died: delete the previous run once a new checkpoint
     exists, else move it back."""
     aside = output_dir / REPLACED
@@ -155,7 +161,37 @@ def _finish_interrupted_overwrite(output_dir: Path, log: Callable[[str], None]) 
             f"previous run back ({_describe_run(output_dir)})")
 
 
-def _move_aside(output_dir: Path) -> Optional[str]:
+@contextlib.contextmanager
+def replacing(output_dir: Path, replaced: Optional[str],
+              log: Callable[[str], None]) -> Iterator[None]:
+    """Guard the work of a run that --overwrite started (`replaced`: what `move_aside` moved
+    aside, None for none): if it stops before its first checkpoint, the previous run comes back
+    (a FloatingPointError, such as NonFiniteError, then says so); right after it, the previous
+    run is deleted."""
+    try:
+        yield
+    except BaseException as error:
+        if replaced is not None and (output_dir / REPLACED).is_dir():
+            if (output_dir / CHECKPOINT).is_file():  # stopped right after its first checkpoint
+                finish_interrupted_overwrite(output_dir, log)
+                raise
+            _restore_replaced(output_dir)
+            if isinstance(error, FloatingPointError):
+                raise type(error)(f"{error}; --overwrite kept the previous run ({replaced}) "
+                                  f"in {output_dir}") from error
+            log(f"--overwrite: this run stopped before its first checkpoint; the previous run "
+                f"({replaced}) is back in {output_dir}")
+        raise
+
+
+def discard_replaced(output_dir: Path, replaced: Optional[str], log: Callable[[str], None]) -> None:
+    """Once the new run has written a checkpoint: delete the run --overwrite moved aside."""
+    if replaced is not None and (output_dir / REPLACED).is_dir():
+        shutil.rmtree(output_dir / REPLACED)
+        log(f"--overwrite: replaced the previous run in {output_dir} ({replaced})")
+
+
+def move_aside(output_dir: Path) -> Optional[str]:
     """Move a previous run's outputs into REPLACED; what they were, or None if there were none."""
     present = [name for name in OUTPUTS if (output_dir / name).exists()]
     if not present:
@@ -200,7 +236,7 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
                       overwrite: bool = False, device: str | torch.device = "cpu",
                       progress: bool = True,
                       provenance: Optional[Dict[str, Any]] = None,
-                      log: Callable[[str], None] = _log_stderr) -> MetaTrainer:
+                      log: Callable[[str], None] = log_stderr) -> MetaTrainer:
     """Meta-train on `data` into `output_dir` until config.outer_steps outer steps are done.
 
     init: the starting loss (its family must be config's); None starts from the family default.
@@ -218,7 +254,7 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
                           None if init is None else init.parameters, device=device)
     check_output_dir(output_dir, resume, overwrite)  # before the lock creates the directory
     with folder_lock(output_dir, command=(provenance or {}).get("command")):
-        _finish_interrupted_overwrite(output_dir, log)
+        finish_interrupted_overwrite(output_dir, log)
         check_output_dir(output_dir, resume, overwrite)
         ckpt = (load_checkpoint(output_dir / CHECKPOINT)
                 if resume and (output_dir / CHECKPOINT).is_file() else None)
@@ -229,25 +265,13 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
             _check_resumable(ckpt, config, fingerprint, init_omega, output_dir / CHECKPOINT)
             trainer.load_state_dict(ckpt["trainer"])
             records = list(ckpt["metrics"])
-        replaced = _move_aside(output_dir) if overwrite else None
+        replaced = move_aside(output_dir) if overwrite else None
         if replaced is not None:
             log(f"--overwrite: moved the previous run in {output_dir} ({replaced}) aside to "
                 f"{output_dir / REPLACED}; it is deleted once this run writes its first checkpoint")
-        try:
+        with replacing(output_dir, replaced, log):
             _train(trainer, data, config, output_dir, ckpt is not None, records, init_omega,
                    fingerprint, progress, provenance, replaced, log)
-        except BaseException as error:
-            if replaced is not None and (output_dir / REPLACED).is_dir():
-                if (output_dir / CHECKPOINT).is_file():  # stopped right after its first checkpoint
-                    _finish_interrupted_overwrite(output_dir, log)
-                    raise
-                _restore_replaced(output_dir)
-                if isinstance(error, NonFiniteError):
-                    raise NonFiniteError(f"{error}; --overwrite kept the previous run ({replaced}) "
-                                         f"in {output_dir}") from error
-                log(f"--overwrite: this run stopped before its first checkpoint; the previous run "
-                    f"({replaced}) is back in {output_dir}")
-            raise
     return trainer
 
 
@@ -294,9 +318,7 @@ def _train(trainer: MetaTrainer, data: DomainData, config: MetaConfig, output_di
                 "config": config.to_dict(), "data": fingerprint, "init_omega": init_omega,
                 "trainer": trainer.state_dict(), "metrics": records})
             write_views()
-            if replaced is not None and (output_dir / REPLACED).is_dir():
-                shutil.rmtree(output_dir / REPLACED)
-                log(f"--overwrite: replaced the previous run in {output_dir} ({replaced})")
+            discard_replaced(output_dir, replaced, log)
             bar.update(1)
             bar.set_postfix(heldout_acc=f"{record['outer_heldout_acc']:.3f}",
                             source_acc=f"{record['inner_source_acc']:.3f}")

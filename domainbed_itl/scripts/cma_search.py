@@ -29,8 +29,9 @@ from ..meta.cmaes import CMAConfig, run_cma_search
 from ..meta.inner import INNER_OPTIMIZERS
 from ..meta.presets import PRESETS, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir
-from .meta_train import (DEFAULT_PRESET, FAMILY_CHOICES, _device, _family, _load_data,
-                         _nonnegative_int, _positive_float, _positive_int, _widths)
+from ..runlock import FolderLocked, folder_lock
+from .meta_train import (DEFAULT_PRESET, FAMILY_CHOICES, _check_data_args, _device, _family,
+                         _load_data, _nonnegative_int, _positive_float, _positive_int, _widths)
 
 # MetaConfig settings this command takes (those that shape the inner training and M).
 CONFIG_FLAGS = ("inner_steps", "inner_optimizer", "inner_lr", "inner_momentum", "batch_size",
@@ -113,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = _device(args.device)
     except (ValueError, LossFileError) as e:
         parser.error(str(e))
-    words = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "domainbed_itl.scripts.cma_search",
+                          *(sys.argv[1:] if argv is None else argv)])
     bar = tqdm(total=args.generations, desc="cma-es", unit="generation", disable=args.no_progress)
 
     def progress(record) -> None:
@@ -124,14 +126,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         check_output_dir(args.output_dir, args.resume, args.overwrite)
-        data = _load_data(args)
-        search = run_cma_search(
-            data, config, meta_config, args.output_dir, init=init, resume=args.resume,
-            overwrite=args.overwrite, device=device, on_generation=progress,
-            provenance={"preset": args.preset, "init": args.init,
-                        "command": shlex.join(["python", "-m", "domainbed_itl.scripts.cma_search",
-                                               *words])})
-    except (RunDirError, DomainBedNotFound, FileNotFoundError, ValueError) as e:
+        _check_data_args(args)
+        with folder_lock(args.output_dir, command=command):  # before the (slow) data loading
+            data = _load_data(args)
+            search = run_cma_search(
+                data, config, meta_config, args.output_dir, init=init, resume=args.resume,
+                overwrite=args.overwrite, device=device, on_generation=progress,
+                provenance={"preset": args.preset, "init": args.init, "command": command})
+    except (RunDirError, FolderLocked, DomainBedNotFound, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
