@@ -150,3 +150,10 @@ def _fill(text: str, names: dict) -> str:
     for key, value in names.items():
         text = text.replace("{" + key + "}", value)
     return text
+
+
+def test_every_command_is_in_the_catalogue():
+    """A new command joins the catalogue: it too must answer bad input with one error line."""
+    scripts = Path(__file__).resolve().parents[1] / "domainbed_itl" / "scripts"
+    commands = {p.stem for p in scripts.glob("*.py") if not p.stem.startswith("_")}
+    assert commands == {command for command, _, _ in CATALOGUE}
