@@ -3,7 +3,7 @@
     python -m domainbed_itl.scripts.cma_search --dataset RotatedMNIST --data_dir ./data \\
         --domainbed_root ../DomainBed --output_dir runs/cma --generations 20
 
-The same harness as meta_train: the same --preset (default paper), data flags, loss family and
+The same harness as meta_train: the same --preset (default paper_guarded), data flags, loss family and
 inner training, and the same held-out objective M (cross-entropy on the left-out domain, mean
 over the leave-one-domain-out splits), minimised by pycma's CMA-ES (domainbed_itl.meta.cmaes).
 Writes loss.json (the best loss found), metrics.jsonl (one line per generation, with
@@ -30,8 +30,9 @@ from ..meta.inner import INNER_OPTIMIZERS
 from ..meta.presets import PRESETS, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir
 from ..runlock import FolderLocked, folder_lock
-from .meta_train import (DEFAULT_PRESET, FAMILY_CHOICES, _check_data_args, _device, _family,
-                         _load_data, _nonnegative_int, _positive_float, _positive_int, _widths)
+from .meta_train import (DEFAULT_PRESET, _check_data_args, _device, _family, _load_data,
+                         _nonnegative_int, _positive_float, _positive_int, _widths,
+                         add_data_flags, add_loss_flags, add_output_flags)
 
 # MetaConfig settings this command takes (those that shape the inner training and M).
 CONFIG_FLAGS = ("inner_steps", "inner_optimizer", "inner_lr", "inner_momentum", "batch_size",
@@ -45,27 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
                    help=f"meta_train's named settings (default {DEFAULT_PRESET}); explicit flags "
                         "override them")
-    data = p.add_argument_group("data (as meta_train)")
-    data.add_argument("--dataset", default="RotatedMNIST",
-                      help="a DomainBed dataset name, or 'synthetic' (default RotatedMNIST)")
-    data.add_argument("--data_dir", default=None, help="DomainBed's --data_dir")
-    data.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
-                      help="DomainBed checkout (default: $DOMAINBED_ROOT, else `import domainbed`)")
-    data.add_argument("--per_domain_cap", type=_positive_int, default=None)
-    data.add_argument("--data_seed", type=_nonnegative_int, default=0)
-    out = p.add_argument_group("output")
-    out.add_argument("--output_dir", required=True)
-    out.add_argument("--resume", action="store_true", help="continue the search in --output_dir")
-    out.add_argument("--overwrite", action="store_true", help="start again in --output_dir")
-    out.add_argument("--no_progress", action="store_true", help="no progress bar")
-    loss = p.add_argument_group("loss (as meta_train)")
-    loss.add_argument("--family", choices=FAMILY_CHOICES, default=None, metavar="FAMILY",
-                      help=f"one of {', '.join(FAMILY_CHOICES)}; default: the --init file's "
-                           "family, else the preset's")
-    loss.add_argument("--order", type=int, default=None, help="Taylor order with --family taylor")
-    loss.add_argument("--init", default=None,
-                      help="the search's initial mean: a loss file or preset loss; default: the "
-                           "family's default (the Taylor expansion of cross-entropy)")
+    add_data_flags(p)
+    add_output_flags(p)
+    add_loss_flags(p)
     search = p.add_argument_group("CMA-ES")
     search.add_argument("--generations", type=_positive_int, default=CMAConfig.generations)
     search.add_argument("--popsize", type=_int_at_least_2, default=None,

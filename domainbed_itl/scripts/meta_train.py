@@ -73,13 +73,8 @@ def _widths(text: str) -> Tuple[int, ...]:
         ) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface. Settings left out come from --preset, then MetaConfig."""
-    p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.meta_train",
-                                description=__doc__.split("\n\n")[0], epilog=_presets_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
-                   help=f"named settings (default {DEFAULT_PRESET}); explicit flags override them")
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The data flags meta_train and cma_search share."""
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="RotatedMNIST",
                       help="a DomainBed dataset name, or 'synthetic' (default RotatedMNIST)")
@@ -92,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use at most this many examples of each domain")
     data.add_argument("--data_seed", type=_nonnegative_int, default=0,
                       help="seed of DomainBed's data construction and of the cap's choice")
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """The run-folder flags meta_train and cma_search share."""
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", required=True)
     out.add_argument("--resume", action="store_true", help="continue the run in --output_dir")
     out.add_argument("--overwrite", action="store_true", help="start again in --output_dir")
     out.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def add_loss_flags(p: argparse.ArgumentParser) -> None:
+    """The loss-family flags meta_train and cma_search share."""
     loss = p.add_argument_group("loss")
     loss.add_argument("--family", choices=FAMILY_CHOICES, default=None, metavar="FAMILY",
                       help=f"one of {', '.join(FAMILY_CHOICES)} (taylor needs --order); default: "
@@ -106,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start from this loss file or preset loss (e.g. ITL); default: the "
                            "family's default, for Taylor losses the Taylor expansion of "
                            "cross-entropy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface. Settings left out come from --preset, then MetaConfig."""
+    p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.meta_train",
+                                description=__doc__.split("\n\n")[0], epilog=_presets_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                   help=f"named settings (default {DEFAULT_PRESET}); explicit flags override them")
+    add_data_flags(p)
+    add_output_flags(p)
+    add_loss_flags(p)
     outer = p.add_argument_group("outer loop (Algorithm 1)")
     outer.add_argument("--outer_steps", type=_positive_int)
     outer.add_argument("--outer_optimizer", choices=OUTER_OPTIMIZERS,
