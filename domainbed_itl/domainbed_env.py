@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, Mapping, Optional, Tuple
@@ -53,11 +54,23 @@ def find_domainbed_root(root: Optional[str | os.PathLike] = None) -> Path:
 
 
 def import_domainbed(root: Optional[str | os.PathLike] = None, module: str = "domainbed") -> ModuleType:
-    """Import `module` (e.g. 'domainbed.datasets') from the checkout `root`, or from sys.path."""
+    """Import `module` (e.g. 'domainbed.datasets') from the checkout `root`, or from sys.path.
+
+    `root` goes first on sys.path, so that it wins over any other checkout there. A process
+    imports DomainBed once: when it was already imported from another checkout, that one is
+    returned, with a warning naming both.
+    """
     if root is not None:
         path = str(check_domainbed_root(root))
-        if path not in sys.path:
-            sys.path.insert(0, path)
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+        loaded = sys.modules.get("domainbed")
+        where = getattr(loaded, "__file__", None)
+        if where is not None and Path(where).resolve().parents[1] != Path(path).resolve():
+            warnings.warn(f"DomainBed is already imported from {Path(where).resolve().parents[1]} "
+                          f"in this process; --domainbed_root {path} is not used for {module} "
+                          f"(run in a new process to use it)", stacklevel=2)
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:

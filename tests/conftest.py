@@ -97,6 +97,20 @@ def _forget_domainbed() -> None:
 
 
 @pytest.fixture
+def isolated_imports(monkeypatch):
+    """No DomainBed module imported when the test starts; sys.path and DomainBed's modules as
+    they were, after it (a test that must import a given checkout afresh)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    saved = {n: m for n, m in sys.modules.items() if n == "domainbed" or n.startswith("domainbed.")}
+    for name in saved:
+        del sys.modules[name]
+    yield
+    for name in [n for n in sys.modules if n == "domainbed" or n.startswith("domainbed.")]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+@pytest.fixture
 def bridge(monkeypatch):
     """DomainBed's `algorithms` and `hparams_registry` with our algorithms registered in process
     (no patch): the real checkout when there is one, else the stand-in under

@@ -162,10 +162,13 @@ def test_domainbed_protocol_runs_domainbeds_train_paired_and_reports(patched_dom
 
 
 @pytest.mark.domainbed
-def test_domainbed_protocol_refuses_an_unpatched_checkout(domainbed_root, tmp_path, capsys):
+def test_domainbed_protocol_refuses_an_unpatched_checkout(domainbed_root, tmp_path, capsys,
+                                                         isolated_imports):
+    # isolated_imports: an earlier test may have imported a patched copy into this process.
     code = evaluate_loss.main(["domainbed", "--dataset", "Debug28", "--data_dir", str(tmp_path),
                                "--domainbed_root", str(domainbed_root), "--losses", "CE", "ITL",
-                               "--test_envs", "0", "--output_dir", str(tmp_path / "o")])
+                               "--test_envs", "0", "--output_dir", str(tmp_path / "o"),
+                               "--steps", "2", "--hparams", '{"batch_size": 8}'])
     assert code == 2
     assert "lacks our patches" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
