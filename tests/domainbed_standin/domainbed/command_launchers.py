@@ -1,18 +1,18 @@
-"""Stand-in of DomainBed's command launchers: `local` and `dummy` in `REGISTRY`."""
+"""Test double for `domainbed.command_launchers`: `REGISTRY` with `local` and `dummy`."""
 
 import subprocess
 
 
-def local_launcher(commands):
-    """Run the commands one after the other on this machine."""
-    for cmd in commands:
-        subprocess.call(cmd, shell=True)
+def run_here(commands):
+    """Each command in turn, in a shell on this machine."""
+    for command in commands:
+        subprocess.call(command, shell=True)
 
 
-def dummy_launcher(commands):
-    """Print the commands without running them."""
-    for cmd in commands:
-        print(f"Dummy launcher: {cmd}")
+def print_only(commands):
+    """The commands, printed and not run."""
+    for command in commands:
+        print(f"would run: {command}")
 
 
-REGISTRY = {"local": local_launcher, "dummy": dummy_launcher}
+REGISTRY = {"local": run_here, "dummy": print_only}

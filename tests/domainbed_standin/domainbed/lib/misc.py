@@ -1,8 +1,9 @@
-"""Stand-in of DomainBed's misc helpers: only `seed_hash`."""
+"""Test double for `domainbed.lib.misc`: `seed_hash` only."""
 
 import hashlib
 
 
 def seed_hash(*args):
-    """A seed in [0, 2**31) derived from the arguments' text by md5."""
-    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2 ** 31)
+    """A deterministic seed below 2**31 from the text of `args` (md5)."""
+    digest = hashlib.md5(repr(args).encode()).hexdigest()
+    return int(digest, 16) % 2 ** 31
