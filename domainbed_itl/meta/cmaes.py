@@ -35,12 +35,12 @@ from .. import __version__
 from ..losses.lossfile import LossSpec, save_loss
 from .data import DomainData
 from ..runlock import folder_lock
-from .runner import (CHECKPOINT, LOSS, METRICS, REPLACED, RunDirError, check_output_dir,
+from .runner import (CHECKPOINT, LOSS, METRICS, REPLACED, RunDirError, check_output_dir, new_trainer,
                      data_fingerprint, discard_replaced, finish_interrupted_overwrite,
                      load_checkpoint, log_stderr, move_aside, replacing, source_commit)
 from .runner import _save_checkpoint as save_checkpoint
 from .runner import _write_metrics as write_metrics
-from .trainer import MetaConfig, MetaTrainer
+from .trainer import MetaConfig
 
 # An objective: ω and the generation (1, 2, ...) -> a dict holding at least `FITNESS`.
 Objective = Callable[[List[float], int], Dict[str, Any]]
@@ -209,11 +209,7 @@ def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
     folder, and an --overwrite that keeps the previous run until this one has a checkpoint.
     """
     output_dir = Path(output_dir)
-    if init is not None and (init.family, init.order) != (meta_config.family, meta_config.order):
-        raise ValueError(f"the initial loss is a {init.family} loss of order {init.order}, but the "
-                         f"search is over {meta_config.family} (order {meta_config.order})")
-    trainer = MetaTrainer(data.domains, data.num_classes, meta_config,
-                          None if init is None else init.parameters, device=device)
+    trainer = new_trainer(data, meta_config, init, device)
     init_omega = trainer.omega.tolist()
     search = CMASearch(init_omega, config)
     fingerprint = data_fingerprint(data)

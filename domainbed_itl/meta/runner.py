@@ -231,6 +231,17 @@ def source_commit() -> Optional[str]:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
+def new_trainer(data: DomainData, config: MetaConfig, init: Optional[LossSpec],
+                device: torch.device | str) -> MetaTrainer:
+    """A MetaTrainer on `data` starting from the loss `init` (default: the family's own start);
+    ValueError when `init` is not of the config's family and order."""
+    if init is not None and (init.family, init.order) != (config.family, config.order):
+        raise ValueError(f"the initial loss is a {init.family} loss of order {init.order}, but the "
+                         f"config searches {config.family} (order {config.order})")
+    return MetaTrainer(data.domains, data.num_classes, config,
+                       None if init is None else init.parameters, device=device)
+
+
 def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os.PathLike, *,
                       init: Optional[LossSpec] = None, resume: bool = False,
                       overwrite: bool = False, device: str | torch.device = "cpu",
@@ -247,11 +258,7 @@ def run_meta_training(data: DomainData, config: MetaConfig, output_dir: str | os
     or a hypergradient stops being finite.
     """
     output_dir = Path(output_dir)
-    if init is not None and (init.family, init.order) != (config.family, config.order):
-        raise ValueError(f"the initial loss is a {init.family} loss of order {init.order}, but the "
-                         f"config meta-learns {config.family} (order {config.order})")
-    trainer = MetaTrainer(data.domains, data.num_classes, config,
-                          None if init is None else init.parameters, device=device)
+    trainer = new_trainer(data, config, init, device)
     check_output_dir(output_dir, resume, overwrite)  # before the lock creates the directory
     with folder_lock(output_dir, command=(provenance or {}).get("command")):
         finish_interrupted_overwrite(output_dir, log)

@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from typing import Optional, Sequence
 
 from tqdm import tqdm
 
 from ..domainbed_env import DomainBedNotFound
-from ..losses.lossfile import LossFileError, resolve_loss
+from ..losses.lossfile import LossFileError
 from ..meta.cmaes import CMAConfig, run_cma_search
 from ..meta.inner import INNER_OPTIMIZERS
-from ..meta.presets import PRESETS, preset_config
+from ..meta.presets import PRESETS
 from ..meta.runner import LOSS, RunDirError, check_output_dir
 from ..runlock import FolderLocked, folder_lock
-from .meta_train import (DEFAULT_PRESET, _check_data_args, _device, _family, _load_data,
-                         _nonnegative_int, _positive_float, _positive_int, _widths,
+from .meta_train import (DEFAULT_PRESET, _check_data_args, _command_line, _device, _load_data,
+                         _meta_config, _nonnegative_int, _positive_float, _positive_int, _widths,
                          add_data_flags, add_loss_flags, add_output_flags)
 
 # MetaConfig settings this command takes (those that shape the inner training and M).
@@ -87,18 +86,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        init = None if args.init is None else resolve_loss(args.init)
-        overrides = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
-        family = _family(args, init)
-        if family is not None:
-            overrides["family"], overrides["order"] = family
-        meta_config = preset_config(args.preset, overrides)
+        init, meta_config = _meta_config(args, CONFIG_FLAGS)
         config = CMAConfig(args.generations, args.popsize, args.sigma0, meta_config.seed)
         device = _device(args.device)
     except (ValueError, LossFileError) as e:
         parser.error(str(e))
-    command = shlex.join(["python", "-m", "domainbed_itl.scripts.cma_search",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = _command_line(argv, "cma_search")
     bar = tqdm(total=args.generations, desc="cma-es", unit="generation", disable=args.no_progress)
 
     def progress(record) -> None:

@@ -252,10 +252,21 @@ def _load_data(args: argparse.Namespace) -> DomainData:
                                   args.per_domain_cap, args.data_seed)
 
 
-def _command_line(argv: Optional[Sequence[str]]) -> str:
+def _command_line(argv: Optional[Sequence[str]], command: str = "meta_train") -> str:
     """The command as typed, for the loss file's provenance."""
     words = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["python", "-m", "domainbed_itl.scripts.meta_train", *words])
+    return shlex.join(["python", "-m", f"domainbed_itl.scripts.{command}", *words])
+
+
+def _meta_config(args: argparse.Namespace, flags: Sequence[str]) -> Tuple[Optional[LossSpec], MetaConfig]:
+    """The --init loss and the MetaConfig of --preset with the given `flags` that were set, and
+    the loss family (as meta_train and cma_search read them). Raises ValueError, LossFileError."""
+    init = None if args.init is None else resolve_loss(args.init)
+    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    family = _family(args, init)
+    if family is not None:
+        overrides["family"], overrides["order"] = family
+    return init, preset_config(args.preset, overrides)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -263,12 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        init = None if args.init is None else resolve_loss(args.init)
-        overrides = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
-        family = _family(args, init)
-        if family is not None:
-            overrides["family"], overrides["order"] = family
-        config = preset_config(args.preset, overrides)
+        init, config = _meta_config(args, CONFIG_FLAGS)
         device = _device(args.device)
     except (ValueError, LossFileError) as e:
         parser.error(str(e))
