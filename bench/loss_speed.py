@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from domainbed_itl.domainbed_env import DomainBedNotFound, import_domainbed
+from domainbed_itl.bridge.domainbed_env import DomainBedNotFound, import_domainbed
 from domainbed_itl.losses import (ITL_PARAMETERS, TaylorLoss, taylor_loss,
                                   taylor_loss_reference)
 

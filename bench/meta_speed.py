@@ -93,7 +93,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data_dir:
-        from domainbed_itl.meta.domainbed_data import load_domainbed_domains
+        from domainbed_itl.bridge.domainbed_data import load_domainbed_domains
         data = load_domainbed_domains("RotatedMNIST", args.data_dir, args.domainbed_root,
                                       per_domain_cap=args.per_domain)
     else:

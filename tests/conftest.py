@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from domainbed_itl.domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
+from domainbed_itl.bridge.domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 # Real MNIST digits for the tests that train on them: $DOMAINBED_ITL_TEST_MNIST, a --data_dir that
@@ -141,7 +141,7 @@ def domainbed(domainbed_root):
 
 
 _HOLD_LOCK = ("import sys, time\n"
-              "from domainbed_itl.runlock import folder_lock\n"
+              "from domainbed_itl.files.runlock import folder_lock\n"
               "with folder_lock(sys.argv[1], command='holder --of ' + sys.argv[1]):\n"
               "    print('locked', flush=True)\n"
               "    time.sleep(600)\n")

@@ -17,7 +17,7 @@ from domainbed_itl.analysis.hessian import (FlatParameters, hessian_vector_produ
 from domainbed_itl.analysis.loss_shapes import (logits_for_p_true, loss_against_p_true,
                                                 min_max_normalise, parse_loss)
 from domainbed_itl.analysis.output import write_outputs
-from domainbed_itl.atomic import OutputExists
+from domainbed_itl.files.atomic import OutputExists
 from domainbed_itl.losses import ITL_PARAMETERS, LossSpec, save_loss, taylor_loss_reference
 from domainbed_itl.losses.zoo import sce
 

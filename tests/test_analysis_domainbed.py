@@ -19,7 +19,7 @@ from conftest import domainbed_env
 
 from domainbed_itl.analysis.generalisation import accuracy_and_cross_entropy
 from domainbed_itl.scripts import in_vs_cross, loss_landscape, target_entropy
-from domainbed_itl.trained_models import find_runs, load_model, predict, rebuild_splits, subsample
+from domainbed_itl.bridge.trained_models import find_runs, load_model, predict, rebuild_splits, subsample
 
 # (algorithm, test envs, hparams seed): ERM and ITL on two training domains, single-source Mixup
 # on one with random hparams (DomainBed stores some of those as numpy scalars in model.pkl).

@@ -175,7 +175,7 @@ def test_overwrite_keeps_the_previous_search_until_the_new_one_has_a_checkpoint(
 
 
 def test_a_second_writer_is_refused(locked_folder):
-    from domainbed_itl.runlock import FolderLocked
+    from domainbed_itl.files.runlock import FolderLocked
 
     with pytest.raises(FolderLocked, match=str(locked_folder)):
         run_cma_search(_data(), CMAConfig(generations=1, popsize=3), MetaConfig(**TINY), locked_folder)

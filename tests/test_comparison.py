@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from domainbed_itl import comparison
+from domainbed_itl.analysis import comparison
 
 
 def _records(values, loss, domains=("a", "b")):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import CountingLoss
 
-from domainbed_itl.algorithms import ALGORITHMS, LOSSES, LossHparamError, NonFiniteTrainingError
-from domainbed_itl.losses import PRESETS, LossSpec, TaylorLoss, cross_entropy_taylor_init, save_loss
+from domainbed_itl.bridge.algorithms import LOSS_ALGORITHMS, LOSSES, LossHparamError, NonFiniteTrainingError
+from domainbed_itl.losses import LOSS_PRESETS, LossSpec, TaylorLoss, cross_entropy_taylor_init, save_loss
 
-ERM_BASED = [name for name, spec in ALGORITHMS.items() if spec.base == "ERM"]
+ERM_BASED = [name for name, spec in LOSS_ALGORITHMS.items() if spec.base == "ERM"]
 INPUT_SHAPE, NUM_CLASSES = (3, 28, 28), 2  # DomainBed's Debug28
 
 
@@ -30,16 +30,16 @@ def _algorithm(bridge, name, hparams=None):
 
 
 def _base_of(bridge, name):
-    base = ALGORITHMS[name].base
+    base = LOSS_ALGORITHMS[name].base
     if base not in bridge.algorithms.ALGORITHMS:
         pytest.skip(f"the DomainBed stand-in has no {base}; DOMAINBED_ROOT runs this test")
     return base
 
 
 def test_every_algorithm_is_one_loss_inside_one_base():
-    assert set(ALGORITHMS) == {n for loss in LOSSES.values() for n in loss.algorithms}
-    assert {s.loss for s in ALGORITHMS.values()} == set(LOSSES)
-    assert ALGORITHMS["ITL"].base == "ERM" and ALGORITHMS["RSC_ITL"].base == "RSC"
+    assert set(LOSS_ALGORITHMS) == {n for loss in LOSSES.values() for n in loss.algorithms}
+    assert {s.loss for s in LOSS_ALGORITHMS.values()} == set(LOSSES)
+    assert LOSS_ALGORITHMS["ITL"].base == "ERM" and LOSS_ALGORITHMS["RSC_ITL"].base == "RSC"
     hparams = [h[0] for loss in LOSSES.values() for h in loss.hparams]
     assert len(hparams) == len(set(hparams)), "two losses define the same hparam"
 
@@ -50,7 +50,7 @@ def test_register_is_idempotent(bridge):
     algorithms, hparams_registry = bridge.algorithms, bridge.hparams_registry
     before = list(algorithms.ALGORITHMS)
     wrapped = hparams_registry._hparams
-    ours = [name for name in ALGORITHMS if name in before]
+    ours = [name for name in LOSS_ALGORITHMS if name in before]
     assert set(ERM_BASED) <= set(ours)
     classes = {name: algorithms.get_algorithm_class(name) for name in ours}
     domainbed_itl.register()
@@ -61,7 +61,7 @@ def test_register_is_idempotent(bridge):
 
 
 def test_an_algorithm_whose_base_is_missing_is_left_out():
-    from domainbed_itl.registry import register_algorithms
+    from domainbed_itl.bridge.registry import register_algorithms
 
     class ERM:
         pass
@@ -72,14 +72,14 @@ def test_an_algorithm_whose_base_is_missing_is_left_out():
     assert "RSC_ITL" not in namespace and issubclass(namespace["ITL"], ERM)
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", sorted(LOSS_ALGORITHMS))
 def test_hparams_extend_the_base(bridge, name):
     base = _base_of(bridge, name)
     hparams_registry = bridge.hparams_registry
     for dataset in ("RotatedMNIST", "PACS"):
         base_hparams = hparams_registry.default_hparams(base, dataset)
         ours = hparams_registry.default_hparams(name, dataset)
-        extra = {n: default for n, default, _ in LOSSES[ALGORITHMS[name].loss].hparams}
+        extra = {n: default for n, default, _ in LOSSES[LOSS_ALGORITHMS[name].loss].hparams}
         assert ours == {**base_hparams, **extra}
         # Same hparams seed, same base draws: ITL and its base are compared at equal settings.
         r_base = hparams_registry.random_hparams(base, dataset, 7)
@@ -193,7 +193,7 @@ def test_a_non_finite_training_step_stops_the_run(bridge):
 
 def test_itl_is_the_table_8_preset_by_default(bridge):
     algorithm = _algorithm(bridge, "ITL")
-    assert algorithm.supervised_loss.omega.tolist() == pytest.approx(PRESETS["ITL"].parameters)
+    assert algorithm.supervised_loss.omega.tolist() == pytest.approx(LOSS_PRESETS["ITL"].parameters)
 
 
 @pytest.mark.parametrize("name, attribute, expected", [
@@ -204,7 +204,7 @@ def test_zoo_losses_take_their_hparams(bridge, name, attribute, expected):
 
 
 def test_replaced_cross_entropy_rejects_unsupported_arguments(bridge):
-    from domainbed_itl.algorithms import supervised_loss
+    from domainbed_itl.bridge.algorithms import supervised_loss
 
     with supervised_loss("domainbed.algorithms", TaylorLoss()):
         with pytest.raises(TypeError, match="label_smoothing"):
@@ -214,9 +214,9 @@ def test_replaced_cross_entropy_rejects_unsupported_arguments(bridge):
 
 
 def test_sweep_planning_checks_the_losses_for_the_datasets_classes(tmp_path):
-    from domainbed_itl.hparams import DATASET_CLASSES, check_sweep_losses
+    from domainbed_itl.bridge.hparams import DATASET_CLASSES, check_sweep_losses
 
-    ours = [name for name in ALGORITHMS]
+    ours = [name for name in LOSS_ALGORITHMS]
     check_sweep_losses(ours + ["ERM", "Unknown"], list(DATASET_CLASSES), {})  # defaults all train
     upside = _loss_file(tmp_path, "upside_down.json", "taylor", 4,
                         [v if i < 2 else -v for i, v in enumerate(cross_entropy_taylor_init(4, 10))])
@@ -233,7 +233,7 @@ def test_sweep_planning_checks_the_losses_for_the_datasets_classes(tmp_path):
 
 @pytest.mark.slow
 def test_dataset_classes_match_domainbed(domainbed, mnist10k):
-    from domainbed_itl.hparams import DATASET_CLASSES
+    from domainbed_itl.bridge.hparams import DATASET_CLASSES
 
     _, datasets, _ = domainbed
     for name in ("Debug28", "Debug224", "ColoredMNIST", "RotatedMNIST"):

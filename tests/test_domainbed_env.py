@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from domainbed_itl.domainbed_env import import_domainbed
+from domainbed_itl.bridge.domainbed_env import import_domainbed
 
 
 def _checkout(folder, label):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch.nn.functional as F
 
-from domainbed_itl import comparison
+from domainbed_itl.analysis import comparison
 from domainbed_itl.losses import ITL_PARAMETERS, TaylorLoss
 from domainbed_itl.meta import synthetic_domains
 from domainbed_itl.meta.evaluate import Protocol, evaluate_losses

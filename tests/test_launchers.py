@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from domainbed_itl.experiments.launchers import (LAUNCHERS, CommandFailed, SubmititConfig, SubmititJobsFailed,
+from domainbed_itl.bridge.launchers import (LAUNCHERS, CommandFailed, SubmititConfig, SubmititJobsFailed,
                                      default_folder, make_submitit_launcher, slot_gpus,
                                      submitit_launcher)
 

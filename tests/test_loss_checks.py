@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from domainbed_itl.losses import PRESETS, TaylorLoss, cross_entropy_taylor_init, zoo
+from domainbed_itl.losses import LOSS_PRESETS, TaylorLoss, cross_entropy_taylor_init, zoo
 from domainbed_itl.losses.checks import LossCheckError, check_minimisable, loss_along_p_true
 
 CLASS_COUNTS = (2, 5, 7, 10, 65, 345)  # DomainBed's datasets: binary to DomainNet
@@ -20,7 +20,7 @@ def test_the_curve_is_cross_entropys_closed_form():
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
 def test_the_shipped_losses_are_minimisable(num_classes):
-    check_minimisable(PRESETS["ITL"].module(), num_classes)  # Table 8, negated as minimised
+    check_minimisable(LOSS_PRESETS["ITL"].module(), num_classes)  # Table 8, negated as minimised
     check_minimisable(TaylorLoss(cross_entropy_taylor_init(4, num_classes)), num_classes)
     for loss in zoo.ZOO.values():
         check_minimisable(loss, num_classes)
@@ -31,7 +31,7 @@ def _negated(loss):
 
 
 @pytest.mark.parametrize("loss, message", [
-    (_negated(PRESETS["ITL"].module()), r"would be maximised, not minimised: it never decreases as "
+    (_negated(LOSS_PRESETS["ITL"].module()), r"would be maximised, not minimised: it never decreases as "
                                         r"the true-class probability grows .*10 classes"),
     (TaylorLoss([v if i < 2 else -v for i, v in enumerate(cross_entropy_taylor_init(4, 10))]),
      "would be maximised"),  # +log p: the Taylor expansion of CE with the wrong sign

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from domainbed_itl import __version__
-from domainbed_itl.losses import (ITL_PARAMETERS, PRESETS, LossFileError, LossSpec, TaylorLoss,
+from domainbed_itl.losses import (ITL_PARAMETERS, LOSS_PRESETS, LossFileError, LossSpec, TaylorLoss,
                                   load_loss, resolve_loss, save_loss)
 
 
@@ -24,7 +24,7 @@ def test_round_trip(tmp_path):
 
 
 def test_save_never_overwrites_by_accident(tmp_path):
-    path = save_loss(tmp_path / "loss.json", PRESETS["ITL"])
+    path = save_loss(tmp_path / "loss.json", LOSS_PRESETS["ITL"])
     before = path.read_text()
     with pytest.raises(FileExistsError):
         save_loss(path, LossSpec("sce", None, [1.0, 2.0]))
@@ -108,7 +108,7 @@ def test_the_shipped_losss_command_is_one_meta_train_accepts(tmp_path):
 
     from domainbed_itl.scripts.meta_train import build_parser
 
-    command = PRESETS["learned-RotatedMNIST"].provenance["command"]
+    command = LOSS_PRESETS["learned-RotatedMNIST"].provenance["command"]
     command = command.replace("<MNIST folder>", str(tmp_path)).replace("<run folder>", str(tmp_path / "run"))
     tokens = shlex.split(command)
     assert tokens[:3] == ["python", "-m", "domainbed_itl.scripts.meta_train"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from domainbed_itl.domainbed_env import DomainBedNotFound
+from domainbed_itl.bridge.domainbed_env import DomainBedNotFound
 from domainbed_itl.losses import LossSpec, load_loss
 from domainbed_itl.meta import runner
 from domainbed_itl.meta.data import synthetic_domains
@@ -264,7 +264,7 @@ def test_heldout_objective_is_the_outer_steps_objective():
 
 
 def test_paper_preset_is_the_papers_protocol_read_literally():
-    from domainbed_itl.meta.presets import GUESSES, PRESETS, preset_config
+    from domainbed_itl.meta.presets import GUESSES, META_PRESETS, preset_config
 
     config = preset_config("paper")
     assert (config.outer_lr, config.inner_lr, config.batch_size, config.neumann_steps,
@@ -274,7 +274,7 @@ def test_paper_preset_is_the_papers_protocol_read_literally():
         "algorithm2", "pcgrad", "sum")
     assert {"neumann_alpha", "inner_steps", "init"} <= set(GUESSES["paper"])
     assert preset_config("paper", {"outer_steps": 3}).outer_steps == 3
-    with pytest.raises(ValueError, match="unknown preset 'fast'; expected one of " + ", ".join(PRESETS)):
+    with pytest.raises(ValueError, match="unknown preset 'fast'; expected one of " + ", ".join(META_PRESETS)):
         preset_config("fast")
     with pytest.raises(ValueError, match="unknown meta-training setting"):
         preset_config("paper", {"outer_step": 3})
@@ -508,7 +508,7 @@ def test_cli_protects_output_dir_and_reports_missing_domainbed(tmp_path, capsys)
     assert code == 2
     assert "--dataset RotatedMNIST needs --data_dir" in capsys.readouterr().err
     with pytest.raises(DomainBedNotFound):
-        from domainbed_itl.meta.domainbed_data import load_domainbed_domains
+        from domainbed_itl.bridge.domainbed_data import load_domainbed_domains
         load_domainbed_domains("RotatedMNIST", tmp_path, domainbed_root=tmp_path)
 
 
@@ -621,7 +621,7 @@ def test_meta_modules_never_import_domainbed():
 
 @pytest.mark.domainbed
 def test_domainbed_loaders_give_flat_domains(domainbed_root, mnist10k):
-    from domainbed_itl.meta.domainbed_data import load_domainbed_domains
+    from domainbed_itl.bridge.domainbed_data import load_domainbed_domains
 
     rotated = load_domainbed_domains("RotatedMNIST", mnist10k, domainbed_root, per_domain_cap=50)
     assert rotated.environments == ["0", "15", "30", "45", "60", "75"]

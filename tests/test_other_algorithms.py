@@ -11,7 +11,7 @@ import torch
 
 from conftest import CountingLoss
 
-from domainbed_itl.algorithms import ALGORITHMS
+from domainbed_itl.bridge.algorithms import LOSS_ALGORITHMS
 
 OTHERS = {"RSC_ITL": "RSC", "CORAL_ITL": "CORAL", "SagNet_ITL": "SagNet", "Mixup_ITL": "Mixup",
           "Fish_ITL": "Fish"}
@@ -45,7 +45,7 @@ def _setup(domainbed, name, n_envs=2, batch_size=8):
 
 
 def test_the_specs_are_itl_inside_these_bases():
-    others = {name: spec for name, spec in ALGORITHMS.items() if spec.base != "ERM"}
+    others = {name: spec for name, spec in LOSS_ALGORITHMS.items() if spec.base != "ERM"}
     assert {name: spec.base for name, spec in others.items()} == OTHERS
     assert all(spec.loss == "ITL" for spec in others.values())
 

@@ -229,7 +229,7 @@ def test_run_needs_data_dir_and_output_dir():
 
 
 def test_run_refuses_an_unpatched_checkout(domainbed_root, tmp_path):
-    from domainbed_itl.patching import status
+    from domainbed_itl.bridge.patching import status
 
     if {state.kind for state in status(domainbed_root)} == {"applied"}:
         pytest.skip("DOMAINBED_ROOT carries the patches already")

@@ -257,7 +257,7 @@ CHAINED = HEADER + _stage_toml("first", "meta_train", 'dataset = "synthetic"',
 
 
 def test_submitit_waits_for_a_stage_whose_output_a_later_stage_needs(domainbed_root, tmp_path, monkeypatch):
-    from domainbed_itl.experiments import launchers
+    from domainbed_itl.bridge import launchers
 
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import DOMAINBED_ROOT, STANDIN
 
-from domainbed_itl.patching import (APPLICABLE, APPLIED, CONFLICT, UPSTREAM_COMMIT, PatchError, apply,
+from domainbed_itl.bridge.patching import (APPLICABLE, APPLIED, CONFLICT, UPSTREAM_COMMIT, PatchError, apply,
                                     import_check, load_hooks, parse_patch, revert, status)
-from domainbed_itl.resources import shipped
+from domainbed_itl.files.resources import shipped
 
 TARGETS = ("domainbed/algorithms.py", "domainbed/hparams_registry.py", "domainbed/command_launchers.py")
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
@@ -189,3 +189,18 @@ def test_git_apply_gives_the_same_files_on_the_upstream_commit(tmp_path):
 def test_a_folder_that_is_no_checkout_is_named(tmp_path):
     result = _cli(tmp_path, "check")
     assert result.returncode == 2 and "is not a DomainBed checkout" in result.stderr
+
+
+def test_the_hooks_import_path_survives_the_bridge_move(source, tmp_path):
+    """Checkouts patched by earlier releases call `from domainbed_itl import registry`: that path
+    stays a public interface after the bridge moved to domainbed_itl.bridge."""
+    import domainbed_itl.bridge.registry as bridge_registry
+    import domainbed_itl.registry as hooks_path
+
+    for name in ("register_algorithms", "wrap_hparams", "register_command_launchers"):
+        assert getattr(hooks_path, name) is getattr(bridge_registry, name)
+    for hook in load_hooks():
+        assert "from domainbed_itl import registry as _itl_registry" in hook.block
+    root = _copy(source, tmp_path / "DomainBed")
+    apply(root)
+    assert import_check(root) is None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import DOMAINBED_ROOT, MNIST10K, STANDIN
 
-from domainbed_itl.patching import UPSTREAM_COMMIT
+from domainbed_itl.bridge.patching import UPSTREAM_COMMIT
 from domainbed_itl.scripts.quickstart import (MNIST_FILES, mnist_problem, remove_never_started,
                                               unfinished_jobs)
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import hold_lock
 
-from domainbed_itl.runlock import (HOLDER_NAME, LOCK_NAME, FolderLocked, folder_lock,
+from domainbed_itl.files.runlock import (HOLDER_NAME, LOCK_NAME, FolderLocked, folder_lock,
                                    is_control_entry)
 
 def test_a_second_writer_is_refused_by_name_until_the_holder_dies(tmp_path):

@@ -179,7 +179,7 @@ def test_command_on_real_single_source_runs(tmp_path):
     text = (out / "cd_single_source_domain.txt").read_text()
     assert "N = 3 blocks, k = 2 algorithms" in text
     assert (out / "cd_single_source_domain.png").read_bytes().startswith(b"\x89PNG")
-    from domainbed_itl.single_source.runs import load_runs, read_manifest
+    from domainbed_itl.files.sweepfolder import load_runs, read_manifest
     from domainbed_itl.single_source.selection import summarise
 
     scores = summarise(load_runs(FIXTURE), read_manifest(FIXTURE)).scores(

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, domainbed_env
-from domainbed_itl.domainbed_env import with_pythonpath
+from domainbed_itl.bridge.domainbed_env import with_pythonpath
 from domainbed_itl.single_source import planning, selection, tables
-from domainbed_itl.single_source import runs as run_folders
+from domainbed_itl.files import sweepfolder as run_folders
 from domainbed_itl.scripts import single_source_sweep as sweep
 
 FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from domainbed_itl.single_source_mixup import NAME, mixup_pairs
+from domainbed_itl.bridge.single_source_mixup import NAME, mixup_pairs
 
 
 def _batches(n_domains, n=8, seed=0):

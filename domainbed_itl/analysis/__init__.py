@@ -16,5 +16,5 @@ The paper's Sec. 4.3-4.4 and Appendix A.2:
 
 The scripts in domainbed_itl.scripts (`significance`, `loss_shapes`, `target_entropy`,
 `loss_landscape`, `in_vs_cross`) read sweep folders, loss files and DomainBed checkpoints and call
-these functions; only the scripts and domainbed_itl.trained_models import DomainBed.
+these functions; only the scripts and domainbed_itl.bridge.trained_models import DomainBed.
 """

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..losses.lossfile import PRESETS, load_loss
+from ..losses.lossfile import LOSS_PRESETS, load_loss
 from ..losses.zoo import ZOO
 
 LossFn = Callable[..., Tensor]
@@ -59,12 +59,12 @@ def parse_loss(spec: str) -> NamedLoss:
     name, _, params = spec.partition(":")
     if name in ZOO:
         return NamedLoss(spec, _zoo_loss(name, params, spec))
-    if spec in PRESETS:
-        return NamedLoss(spec, PRESETS[spec].module())
+    if spec in LOSS_PRESETS:
+        return NamedLoss(spec, LOSS_PRESETS[spec].module())
     if os.path.exists(spec):
         return NamedLoss(spec, load_loss(spec).module())
     raise ValueError(f"loss {spec!r} is neither a zoo loss ({', '.join(ZOO)}, optionally with "
-                     f"parameters as in Focal:gamma=1), a preset ({', '.join(PRESETS)}) nor an "
+                     f"parameters as in Focal:gamma=1), a preset ({', '.join(LOSS_PRESETS)}) nor an "
                      "existing loss file")
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from ..single_source.runs import count_envs
+from ..files.sweepfolder import count_envs
 from ..single_source.selection import check_subset
 from .friedman_nemenyi import mean_over_trials
 

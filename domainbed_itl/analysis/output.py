@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
-from ..atomic import OutputExists, write_atomic
+from ..files.atomic import OutputExists, write_atomic
 
 
 def json_ready(value: Any) -> Any:

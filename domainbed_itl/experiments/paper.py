@@ -56,7 +56,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..resources import Traversable, shipped
+from ..files.resources import Traversable, shipped
 
 try:
     import tomllib

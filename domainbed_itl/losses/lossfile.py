@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..atomic import write_atomic
+from ..files.atomic import write_atomic
 from .families import get_family
 from .learned import LEARNED
 from .taylor import ITL_PARAMETERS
@@ -61,7 +61,7 @@ class LossSpec:
                 "parameters": self.parameters, "provenance": self.provenance}
 
 
-PRESETS: Dict[str, LossSpec] = {
+LOSS_PRESETS: Dict[str, LossSpec] = {
     "ITL": LossSpec("taylor", 4, list(ITL_PARAMETERS),
                     {"source": "Gao et al. (ICML 2022), Table 8", "meta_train_dataset": "RotatedMNIST",
                      "steps": 200}),
@@ -117,9 +117,10 @@ def load_loss(path: str | os.PathLike) -> LossSpec:
 
 def resolve_loss(name_or_path: str) -> LossSpec:
     """A preset name (e.g. 'ITL') or the path of a loss file."""
-    if name_or_path in PRESETS:
-        return PRESETS[name_or_path]
+    if name_or_path in LOSS_PRESETS:
+        return LOSS_PRESETS[name_or_path]
     if not os.path.exists(name_or_path):
         raise LossFileError(
-            f"{name_or_path!r} is neither a preset loss ({', '.join(PRESETS)}) nor an existing loss file")
+            f"{name_or_path!r} is neither a preset loss ({', '.join(LOSS_PRESETS)}) nor an existing "
+            "loss file")
     return load_loss(name_or_path)

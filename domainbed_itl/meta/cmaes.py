@@ -34,7 +34,7 @@ import torch
 from .. import __version__
 from ..losses.lossfile import LossSpec, save_loss
 from .data import DomainData
-from ..runlock import folder_lock
+from ..files.runlock import folder_lock
 from .runner import (CHECKPOINT, LOSS, METRICS, REPLACED, RunDirError, check_output_dir, new_trainer,
                      data_fingerprint, discard_replaced, finish_interrupted_overwrite,
                      load_checkpoint, log_stderr, move_aside, replacing, source_commit)

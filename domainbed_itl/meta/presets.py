@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from .trainer import MetaConfig
 
-PRESETS: Dict[str, Dict[str, Any]] = {
+META_PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {
         "family": "taylor", "order": 4, "outer_steps": 200, "outer_optimizer": "sgd",
         "outer_lr": 0.01, "inner_steps": 1000, "inner_lr": 0.01, "inner_optimizer": "sgd",
@@ -29,7 +29,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "aggregate": "pcgrad", "aggregate_reduction": "sum",
     },
 }
-PRESETS["paper_guarded"] = {**PRESETS["paper"], "max_solver_residual": 1.0}
+META_PRESETS["paper_guarded"] = {**META_PRESETS["paper"], "max_solver_residual": 1.0}
 
 # What the paper does not say, per preset: the value chosen and the reason.
 GUESSES: Dict[str, Dict[str, str]] = {
@@ -54,9 +54,9 @@ GUESSES["paper_guarded"] = {
 
 def preset_config(name: Optional[str], overrides: Optional[Mapping[str, Any]] = None) -> MetaConfig:
     """MetaConfig from MetaConfig's defaults, then preset `name` (None: none), then `overrides`."""
-    if name is not None and name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    values = {**(PRESETS[name] if name else {}), **(overrides or {})}
+    if name is not None and name not in META_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(META_PRESETS)}")
+    values = {**(META_PRESETS[name] if name else {}), **(overrides or {})}
     unknown = sorted(set(values) - set(MetaConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown meta-training setting(s) {', '.join(unknown)}")

@@ -11,7 +11,7 @@ A crash between two of these writes is repaired on --resume, which rewrites metr
 loss.json from the checkpoint. A resumed run repeats the uninterrupted run exactly (bitwise on
 the same device) because the trainer's randomness depends only on (seed, step).
 
-One writer per run directory: a run holds the directory's lock (domainbed_itl.runlock) while it
+One writer per run directory: a run holds the directory's lock (domainbed_itl.files.runlock) while it
 works, and a second run into it is refused with the holder's process id, host, start time and
 command. --overwrite loses nothing before the new run has something to show: the previous run's
 files are moved aside into `.domainbed_itl.replaced/` and deleted only once the new run has
@@ -37,9 +37,9 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..atomic import write_atomic
+from ..files.atomic import write_atomic
 from ..losses.lossfile import LossSpec, save_loss
-from ..runlock import CONTROL_PREFIX, folder_lock, is_control_entry
+from ..files.runlock import CONTROL_PREFIX, folder_lock, is_control_entry
 from .data import DomainData
 from .trainer import MetaConfig, MetaTrainer, NonFiniteError
 

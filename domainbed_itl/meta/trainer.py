@@ -70,7 +70,7 @@ class MetaConfig:
     """Everything that determines a meta-training run's result (besides data, init and device).
 
     The defaults are the library's: a Neumann series that estimates H⁻¹ (`neumann_form`
-    "inverse") and a mean over domains. `presets.PRESETS` holds named settings, among them the
+    "inverse") and a mean over domains. `presets.META_PRESETS` holds named settings, among them the
     paper's protocol read literally (Algorithm 2 as printed, PCGrad summed).
     """
 

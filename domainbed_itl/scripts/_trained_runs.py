@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Iterator, List, Tuple
 
-from ..trained_models import Run, Splits, TrainedModel, find_runs, load_model, rebuild_splits
+from ..bridge.trained_models import Run, Splits, TrainedModel, find_runs, load_model, rebuild_splits
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

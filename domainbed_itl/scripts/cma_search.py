@@ -22,13 +22,13 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from ..domainbed_env import DomainBedNotFound
+from ..bridge.domainbed_env import DomainBedNotFound
 from ..losses.lossfile import LossFileError
 from ..meta.cmaes import CMAConfig, run_cma_search
 from ..meta.inner import INNER_OPTIMIZERS
-from ..meta.presets import PRESETS
+from ..meta.presets import META_PRESETS
 from ..meta.runner import LOSS, RunDirError, check_output_dir
-from ..runlock import FolderLocked, folder_lock
+from ..files.runlock import FolderLocked, folder_lock
 from .meta_train import (DEFAULT_PRESET, _check_data_args, _command_line, _device, _load_data,
                          _meta_config, _nonnegative_int, _positive_float, _positive_int, _widths,
                          add_data_flags, add_loss_flags, add_output_flags)
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface. Inner-loop settings left out come from --preset."""
     p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.cma_search",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+    p.add_argument("--preset", choices=tuple(META_PRESETS), default=DEFAULT_PRESET,
                    help=f"meta_train's named settings (default {DEFAULT_PRESET}); explicit flags "
                         "override them")
     add_data_flags(p)

@@ -20,9 +20,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..atomic import OutputExists, write_atomic
-from ..domainbed_env import DomainBedNotFound, optional_domainbed
-from ..single_source.runs import load_runs, read_manifest
+from ..files.atomic import OutputExists, write_atomic
+from ..bridge.domainbed_env import DomainBedNotFound, optional_domainbed
+from ..files.sweepfolder import load_runs, read_manifest
 from ..single_source.selection import summarise
 from ..single_source.tables import domainbed_labels, render_report
 

@@ -29,7 +29,7 @@ replaced, and records that cannot be read are listed in the report and skipped.
 
 A loss that cannot train (an unreadable file, SCE weights below 0, values that are not finite or
 a loss that would be maximised for the dataset's classes: domainbed_itl.losses.checks) is
-refused before anything runs. The output folder has one writer (domainbed_itl.runlock).
+refused before anything runs. The output folder has one writer (domainbed_itl.files.runlock).
 """
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .. import comparison
-from ..atomic import OutputExists, write_atomic
-from ..domainbed_env import DomainBedNotFound, import_domainbed, with_pythonpath
-from ..algorithms import LossHparamError, check_loss_hparams
-from ..hparams import DATASET_CLASSES
+from ..analysis import comparison
+from ..files.atomic import OutputExists, write_atomic
+from ..bridge.domainbed_env import DomainBedNotFound, import_domainbed, with_pythonpath
+from ..bridge.algorithms import LossHparamError, check_loss_hparams
+from ..bridge.hparams import DATASET_CLASSES
 from ..losses import zoo
-from ..losses.lossfile import PRESETS, LossFileError, resolve_loss
-from ..runlock import FolderLocked, folder_lock
-from ..single_source.runs import load_runs, records_of
+from ..losses.lossfile import LOSS_PRESETS, LossFileError, resolve_loss
+from ..files.runlock import FolderLocked, folder_lock
+from ..files.sweepfolder import load_runs, records_of
 from .meta_train import _positive_int, _widths, _positive_float
 
 REPORT_MD, REPORT_JSON = "evaluation.md", "evaluation.json"
@@ -82,7 +82,7 @@ def parse_loss(text: str) -> Tuple[str, str]:
         except LossFileError as e:
             raise EvaluationInputError(f"--losses entry {text!r}: {e}; expected CE, "
                                        f"{', '.join(list(ZOO_ALGORITHMS)[1:])}, a preset "
-                                       f"({', '.join(PRESETS)}) or a loss file") from None
+                                       f"({', '.join(LOSS_PRESETS)}) or a loss file") from None
     return label, loss
 
 
@@ -229,7 +229,7 @@ def plan_jobs(args: argparse.Namespace, losses: Dict[str, str],
                     algorithm = ZOO_ALGORITHMS[loss]
                 else:
                     algorithm = "ITL"
-                    hparams["itl_loss"] = loss if loss in PRESETS else str(Path(loss).resolve())
+                    hparams["itl_loss"] = loss if loss in LOSS_PRESETS else str(Path(loss).resolve())
                 train_args = {"dataset": args.dataset, "algorithm": algorithm,
                               "test_envs": [test_env], "hparams_seed": 0, "trial_seed": trial,
                               "seed": seed, "data_dir": args.data_dir,
@@ -265,7 +265,7 @@ def domainbed_records(jobs, results, selection) -> Tuple[List[Dict[str, Any]], L
 
 def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: str) -> None:
     """The DomainBed protocol: launch DomainBed's train jobs, then report the finished ones."""
-    from ..patching import APPLIED, status
+    from ..bridge.patching import APPLIED, status
 
     sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
     datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")

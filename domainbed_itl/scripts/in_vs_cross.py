@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.generalisation import accuracy_and_cross_entropy  # noqa: E402
 from ..analysis.output import write_outputs  # noqa: E402
-from ..atomic import OutputExists  # noqa: E402
-from ..domainbed_env import DomainBedNotFound  # noqa: E402
+from ..files.atomic import OutputExists  # noqa: E402
+from ..bridge.domainbed_env import DomainBedNotFound  # noqa: E402
 from ..losses.lossfile import LossFileError  # noqa: E402
-from ..trained_models import RunError, predict  # noqa: E402
+from ..bridge.trained_models import RunError, predict  # noqa: E402
 from ._trained_runs import add_run_arguments, describe_run, models, runs_of  # noqa: E402
 
 SPLITS = ("train", "in_test", "cross_test")

@@ -34,10 +34,10 @@ from torch.utils.data import ConcatDataset  # noqa: E402
 from ..analysis.hessian import (FlatParameters, hessian_vector_product, landscape_1d, lanczos,  # noqa: E402
                                 mean_loss, residual)
 from ..analysis.output import write_outputs  # noqa: E402
-from ..atomic import OutputExists  # noqa: E402
-from ..domainbed_env import DomainBedNotFound  # noqa: E402
+from ..files.atomic import OutputExists  # noqa: E402
+from ..bridge.domainbed_env import DomainBedNotFound  # noqa: E402
 from ..losses.lossfile import LossFileError  # noqa: E402
-from ..trained_models import Predictor, RunError, batches, subsample  # noqa: E402
+from ..bridge.trained_models import Predictor, RunError, batches, subsample  # noqa: E402
 from ._trained_runs import add_run_arguments, describe_run, models, runs_of  # noqa: E402
 
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from ..analysis.loss_shapes import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
 from ..analysis.output import write_outputs  # noqa: E402
-from ..atomic import OutputExists  # noqa: E402
+from ..files.atomic import OutputExists  # noqa: E402
 from ..losses.lossfile import LossFileError  # noqa: E402
 
 PRINTED_P = (0.05, 0.25, 0.5, 0.75, 0.95)

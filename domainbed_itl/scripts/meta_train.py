@@ -19,16 +19,16 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..domainbed_env import DomainBedNotFound, find_domainbed_root
+from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
 from ..losses.taylor import MAX_ORDER, MIN_ORDER
 from ..meta.aggregators import AGGREGATORS, REDUCTIONS
 from ..meta.data import DomainData, synthetic_domains
 from ..meta.inner import INNER_OPTIMIZERS
-from ..meta.presets import GUESSES, PRESETS, preset_config
+from ..meta.presets import GUESSES, META_PRESETS, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir, run_meta_training
 from ..meta.trainer import NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, NonFiniteError
-from ..runlock import FolderLocked, folder_lock
+from ..files.runlock import FolderLocked, folder_lock
 
 DEFAULT_PRESET = "paper_guarded"
 
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.meta_train",
                                 description=__doc__.split("\n\n")[0], epilog=_presets_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+    p.add_argument("--preset", choices=tuple(META_PRESETS), default=DEFAULT_PRESET,
                    help=f"named settings (default {DEFAULT_PRESET}); explicit flags override them")
     add_data_flags(p)
     add_output_flags(p)
@@ -185,7 +185,7 @@ CONFIG_FLAGS = ("outer_steps", "outer_optimizer", "outer_lr", "aggregate", "aggr
 def _presets_help() -> str:
     lines = ["presets (values that differ from MetaConfig's defaults):"]
     defaults = MetaConfig().to_dict()
-    for name, values in PRESETS.items():
+    for name, values in META_PRESETS.items():
         changed = ", ".join(f"{k}={v}" for k, v in values.items() if defaults.get(k) != v)
         lines.append(f"  {name}: {changed}")
         lines += [f"    guessed: {k}: {why}" for k, why in GUESSES.get(name, {}).items()]
@@ -247,7 +247,7 @@ def _load_data(args: argparse.Namespace) -> DomainData:
     if args.dataset == "synthetic":
         return synthetic_domains(per_domain=args.per_domain_cap or 500, seed=args.data_seed)
     _check_data_args(args)
-    from ..meta.domainbed_data import load_domainbed_domains
+    from ..bridge.domainbed_data import load_domainbed_domains
     return load_domainbed_domains(args.dataset, args.data_dir, args.domainbed_root,
                                   args.per_domain_cap, args.data_seed)
 

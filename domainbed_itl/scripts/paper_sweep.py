@@ -11,18 +11,18 @@ the DomainBed checkout on PYTHONPATH: the sweep (DomainBed's, or ours for single
 the collection of its results; an experiment of several stages (e.g. meta-training, then a
 sweep with the learned loss) runs them in order, each in <output_dir>/<stage>, and stops at the
 first that fails; `--dry_run` prints them only. The command launcher defaults to
-`submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.experiments.launchers)
+`submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.bridge.launchers)
 for the paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status:
 0 done, 1 a command or a job failed, 2 bad input.
 
 `run` checks the losses of the definition's algorithms under its `hparams` before anything
-starts (domainbed_itl.hparams.check_sweep_losses); a loss file that an earlier stage writes
+starts (domainbed_itl.bridge.hparams.check_sweep_losses); a loss file that an earlier stage writes
 (`{stage}`) is checked when its stage starts. DomainBed's own sweep exits 0 when its jobs
 fail, so after a DomainBed sweep with a launcher that waits for its jobs (`local`,
 `multi_gpu`) the job folders without DomainBed's `done` marker are listed with the last line
 of their `err.txt`; the collection still runs, then `run` exits with status 1 (later stages do
 not start). While it runs a DomainBed sweep, `run` holds that sweep's folder lock
-(domainbed_itl.runlock); our own runners take it themselves.
+(domainbed_itl.files.runlock); our own runners take it themselves.
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
+from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
 from ..experiments.paper import (ONE_JOB_RUNNERS, Experiment, Placeholders, Stage, SweepDefinitionError,
                                  available, build_stage_commands, count_jobs, count_stage_jobs,
                                  estimate_cost, format_command, load_experiment, referenced_stages,
                                  stage_args, stage_output_dir, stage_references)
-from ..hparams import check_sweep_losses
-from ..patching import APPLIED, PatchError, status
-from ..runlock import FolderLocked, folder_lock
-from ..single_source.runs import unfinished_jobs
+from ..bridge.hparams import check_sweep_losses
+from ..bridge.patching import APPLIED, PatchError, status
+from ..files.runlock import FolderLocked, folder_lock
+from ..files.sweepfolder import unfinished_jobs
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
 # Launchers that return once every job has ended, so that a job folder without `done` failed.
@@ -226,7 +226,7 @@ def _run_commands(stage: Stage, given: Placeholders, folder: str, commands: List
     for tokens in commands:
         print(f"\n$ {format_command(tokens)}", flush=True)
         if stage.runner_name in ONE_JOB_RUNNERS and given.command_launcher == "submitit":
-            from ..experiments.launchers import (
+            from ..bridge.launchers import (
                 SubmititConfig,
                 SubmititJobsFailed,
                 make_submitit_launcher,

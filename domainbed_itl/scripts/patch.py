@@ -1,4 +1,4 @@
-"""Apply, check or revert domainbed-itl's hooks in a DomainBed checkout (see domainbed_itl.patching).
+"""Apply, check or revert domainbed-itl's hooks in a DomainBed checkout (see domainbed_itl.bridge.patching).
 
     python -m domainbed_itl.scripts.patch check  --domainbed_root /path/to/DomainBed [--import]
     python -m domainbed_itl.scripts.patch apply  --domainbed_root /path/to/DomainBed
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..domainbed_env import DomainBedNotFound, check_domainbed_root
-from ..patching import CONFLICT, PatchError, apply, import_check, load_hooks, revert, status
+from ..bridge.domainbed_env import DomainBedNotFound, check_domainbed_root
+from ..bridge.patching import CONFLICT, PatchError, apply, import_check, load_hooks, revert, status
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@
 1. DomainBed: takes `--domainbed_root`, an existing checkout, or else clones `--domainbed_url`
    (default: GitHub) at `--domainbed_commit` (default: the commit the patches were made against)
    into WORKDIR/DomainBed, or reuses that clone on a second run.
-2. Patches it (`domainbed_itl.patching`) and verifies the hooks by importing it in a fresh
+2. Patches it (`domainbed_itl.bridge.patching`) and verifies the hooks by importing it in a fresh
    interpreter.
 3. Data: MNIST for RotatedMNIST and ColoredMNIST goes into --data_dir (default WORKDIR/data);
    where torchvision cannot download it, says which files to put where.
@@ -19,7 +19,7 @@ Run it again to finish an interrupted sweep: DomainBed launches only jobs withou
 the empty folders of jobs that never started are removed first; a job that started and did not
 finish (failed, or killed) is listed with DomainBed's command that clears it.
 The losses of our algorithms under --hparams are checked before any step, and the sweep folder
-has one writer at a time (domainbed_itl.runlock). `--setup_only` stops after step 3; `--dry_run`
+has one writer at a time (domainbed_itl.files.runlock). `--setup_only` stops after step 3; `--dry_run`
 prints what would run. Exit status: 0 done, 1 a step or a job failed, 2 bad input.
 """
 
@@ -31,13 +31,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
+from ..bridge.domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
                              git_commit, with_pythonpath)
 from ..experiments.paper import format_command
-from ..hparams import check_sweep_losses, parse_hparams_flag
-from ..patching import APPLIED, UPSTREAM_COMMIT, PatchError, apply, import_check, status
-from ..runlock import FolderLocked, folder_lock
-from ..single_source.runs import is_job_folder, unfinished_jobs
+from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
+from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, PatchError, apply, import_check, status
+from ..files.runlock import FolderLocked, folder_lock
+from ..files.sweepfolder import is_job_folder, unfinished_jobs
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",

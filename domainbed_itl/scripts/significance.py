@@ -28,12 +28,12 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..atomic import OutputExists, write_atomic
+from ..files.atomic import OutputExists, write_atomic
 from ..analysis.friedman_nemenyi import cd_diagram_png, format_result, friedman_nemenyi
 from ..analysis.multi_source import multi_source_blocks
-from ..domainbed_env import DomainBedNotFound, import_domainbed, optional_domainbed
-from ..runlock import FolderLocked, folder_lock
-from ..single_source.runs import load_runs, read_manifest, records_of
+from ..bridge.domainbed_env import DomainBedNotFound, import_domainbed, optional_domainbed
+from ..files.runlock import FolderLocked, folder_lock
+from ..files.sweepfolder import load_runs, read_manifest, records_of
 from ..single_source.selection import BLOCK_LEVELS, check_subset, summarise
 from ..single_source.tables import domainbed_labels
 

@@ -25,7 +25,7 @@ The flags are those of DomainBed's sweep, plus:
   checkout must carry our patches: `python -m domainbed_itl.scripts.patch apply`.
 * `--sources`: only these source domains (default: all of them).
 * `--checkpoint_freq`: passed to train (changes the job hashes; by default it is not passed).
-* `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.experiments.launchers;
+* `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.bridge.launchers;
   a flag overrides the matching DOMAINBED_SUBMITIT_* variable).
 * `--seed`: seeds the shuffled launch order (DomainBed's sweep accepts `--seed` and ignores it).
 
@@ -33,8 +33,8 @@ Besides DomainBed's folders, `launch` keeps `single_source_sweep.json` in the ou
 planned jobs, so that `collect_single_source` can name runs whose folders are missing or empty.
 
 Nothing starts on input that cannot work: the losses of our algorithms under `--hparams` are
-checked before anything is launched (domainbed_itl.hparams.check_sweep_losses), and the output
-folder has one writer (domainbed_itl.runlock): a second `launch` or `delete_incomplete` on it is
+checked before anything is launched (domainbed_itl.bridge.hparams.check_sweep_losses), and the output
+folder has one writer (domainbed_itl.files.runlock): a second `launch` or `delete_incomplete` on it is
 refused while the first runs. With a launcher that waits for its jobs (`local`, `multi_gpu`,
 `submitit` unless it leaves Slurm jobs queued), jobs that end without DomainBed's `done` marker
 are listed with the last line of their `err.txt`, and the command exits with status 1.
@@ -54,15 +54,15 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from ..algorithms import ALGORITHMS
-from ..domainbed_env import DomainBedNotFound, find_domainbed_root, import_domainbed, with_pythonpath
-from ..experiments.launchers import (Launcher, SubmititConfig, SubmititJobsFailed,
+from ..bridge.algorithms import LOSS_ALGORITHMS
+from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root, import_domainbed, with_pythonpath
+from ..bridge.launchers import (Launcher, SubmititConfig, SubmititJobsFailed,
                                      make_submitit_launcher)
-from ..hparams import check_sweep_losses, parse_hparams_flag
-from ..runlock import FolderLocked, folder_lock
+from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
+from ..files.runlock import FolderLocked, folder_lock
 from ..single_source.planning import single_source_args
-from ..single_source.runs import PlannedJob, RunKey, last_error_line, update_manifest
-from ..single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
+from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
+from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
@@ -138,11 +138,12 @@ def validate(args: argparse.Namespace, datasets: ModuleType, algorithms: ModuleT
     for algorithm in args.algorithms:
         if algorithm in algorithms.ALGORITHMS:
             continue
-        if algorithm in ALGORITHMS and ALGORITHMS[algorithm].base not in algorithms.ALGORITHMS:
-            raise SweepInputError(f"algorithm {algorithm!r} is domainbed-itl's {ALGORITHMS[algorithm].loss} "
-                                  f"inside {ALGORITHMS[algorithm].base}, which the DomainBed checkout "
+        spec = LOSS_ALGORITHMS.get(algorithm)
+        if spec is not None and spec.base not in algorithms.ALGORITHMS:
+            raise SweepInputError(f"algorithm {algorithm!r} is domainbed-itl's {spec.loss} "
+                                  f"inside {spec.base}, which the DomainBed checkout "
                                   f"{checkout} does not have")
-        if algorithm in ALGORITHMS or algorithm == SINGLE_SOURCE_MIXUP:
+        if algorithm in LOSS_ALGORITHMS or algorithm == SINGLE_SOURCE_MIXUP:
             raise SweepInputError(
                 f"algorithm {algorithm!r} is domainbed-itl's, and the DomainBed checkout {checkout} "
                 f"does not have our patches: python -m domainbed_itl.scripts.patch apply "

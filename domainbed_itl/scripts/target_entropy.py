@@ -29,10 +29,10 @@ import numpy as np  # noqa: E402
 from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.entropy import entropy_by_correctness  # noqa: E402
 from ..analysis.output import write_outputs  # noqa: E402
-from ..atomic import OutputExists  # noqa: E402
-from ..domainbed_env import DomainBedNotFound  # noqa: E402
+from ..files.atomic import OutputExists  # noqa: E402
+from ..bridge.domainbed_env import DomainBedNotFound  # noqa: E402
 from ..losses.lossfile import LossFileError  # noqa: E402
-from ..trained_models import RunError, load_model, predict  # noqa: E402
+from ..bridge.trained_models import RunError, load_model, predict  # noqa: E402
 from ._trained_runs import add_run_arguments, describe_run, models, runs_of  # noqa: E402
 
 KINDS = {"entropy_correct": "correctly classified", "entropy_incorrect": "misclassified"}

@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .runs import RECORD_ARGS, PlannedJob, Run, RunKey, count_envs, run_key
+from ..files.sweepfolder import RECORD_ARGS, PlannedJob, Run, RunKey, count_envs, run_key
 
 BLOCK_LEVELS = ("domain", "pair", "dataset")
 

@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import TensorDataset
 
-from ..domainbed_env import import_domainbed
-from .data import DomainData
+from .domainbed_env import import_domainbed
+from ..meta.data import DomainData
 
 
 def _tensors(dataset: Any, cap: Optional[int], generator: torch.Generator):

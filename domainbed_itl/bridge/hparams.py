@@ -18,7 +18,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .algorithms import ALGORITHMS, LOSSES, LossHparamError, check_loss_hparams
+from .algorithms import LOSS_ALGORITHMS, LOSSES, LossHparamError, check_loss_hparams
 from .single_source_mixup import BASE as MIXUP, NAME as SINGLE_SOURCE_MIXUP
 
 # Our algorithms that take another DomainBed algorithm's hparams unchanged.
@@ -60,11 +60,11 @@ def check_sweep_losses(algorithms: Sequence[str], datasets: Optional[Sequence[st
     """
     checked = set()
     for algorithm in algorithms:
-        if algorithm not in ALGORITHMS:
+        if algorithm not in LOSS_ALGORITHMS:
             continue
         for dataset in datasets or [None]:
             num_classes = DATASET_CLASSES.get(dataset)
-            key = (ALGORITHMS[algorithm].loss, num_classes)
+            key = (LOSS_ALGORITHMS[algorithm].loss, num_classes)
             if key in checked:
                 continue
             checked.add(key)
@@ -81,7 +81,7 @@ def wrap_hparams(original: Callable) -> Callable:
         return original
 
     def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict:
-        spec = ALGORITHMS.get(algorithm)
+        spec = LOSS_ALGORITHMS.get(algorithm)
         if spec is None:
             return original(SAME_HPARAMS_AS.get(algorithm, algorithm), dataset, random_seed)
         from domainbed.lib import misc

@@ -20,7 +20,7 @@ except ImportError:  # Python 3.10
     from importlib.abc import Traversable
 
 SHIPPED = ("sweeps", "patches")
-_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _is_source_checkout(root: Path) -> bool:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .domainbed_env import import_domainbed
-from .losses.taylor import TaylorLoss, taylor_loss
+from ..losses.taylor import TaylorLoss, taylor_loss
 
 _STEP_FILE = re.compile(r"model_step(\d+)\.pkl")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
 
-from ..atomic import write_atomic
+from .atomic import write_atomic
 
 MANIFEST_NAME = "single_source_sweep.json"
 MANIFEST_FORMAT = "domainbed_itl single-source sweep"

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .atomic import write_atomic
+from ..files.atomic import write_atomic
 from .domainbed_env import check_domainbed_root, with_pythonpath
-from .resources import Traversable, shipped
+from ..files.resources import Traversable, shipped
 
 UPSTREAM_COMMIT = "b93c22a"
 APPLIED, APPLICABLE, CONFLICT = "applied", "applicable", "conflict"
@@ -221,7 +221,7 @@ def revert(root: str | os.PathLike, hooks: Optional[Sequence[Hook]] = None) -> L
 
 _IMPORT_CHECK = """
 import domainbed.algorithms as a, domainbed.hparams_registry as h, domainbed.command_launchers as c
-from domainbed_itl.algorithms import ALGORITHMS as ours
+from domainbed_itl.bridge.algorithms import LOSS_ALGORITHMS as ours
 missing = [n for n in ours if n not in a.ALGORITHMS and ours[n].base in a.ALGORITHMS]
 assert not missing, f"algorithms not registered: {missing}"
 assert "itl_loss" in h.default_hparams("ITL", "RotatedMNIST"), "ITL's hparams are not registered"

@@ -33,9 +33,9 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import zoo
-from .losses.checks import LossCheckError, check_minimisable
-from .losses.lossfile import PRESETS, LossFileError, resolve_loss
+from ..losses import zoo
+from ..losses.checks import LossCheckError, check_minimisable
+from ..losses.lossfile import LOSS_PRESETS, LossFileError, resolve_loss
 
 SupervisedLoss = Callable[..., Tensor]
 HparamDef = Tuple[str, Any, Callable[[np.random.RandomState], Any]]
@@ -100,10 +100,10 @@ def _check_ls(hparams: Mapping) -> None:
 
 def _check_itl(hparams: Mapping) -> None:
     value = hparams["itl_loss"]
-    expected = f"a preset loss ({', '.join(PRESETS)}) or the path of a loss file"
+    expected = f"a preset loss ({', '.join(LOSS_PRESETS)}) or the path of a loss file"
     if not isinstance(value, str):
         raise LossHparamError(f"hparam itl_loss={value!r}: expected {expected}")
-    if value not in PRESETS and not os.path.exists(value):
+    if value not in LOSS_PRESETS and not os.path.exists(value):
         raise LossHparamError(f"hparam itl_loss={value!r} is neither a preset loss nor an existing "
                               f"file; expected {expected}")
     try:
@@ -155,7 +155,7 @@ class AlgorithmSpec:
 
 
 # Every algorithm of the table, by name.
-ALGORITHMS: Dict[str, AlgorithmSpec] = {
+LOSS_ALGORITHMS: Dict[str, AlgorithmSpec] = {
     name: AlgorithmSpec(name, base, loss)
     for loss, entry in LOSSES.items() for name, base in entry.algorithms.items()}
 
@@ -167,7 +167,7 @@ def check_loss_hparams(algorithm: str, hparams: Mapping,
     Loss hparams missing from `hparams` take their defaults. With `num_classes`, the built loss
     must also be finite and minimisable for that many classes (losses.checks).
     """
-    return _checked_loss(ALGORITHMS[algorithm].loss, algorithm, hparams, num_classes)
+    return _checked_loss(LOSS_ALGORITHMS[algorithm].loss, algorithm, hparams, num_classes)
 
 
 def _checked_loss(loss: str, algorithm: str, hparams: Mapping,

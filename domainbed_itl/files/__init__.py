@@ -1,0 +1,9 @@
+"""Files on disk: writing outputs, folder locks, the shipped data, run folders and sweep folders.
+
+- `atomic`: the one way an output file is written (atomic, never replacing what it did not make);
+- `runlock`: one writer per output folder;
+- `resources`: the shipped `sweeps/` and `patches/` folders;
+- `sweepfolder`: DomainBed's sweep folders (job folders, `results.jsonl` records, manifests).
+
+Nothing here imports DomainBed.
+"""
