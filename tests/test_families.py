@@ -22,6 +22,8 @@ from domainbed_itl.losses import (PLUGINS_ENV, FixedLoss, LossFamily, LossSpec, 
 from domainbed_itl.losses import families
 from domainbed_itl.losses.checks import check_minimisable
 
+from conftest import docs_family_example
+
 REPO = Path(__file__).resolve().parents[1]
 BUILT_IN = ("focal", "gce", "label_smoothing", "poly", "sce", "taylor")
 
@@ -362,17 +364,6 @@ def test_a_users_family_is_meta_trained_saved_and_trained_with_in_domainbed(regi
         bridge.algorithms.get_algorithm_class("ITL")((3, 28, 28), 2, 2, hparams)
 
 
-PLUGIN = '''
-import torch.nn.functional as F
-from domainbed_itl.losses import LossFamily, Parameter, register_family
-
-
-def scaled_ce(logits, target, omega):
-    return omega[0] * F.cross_entropy(logits, target, reduction="none")
-
-
-register_family(LossFamily("scaled_ce", (Parameter("scale", 1.0, "(0, inf)"),), scaled_ce))
-'''
 
 # What a DomainBed job does with --hparams '{"itl_loss": ...}': build ITL, train one step.
 JOB = '''
@@ -390,7 +381,7 @@ print(type(algorithm.supervised_loss).__name__, algorithm.supervised_loss.omega.
 
 def test_other_processes_see_a_users_family_through_the_environment_variable(tmp_path):
     (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "my_losses.py").write_text(PLUGIN)
+    (tmp_path / "plugins" / "my_losses.py").write_text(docs_family_example())
     loss = tmp_path / "loss.json"
     loss.write_text(json.dumps({"format": "domainbed-itl-loss", "version": 1, "family": "scaled_ce",
                                 "order": None, "parameters": [0.5]}))
