@@ -124,6 +124,14 @@ class LossFamily:
     def _count(self) -> str:
         return f"{self.num_params} parameter" + ("" if self.num_params == 1 else "s")
 
+    def _values(self, parameters: Sequence[float] | Tensor) -> List[float]:
+        """`parameters` as floats; ValueError unless they are num_params numbers."""
+        values = _as_floats(parameters, self.describe())
+        if len(values) != self.num_params:
+            raise ValueError(f"a {self.describe()} has {self._count()}, got {len(values)} "
+                             f"(expected {', '.join(self.param_names())})")
+        return values
+
     def param_names(self) -> List[str]:
         """The name of each entry of ω, in order."""
         return [p.name for p in self.parameters]
@@ -135,10 +143,7 @@ class LossFamily:
     def check(self, parameters: Sequence[float] | Tensor) -> None:
         """Raise ValueError unless `parameters` holds one finite number per parameter, each in its
         interval (ParameterRangeError, a ValueError, for a value that is not finite or not in it)."""
-        values = _as_floats(parameters, self.describe())
-        if len(values) != self.num_params:
-            raise ValueError(f"a {self.describe()} has {self._count()}, got {len(values)} "
-                             f"(expected {', '.join(self.param_names())})")
+        values = self._values(parameters)
         for p, value in zip(self.parameters, values):
             if not (math.isfinite(value) and p.contains(value)):
                 where = "" if p.interval == "(-inf, inf)" else f" and in {p.interval}"
@@ -154,9 +159,10 @@ class LossFamily:
         return _reduce(self.per_sample(logits, target, omega), reduction)
 
     def module(self, parameters: Sequence[float] | Tensor) -> torch.nn.Module:
-        """The fixed loss with these (checked) parameters, for training."""
-        self.check(parameters)
-        values = _as_floats(parameters, self.describe())
+        """The fixed loss with these parameters, for training. Only their count is checked here:
+        values are `check`ed where a loss is made (LossSpec, the meta-learner's start and updates),
+        so that a diverging search is named where its losses turn non-finite."""
+        values = self._values(parameters)
         return self.fixed(values) if self.fixed is not None else FixedLoss(self, values)
 
 
