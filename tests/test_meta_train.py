@@ -18,9 +18,10 @@ import torch
 
 from domainbed_itl.bridge.domainbed_env import DomainBedNotFound
 from domainbed_itl.losses import LossSpec, load_loss
-from domainbed_itl.meta import runner
+from domainbed_itl.files import runfolder
+from domainbed_itl.files.runfolder import RunDirError, load_checkpoint
 from domainbed_itl.meta.data import synthetic_domains
-from domainbed_itl.meta.runner import RunDirError, run_meta_training
+from domainbed_itl.meta.runner import META_RUN, run_meta_training
 from domainbed_itl.meta.config import MetaConfig
 from domainbed_itl.meta.draws import step_generator
 from domainbed_itl.meta.trainer import MetaTrainer, NonFiniteError
@@ -41,6 +42,10 @@ def _data(num_domains=4, per_domain=48, features=12, classes=3, seed=0):
 
 def _config(**kw):
     return MetaConfig(**{**TINY, **kw})
+
+
+def _checkpoint(path):
+    return load_checkpoint(path, META_RUN)
 
 
 def _untimed(record):
@@ -239,7 +244,7 @@ def test_warm_start_continues_the_networks_and_resumes_bit_for_bit(tmp_path, opt
     full = run_meta_training(data, config, tmp_path / "full", progress=False)
     run_meta_training(data, dataclasses.replace(config, outer_steps=2), tmp_path / "cut",
                       progress=False)
-    ckpt = runner.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    ckpt = _checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert ckpt["trainer"]["inner"]["optimizer"]["step"] == 2 * config.inner_steps
     resumed = run_meta_training(data, config, tmp_path / "cut", resume=True, progress=False)
     assert torch.equal(resumed.omega, full.omega)
@@ -325,7 +330,7 @@ def test_run_writes_loss_metrics_and_checkpoint(tmp_path):
     prov = spec.provenance
     assert (prov["meta_train_dataset"], prov["steps"], prov["seed"]) == ("synthetic", 3, 5)
     assert prov["package_version"]
-    ckpt = runner.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["trainer"]["steps_done"] == 3 and ckpt["metrics"] == records
     assert oct(os.stat(tmp_path / "run" / "checkpoint.pt").st_mode & 0o044) == oct(
         0o044 & ~_umask())
@@ -406,12 +411,12 @@ def test_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteError, match=r"outer step 2: non-finite .*the last good checkpoint "
                                              r"\(.*checkpoint.pt, step 1\) is kept"):
         run_meta_training(data, config, tmp_path, progress=False)
-    assert runner.load_checkpoint(tmp_path / "checkpoint.pt")["trainer"]["steps_done"] == 1
+    assert _checkpoint(tmp_path / "checkpoint.pt")["trainer"]["steps_done"] == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def _outputs(folder):
-    return {name: (folder / name).read_bytes() for name in runner.OUTPUTS}
+    return {name: (folder / name).read_bytes() for name in META_RUN.outputs}
 
 
 def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_first(tmp_path):
@@ -424,7 +429,7 @@ def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_first(tmp_path)
         run_meta_training(data, _config(outer_steps=2, inner_lr=1e30), tmp_path, overwrite=True,
                           progress=False, log=notes.append)
     assert _outputs(tmp_path) == before
-    assert not (tmp_path / runner.REPLACED).exists()
+    assert not (tmp_path / runfolder.REPLACED).exists()
     assert len(notes) == 1 and "moved the previous run" in notes[0]
 
 
@@ -434,9 +439,9 @@ def test_overwrite_deletes_the_previous_run_once_the_first_checkpoint_exists(tmp
     before, seen = _outputs(tmp_path), []
 
     def log(message):  # called right after the move aside, and after the first new checkpoint
-        seen.append((message, sorted(p.name for p in tmp_path.iterdir() if p.name in runner.OUTPUTS)))
+        seen.append((message, sorted(p.name for p in tmp_path.iterdir() if p.name in META_RUN.outputs)))
         if len(seen) == 1:
-            assert _outputs(tmp_path / runner.REPLACED) == before
+            assert _outputs(tmp_path / runfolder.REPLACED) == before
 
     run_meta_training(data, _config(outer_steps=2, seed=1), tmp_path, overwrite=True,
                       progress=False, log=log)
@@ -445,7 +450,7 @@ def test_overwrite_deletes_the_previous_run_once_the_first_checkpoint_exists(tmp
            f"loss.json) aside" in moved and left == []
     assert replaced == (f"--overwrite: replaced the previous run in {tmp_path} (2 outer steps, "
                         "checkpoint.pt, metrics.jsonl, loss.json)")
-    assert written == sorted(runner.OUTPUTS) and not (tmp_path / runner.REPLACED).exists()
+    assert written == sorted(META_RUN.outputs) and not (tmp_path / runfolder.REPLACED).exists()
     assert _outputs(tmp_path)["checkpoint.pt"] != before["checkpoint.pt"]
 
 
@@ -454,12 +459,12 @@ def test_an_overwrite_killed_midway_is_finished_by_the_next_run(tmp_path, new_ch
     data = _data()
     run_meta_training(data, _config(outer_steps=1), tmp_path / "old", progress=False)
     run_meta_training(data, _config(outer_steps=1, seed=1), tmp_path / "new", progress=False)
-    aside = tmp_path / "run" / runner.REPLACED  # as a killed --overwrite leaves it
+    aside = tmp_path / "run" / runfolder.REPLACED  # as a killed --overwrite leaves it
     aside.mkdir(parents=True)
-    for name in runner.OUTPUTS:
+    for name in META_RUN.outputs:
         os.replace(tmp_path / "old" / name, aside / name)
     if new_checkpoint:
-        os.replace(tmp_path / "new" / runner.CHECKPOINT, tmp_path / "run" / runner.CHECKPOINT)
+        os.replace(tmp_path / "new" / runfolder.CHECKPOINT, tmp_path / "run" / runfolder.CHECKPOINT)
     notes = []
     trainer = run_meta_training(data, _config(outer_steps=2, seed=int(new_checkpoint)),
                                 tmp_path / "run", resume=True, progress=False, log=notes.append)
@@ -533,14 +538,14 @@ def test_cli_killed_run_resumes_bitwise(tmp_path):
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
-    steps_at_kill = runner.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["trainer"]["steps_done"]
+    steps_at_kill = _checkpoint(tmp_path / "cut" / "checkpoint.pt")["trainer"]["steps_done"]
     assert 2 <= steps_at_kill < 6, "the run should be killed part-way"
     resumed = _cli(args + ["--output_dir", str(tmp_path / "cut"), "--resume"])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "6 outer steps" in out
     full.communicate(timeout=300)
-    final = [runner.load_checkpoint(tmp_path / d / "checkpoint.pt")["trainer"]["omega"]
+    final = [_checkpoint(tmp_path / d / "checkpoint.pt")["trainer"]["omega"]
              for d in ("full", "cut")]
     assert torch.equal(final[0], final[1])
     assert (load_loss(tmp_path / "cut" / "loss.json").parameters

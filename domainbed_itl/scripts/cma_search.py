@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from ..bridge.domainbed_env import DomainBedNotFound
 from ..losses.lossfile import LossFileError
-from ..meta.cmaes import CMAConfig, run_cma_search
+from ..meta.cmaes import CMA_RUN, CMAConfig, run_cma_search
 from ..meta.inner import INNER_OPTIMIZERS
 from ..meta.config import META_PRESETS
-from ..meta.runner import LOSS, RunDirError, check_output_dir
-from ..files.runlock import FolderLocked, folder_lock
+from ..files.runfolder import LOSS, RunDirError, open_run_folder
+from ..files.runlock import FolderLocked
 from .meta_train import (DEFAULT_PRESET, _check_data_args, _command_line, _device, _load_data,
                          _meta_config, _nonnegative_int, _positive_float, _positive_int, _widths,
                          add_data_flags, add_loss_flags, add_output_flags)
@@ -101,13 +101,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bar.refresh()
 
     try:
-        check_output_dir(args.output_dir, args.resume, args.overwrite)
         _check_data_args(args)
-        with folder_lock(args.output_dir, command=command):  # before the (slow) data loading
-            data = _load_data(args)
+        with open_run_folder(args.output_dir, CMA_RUN, resume=args.resume,
+                             overwrite=args.overwrite, command=command) as folder:
+            data = _load_data(args)  # slow: after the folder is checked and locked
             search = run_cma_search(
-                data, config, meta_config, args.output_dir, init=init, resume=args.resume,
-                overwrite=args.overwrite, device=device, on_generation=progress,
+                data, config, meta_config, folder, init=init, device=device, on_generation=progress,
                 provenance={"preset": args.preset, "init": args.init, "command": command})
     except (RunDirError, FolderLocked, DomainBedNotFound, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,9 +26,10 @@ from ..meta.aggregators import AGGREGATORS, REDUCTIONS
 from ..meta.data import DomainData, synthetic_domains
 from ..meta.inner import INNER_OPTIMIZERS
 from ..meta.config import GUESSES, META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, preset_config
-from ..meta.runner import LOSS, RunDirError, check_output_dir, run_meta_training
+from ..meta.runner import META_RUN, run_meta_training
 from ..meta.trainer import NonFiniteError
-from ..files.runlock import FolderLocked, folder_lock
+from ..files.runfolder import LOSS, RunDirError, open_run_folder
+from ..files.runlock import FolderLocked
 
 DEFAULT_PRESET = "paper_guarded"
 
@@ -280,12 +281,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(e))
     command = _command_line(argv)
     try:
-        check_output_dir(args.output_dir, args.resume, args.overwrite)
         _check_data_args(args)
-        with folder_lock(args.output_dir, command=command):  # before the (slow) data loading
-            data = _load_data(args)
-            trainer = run_meta_training(data, config, args.output_dir, init=init,
-                                        resume=args.resume, overwrite=args.overwrite,
+        with open_run_folder(args.output_dir, META_RUN, resume=args.resume,
+                             overwrite=args.overwrite, command=command) as folder:
+            data = _load_data(args)  # slow: after the folder is checked and locked
+            trainer = run_meta_training(data, config, folder, init=init,
                                         device=device, progress=not args.no_progress,
                                         provenance={"preset": args.preset, "init": args.init,
                                                     "command": command})

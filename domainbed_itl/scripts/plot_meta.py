@@ -14,7 +14,6 @@ reference MINRES hypergradient where one was computed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -24,26 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-REQUIRED = ("step", "inner_source_acc", "outer_heldout_acc", "outer_heldout_loss")
-
-
-def read_metrics(path: str | Path) -> List[Dict[str, Any]]:
-    """The records of a metrics.jsonl file; ValueError naming the line if one is malformed."""
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not JSON ({e})") from e
-        missing = [k for k in REQUIRED if k not in record]
-        if missing:
-            raise ValueError(f"{path}, line {number}: lacks {missing}")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path} holds no metrics records")
-    return records
+from ..files.runfolder import read_metrics  # noqa: E402
 
 
 def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path, title: str = "") -> Path:

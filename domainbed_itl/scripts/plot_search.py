@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 from ..analysis.output import write_outputs  # noqa: E402
 from ..analysis.search_curves import at_budget, search_curve  # noqa: E402
 from ..files.atomic import OutputExists  # noqa: E402
-from .plot_meta import read_metrics  # noqa: E402
+from ..files.runfolder import read_metrics  # noqa: E402
 
 # (metric, label, y scale): M on a log scale, so that a diverging run does not flatten the others.
 ROWS = (("outer_heldout_loss", "held-out loss M", "log"),
