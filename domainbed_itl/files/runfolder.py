@@ -156,6 +156,13 @@ def read_metrics(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
     return records
 
 
+def resume_hint(path: Union[str, os.PathLike]) -> str:
+    """What to do after a run in `path` was interrupted."""
+    if (Path(path) / CHECKPOINT).is_file():
+        return f"the run in {path} can be resumed with --resume"
+    return f"the run in {path} had not written a checkpoint yet; run the command again to start it"
+
+
 def describe_run(folder: Path, outputs: Sequence[str]) -> str:
     """The run whose `outputs` are in `folder`, in a few words (its progress and files)."""
     files = [name for name in outputs if (folder / name).exists()]

@@ -50,7 +50,7 @@ from ..losses import zoo
 from ..losses.lossfile import LOSS_PRESETS, LossFileError, resolve_loss
 from ..files.runlock import FolderLocked, folder_lock
 from ..files.sweepfolder import load_runs, records_of
-from .meta_train import _positive_int, _widths, _positive_float
+from ._cli import positive_float as _positive_float, positive_int as _positive_int, widths as _widths
 
 REPORT_MD, REPORT_JSON = "evaluation.md", "evaluation.json"
 ZOO_ALGORITHMS = {"CE": "ERM", "BCE": "ERM_BCE", "Focal": "ERM_Focal", "SCE": "ERM_SCE",
@@ -182,7 +182,7 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str) -
     import torch
 
     from ..meta.evaluate import Protocol, evaluate_losses
-    from .meta_train import _device, _load_data
+    from ._cli import data_flags, load_data, parse_device
 
     output_dir = Path(args.output_dir)
     existing = [p.name for p in (output_dir / REPORT_MD, output_dir / REPORT_JSON) if p.exists()]
@@ -191,8 +191,8 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str) -
                            "pass --overwrite to replace it")
     protocol = Protocol(tuple(args.inner_steps), args.inner_lr, args.inner_optimizer,
                         batch_size=args.batch_size, hidden=args.hidden, eval_size=args.eval_size)
-    device = _device(args.device)
-    data = _load_data(args)
+    device = parse_device(args.device)
+    data = load_data(data_flags(args))
     functions = {}
     for label, loss in losses.items():
         fn = loss_function(loss)
