@@ -204,6 +204,23 @@ def test_cli_writes_a_loss_file_and_metrics_with_meta_trains_keys(tmp_path, caps
     assert len(read_metrics(out / "metrics.jsonl")) == 3
 
 
+def test_cli_resume_takes_the_searchs_settings_from_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "cma"
+    assert cma_search.main(CLI_TINY + ["--generations", "1", "--popsize", "3", "--sigma0", "0.2",
+                                       "--output_dir", str(out)]) == 0
+    capsys.readouterr()
+    assert cma_search.main(["--output_dir", str(out), "--resume", "--sigma0", "0.3"]) == 2
+    assert "--sigma0 0.3 contradicts the checkpoint's sigma0 0.2" in capsys.readouterr().err
+    assert cma_search.main(["--output_dir", str(out), "--resume", "--inner_steps", "7"]) == 2
+    assert "--inner_steps 7 contradicts the checkpoint's inner_steps 6" in capsys.readouterr().err
+    assert cma_search.main(["--output_dir", str(out), "--resume", "--generations", "2",
+                            "--no_progress"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["popsize"] == 3
+    provenance = load_loss(out / "loss.json").provenance
+    assert provenance["cma_config"]["sigma0"] == 0.2 and provenance["resumed"][0]["from_step"] == 1
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--popsize", "1"], "expected an integer >= 2, got '1'"),
     (["--sigma0", "0"], "expected a positive finite number, got '0'"),
