@@ -6,7 +6,6 @@
 - `algorithms`, `hparams`: the loss-replaced algorithms and their hparams;
 - `single_source_mixup`: DomainBed's Mixup for one training domain;
 - `launchers`: the `submitit` command launcher for DomainBed's sweeps;
-- `datasets`: DomainBed's dataset facts (classes, environments) in one table;
 - `domainbed_data`: DomainBed's datasets as per-domain tensors for meta-learning;
 - `trained_models`: DomainBed's run folders and checkpoints, for the analyses.
 

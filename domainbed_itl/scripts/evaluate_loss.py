@@ -45,7 +45,7 @@ from ..analysis import comparison
 from ..files.atomic import OutputExists, write_atomic
 from ..bridge.domainbed_env import DomainBedNotFound, import_domainbed, with_pythonpath
 from ..bridge.algorithms import LossHparamError, check_loss_hparams
-from ..bridge.hparams import DATASET_CLASSES
+from ..datasets import num_classes
 from ..losses import zoo
 from ..losses.lossfile import LOSS_PRESETS, LossFileError, resolve_loss
 from ..files.runlock import FolderLocked, folder_lock
@@ -143,7 +143,7 @@ def _losses(args: argparse.Namespace) -> Tuple[Dict[str, str], str]:
             raise EvaluationInputError(f"--losses names {label!r} twice; label them LABEL=LOSS")
         if loss not in ZOO_ALGORITHMS:  # trained as ITL with itl_loss = loss
             try:
-                check_loss_hparams("ITL", {"itl_loss": loss}, DATASET_CLASSES.get(args.dataset))
+                check_loss_hparams("ITL", {"itl_loss": loss}, num_classes(args.dataset))
             except LossHparamError as error:
                 raise EvaluationInputError(f"--losses entry {text!r}: {error}") from None
         losses[label] = loss
