@@ -256,24 +256,25 @@ class RunFolder:
             raise RunDirError(f"cannot resume {self.checkpoint_path}: {what} differ from the "
                               f"checkpoint's ({saved} in the checkpoint, {current} now){hint}")
 
-    def begin(self, target: int, device: Union[str, torch.device], provenance: Mapping[str, Any]) -> None:
-        """Start the run, or continue it, towards `target` units on `device`, with the caller's
-        `provenance` (its "command" among it). A resume on another device type, or to fewer
-        units than are done, is refused; a resume that has work left is appended to the
-        checkpoint's provenance."""
+    def begin(self, target: Optional[int], device: Union[str, torch.device],
+              provenance: Mapping[str, Any]) -> None:
+        """Start the run, or continue it, towards `target` units (None: as many as it takes) on
+        `device`, with the caller's `provenance` (its "command" among it). A resume on another
+        device type, or to fewer units than are done, is refused; a resume that has work left
+        is appended to the checkpoint's provenance."""
         device_type = torch.device(device).type
         if self.checkpoint is not None:
             saved = self.checkpoint.get("device")  # None: version 1 did not record it
             if saved is not None and saved != device_type:
                 raise RunDirError(f"cannot resume {self.checkpoint_path} on {device_type}: it was "
                                   f"written on {saved}; resume it on {saved}")
-            if target < self.done:
+            if target is not None and target < self.done:
                 raise RunDirError(f"cannot resume {self.checkpoint_path} to {target} "
                                   f"{self.kind.unit}: the run has done {self.done} already")
         self.device = device_type
         self.provenance = self._provenance(dict(provenance), target)
 
-    def _provenance(self, given: Dict[str, Any], target: int) -> Dict[str, Any]:
+    def _provenance(self, given: Dict[str, Any], target: Optional[int]) -> Dict[str, Any]:
         if self.checkpoint is None:
             return {**given, "date": now()}
         saved = self.checkpoint.get("provenance")

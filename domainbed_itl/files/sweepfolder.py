@@ -199,6 +199,20 @@ def is_job_folder(folder: Path) -> bool:
                                  (folder / "results.jsonl").exists() or (folder / "done").exists()))
 
 
+def remove_never_started(output_dir: Union[str, os.PathLike]) -> int:
+    """Remove the empty job folders that DomainBed made for jobs it never started, so that its
+    launch runs them; how many. (DomainBed's `Job.launch` makes every job's folder before the
+    first job runs, and launches only jobs without a folder: after an interruption, the empty
+    folder of a job that never started would block it.)"""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return 0
+    empty = [p for p in output_dir.iterdir() if is_job_folder(p) and not any(p.iterdir())]
+    for folder in empty:
+        folder.rmdir()
+    return len(empty)
+
+
 def last_error_line(folder: Union[str, os.PathLike]) -> Optional[str]:
     """The last non-empty line of a DomainBed job's `err.txt` (its exception, for a crashed job)."""
     try:

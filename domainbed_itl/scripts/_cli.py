@@ -31,6 +31,7 @@ from ..bridge.patching import PatchError
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
 from ..meta.data import DomainData, synthetic_domains
+from ..meta.inner import INNER_OPTIMIZERS
 
 # Errors that a user's input or environment causes: one line and exit status 2.
 EXPECTED_ERRORS = (ValueError, OSError, RunDirError, FolderLocked, DomainBedNotFound, PatchError)
@@ -136,6 +137,18 @@ def flag_text(name: str, value: Any) -> str:
 
 # A flag table: flag name (= destination) -> argparse keywords. A command adds a table as one
 # group (`add_flags`); a flag added to a table reaches every command that takes the table.
+
+
+# How one inner network is trained: MetaConfig's inner settings and the evaluation Protocol's, so
+# meta_train, cma_search and evaluate_loss meta take these flags (None: the preset's or the
+# protocol's default).
+INNER_TRAINING = {
+    "inner_optimizer": dict(choices=INNER_OPTIMIZERS),
+    "inner_lr": dict(type=positive_float),
+    "inner_momentum": dict(type=float, help="with --inner_optimizer momentum"),
+    "batch_size": dict(type=positive_int),
+    "hidden": dict(type=widths, help="hidden widths of the base MLP, e.g. 256 (two weight layers)"),
+}
 
 
 def add_flags(parser: argparse.ArgumentParser, title: str, *tables: Mapping[str, Dict[str, Any]],

@@ -26,11 +26,10 @@ from ..meta.aggregators import AGGREGATORS, REDUCTIONS
 from ..meta.data import DomainData
 from ..meta.config import (META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, SOLVERS, MetaConfig,
                            preset_config)
-from ..meta.inner import INNER_OPTIMIZERS
 from ..meta.runner import initial_loss, saved_config
 from ._cli import (check_data_flags, command_line, data_flags, explicit_flags, flag_text,
                    load_data, nonnegative_int, parse_device, positive_float, positive_int,
-                   run_command, widths)
+                   run_command)
 
 DEFAULT_PRESET = "paper_guarded"
 FAMILY_CHOICES = tuple(f"taylor{k}" for k in range(MIN_ORDER, MAX_ORDER + 1)) + ("taylor", "sce")
@@ -53,14 +52,6 @@ OBJECTIVE = {
                         "whole domain)"),
     "eval_size": dict(type=positive_int, help="source examples for the logged inner source "
                       "accuracy and gradient norm"),
-}
-# How one inner network is trained (also the loss evaluation's flags, evaluate_loss meta).
-INNER_TRAINING = {
-    "inner_optimizer": dict(choices=INNER_OPTIMIZERS),
-    "inner_lr": dict(type=positive_float),
-    "inner_momentum": dict(type=float, help="with --inner_optimizer momentum"),
-    "batch_size": dict(type=positive_int),
-    "hidden": dict(type=widths, help="hidden widths of the base MLP, e.g. 256 (two weight layers)"),
 }
 INNER_STEPS = {"inner_steps": dict(type=positive_int)}
 WARM_START = {

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from ..files.runfolder import LOSS, RunFolder
 from ..meta.cmaes import CMA_RUN, CMAConfig, run_cma_search
 from ..meta.data import DomainData
-from ._cli import (add_data_flags, add_device_flag, add_flags, add_output_flags, int_at_least,
+from ._cli import (INNER_TRAINING, add_data_flags, add_device_flag, add_flags, add_output_flags, int_at_least,
                    positive_float, positive_int)
-from ._search import (BATCHED, INNER_STEPS, INNER_TRAINING, OBJECTIVE, SEED, SearchSettings,
+from ._search import (BATCHED, INNER_STEPS, OBJECTIVE, SEED, SearchSettings,
                       add_search_flags, refuse_contradictions, search_main, value_text)
 
 # MetaConfig settings this command takes (those that shape the inner training and M).

@@ -22,8 +22,8 @@ from ..files.runfolder import LOSS, RunFolder
 from ..meta.config import GUESSES, META_PRESETS, MetaConfig
 from ..meta.data import DomainData
 from ..meta.runner import META_RUN, run_meta_training
-from ._cli import add_data_flags, add_device_flag, add_flags, add_output_flags
-from ._search import (BATCHED, DEFAULT_PRESET, DIAGNOSTICS, HYPERGRADIENT, INNER_STEPS, INNER_TRAINING,
+from ._cli import INNER_TRAINING, add_data_flags, add_device_flag, add_flags, add_output_flags
+from ._search import (BATCHED, DEFAULT_PRESET, DIAGNOSTICS, HYPERGRADIENT, INNER_STEPS,
                       OBJECTIVE, OUTER, SEED, WARM_START, SearchSettings, add_search_flags,
                       search_main)
 

@@ -37,7 +37,7 @@ from ..experiments.paper import format_command
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
 from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, PatchError, apply, import_check, status
 from ..files.runlock import FolderLocked, folder_lock
-from ..files.sweepfolder import is_job_folder, unfinished_jobs
+from ..files.sweepfolder import remove_never_started, unfinished_jobs
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -154,17 +154,6 @@ def sweep_commands(args: argparse.Namespace, data_dir: Path, output_dir: Path) -
     collect = [sys.executable, "-m", "domainbed.scripts.collect_results", "--input_dir",
                str(output_dir)]
     return [launch, collect]
-
-
-def remove_never_started(output_dir: Path) -> int:
-    """Remove the empty job folders that DomainBed made for jobs it never started (an interrupted
-    sweep makes every folder first), so that its launch runs them; how many."""
-    if not output_dir.is_dir():
-        return 0
-    empty = [p for p in output_dir.iterdir() if is_job_folder(p) and not any(p.iterdir())]
-    for folder in empty:
-        folder.rmdir()
-    return len(empty)
 
 
 def run(args: argparse.Namespace) -> int:
