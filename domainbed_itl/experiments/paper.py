@@ -97,7 +97,8 @@ META_TRAIN_FLAGS = frozenset({
 # domainbed_itl.scripts.evaluate_loss meta: losses against cross-entropy with fresh MLPs.
 EVALUATE_LOSS_FLAGS = frozenset({
     "losses", "reference", "dataset", "seeds", "inner_steps", "inner_optimizer", "inner_lr",
-    "batch_size", "hidden", "eval_size", "per_domain_cap", "data_seed", "device", "overwrite"})
+    "inner_momentum", "batch_size", "hidden", "eval_size", "per_domain_cap", "data_seed", "device",
+    "overwrite", "no_progress"})
 
 
 class SweepDefinitionError(ValueError):

@@ -64,7 +64,7 @@ class PlannedJob:
 
 
 @dataclass
-class Run:
+class JobFolder:
     """One job folder: its records, whether DomainBed's `done` marker exists, why its results
     could not be read (`error`), and the damaged lines skipped (`skipped`, 'file:line: why')."""
 
@@ -233,7 +233,7 @@ def unfinished_jobs(sweep_dir: Union[str, os.PathLike]) -> List[str]:
             if is_job_folder(folder) and not (folder / "done").exists()]
 
 
-def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[Run]:
+def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[JobFolder]:
     """Every job folder under `sweep_dir` (see `is_job_folder`) with its records and `done` state.
 
     A half-written last line of an unfinished run (a job writing while we read) is left out
@@ -246,7 +246,7 @@ def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[Run]:
         raise FileNotFoundError(f"--input_dir {sweep_dir} is not a folder")
     runs = []
     for folder in sorted(p for p in sweep_dir.iterdir() if is_job_folder(p)):
-        run = Run(folder.name, [], (folder / "done").exists())
+        run = JobFolder(folder.name, [], (folder / "done").exists())
         results = folder / "results.jsonl"
         try:
             lines = results.read_text().splitlines() if results.exists() else []
@@ -269,7 +269,7 @@ def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[Run]:
     return runs
 
 
-def records_of(runs: Iterable[Run]) -> Tuple[List[dict], List[str]]:
+def records_of(runs: Iterable[JobFolder]) -> Tuple[List[dict], List[str]]:
     """Every readable record of `runs`, and what was skipped (damaged lines, unreadable files)."""
     records: List[dict] = []
     damaged: List[str] = []

@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 import traceback
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -181,6 +181,30 @@ def add_data_flags(parser: argparse.ArgumentParser, synthetic: bool = True,
                           help="use at most this many examples of each domain")
         data.add_argument("--data_seed", type=nonnegative_int, default=0,
                           help="seed of DomainBed's data construction and of the cap's choice")
+
+
+def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The inputs, data, device and output flags of every analysis of trained DomainBed models."""
+    parser.add_argument("inputs", nargs="+",
+                        help="DomainBed run folders, sweep folders (searched for runs) or model .pkl files")
+    parser.add_argument("--data_dir", default=None,
+                        help="DomainBed's --data_dir (default: each run's own)")
+    parser.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
+                        help="DomainBed checkout (default: $DOMAINBED_ROOT, else `import domainbed`)")
+    parser.add_argument("--algorithms", nargs="+", default=None,
+                        help="only runs of these algorithms (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--batch_size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def trained_models(args: argparse.Namespace) -> Iterator[tuple]:
+    """(run, model, splits) of the runs the flags of `add_trained_run_flags` select."""
+    from ..bridge.trained_models import find_runs, selected_models
+
+    return selected_models(find_runs(args.inputs), args.algorithms, args.domainbed_root,
+                           args.device, args.data_dir)
 
 
 def add_output_flags(parser: argparse.ArgumentParser, resume: bool = True) -> None:

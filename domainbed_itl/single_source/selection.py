@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..files.sweepfolder import RECORD_ARGS, PlannedJob, Run, RunKey, count_envs, run_key
+from ..files.sweepfolder import RECORD_ARGS, JobFolder, PlannedJob, RunKey, count_envs, run_key
 
 BLOCK_LEVELS = ("domain", "pair", "dataset")
 
@@ -175,7 +175,7 @@ def mean_and_error(values: Iterable[float]) -> Tuple[float, float]:
     return 100 * float(np.mean(data)), 100 * float(np.std(data) / np.sqrt(data.size))
 
 
-def summarise(runs: Sequence[Run], planned: Sequence[PlannedJob] = (),
+def summarise(runs: Sequence[JobFolder], planned: Sequence[PlannedJob] = (),
               damaged: Sequence[str] = ()) -> SingleSourceResults:
     """Select a model per (dataset, algorithm, source, trial) and list what is missing.
 
@@ -183,7 +183,7 @@ def summarise(runs: Sequence[Run], planned: Sequence[PlannedJob] = (),
     join them in the result's `damaged`.
     """
     planned_by_folder = {job.folder: job for job in planned}
-    by_key: Dict[RunKey, List[Run]] = {job.key: [] for job in planned}
+    by_key: Dict[RunKey, List[JobFolder]] = {job.key: [] for job in planned}
     n_envs: Dict[str, int] = {job.key.dataset: job.n_envs for job in planned}
     problems: List[str] = []
     ignored_other: List[str] = []
@@ -250,7 +250,7 @@ def summarise(runs: Sequence[Run], planned: Sequence[PlannedJob] = (),
                                [*damaged, *(line for run in runs for line in run.skipped)])
 
 
-def _run_problem(runs: Sequence[Run], planned_folder: Optional[str]) -> Optional[str]:
+def _run_problem(runs: Sequence[JobFolder], planned_folder: Optional[str]) -> Optional[str]:
     if not runs and planned_folder:
         return f"its folder {planned_folder} is missing (not launched yet, or deleted)"
     if not runs:
