@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..analysis.aggregate import mean_se
 from ..files.sweepfolder import RECORD_ARGS, JobFolder, PlannedJob, RunKey, count_envs, run_key
 
 BLOCK_LEVELS = ("domain", "pair", "dataset")
@@ -168,11 +169,12 @@ def select_model(runs: Mapping[int, Sequence[Mapping]], source: int) -> Selectio
 
 
 def mean_and_error(values: Iterable[float]) -> Tuple[float, float]:
-    """Mean and standard error in percent, as DomainBed's format_mean computes them."""
-    data = np.asarray(list(values), dtype=float)
-    if data.size == 0:
+    """Mean and standard error in percent, as DomainBed's format_mean computes them (the
+    population standard deviation over √n: analysis.aggregate.mean_se with ddof=0)."""
+    s = mean_se(list(values), ddof=0, finite_only=False)
+    if s["n"] == 0:
         raise ValueError("no values to average")
-    return 100 * float(np.mean(data)), 100 * float(np.std(data) / np.sqrt(data.size))
+    return 100 * s["mean"], 100 * s["se"]
 
 
 def summarise(runs: Sequence[JobFolder], planned: Sequence[PlannedJob] = (),
