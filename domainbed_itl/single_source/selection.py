@@ -177,6 +177,18 @@ def mean_and_error(values: Iterable[float]) -> Tuple[float, float]:
     return 100 * s["mean"], 100 * s["se"]
 
 
+@dataclass
+class _Grouped:
+    """The job folders of a sweep by run, and what was set aside on the way."""
+
+    by_key: Dict[RunKey, List[JobFolder]]
+    n_envs: Dict[str, int]
+    problems: List[str] = field(default_factory=list)
+    ignored_other: List[str] = field(default_factory=list)
+    multi_runs: int = 0
+    multi_records: int = 0
+
+
 def summarise(runs: Sequence[JobFolder], planned: Sequence[PlannedJob] = (),
               damaged: Sequence[str] = ()) -> SingleSourceResults:
     """Select a model per (dataset, algorithm, source, trial) and list what is missing.
@@ -184,53 +196,65 @@ def summarise(runs: Sequence[JobFolder], planned: Sequence[PlannedJob] = (),
     `damaged`: the manifest's unreadable parts (runs.read_manifest); the runs' skipped lines
     join them in the result's `damaged`.
     """
+    grouped = _group(runs, planned)
+    cells, n_complete = _select(grouped, planned)
+    return SingleSourceResults(cells, grouped.n_envs, grouped.problems,
+                               sum(len(v) for v in grouped.by_key.values()), n_complete,
+                               grouped.multi_runs, grouped.multi_records, grouped.ignored_other,
+                               [*damaged, *(line for run in runs for line in run.skipped)])
+
+
+def _group(runs: Sequence[JobFolder], planned: Sequence[PlannedJob]) -> _Grouped:
+    """The single-source runs by key (with the planned jobs' folders); multi-source runs are
+    counted, other records set aside with the reason."""
     planned_by_folder = {job.folder: job for job in planned}
-    by_key: Dict[RunKey, List[JobFolder]] = {job.key: [] for job in planned}
-    n_envs: Dict[str, int] = {job.key.dataset: job.n_envs for job in planned}
-    problems: List[str] = []
-    ignored_other: List[str] = []
-    multi_runs = multi_records = 0
+    grouped = _Grouped({job.key: [] for job in planned},
+                       {job.key.dataset: job.n_envs for job in planned})
     for run in runs:
         if not run.records:
             job = planned_by_folder.get(run.folder)
             if job is None:
-                problems.append(f"folder {run.folder}: no results.jsonl records and not in the sweep "
-                                f"manifest, so which run it holds is unknown")
+                grouped.problems.append(f"folder {run.folder}: no results.jsonl records and not in "
+                                        f"the sweep manifest, so which run it holds is unknown")
             else:
-                by_key.setdefault(job.key, []).append(run)
+                grouped.by_key.setdefault(job.key, []).append(run)
             continue
         first = run.records[0]
         args = first.get("args")
         if not isinstance(args, Mapping) or not all(k in args for k in RECORD_ARGS) or count_envs(first) < 2:
-            problems.append(f"folder {run.folder}: its records are not DomainBed train records (they "
-                            f"need 'args' with {', '.join(RECORD_ARGS)}, and env<i>_out_acc for 2+ domains)")
+            grouped.problems.append(f"folder {run.folder}: its records are not DomainBed train records "
+                                    f"(they need 'args' with {', '.join(RECORD_ARGS)}, and "
+                                    f"env<i>_out_acc for 2+ domains)")
             continue
         if args.get("task", "domain_generalization") != "domain_generalization":
-            ignored_other.append(f"folder {run.folder}: task {args['task']}")
+            grouped.ignored_other.append(f"folder {run.folder}: task {args['task']}")
             continue
-        n = count_envs(first)
-        test_envs = set(args["test_envs"])
+        n, test_envs = count_envs(first), set(args["test_envs"])
         if len(test_envs) < n - 1:
-            multi_runs += 1
-            multi_records += len(run.records)
+            grouped.multi_runs += 1
+            grouped.multi_records += len(run.records)
             continue
         if len(test_envs) != n - 1 or not test_envs <= set(range(n)):
-            ignored_other.append(f"folder {run.folder}: test_envs {sorted(test_envs)} of {n} domains")
+            grouped.ignored_other.append(f"folder {run.folder}: test_envs {sorted(test_envs)} of {n} domains")
             continue
-        n_envs.setdefault(args["dataset"], n)
-        by_key.setdefault(run_key(run.records[0]), []).append(run)
+        grouped.n_envs.setdefault(args["dataset"], n)
+        grouped.by_key.setdefault(run_key(run.records[0]), []).append(run)
+    return grouped
 
+
+def _select(grouped: _Grouped, planned: Sequence[PlannedJob]) -> Tuple[Dict[Tuple[str, str, int], Cell], int]:
+    """Every cell of the (dataset, algorithm) pairs present, with a selection for each trial
+    whose every hparams seed finished; and the number of finished runs."""
     grid: Dict[Tuple[str, str], Tuple[set, set]] = {}
-    for key in by_key:
+    for key in grouped.by_key:
         trials, seeds = grid.setdefault((key.dataset, key.algorithm), (set(), set()))
         trials.add(key.trial_seed)
         seeds.add(key.hparams_seed)
-
     planned_by_key = {job.key: job.folder for job in planned}
     cells: Dict[Tuple[str, str, int], Cell] = {}
     n_complete = 0
     for (dataset, algorithm), (trials, seeds) in sorted(grid.items()):
-        n = n_envs[dataset]
+        n = grouped.n_envs[dataset]
         for source in range(n):
             cell = Cell(dataset, algorithm, source, tuple(e for e in range(n) if e != source),
                         tuple(sorted(trials)))
@@ -239,17 +263,15 @@ def summarise(runs: Sequence[JobFolder], planned: Sequence[PlannedJob] = (),
                 finished: Dict[int, List[dict]] = {}
                 for seed in sorted(seeds):
                     key = RunKey(dataset, algorithm, source, trial, seed)
-                    problem = _run_problem(by_key.get(key, []), planned_by_key.get(key))
+                    problem = _run_problem(grouped.by_key.get(key, []), planned_by_key.get(key))
                     if problem:
-                        problems.append(f"{key}: {problem}")
+                        grouped.problems.append(f"{key}: {problem}")
                     else:
-                        finished[seed] = by_key[key][0].records
+                        finished[seed] = grouped.by_key[key][0].records
                 n_complete += len(finished)
                 if len(finished) == len(seeds):
                     cell.selections[trial] = select_model(finished, source)
-    return SingleSourceResults(cells, n_envs, problems, sum(len(v) for v in by_key.values()),
-                               n_complete, multi_runs, multi_records, ignored_other,
-                               [*damaged, *(line for run in runs for line in run.skipped)])
+    return cells, n_complete
 
 
 def _run_problem(runs: Sequence[JobFolder], planned_folder: Optional[str]) -> Optional[str]:
