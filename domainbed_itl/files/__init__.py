@@ -5,7 +5,8 @@
 - `runfolder`: a long run's folder (lock, resume and overwrite rules, checkpoint, provenance,
   metrics), shared by meta-training, the CMA-ES search and the loss evaluation;
 - `resources`: the shipped `sweeps/` and `patches/` folders;
-- `sweepfolder`: DomainBed's sweep folders (job folders, `results.jsonl` records, manifests).
+- `sweepfolder`: DomainBed's sweep folders (job folders, `results.jsonl` records, manifests,
+  the empty folders of jobs that never started).
 
 Nothing here imports DomainBed.
 """

@@ -304,10 +304,6 @@ class RunFolder:
             self.log(f"--overwrite: replaced the previous run in {self.path} ({self.replaced})")
             self.replaced = None
 
-    def write_json(self, name: str, value: Any) -> None:
-        """Replace the folder's file `name` by `value` as JSON."""
-        write_atomic(self.path / name, json.dumps(value, indent=1) + "\n", overwrite=True)
-
     def write_views(self, records: Sequence[Mapping[str, Any]], loss: Optional[LossSpec]) -> None:
         """Replace metrics.jsonl by `records` (one line each) and loss.json by `loss` (if any)."""
         write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records),
