@@ -130,11 +130,11 @@ def load_checkpoint(path: Union[str, os.PathLike], kind: RunKind) -> Dict[str, A
 
 
 def progress(ckpt: Mapping[str, Any]) -> Tuple[int, str]:
-    """(done, unit) of a checkpoint of any kind; version 1 counted its records."""
+    """(done, unit) of a checkpoint of any kind; version 1 counted its records (a meta-training
+    one, which holds a trainer, one per outer step)."""
     if "done" in ckpt:
         return int(ckpt["done"]), str(ckpt["unit"])
-    unit = "outer steps" if ckpt.get("format") == "domainbed-itl-meta-checkpoint" else "records"
-    return len(ckpt.get("metrics", ())), unit
+    return len(ckpt.get("metrics", ())), "outer steps" if "trainer" in ckpt else "records"
 
 
 def read_metrics(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
