@@ -193,7 +193,7 @@ def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="DomainBed checkout (default: $DOMAINBED_ROOT, else `import domainbed`)")
     parser.add_argument("--algorithms", nargs="+", default=None,
                         help="only runs of these algorithms (default: all)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch_size", type=int, default=256, help="evaluation batch size")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -203,6 +203,7 @@ def trained_models(args: argparse.Namespace) -> Iterator[tuple]:
     """(run, model, splits) of the runs the flags of `add_trained_run_flags` select."""
     from ..bridge.trained_models import find_runs, selected_models
 
+    parse_device(args.device)
     return selected_models(find_runs(args.inputs), args.algorithms, args.domainbed_root,
                            args.device, args.data_dir)
 
