@@ -232,10 +232,11 @@ def test_replaced_cross_entropy_rejects_unsupported_arguments(bridge):
 
 
 def test_sweep_planning_checks_the_losses_for_the_datasets_classes(tmp_path):
-    from domainbed_itl.bridge.hparams import DATASET_CLASSES, check_sweep_losses
+    from domainbed_itl.bridge.hparams import check_sweep_losses
+    from domainbed_itl.datasets import DATASETS
 
     ours = [name for name in LOSS_ALGORITHMS]
-    check_sweep_losses(ours + ["ERM", "Unknown"], list(DATASET_CLASSES), {})  # defaults all train
+    check_sweep_losses(ours + ["ERM", "Unknown"], list(DATASETS), {})  # defaults all train
     upside = _loss_file(tmp_path, "upside_down.json", "taylor", 4,
                         [v if i < 2 else -v for i, v in enumerate(cross_entropy_taylor_init(4, 10))])
     with pytest.raises(ValueError, match=r"^--hparams: algorithm ITL: the ITL loss of hparams itl_loss="
@@ -251,9 +252,9 @@ def test_sweep_planning_checks_the_losses_for_the_datasets_classes(tmp_path):
 
 @pytest.mark.slow
 def test_dataset_classes_match_domainbed(domainbed, mnist10k):
-    from domainbed_itl.bridge.hparams import DATASET_CLASSES
+    from domainbed_itl.datasets import DATASETS
 
     _, datasets, _ = domainbed
     for name in ("Debug28", "Debug224", "ColoredMNIST", "RotatedMNIST"):
         dataset = datasets.get_dataset_class(name)(str(mnist10k), [0], {"data_augmentation": False})
-        assert dataset.num_classes == DATASET_CLASSES[name], name
+        assert dataset.num_classes == DATASETS[name].classes, name

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from domainbed_itl.datasets import DATASETS
 from domainbed_itl.experiments.paper import (BUILD_TIME_FLAGS, DOMAINBED_SWEEP_FLAGS, EVALUATE_LOSS_FLAGS,
-                                             META_TRAIN_FLAGS, NUM_ENVIRONMENTS, ONE_JOB_RUNNERS,
+                                             META_TRAIN_FLAGS, ONE_JOB_RUNNERS,
                                              SINGLE_SOURCE_SWEEP_FLAGS, Placeholders,
                                              SweepDefinitionError, available, build_commands,
                                              count_jobs, count_stage_jobs, estimate_cost,
@@ -357,7 +358,8 @@ def test_domainbed_sweep_flag_list_is_its_sweeps_flags(domainbed_root):
 def test_num_environments_match_domainbed(domainbed_root):
     from domainbed import datasets
 
-    assert NUM_ENVIRONMENTS == {d: datasets.num_environments(d) for d in NUM_ENVIRONMENTS}
+    ours = {d: facts.environments for d, facts in DATASETS.items()}
+    assert ours == {d: datasets.num_environments(d) for d in DATASETS}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

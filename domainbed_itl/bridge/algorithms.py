@@ -169,6 +169,13 @@ LOSS_ALGORITHMS: Dict[str, AlgorithmSpec] = {
     for loss, entry in LOSSES.items() for name, base in entry.algorithms.items()}
 
 
+# The DomainBed algorithm that trains with each zoo loss (losses.zoo): ERM for cross-entropy, else
+# the ERM-based algorithm of the loss in LOSSES.
+ZOO_ALGORITHMS: Dict[str, str] = {"CE": "ERM", **{
+    loss: name for loss, entry in LOSSES.items() if loss in zoo.ZOO
+    for name, base in entry.algorithms.items() if base == "ERM"}}
+
+
 def check_loss_hparams(algorithm: str, hparams: Mapping,
                        num_classes: Optional[int] = None) -> SupervisedLoss:
     """The supervised loss of our `algorithm` under `hparams`, checked; LossHparamError if not.

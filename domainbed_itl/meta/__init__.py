@@ -5,7 +5,8 @@ Nothing here imports DomainBed: its datasets arrive as tensors through domainbed
 
 from .data import DomainData, check_domains, synthetic_domains
 from .hypergradient import flatten_module, implicit_grad
-from .runner import RunDirError, run_meta_training
+from ..files.runfolder import RunDirError
+from .runner import run_meta_training
 from .solvers import cg, dense, neumann
 from .aggregators import mean, pcgrad
 from .config import InnerSettings, MetaConfig, preset_config

@@ -36,15 +36,16 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
-from ..experiments.paper import (ONE_JOB_RUNNERS, Experiment, Placeholders, Stage, SweepDefinitionError,
-                                 available, build_stage_commands, count_jobs, count_stage_jobs,
-                                 estimate_cost, format_command, load_experiment, referenced_stages,
-                                 stage_args, stage_output_dir, stage_references)
+from ..bridge.domainbed_env import find_domainbed_root, with_pythonpath
+from ..experiments.paper import (ONE_JOB_RUNNERS, Experiment, Placeholders, Stage, available,
+                                 build_stage_commands, count_jobs, count_stage_jobs, estimate_cost,
+                                 format_command, load_experiment, referenced_stages, stage_args,
+                                 stage_output_dir, stage_references)
 from ..bridge.hparams import check_sweep_losses
-from ..bridge.patching import APPLIED, PatchError, status
-from ..files.runlock import FolderLocked, folder_lock
+from ..bridge.patching import APPLIED, status
+from ..files.runlock import folder_lock
 from ..files.sweepfolder import unfinished_jobs
+from ._cli import run_command
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
 # Launchers that return once every job has ended, so that a job folder without `done` failed.
@@ -267,22 +268,24 @@ def _run_commands(stage: Stage, given: Placeholders, folder: str, commands: List
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _main(args), expected=(PaperSweepError,),
+                       interrupted=lambda: "run the same command again to continue: finished "
+                                           "stages and jobs are kept")
+
+
+def _main(args: argparse.Namespace) -> int:
+    """List, show or run; the exit status."""
     sweeps_dir = args.sweeps_dir
-    try:
-        if args.command == "list":
-            print(list_experiments(sweeps_dir))
-            return 0
-        experiment = load_experiment(args.name, sweeps_dir)
-        launcher = _launcher(experiment, args.reduced, args.command_launcher)
-        given = Placeholders(args.data_dir, args.output_dir, launcher, args.domainbed_root)
-        if args.command == "show":
-            print(describe(experiment, args.reduced, given))
-            return 0
-        return run(experiment, args.reduced, given, args.dry_run)
-    except (SweepDefinitionError, PaperSweepError, PatchError, DomainBedNotFound,
-            FolderLocked) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "list":
+        print(list_experiments(sweeps_dir))
+        return 0
+    experiment = load_experiment(args.name, sweeps_dir)
+    launcher = _launcher(experiment, args.reduced, args.command_launcher)
+    given = Placeholders(args.data_dir, args.output_dir, launcher, args.domainbed_root)
+    if args.command == "show":
+        print(describe(experiment, args.reduced, given))
+        return 0
+    return run(experiment, args.reduced, given, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..bridge.domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
+from ..bridge.domainbed_env import (DOMAINBED_URL, check_domainbed_root, clone_domainbed,
                              git_commit, with_pythonpath)
 from ..experiments.paper import format_command
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
-from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, PatchError, apply, import_check, status
-from ..files.runlock import FolderLocked, folder_lock
-from ..files.sweepfolder import is_job_folder, unfinished_jobs
+from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, apply, import_check, status
+from ..files.runlock import folder_lock
+from ..files.sweepfolder import remove_never_started, unfinished_jobs
+from ._cli import run_command
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -156,17 +157,6 @@ def sweep_commands(args: argparse.Namespace, data_dir: Path, output_dir: Path) -
     return [launch, collect]
 
 
-def remove_never_started(output_dir: Path) -> int:
-    """Remove the empty job folders that DomainBed made for jobs it never started (an interrupted
-    sweep makes every folder first), so that its launch runs them; how many."""
-    if not output_dir.is_dir():
-        return 0
-    empty = [p for p in output_dir.iterdir() if is_job_folder(p) and not any(p.iterdir())]
-    for folder in empty:
-        folder.rmdir()
-    return len(empty)
-
-
 def run(args: argparse.Namespace) -> int:
     """All the steps; the exit status."""
     _validate(args)
@@ -229,14 +219,9 @@ def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pat
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (QuickstartInputError, DomainBedNotFound, PatchError, FolderLocked) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except QuickstartError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_command(lambda: run(args), expected=(QuickstartInputError,),
+                       failures=(QuickstartError,),
+                       interrupted=lambda: "run the same command again to finish the sweep")
 
 
 if __name__ == "__main__":

@@ -55,14 +55,15 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 
 from ..bridge.algorithms import LOSS_ALGORITHMS
-from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root, import_domainbed, with_pythonpath
+from ..bridge.domainbed_env import find_domainbed_root, import_domainbed, with_pythonpath
 from ..bridge.launchers import (Launcher, SubmititConfig, SubmititJobsFailed,
                                      make_submitit_launcher)
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
-from ..files.runlock import FolderLocked, folder_lock
+from ..files.runlock import folder_lock
 from ..single_source.planning import single_source_args
 from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
 from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
+from ._cli import run_command
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
@@ -203,25 +204,26 @@ def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> La
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; 1 when launched jobs failed, 2 on bad input."""
     args = build_parser().parse_args(argv)
-    try:
-        check_losses(args)  # before DomainBed is even imported
-        sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
-        datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
-        algorithms = import_domainbed(args.domainbed_root, "domainbed.algorithms")
-        misc = import_domainbed(args.domainbed_root, "domainbed.lib.misc")
-        command_launchers = import_domainbed(args.domainbed_root, "domainbed.command_launchers")
-        checkout = find_domainbed_root(args.domainbed_root)
-        args.datasets = args.datasets or list(sweep.DATASETS)
-        args.algorithms = args.algorithms or list(algorithms.ALGORITHMS)
-        validate(args, datasets, algorithms, command_launchers.REGISTRY, checkout)
-        for algorithm in args.algorithms:
-            if algorithm in ONE_DOMAIN_NOTES:
-                print(f"note: {ONE_DOMAIN_NOTES[algorithm]}.")
-        launcher_fn = make_launcher(args, command_launchers.REGISTRY) if args.command == "launch" else None
-    except (SweepInputError, DomainBedNotFound) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _main(args), interrupted=lambda: "run the same command again to "
+                       "launch the jobs that have no folder yet")
 
+
+def _main(args: argparse.Namespace) -> int:
+    """Validate, plan, then launch or delete holding the output folder's lock; the exit status."""
+    check_losses(args)  # before DomainBed is even imported
+    sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
+    datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
+    algorithms = import_domainbed(args.domainbed_root, "domainbed.algorithms")
+    misc = import_domainbed(args.domainbed_root, "domainbed.lib.misc")
+    command_launchers = import_domainbed(args.domainbed_root, "domainbed.command_launchers")
+    checkout = find_domainbed_root(args.domainbed_root)
+    args.datasets = args.datasets or list(sweep.DATASETS)
+    args.algorithms = args.algorithms or list(algorithms.ALGORITHMS)
+    validate(args, datasets, algorithms, command_launchers.REGISTRY, checkout)
+    for algorithm in args.algorithms:
+        if algorithm in ONE_DOMAIN_NOTES:
+            print(f"note: {ONE_DOMAIN_NOTES[algorithm]}.")
+    launcher_fn = make_launcher(args, command_launchers.REGISTRY) if args.command == "launch" else None
     args_list = sweep.make_args_list(
         n_trials=args.n_trials, dataset_names=args.datasets, algorithms=args.algorithms,
         n_hparams_from=args.n_hparams_from, n_hparams=args.n_hparams, steps=args.steps,
@@ -230,12 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     planned = single_source_args(args_list, datasets.num_environments, misc.seed_hash,
                                  args.sources, args.checkpoint_freq)
     nothing_there = args.command == "delete_incomplete" and not os.path.isdir(args.output_dir)
-    try:
-        with contextlib.nullcontext() if nothing_there else folder_lock(args.output_dir):
-            return _run(args, sweep, planned, launcher_fn, checkout)
-    except FolderLocked as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with contextlib.nullcontext() if nothing_there else folder_lock(args.output_dir):
+        return _run(args, sweep, planned, launcher_fn, checkout)
 
 
 def _run(args: argparse.Namespace, sweep: ModuleType, planned, launcher_fn: Optional[Launcher],
