@@ -3,7 +3,8 @@
 - `atomic`: the one way an output file is written (atomic, never replacing what it did not make);
 - `runlock`: one writer per output folder;
 - `resources`: the shipped `sweeps/` and `patches/` folders;
-- `sweepfolder`: DomainBed's sweep folders (job folders, `results.jsonl` records, manifests).
+- `sweepfolder`: DomainBed's sweep folders (job folders, `results.jsonl` records, manifests);
+- `job_progress`: a progress bar over a sweep's jobs, from their `done` markers.
 
 Nothing here imports DomainBed.
 """
