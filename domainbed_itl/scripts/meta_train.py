@@ -23,7 +23,7 @@ from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
 from ..losses.taylor import MAX_ORDER, MIN_ORDER
 from ..meta.aggregators import AGGREGATORS, REDUCTIONS
-from ..meta.data import DomainData, synthetic_domains
+from ..meta.data import DomainData, synthetic_dataset
 from ..meta.inner import INNER_OPTIMIZERS
 from ..meta.config import GUESSES, META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir, run_meta_training
@@ -245,7 +245,7 @@ def _check_data_args(args: argparse.Namespace) -> None:
 
 def _load_data(args: argparse.Namespace) -> DomainData:
     if args.dataset == "synthetic":
-        return synthetic_domains(per_domain=args.per_domain_cap or 500, seed=args.data_seed)
+        return synthetic_dataset(per_domain=args.per_domain_cap or 500, seed=args.data_seed)
     _check_data_args(args)
     from ..bridge.domainbed_data import load_domainbed_domains
     return load_domainbed_domains(args.dataset, args.data_dir, args.domainbed_root,
