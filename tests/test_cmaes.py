@@ -12,7 +12,7 @@ import torch
 from domainbed_itl.analysis.search_curves import at_budget, inner_trainings, search_curve
 from domainbed_itl.losses import load_loss
 from domainbed_itl.meta.cmaes import CMAConfig, CMASearch, default_popsize, run_cma_search
-from domainbed_itl.meta.data import synthetic_domains
+from domainbed_itl.meta.data import synthetic_dataset, synthetic_domains
 from domainbed_itl.files.runfolder import REQUIRED, RunDirError, read_metrics
 from domainbed_itl.meta.config import MetaConfig
 from domainbed_itl.meta.trainer import MetaTrainer
@@ -329,7 +329,7 @@ def test_plot_search_on_a_real_ift_run_and_a_real_cma_run(tmp_path):
     # Generation 1 of CMA-ES and step 1 of IFT train with the same randomness: a candidate
     # equal to IFT's initial ω would score IFT's step-1 M.
     ift_first = read_metrics(tmp_path / "ift" / "metrics.jsonl")[0]
-    data = synthetic_domains(per_domain=40, seed=0)
+    data = synthetic_dataset(per_domain=40, seed=0)  # what --dataset synthetic loads
     meta = MetaConfig(**{**load_loss(tmp_path / "cma" / "loss.json").provenance["meta_config"]})
     trainer = MetaTrainer(data.domains, data.num_classes, meta)
     assert trainer.heldout_objective(trainer.omega, 1)["outer_heldout_loss"] == pytest.approx(

@@ -21,7 +21,7 @@ from domainbed_itl.bridge.domainbed_env import DomainBedNotFound
 from domainbed_itl.losses import LossSpec, get_family, load_loss, save_loss
 from domainbed_itl.files import runfolder
 from domainbed_itl.files.runfolder import RunDirError, load_checkpoint
-from domainbed_itl.meta.data import synthetic_domains
+from domainbed_itl.meta.data import synthetic_dataset, synthetic_domains
 from domainbed_itl.meta.runner import META_RUN, data_fingerprint, run_meta_training
 from domainbed_itl.meta.config import MetaConfig, preset_config
 from domainbed_itl.meta.draws import step_generator
@@ -696,7 +696,7 @@ def test_version_1_checkpoints_resume_with_the_values_of_their_time(tmp_path, ca
     argv = CLI_TINY + ["--seed", "2"]
     config = preset_config(meta_train.DEFAULT_PRESET, {
         "inner_steps": 8, "hidden": (8,), "hvp_batch": 32, "outer_lr": 0.0001, "seed": 2})
-    _version1_run(tmp_path / "old", synthetic_domains(per_domain=48, seed=0), config, steps=2)
+    _version1_run(tmp_path / "old", synthetic_dataset(per_domain=48, seed=0), config, steps=2)
     assert meta_train.main(argv + ["--outer_steps", "3", "--output_dir", str(tmp_path / "full")]) == 0
     again = argv + ["--outer_steps", "3", "--output_dir", str(tmp_path / "old"), "--resume"]
     assert meta_train.main(again) == 0
@@ -706,7 +706,7 @@ def test_version_1_checkpoints_resume_with_the_values_of_their_time(tmp_path, ca
     provenance = load_loss(tmp_path / "old" / "loss.json").provenance
     assert provenance["command"] == meta_train_command(again) and "resumed" not in provenance
     assert final[1]["version"] == 2 and final[1]["device"] == "cpu"
-    assert run_meta_training(synthetic_domains(per_domain=48, seed=0),
+    assert run_meta_training(synthetic_dataset(per_domain=48, seed=0),
                              dataclasses.replace(config, outer_steps=4), tmp_path / "old",
                              resume=True, progress=False, provenance={"command": "later"}).steps_done == 4
     provenance = load_loss(tmp_path / "old" / "loss.json").provenance

@@ -9,7 +9,8 @@
 - `loss_evaluation`: the losses `evaluate_loss` takes, and its DomainBed protocol (plan, launch,
   collect);
 - `domainbed_data`: DomainBed's datasets as per-domain tensors for meta-learning;
-- `trained_models`: DomainBed's run folders and checkpoints (`TrainedRun`), for the analyses.
+- `trained_models`: DomainBed's run folders and checkpoints (`TrainedRun`), for the analyses;
+- `sweep_estimate`: how long a sweep will take, from a few training steps timed here.
 
 Nothing outside this folder and `domainbed_itl.scripts` imports DomainBed or these modules
 (tests/test_layout.py), except the package's two public doors: `domainbed_itl.register()` and

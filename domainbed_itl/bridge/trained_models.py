@@ -205,6 +205,8 @@ class Splits:
     in_splits: List[Dataset]
     out_splits: List[Dataset]
     test_envs: List[int]
+    input_shape: Tuple[int, ...] = ()
+    num_classes: int = 0
 
     @property
     def sources(self) -> List[int]:
@@ -244,7 +246,8 @@ def rebuild_splits(args: Dict[str, Any], hparams: Dict[str, Any], data_dir: Opti
                                         misc.seed_hash(args["trial_seed"], env_i))
         in_splits.append(in_)
         out_splits.append(out)
-    return Splits(list(dataset.ENVIRONMENTS), in_splits, out_splits, test_envs)
+    return Splits(list(dataset.ENVIRONMENTS), in_splits, out_splits, test_envs,
+                  tuple(dataset.input_shape), int(dataset.num_classes))
 
 
 def subsample(dataset: Dataset, limit: Optional[int], seed: int = 0) -> Dataset:

@@ -6,7 +6,8 @@
   metrics), shared by meta-training, the CMA-ES search and the loss evaluation;
 - `resources`: the shipped `sweeps/` and `patches/` folders;
 - `sweepfolder`: DomainBed's sweep folders (job folders, `results.jsonl` records, manifests,
-  the empty folders of jobs that never started).
+  the empty folders of jobs that never started);
+- `job_progress`: a progress bar over a sweep's jobs, from their `done` markers.
 
 Nothing here imports DomainBed.
 """

@@ -30,7 +30,7 @@ from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..bridge.patching import PatchError
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
-from ..meta.data import DomainData, synthetic_domains
+from ..meta.data import DomainData, synthetic_dataset
 from ..meta.inner import INNER_OPTIMIZERS
 
 # Errors that a user's input or environment causes: one line and exit status 2.
@@ -264,7 +264,7 @@ def check_data_flags(flags: Mapping[str, Any]) -> None:
 def load_data(flags: Mapping[str, Any]) -> DomainData:
     """The per-domain tensors the data flags name: synthetic domains, or DomainBed's dataset."""
     if flags["dataset"] == "synthetic":
-        return synthetic_domains(per_domain=flags["per_domain_cap"] or 500, seed=flags["data_seed"])
+        return synthetic_dataset(per_domain=flags["per_domain_cap"] or 500, seed=flags["data_seed"])
     check_data_flags(flags)
     from ..bridge.domainbed_data import load_domainbed_domains
     return load_domainbed_domains(flags["dataset"], flags["data_dir"], flags["domainbed_root"],
