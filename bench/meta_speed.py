@@ -27,8 +27,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from domainbed_itl.meta.data import DomainData, synthetic_domains
-from domainbed_itl.meta.presets import preset_config
-from domainbed_itl.meta.trainer import MetaConfig, MetaTrainer
+from domainbed_itl.meta.config import preset_config
+from domainbed_itl.meta.config import MetaConfig
+from domainbed_itl.meta.trainer import MetaTrainer
 
 
 def matmul_throughput(shapes, repeats: int = 50) -> float:

@@ -14,7 +14,8 @@ from domainbed_itl.losses import load_loss
 from domainbed_itl.meta.cmaes import CMAConfig, CMASearch, default_popsize, run_cma_search
 from domainbed_itl.meta.data import synthetic_domains
 from domainbed_itl.meta.runner import RunDirError
-from domainbed_itl.meta.trainer import MetaConfig, MetaTrainer
+from domainbed_itl.meta.config import MetaConfig
+from domainbed_itl.meta.trainer import MetaTrainer
 from domainbed_itl.scripts import cma_search, meta_train, plot_meta, plot_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from domainbed_itl.analysis import comparison
 from domainbed_itl.losses import ITL_PARAMETERS, TaylorLoss
 from domainbed_itl.meta import synthetic_domains
 from domainbed_itl.meta.evaluate import Protocol, evaluate_losses
-from domainbed_itl.meta.presets import preset_config
+from domainbed_itl.meta.config import preset_config
 from domainbed_itl.meta.trainer import MetaTrainer
 from domainbed_itl.scripts import evaluate_loss
 

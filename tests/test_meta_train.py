@@ -21,7 +21,9 @@ from domainbed_itl.losses import LossSpec, load_loss
 from domainbed_itl.meta import runner
 from domainbed_itl.meta.data import synthetic_domains
 from domainbed_itl.meta.runner import RunDirError, run_meta_training
-from domainbed_itl.meta.trainer import MetaConfig, MetaTrainer, NonFiniteError, step_generator
+from domainbed_itl.meta.config import MetaConfig
+from domainbed_itl.meta.draws import step_generator
+from domainbed_itl.meta.trainer import MetaTrainer, NonFiniteError
 from domainbed_itl.scripts import meta_train, plot_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,12 +181,12 @@ def test_diagnostics_are_what_they_say():
     trainer._heldout = spy
     first = trainer.outer_step()
     thetas, draws, vs = captured["thetas"], captured["draws"], captured["out"][0]
-    for i, idx in enumerate(draws["source_eval"]):
+    for i, idx in enumerate(draws.source_eval):
         theta = thetas[i].clone().requires_grad_()
         loss = trainer.family.loss(trainer.apply(theta, trainer.x[idx]), trainer.y[idx], omega)
         (g,) = torch.autograd.grad(loss, theta)
         assert first["per_domain"]["inner_grad_norm"][i] == pytest.approx(float(g.norm()), rel=1e-4)
-        hvp_idx = draws["hvp"][i]
+        hvp_idx = draws.hvp[i]
         x_h, y_h = trainer.x[hvp_idx], trainer.y[hvp_idx]
         h = hessian(lambda t, x_h=x_h, y_h=y_h: trainer.family.loss(trainer.apply(t, x_h), y_h, omega)
                     )(thetas[i]).double()
@@ -264,7 +266,7 @@ def test_heldout_objective_is_the_outer_steps_objective():
 
 
 def test_paper_preset_is_the_papers_protocol_read_literally():
-    from domainbed_itl.meta.presets import GUESSES, META_PRESETS, preset_config
+    from domainbed_itl.meta.config import GUESSES, META_PRESETS, preset_config
 
     config = preset_config("paper")
     assert (config.outer_lr, config.inner_lr, config.batch_size, config.neumann_steps,
@@ -281,7 +283,7 @@ def test_paper_preset_is_the_papers_protocol_read_literally():
 
 
 def test_the_guarded_preset_is_the_paper_preset_with_a_residual_guard_and_the_default():
-    from domainbed_itl.meta.presets import preset_config
+    from domainbed_itl.meta.config import preset_config
     from domainbed_itl.scripts.meta_train import DEFAULT_PRESET, build_parser
 
     paper, guarded = preset_config("paper").to_dict(), preset_config("paper_guarded").to_dict()

@@ -123,7 +123,7 @@ def test_meta_train_command_has_no_launcher_and_no_collection():
 
 @pytest.mark.parametrize("reduced", [False, True])
 def test_table8_definition_runs_the_paper_preset(reduced):
-    from domainbed_itl.meta.presets import preset_config
+    from domainbed_itl.meta.config import preset_config
     from domainbed_itl.scripts.meta_train import build_parser
 
     (command,) = build_commands(load_experiment("table8_fig3_meta_train"), reduced, Placeholders())

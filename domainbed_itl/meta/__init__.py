@@ -1,6 +1,6 @@
 """The meta-learner: loss parameters ω learned by leave-one-domain-out implicit gradients.
 
-Nothing here imports DomainBed except `domainbed_data` (imported only on demand).
+Nothing here imports DomainBed: its datasets arrive as tensors through domainbed_itl.bridge.domainbed_data.
 """
 
 from .data import DomainData, check_domains, synthetic_domains
@@ -8,10 +8,13 @@ from .hypergradient import flatten_module, implicit_grad
 from .runner import RunDirError, run_meta_training
 from .solvers import cg, dense, neumann
 from .aggregators import mean, pcgrad
-from .trainer import MetaConfig, MetaTrainer, NonFiniteError, mlp, step_generator
+from .config import InnerSettings, MetaConfig, preset_config
+from .draws import step_generator
+from .inner import mlp
+from .trainer import MetaTrainer, NonFiniteError
 
 __all__ = [
-    "DomainData", "MetaConfig", "MetaTrainer", "NonFiniteError", "RunDirError", "cg",
+    "DomainData", "InnerSettings", "MetaConfig", "MetaTrainer", "NonFiniteError", "RunDirError", "cg",
     "check_domains", "dense", "flatten_module", "implicit_grad", "mean", "mlp", "neumann",
-    "pcgrad", "run_meta_training", "step_generator", "synthetic_domains",
+    "pcgrad", "preset_config", "run_meta_training", "step_generator", "synthetic_domains",
 ]

@@ -40,7 +40,7 @@ from .runner import (CHECKPOINT, LOSS, METRICS, REPLACED, RunDirError, check_out
                      load_checkpoint, log_stderr, move_aside, replacing, source_commit)
 from .runner import _save_checkpoint as save_checkpoint
 from .runner import _write_metrics as write_metrics
-from .trainer import MetaConfig
+from .config import MetaConfig
 
 # An objective: ω and the generation (1, 2, ...) -> a dict holding at least `FITNESS`.
 Objective = Callable[[List[float], int], Dict[str, Any]]

@@ -13,20 +13,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import inner
+from .config import InnerSettings, check_bool, check_positive_int
 from .data import DomainData
+from .draws import StepDraws, domain_indices, draw_step, evaluation_generator
 
 LossFn = Callable[..., torch.Tensor]
-_EVAL_STREAM = 0x45564C  # keeps evaluation draws apart from meta-training's (seed, step) draws
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """The inner training every loss gets: base network, optimiser, steps, batch."""
+    """The inner training every loss gets: base network, optimiser, batch, and the step counts
+    after which the networks are evaluated (MetaConfig's inner settings, with several lengths)."""
 
     inner_steps: Tuple[int, ...] = (1000,)
     inner_lr: float = 0.01
@@ -42,39 +43,27 @@ class Protocol:
         object.__setattr__(self, "hidden", tuple(self.hidden))
         if not self.inner_steps or min(self.inner_steps) < 1:
             raise ValueError(f"inner_steps must be positive step counts, got {self.inner_steps!r}")
-        if self.batch_size < 1 or not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"batch_size and hidden widths must be positive, got {self.batch_size!r} "
-                             f"and {self.hidden!r}")
-        if not self.inner_lr > 0:
-            raise ValueError(f"inner_lr must be > 0, got {self.inner_lr!r}")
-        if self.eval_size is not None and self.eval_size < 1:
-            raise ValueError(f"eval_size must be positive or None, got {self.eval_size!r}")
-        inner.InnerOptimizer(self.inner_optimizer, self.inner_lr, self.inner_momentum)
+        _ = self.inner  # validates the inner-training settings
+        if self.eval_size is not None:
+            check_positive_int("eval_size", self.eval_size)
+        check_bool("batched", self.batched)
+
+    @property
+    def inner(self) -> InnerSettings:
+        """The inner-training settings, trained to the longest of `inner_steps`."""
+        return InnerSettings(max(self.inner_steps), self.inner_lr, self.inner_optimizer,
+                             self.inner_momentum, self.batch_size, self.hidden)
 
     def to_dict(self) -> Dict[str, Any]:
         """The protocol as a plain dict (for the report)."""
         return asdict(self)
 
 
-def _generator(seed: int) -> torch.Generator:
-    state = np.random.SeedSequence([_EVAL_STREAM, seed]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def _draws(data: DomainData, seed: int, protocol: Protocol) -> Dict[str, Any]:
+def _draws(data: DomainData, seed: int, protocol: Protocol) -> StepDraws:
     """Initial-weight seeds, minibatches and source evaluation subsets of one seed (CPU)."""
-    sizes = [len(y) for _, y in data.domains]
-    bounds = np.cumsum([0, *sizes]).tolist()
-    domain_index = [torch.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    source_index = [torch.cat(domain_index[:i] + domain_index[i + 1:]) for i in range(len(sizes))]
-    g = _generator(seed)
-    steps = max(protocol.inner_steps)
-    batches = torch.stack([s[torch.randint(len(s), (steps, protocol.batch_size), generator=g)]
-                           for s in source_index])
-    evals = [s if protocol.eval_size is None or protocol.eval_size >= len(s)
-             else s[torch.randperm(len(s), generator=g)[:protocol.eval_size]] for s in source_index]
-    return {"init_seeds": torch.randint(2 ** 62, (len(sizes),), generator=g).tolist(),
-            "batches": batches, "heldout": domain_index, "source_eval": evals}
+    domains, sources = domain_indices([len(y) for _, y in data.domains])
+    return draw_step(evaluation_generator(seed), domains, sources, max(protocol.inner_steps),
+                     protocol.batch_size, eval_size=protocol.eval_size)
 
 
 def _accuracy_and_ce(params: inner.Params, i: int, x: torch.Tensor,
@@ -98,14 +87,13 @@ def evaluate_losses(data: DomainData, losses: Mapping[str, LossFn], seeds: Seque
     x = torch.cat([d[0] for d in data.domains]).to(device, torch.float32)
     y = torch.cat([d[1] for d in data.domains]).to(device)
     model = inner.mlp(x.shape[1], protocol.hidden, data.num_classes)
-    optimizer = inner.InnerOptimizer(protocol.inner_optimizer, protocol.inner_lr,
-                                     protocol.inner_momentum)
+    optimizer = protocol.inner.optimizer()
     records = []
     for seed in seeds:
         draws = _draws(data, seed, protocol)
-        batches = draws["batches"].to(device)
+        batches = draws.batches.to(device)
         for name, loss in losses.items():
-            params = inner.init_params(model, draws["init_seeds"], device)
+            params = inner.init_params(model, draws.init_seeds, device)
             state = optimizer.init_state(params)
             done, history = 0, []
             for steps in protocol.inner_steps:
@@ -114,7 +102,7 @@ def evaluate_losses(data: DomainData, losses: Mapping[str, LossFn], seeds: Seque
                 done = steps
                 train_losses = torch.cat(history, dim=1)
                 for i, env in enumerate(data.environments):
-                    idx, src = draws["heldout"][i].to(device), draws["source_eval"][i].to(device)
+                    idx, src = draws.heldout[i].to(device), draws.source_eval[i].to(device)
                     acc, ce = _accuracy_and_ce(params, i, x[idx], y[idx])
                     source_acc, _ = _accuracy_and_ce(params, i, x[src], y[src])
                     records.append({

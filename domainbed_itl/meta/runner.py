@@ -41,7 +41,8 @@ from ..files.atomic import write_atomic
 from ..losses.lossfile import LossSpec, save_loss
 from ..files.runlock import CONTROL_PREFIX, folder_lock, is_control_entry
 from .data import DomainData
-from .trainer import MetaConfig, MetaTrainer, NonFiniteError
+from .config import MetaConfig
+from .trainer import MetaTrainer, NonFiniteError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"

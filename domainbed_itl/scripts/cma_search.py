@@ -26,7 +26,7 @@ from ..bridge.domainbed_env import DomainBedNotFound
 from ..losses.lossfile import LossFileError
 from ..meta.cmaes import CMAConfig, run_cma_search
 from ..meta.inner import INNER_OPTIMIZERS
-from ..meta.presets import META_PRESETS
+from ..meta.config import META_PRESETS
 from ..meta.runner import LOSS, RunDirError, check_output_dir
 from ..files.runlock import FolderLocked, folder_lock
 from .meta_train import (DEFAULT_PRESET, _check_data_args, _command_line, _device, _load_data,

@@ -25,9 +25,9 @@ from ..losses.taylor import MAX_ORDER, MIN_ORDER
 from ..meta.aggregators import AGGREGATORS, REDUCTIONS
 from ..meta.data import DomainData, synthetic_domains
 from ..meta.inner import INNER_OPTIMIZERS
-from ..meta.presets import GUESSES, META_PRESETS, preset_config
+from ..meta.config import GUESSES, META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir, run_meta_training
-from ..meta.trainer import NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, NonFiniteError
+from ..meta.trainer import NonFiniteError
 from ..files.runlock import FolderLocked, folder_lock
 
 DEFAULT_PRESET = "paper_guarded"

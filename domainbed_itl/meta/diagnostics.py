@@ -1,0 +1,86 @@
+"""Whether an outer step's hypergradients can be trusted, and the step's metrics record.
+
+The implicit function theorem assumes that every inner network ends at a stationary point of
+its training loss (∂L_ω/∂θ = 0) and the linear solve of Algorithm 2 approximates H⁻¹v. So each
+step records the inner gradient norm at the returned θ and at the start (stationarity), the
+relative residual of every solve and, every `reference_every` steps, how one domain's
+hypergradient compares with a long MINRES solve of the same system (MINRES, not CG: away from a
+minimum the Hessian is indefinite). Pure functions of tensors and callables; no state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Sequence
+
+import torch
+from torch import Tensor
+
+from . import solvers
+from .hypergradient import adjoint_residual, implicit_grad
+
+InnerGrad = Callable[..., Tensor]
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """The cosine of the angle between two flat vectors (0 when one is zero)."""
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(torch.finfo(a.dtype).tiny))
+
+
+def grad_norms(inner_grad: InnerGrad, thetas: Tensor, omega: Tensor, x: Tensor, y: Tensor,
+               index: Sequence[Tensor]) -> Tensor:
+    """‖∂L_ω/∂θ‖ of each θ_i on its examples index[i]: how stationary network i is."""
+    return torch.stack([inner_grad(thetas[i], omega, x[idx], y[idx]).norm()
+                        for i, idx in enumerate(index)])
+
+
+def accuracies(apply: Callable[[Tensor, Tensor], Tensor], thetas: Tensor, x: Tensor, y: Tensor,
+               index: Sequence[Tensor]) -> Tensor:
+    """The accuracy of each network θ_i on its examples index[i]."""
+    with torch.no_grad():
+        return torch.stack([(apply(thetas[i], x[idx]).argmax(1) == y[idx]).float().mean()
+                            for i, idx in enumerate(index)])
+
+
+def reference_comparison(inner_grad: InnerGrad, theta: Tensor, omega: Tensor, v: Tensor,
+                         hypergradient: Tensor, maxiter: int) -> Dict[str, Any]:
+    """One domain's hypergradient against the one a MINRES solve of `maxiter` iterations gives
+    for the same system: their cosine and norm ratio, and the reference's own residual."""
+    reference_solve = functools.partial(solvers.minres, maxiter=maxiter)
+    h_ref, u = implicit_grad(inner_grad, theta, omega, v, reference_solve, return_adjoint=True)
+    residual = adjoint_residual(inner_grad, theta, omega, v, u)
+    return {"cosine": cosine(hypergradient, h_ref),
+            "norm_ratio": float(hypergradient.norm() / h_ref.norm().clamp_min(1e-30)),
+            "reference_residual": float(residual), "reference_maxiter": maxiter}
+
+
+def step_record(step: int, omega: Tensor, h: Tensor, per_domain: Dict[str, Tensor],
+                trusted: Tensor, times: Sequence[float]) -> Dict[str, Any]:
+    """The metrics record of one outer step (a line of metrics.jsonl).
+
+    per_domain: tensors of one value per domain, keyed inner_source_acc, heldout_acc,
+    heldout_loss, inner_loss, inner_grad_norm, inner_grad_norm_start, solver_residual and
+    hypergradient_norm; times: the clock after the start, the inner training, the
+    hypergradients, the update and evaluation, and the diagnostics.
+    """
+    d = per_domain
+    t0, t1, t2, t3, t4 = times
+    return {
+        "step": step,
+        "inner_source_acc": float(d["inner_source_acc"].mean()),
+        "outer_heldout_acc": float(d["heldout_acc"].mean()),
+        "outer_heldout_loss": float(d["heldout_loss"].mean()),
+        "inner_loss": float(d["inner_loss"].mean()),
+        "hypergradient_norm": float(h.norm()),
+        "inner_grad_norm": float(d["inner_grad_norm"].mean()),
+        "inner_grad_norm_ratio": float((d["inner_grad_norm"] / d["inner_grad_norm_start"]).mean()),
+        "solver_residual": float(d["solver_residual"].mean()),
+        "trusted_domains": int(trusted.sum()),
+        "omega": omega.tolist(),
+        "per_domain": {k: v.tolist() for k, v in d.items()},
+        "time_inner_s": t1 - t0,
+        "time_hypergradient_s": t2 - t1,
+        "time_eval_s": t3 - t2,
+        "time_diagnostics_s": t4 - t3,
+        "time_step_s": t4 - t0,
+    }
