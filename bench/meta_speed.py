@@ -115,6 +115,8 @@ def main() -> None:
     p.add_argument("--preset", default="paper")
     p.add_argument("--steps", type=int, default=3, help="measured outer steps per mode")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--square", type=int, default=2048, help="size of the square product whose "
+                   "throughput is printed beside the inner loop's")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     if args.threads:
@@ -140,11 +142,12 @@ def main() -> None:
     flops = step_flops(data, base, device)
     # The inner loop's big products: the first layer's forward and its weight gradient.
     shapes = [(n, base.batch_size, features, args.hidden), (n, args.hidden, base.batch_size, features)]
-    square = matmul_throughput([(1, 2048, 2048, 2048)], device, repeats=5)
+    square = matmul_throughput([(1, args.square, args.square, args.square)], device, repeats=5)
     results, own = measure(data, base, args.steps, device, shapes)
     floor = flops / own
     print(f"one outer step: {flops / 1e9:.0f} GFLOP; matmul throughput {own / 1e9:.0f} GFLOP/s on "
-          f"the inner loop's shapes (median over the steps), {square / 1e9:.0f} GFLOP/s on 2048^3")
+          f"the inner loop's shapes (median over the steps), {square / 1e9:.0f} GFLOP/s on "
+          f"{args.square}^3")
     print(f"{'mode':<11} {'s/outer step':>12} {'inner train':>12} {'hypergrad':>10} "
           f"{'diagnostics':>12} {'floor (own shapes)':>19}")
     for mode, r in results.items():
@@ -152,7 +155,7 @@ def main() -> None:
               f"{r['diagnostics']:>12.3f} {floor:>19.3f}")
     seq, bat = results["sequential"], results["batched"]
     print(f"batched speed-up per outer step: {seq['step'] / bat['step']:.2f}x; batched step / "
-          f"arithmetic floor: {bat['step'] / floor:.2f}x (on 2048^3 throughput: "
+          f"arithmetic floor: {bat['step'] / floor:.2f}x (on {args.square}^3 throughput: "
           f"{bat['step'] / (flops / square):.2f}x)")
 
 

@@ -6,6 +6,7 @@ bench/ is not a package: its scripts are loaded from their files.
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 
 import torch
@@ -63,3 +64,43 @@ def test_the_flop_count_includes_the_in_place_products():
             product()
         counts.append(counter.get_total_flops())
     assert counts == [2 * 3 * 5 * 4 * 7, 2 * 3 * 5 * 4 * 7, 2 * 5 * 4 * 7]
+
+
+def _gpu_check(*args, timeout=600):
+    import subprocess
+    import sys
+
+    from conftest import DOMAINBED_ROOT, with_pythonpath
+
+    env = with_pythonpath(REPO)
+    env.pop("DOMAINBED_ROOT", None)
+    root = ("--domainbed_root", str(DOMAINBED_ROOT)) if DOMAINBED_ROOT is not None else ()
+    return subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), *args, *root],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_gpu_check_runs_every_check_on_the_cpu_at_tiny_sizes():
+    """The GPU check script, exercised on the CPU (CI has no GPU): every command it drives runs
+    and the summary table says so; what needs CUDA or DomainBed says why it was skipped."""
+    from conftest import DOMAINBED_ROOT
+
+    result = _gpu_check("--device", "cpu", "--tiny")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("\ncheck "):]
+    rows = dict(re.match(r"(.+?)\s{2,}(ok|failed|skipped)\s", line).groups()
+                for line in table.strip().splitlines()[1:])
+    domainbed = "ok" if DOMAINBED_ROOT is not None else "skipped"
+    assert rows == {"meta_train batched + reference solve": "ok", "meta_train sequential + CG": "ok",
+                    "bitwise resume": "ok", "cross-device resume refused": "skipped",
+                    "CMA-ES generation": "ok", "evaluate_loss meta": "ok",
+                    "DomainBed train, our algorithms": domainbed, "bench/meta_speed.py": "ok"}, table
+    assert "needs a checkpoint written on CUDA" in table
+
+
+def test_the_gpu_check_refuses_a_device_it_cannot_use():
+    import torch
+
+    for device, message in [("tpu", "expected cpu, cuda or cuda:N"),
+                            *([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")])]:
+        result = _gpu_check("--device", device, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
