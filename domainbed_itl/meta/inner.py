@@ -158,7 +158,7 @@ def loss_and_grad(loss: LossFn) -> LossAndGrad:
 def _step(params: Params, loss: LossAndGrad, optimizer: InnerOptimizer, state: Dict[str, object],
           x: Tensor, y: Tensor) -> Tensor:
     """One optimiser step of every stacked MLP on x (n, batch, features), y (n·batch,); returns
-    the per-network mean losses (n,). Backpropagation is written out: one batched product per
+    the per-example losses (n, batch). Backpropagation is written out: one batched product per
     layer forward, two backward (one for the first layer); for SGD the update is fused into the
     weight-gradient product."""
     n, batch = x.shape[:2]
@@ -186,7 +186,7 @@ def _step(params: Params, loss: LossAndGrad, optimizer: InnerOptimizer, state: D
         state["step"] = int(state["step"]) + 1
     else:
         optimizer.step(params, grads, state)
-    return values.view(n, batch).mean(1)
+    return values.view(n, batch)
 
 
 def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
@@ -215,7 +215,7 @@ def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[s
                               x.index_select(0, order[t].view(-1)).view(*order[t].shape, -1),
                               targets[t].view(-1))
                         for t in range(steps)]
-            losses[group] = torch.stack(per_step, dim=1)
+            losses[group] = torch.stack(per_step, dim=1).mean(2)
     state["step"] = start + steps
     return losses
 
