@@ -214,7 +214,8 @@ def _patched_domainbed(ctx: Context) -> Path:
     """The DomainBed checkout if our hooks are applied there, else a patched copy."""
     root = Path(ctx.domainbed_root)
     patch = ["-m", "domainbed_itl.scripts.patch"]
-    if ctx.run([*patch, "check", "--domainbed_root", str(root)], check=False).returncode == 0:
+    report = ctx.run([*patch, "check", "--domainbed_root", str(root)], check=False).stdout
+    if report.strip() and all(line.endswith(": applied") for line in report.strip().splitlines()):
         return root
     copy = ctx.workdir / "DomainBed"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc"))
