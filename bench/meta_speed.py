@@ -18,12 +18,16 @@ examples), on `--device`:
    throughput, the time the arithmetic alone would take.
 
 On CUDA every time is read after torch.cuda.synchronize(), so that it includes the queued work.
+On a CPU shared with other jobs, `--clock cpu --threads 1` times the steps and the floor in this
+process's CPU seconds, which the other jobs' share of the cores does not inflate.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
+import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -45,15 +49,23 @@ def _product_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
 IN_PLACE_FLOPS = {torch.ops.aten.baddbmm_: _product_flops, torch.ops.aten.addmm_: _product_flops}
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> Tuple[float, object]:
-    """(seconds, result) of fn(), the clock read only once `device` has finished its work."""
-    start = clock(device)
+Clock = Callable[[], float]
+
+
+def wall_clock(device: torch.device) -> Clock:
+    """The wall clock, read only once `device` has finished its queued work."""
+    return functools.partial(clock, device)
+
+
+def timed(fn: Callable[[], object], now: Clock) -> Tuple[float, object]:
+    """(seconds, result) of fn(), timed by the clock `now`."""
+    start = now()
     result = fn()
-    return clock(device) - start, result
+    return now() - start, result
 
 
 def matmul_throughput(shapes: Sequence[Tuple[int, int, int, int]], device: torch.device,
-                      repeats: int = 20) -> float:
+                      now: Clock, repeats: int = 20) -> float:
     """Median FLOP/s of torch.bmm on `device` over the given (batch, m, k, n) shapes, one after
     another."""
     operands = [(torch.randn(b, m, k, device=device), torch.randn(b, k, n, device=device))
@@ -65,7 +77,7 @@ def matmul_throughput(shapes: Sequence[Tuple[int, int, int, int]], device: torch
             torch.bmm(a, w)
 
     products()
-    return flops / statistics.median(timed(products, device)[0] for _ in range(repeats))
+    return flops / statistics.median(timed(products, now)[0] for _ in range(repeats))
 
 
 def step_flops(data: DomainData, config: MetaConfig, device: torch.device) -> float:
@@ -78,13 +90,14 @@ def step_flops(data: DomainData, config: MetaConfig, device: torch.device) -> fl
 
 
 def measure(data: DomainData, base: MetaConfig, steps: int, device: torch.device,
-            shapes: Sequence[Tuple[int, int, int, int]]) -> Tuple[Dict[str, Dict[str, float]], float]:
+            shapes: Sequence[Tuple[int, int, int, int]],
+            now: Clock) -> Tuple[Dict[str, Dict[str, float]], float]:
     """(median per-step seconds (step, inner training, hypergradient, diagnostics) of both modes,
     median matmul throughput in FLOP/s measured between the steps).
 
     The two modes alternate step by step, and the throughput is measured before each pair, so a
-    change in machine load hits all three alike. The step is timed here, synchronised; its parts
-    are the trainer's own record.
+    change in machine load hits all three alike. The step is timed here by `now`; its parts are
+    the trainer's own record (wall clock).
     """
     runs = {}
     for mode in ("sequential", "batched"):
@@ -94,9 +107,9 @@ def measure(data: DomainData, base: MetaConfig, steps: int, device: torch.device
         runs[mode] = (trainer, [])
     throughputs: List[float] = []
     for _ in range(steps):
-        throughputs.append(matmul_throughput(shapes, device))
+        throughputs.append(matmul_throughput(shapes, device, now))
         for trainer, rows in runs.values():
-            seconds, record = timed(trainer.outer_step, device)
+            seconds, record = timed(trainer.outer_step, now)
             rows.append({"step": seconds, "inner": record["time_inner_s"],
                          "hypergradient": record["time_hypergradient_s"],
                          "diagnostics": record["time_diagnostics_s"]})
@@ -118,10 +131,16 @@ def main() -> None:
     p.add_argument("--square", type=int, default=2048, help="size of the square product whose "
                    "throughput is printed beside the inner loop's")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time instead of the wall clock, for a CPU shared "
+                        "with other jobs (use with --threads 1: it adds up every thread's time)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        p.error(f"--clock cpu times CPU work; --device {args.device} needs --clock wall")
+    now = time.process_time if args.clock == "cpu" else wall_clock(device)
     if args.data_dir:
         from domainbed_itl.bridge.domainbed_data import load_domainbed_domains
         data = load_domainbed_domains("RotatedMNIST", args.data_dir, args.domainbed_root,
@@ -137,19 +156,19 @@ def main() -> None:
           f"{features} features; MLP {features}-{args.hidden}-{data.num_classes}; preset "
           f"{args.preset}: {base.inner_steps} inner {base.inner_optimizer} steps of batch "
           f"{base.batch_size}, {base.solver} J={base.neumann_steps} on {base.hvp_batch} examples; "
-          f"device {device}, {torch.get_num_threads()} threads")
+          f"device {device}, {torch.get_num_threads()} threads, {args.clock} clock")
 
     flops = step_flops(data, base, device)
     # The inner loop's big products: the first layer's forward and its weight gradient.
     shapes = [(n, base.batch_size, features, args.hidden), (n, args.hidden, base.batch_size, features)]
-    square = matmul_throughput([(1, args.square, args.square, args.square)], device, repeats=5)
-    results, own = measure(data, base, args.steps, device, shapes)
+    square = matmul_throughput([(1, args.square, args.square, args.square)], device, now, repeats=5)
+    results, own = measure(data, base, args.steps, device, shapes, now)
     floor = flops / own
     print(f"one outer step: {flops / 1e9:.0f} GFLOP; matmul throughput {own / 1e9:.0f} GFLOP/s on "
           f"the inner loop's shapes (median over the steps), {square / 1e9:.0f} GFLOP/s on "
           f"{args.square}^3")
     print(f"{'mode':<11} {'s/outer step':>12} {'inner train':>12} {'hypergrad':>10} "
-          f"{'diagnostics':>12} {'floor (own shapes)':>19}")
+          f"{'diagnostics':>12} {'floor (own shapes)':>19}   (the parts: wall clock)")
     for mode, r in results.items():
         print(f"{mode:<11} {r['step']:>12.3f} {r['inner']:>12.3f} {r['hypergradient']:>10.3f} "
               f"{r['diagnostics']:>12.3f} {floor:>19.3f}")
