@@ -131,8 +131,8 @@ def _cross_entropy_and_grad(logits: Tensor, target: Tensor) -> Tuple[Tensor, Ten
 
 
 # Plain loss functions whose gradient is known in closed form.
-_CLOSED_FORM: Dict[LossFn, LossAndGrad] = {F.cross_entropy: _cross_entropy_and_grad,
-                                           zoo.cross_entropy: _cross_entropy_and_grad}
+_CLOSED_FORM: Tuple[Tuple[LossFn, LossAndGrad], ...] = (
+    (F.cross_entropy, _cross_entropy_and_grad), (zoo.cross_entropy, _cross_entropy_and_grad))
 
 
 def loss_and_grad(loss: LossFn) -> LossAndGrad:
@@ -143,8 +143,9 @@ def loss_and_grad(loss: LossFn) -> LossAndGrad:
     """
     if hasattr(loss, "loss_and_grad"):
         return loss.loss_and_grad
-    if loss in _CLOSED_FORM:
-        return _CLOSED_FORM[loss]
+    closed = next((f for known, f in _CLOSED_FORM if known is loss), None)
+    if closed is not None:
+        return closed
 
     def by_autograd(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
         with torch.enable_grad():
