@@ -208,6 +208,7 @@ def test_cli_writes_a_loss_file_and_metrics_with_meta_trains_keys(tmp_path, caps
     (["--popsize", "1"], "expected an integer >= 2, got '1'"),
     (["--sigma0", "0"], "expected a positive finite number, got '0'"),
     (["--family", "taylor"], "--family taylor needs --order"),
+    (["--family", "focal"], "a focal loss has 1 parameter (gamma); CMA-ES searches at least 2"),
     (["--init", "nonsense.json"], "nonsense.json"),
 ])
 def test_cli_rejects_bad_arguments_by_name(tmp_path, capsys, argv, message):

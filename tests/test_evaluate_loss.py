@@ -97,6 +97,32 @@ def test_meta_command_writes_tables_and_refuses_to_overwrite(tmp_path, capsys):
     assert evaluate_loss.main(argv + ["--overwrite"]) == 0
 
 
+def test_meta_command_takes_poly1_and_a_loss_file_of_any_family(tmp_path):
+    from domainbed_itl.losses import LossSpec, save_loss
+
+    focal = save_loss(tmp_path / "focal.json", LossSpec("focal", None, [1.0]))
+    poly = save_loss(tmp_path / "poly2.json", LossSpec("poly", 2, [1.0, 0.5]))
+    out = tmp_path / "eval"
+    assert evaluate_loss.main(["meta", "--dataset", "synthetic", "--per_domain_cap", "40", "--losses",
+                               "CE", "Poly1", f"focal={focal}", f"poly={poly}", "--seeds", "0",
+                               "--inner_steps", "5", "--hidden", "4", "--output_dir", str(out)]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["losses"] == {"CE": "CE", "Poly1": "Poly1", "focal": str(focal), "poly": str(poly)}
+    by_loss = {}
+    for record in report["records"]:
+        by_loss.setdefault(record["loss"], []).append(record["heldout_ce"])
+    assert len(by_loss) == 4 and len({tuple(v) for v in by_loss.values()}) == 4  # four different losses
+    args = evaluate_loss.build_parser().parse_args(
+        ["domainbed", "--losses", "Poly1", str(poly), "--test_envs", "0", "--n_trials", "1", "--data_dir",
+         str(tmp_path), "--output_dir", str(tmp_path)])
+    losses, _ = evaluate_loss._losses(args)
+    jobs = evaluate_loss.plan_jobs(args, losses, lambda *a: 0)
+    planned = {label: train_args for train_args, label, *_ in jobs}
+    assert planned["Poly1"]["algorithm"] == "ERM_Poly1" and "hparams" not in planned["Poly1"]
+    assert planned[str(poly)]["algorithm"] == "ITL"
+    assert json.loads(planned[str(poly)]["hparams"]) == {"itl_loss": str(poly.resolve())}
+
+
 @pytest.mark.parametrize("losses,message", [
     (["CE", "nope.json"], "--losses entry 'nope.json'"),
     (["CE", "x=CE", "x=ITL"], "names 'x' twice"),

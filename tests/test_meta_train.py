@@ -51,7 +51,7 @@ def _untimed(record):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(family="focal"), "unknown loss family 'focal'"),
+    (dict(family="neural"), "unknown loss family 'neural'"),
     (dict(order=7), r"order must be an integer in \[2, 5\], got 7"),
     (dict(family="sce", order=4), "sce family takes no order"),
     (dict(outer_steps=0), "outer_steps must be a positive integer, got 0"),
@@ -479,6 +479,12 @@ CLI_TINY = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps",
     (["--family", "taylor"], "--family taylor needs --order"),
     (["--family", "taylor4", "--order", "5"], "--family taylor4 conflicts with --order 5"),
     (["--family", "sce", "--order", "2"], "--family sce takes no --order"),
+    (["--family", "poly"], r"--family poly needs --order in \[1, 10\] \(or use --family poly1..poly10\)"),
+    (["--family", "poly", "--order", "11"], r"poly order must be an integer in \[1, 10\], got 11"),
+    (["--family", "focal2"], "argument --family: invalid choice: 'focal2'"),
+    (["--order", "3"], "--order 3 needs a --family with orders"),
+    (["--init", "ITL", "--family", "poly1"], "--init ITL holds a taylor loss of order 4, but --family asks "
+                                             "for poly of order 1"),
     (["--outer_steps", "0"], "argument --outer_steps: expected a positive integer, got '0'"),
     (["--inner_steps", "-5"], "argument --inner_steps: expected a positive integer, got '-5'"),
     (["--outer_lr", "inf"], "argument --outer_lr: expected a positive finite number, got 'inf'"),
@@ -494,6 +500,19 @@ def test_cli_rejects_bad_arguments_by_name(tmp_path, capsys, argv, message):
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, family", [
+    (["--family", "taylor4"], ("taylor", 4)), (["--family", "taylor", "--order", "3"], ("taylor", 3)),
+    (["--family", "sce"], ("sce", None)), (["--family", "poly1"], ("poly", 1)),
+    (["--family", "poly", "--order", "3"], ("poly", 3)), (["--family", "focal"], ("focal", None)),
+    (["--family", "label_smoothing"], ("label_smoothing", None)), (["--family", "gce"], ("gce", None)),
+    ([], ("taylor", 4)),  # the preset's
+])
+def test_cli_takes_every_registered_family(tmp_path, argv, family):
+    args = meta_train.build_parser().parse_args(["--output_dir", str(tmp_path), *argv])
+    _, config = meta_train._meta_config(args, meta_train.CONFIG_FLAGS)
+    assert (config.family, config.order) == family
 
 
 def test_cli_protects_output_dir_and_reports_missing_domainbed(tmp_path, capsys):

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from ..bridge.domainbed_env import DomainBedNotFound
+from ..losses.families import LossFamily, get_family
 from ..losses.lossfile import LossFileError
 from ..meta.cmaes import CMAConfig, run_cma_search
 from ..meta.inner import INNER_OPTIMIZERS
@@ -81,12 +82,21 @@ def _int_at_least_2(text: str) -> int:
     return value
 
 
+def _check_searchable(family: LossFamily) -> None:
+    """ValueError for a family CMA-ES cannot search: pycma needs at least 2 dimensions."""
+    if family.num_params < 2:
+        raise ValueError(f"--family: a {family.describe()} has {family.num_params} parameter "
+                         f"({', '.join(family.param_names())}); CMA-ES searches at least 2, so use "
+                         "meta_train for it, or a family with more parameters")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         init, meta_config = _meta_config(args, CONFIG_FLAGS)
+        _check_searchable(get_family(meta_config.family, meta_config.order))
         config = CMAConfig(args.generations, args.popsize, args.sigma0, meta_config.seed)
         device = _device(args.device)
     except (ValueError, LossFileError) as e:

@@ -10,8 +10,9 @@
         --domainbed_root ../DomainBed --losses CE ITL learned=runs/meta/loss.json \\
         --test_envs 0 5 --n_trials 2 --output_dir runs/eval_domainbed --command_launcher local
 
-A loss is `CE`, a zoo loss (BCE, Focal, SCE, GCE, LS, with their default parameters), a preset
-(ITL) or a loss file, optionally labelled `label=...`. Both protocols write `evaluation.md` (the
+A loss is `CE`, a zoo loss (BCE, Focal, SCE, GCE, LS, Poly1, with their default parameters), a
+preset (ITL) or a loss file of any registered loss family (domainbed_itl.losses.families),
+optionally labelled `label=...`. Both protocols write `evaluation.md` (the
 tables) and `evaluation.json` (settings, every record and the statistics) to --output_dir:
 per loss, held-out accuracy mean ± SE and range over the seeds (trials), and against
 --reference (default CE) the paired differences, wins, a paired t-test and a Wilcoxon test.
@@ -54,7 +55,7 @@ from .meta_train import _positive_int, _widths, _positive_float
 
 REPORT_MD, REPORT_JSON = "evaluation.md", "evaluation.json"
 ZOO_ALGORITHMS = {"CE": "ERM", "BCE": "ERM_BCE", "Focal": "ERM_Focal", "SCE": "ERM_SCE",
-                  "GCE": "ERM_GCE", "LS": "ERM_LS"}
+                  "GCE": "ERM_GCE", "LS": "ERM_LS", "Poly1": "ERM_Poly1"}
 # (record field, label, scale, digits) of the tables.
 # (record field, label, scale, digits, higher is better)
 META_METRICS = [("heldout_acc", "held-out acc. (%)", 100, 1, True),

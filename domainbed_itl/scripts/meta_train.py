@@ -20,8 +20,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
+from ..losses.families import family_names, family_orders, family_spellings, split_spelling
 from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
-from ..losses.taylor import MAX_ORDER, MIN_ORDER
 from ..meta.aggregators import AGGREGATORS, REDUCTIONS
 from ..meta.data import DomainData, synthetic_domains
 from ..meta.inner import INNER_OPTIMIZERS
@@ -31,8 +31,6 @@ from ..meta.trainer import NonFiniteError
 from ..files.runlock import FolderLocked, folder_lock
 
 DEFAULT_PRESET = "paper_guarded"
-
-FAMILY_CHOICES = tuple(f"taylor{k}" for k in range(MIN_ORDER, MAX_ORDER + 1)) + ("taylor", "sce")
 
 
 def _int_at_least(minimum: int, expected: str):
@@ -100,11 +98,19 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
 
 def add_loss_flags(p: argparse.ArgumentParser) -> None:
     """The loss-family flags meta_train and cma_search share."""
+    try:
+        names, spellings = family_names(), family_spellings()
+    except ValueError as error:  # a module named in DOMAINBED_ITL_FAMILIES does not import
+        p.error(str(error))
+    ordered = [n for n in names if family_orders(n) is not None]
     loss = p.add_argument_group("loss")
-    loss.add_argument("--family", choices=FAMILY_CHOICES, default=None, metavar="FAMILY",
-                      help=f"one of {', '.join(FAMILY_CHOICES)} (taylor needs --order); default: "
-                           "the --init file's family, else the preset's")
-    loss.add_argument("--order", type=int, default=None, help="Taylor order with --family taylor")
+    loss.add_argument("--family", choices=spellings, default=None, metavar="FAMILY",
+                      help=f"a registered loss family: {', '.join(names)}; those with orders "
+                           f"({', '.join(ordered)}) need --order or carry it in their name "
+                           "(taylor4 is taylor with --order 4, poly1 is Poly-1); default: the "
+                           "--init file's family, else the preset's")
+    loss.add_argument("--order", type=int, default=None,
+                      help=f"the order of a family with orders ({', '.join(ordered)})")
     loss.add_argument("--init", default=None,
                       help="start from this loss file or preset loss (e.g. ITL); default: the "
                            "family's default, for Taylor losses the Taylor expansion of "
@@ -199,22 +205,21 @@ def _family(args: argparse.Namespace,
     says (the preset's family then applies)."""
     if args.family is None:
         if args.order is not None:
-            raise ValueError(f"--order {args.order} needs --family taylor")
+            raise ValueError(f"--order {args.order} needs a --family with orders, such as taylor")
         return (init.family, init.order) if init is not None else None
-    if args.family.startswith("taylor") and args.family != "taylor":
-        order = int(args.family[len("taylor"):])
+    name, order = split_spelling(args.family)
+    orders = family_orders(name)
+    if order is not None:  # written with its order, e.g. taylor4
         if args.order is not None and args.order != order:
             raise ValueError(f"--family {args.family} conflicts with --order {args.order}")
-        family = ("taylor", order)
-    elif args.family == "taylor":
+    elif orders is not None:
         if args.order is None:
-            raise ValueError(f"--family taylor needs --order in [{MIN_ORDER}, {MAX_ORDER}] "
-                             f"(or use --family taylor{MIN_ORDER}..taylor{MAX_ORDER})")
-        family = ("taylor", args.order)
-    else:
-        if args.order is not None:
-            raise ValueError(f"--family {args.family} takes no --order, got --order {args.order}")
-        family = (args.family, None)
+            raise ValueError(f"--family {name} needs --order in [{orders[0]}, {orders[-1]}] "
+                             f"(or use --family {name}{orders[0]}..{name}{orders[-1]})")
+        order = args.order
+    elif args.order is not None:
+        raise ValueError(f"--family {args.family} takes no --order, got --order {args.order}")
+    family = (name, order)
     if init is not None and (init.family, init.order) != family:
         raise ValueError(f"--init {args.init} holds a {init.family} loss of order {init.order}, "
                          f"but --family asks for {family[0]} of order {family[1]}")
