@@ -315,7 +315,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"device {args.device}{' (tiny sizes)' if args.tiny else ''}, torch {torch.__version__}, "
           f"scratch folder {workdir}", flush=True)
     try:
-        rows = run_checks(Context(args, workdir))
+        ctx = Context(args, workdir)
+        print(f"meta-learning data: {' '.join(ctx.data)}", flush=True)
+        rows = run_checks(ctx)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
