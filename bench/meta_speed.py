@@ -5,61 +5,99 @@
 
 One run, on the same data and configuration (by default the paper protocol: RotatedMNIST's six
 domains of ~1667 digits, MLP 784-256-10, 1000 inner SGD steps of batch 32, Neumann J = 15 on 256
-examples):
+examples), on `--device`:
 
-1. counts the floating-point operations of one outer step (torch.utils.flop_counter), and
-   measures this machine's matrix-multiply throughput on the step's own matrix shapes and on a
-   large square product;
+1. counts the floating-point operations of one outer step (torch.utils.flop_counter, with the
+   in-place matrix products, e.g. the inner loop's fused SGD update, counted too);
 2. times `--steps` outer steps in each mode, sequential (one inner network after another) and
    batched (the n networks as one stack), alternating between the modes after one warm-up step
-   each, and prints the median step time, its parts, and the step's FLOPs divided by the measured
-   throughput: the time the arithmetic alone would take.
+   each; before each pair of steps it measures the device's matrix-multiply throughput on the
+   inner loop's own matrix shapes, so that a change in machine load hits the floor and the steps
+   alike;
+3. prints the median step time, its parts, and the floor: the step's FLOPs divided by the median
+   throughput, the time the arithmetic alone would take.
+
+On CUDA every time is read after torch.cuda.synchronize(), so that it includes the queued work.
+On a CPU shared with other jobs, `--clock cpu --threads 1` times the steps and the floor in this
+process's CPU seconds, which the other jobs' share of the cores does not inflate.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
-from typing import Dict
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from domainbed_itl.meta.config import MetaConfig, preset_config
 from domainbed_itl.meta.data import DomainData, synthetic_domains
-from domainbed_itl.meta.config import preset_config
-from domainbed_itl.meta.config import MetaConfig
-from domainbed_itl.meta.trainer import MetaTrainer
+from domainbed_itl.meta.trainer import MetaTrainer, clock
 
 
-def matmul_throughput(shapes, repeats: int = 50) -> float:
-    """Median FLOP/s of torch.bmm over the given (batch, m, k, n) shapes, one after another."""
-    operands = [(torch.randn(b, m, k), torch.randn(b, k, n)) for b, m, k, n in shapes]
+def _product_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    """2·(batch)·m·k·n for self + a @ b with a (..., m, k) and b (..., k, n)."""
+    batch = a_shape[0] if len(a_shape) == 3 else 1
+    return 2 * batch * a_shape[-2] * a_shape[-1] * b_shape[-1]
+
+
+# FlopCounterMode counts torch.baddbmm and addmm but not their in-place forms, which the inner
+# loop's fused SGD update is (one weight-gradient product per layer and step).
+IN_PLACE_FLOPS = {torch.ops.aten.baddbmm_: _product_flops, torch.ops.aten.addmm_: _product_flops}
+
+
+Clock = Callable[[], float]
+
+
+def wall_clock(device: torch.device) -> Clock:
+    """The wall clock, read only once `device` has finished its queued work."""
+    return functools.partial(clock, device)
+
+
+def timed(fn: Callable[[], object], now: Clock) -> Tuple[float, object]:
+    """(seconds, result) of fn(), timed by the clock `now`."""
+    start = now()
+    result = fn()
+    return now() - start, result
+
+
+def matmul_throughput(shapes: Sequence[Tuple[int, int, int, int]], device: torch.device,
+                      now: Clock, repeats: int = 20) -> float:
+    """Median FLOP/s of torch.bmm on `device` over the given (batch, m, k, n) shapes, one after
+    another."""
+    operands = [(torch.randn(b, m, k, device=device), torch.randn(b, k, n, device=device))
+                for b, m, k, n in shapes]
     flops = sum(2 * b * m * k * n for b, m, k, n in shapes)
-    for a, w in operands:
-        torch.bmm(a, w)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def products() -> None:
         for a, w in operands:
             torch.bmm(a, w)
-        times.append(time.perf_counter() - start)
-    return flops / statistics.median(times)
+
+    products()
+    return flops / statistics.median(timed(products, now)[0] for _ in range(repeats))
 
 
-def step_flops(data: DomainData, config: MetaConfig, device: str) -> float:
+def step_flops(data: DomainData, config: MetaConfig, device: torch.device) -> float:
     """FLOPs of one outer step, counted by torch's FlopCounterMode (matrix products dominate)."""
     trainer = MetaTrainer(data.domains, data.num_classes, config, device=device)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=IN_PLACE_FLOPS)
     with counter:
         trainer.outer_step()
     return float(counter.get_total_flops())
 
 
-def measure(data: DomainData, base: MetaConfig, steps: int, device: str) -> Dict[str, Dict[str, float]]:
-    """Median per-step seconds (total, inner training, hypergradient, diagnostics) of both modes.
+def measure(data: DomainData, base: MetaConfig, steps: int, device: torch.device,
+            shapes: Sequence[Tuple[int, int, int, int]],
+            now: Clock) -> Tuple[Dict[str, Dict[str, float]], float]:
+    """(median per-step seconds (step, inner training, hypergradient, diagnostics) of both modes,
+    median matmul throughput in FLOP/s measured between the steps).
 
-    The two modes alternate step by step, so a change in machine load hits both alike.
+    The two modes alternate step by step, and the throughput is measured before each pair, so a
+    change in machine load hits all three alike. The step is timed here by `now`; its parts are
+    the trainer's own record (wall clock).
     """
     runs = {}
     for mode in ("sequential", "batched"):
@@ -67,21 +105,22 @@ def measure(data: DomainData, base: MetaConfig, steps: int, device: str) -> Dict
         trainer = MetaTrainer(data.domains, data.num_classes, config, device=device)
         trainer.outer_step()  # warm-up
         runs[mode] = (trainer, [])
+    throughputs: List[float] = []
     for _ in range(steps):
+        throughputs.append(matmul_throughput(shapes, device, now))
         for trainer, rows in runs.values():
-            record = trainer.outer_step()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            rows.append({"step": record["time_step_s"], "inner": record["time_inner_s"],
+            seconds, record = timed(trainer.outer_step, now)
+            rows.append({"step": seconds, "inner": record["time_inner_s"],
                          "hypergradient": record["time_hypergradient_s"],
                          "diagnostics": record["time_diagnostics_s"]})
-    return {mode: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            for mode, (_, rows) in runs.items()}
+    return ({mode: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+             for mode, (_, rows) in runs.items()}, statistics.median(throughputs))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", default=None, help="MNIST folder: RotatedMNIST through DomainBed")
+    p.add_argument("--data_dir", default=None, help="MNIST folder: RotatedMNIST through DomainBed "
+                   "(default: synthetic Gaussian domains of the same sizes)")
     p.add_argument("--domainbed_root", default=None)
     p.add_argument("--per_domain", type=int, default=None, help="examples per domain (default all)")
     p.add_argument("--inner_steps", type=int, default=None, help="default: the preset's (1000)")
@@ -89,10 +128,19 @@ def main() -> None:
     p.add_argument("--preset", default="paper")
     p.add_argument("--steps", type=int, default=3, help="measured outer steps per mode")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--square", type=int, default=2048, help="size of the square product whose "
+                   "throughput is printed beside the inner loop's")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time instead of the wall clock, for a CPU shared "
+                        "with other jobs (use with --threads 1: it adds up every thread's time)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        p.error(f"--clock cpu times CPU work; --device {args.device} needs --clock wall")
+    now = time.process_time if args.clock == "cpu" else wall_clock(device)
     if args.data_dir:
         from domainbed_itl.bridge.domainbed_data import load_domainbed_domains
         data = load_domainbed_domains("RotatedMNIST", args.data_dir, args.domainbed_root,
@@ -108,24 +156,25 @@ def main() -> None:
           f"{features} features; MLP {features}-{args.hidden}-{data.num_classes}; preset "
           f"{args.preset}: {base.inner_steps} inner {base.inner_optimizer} steps of batch "
           f"{base.batch_size}, {base.solver} J={base.neumann_steps} on {base.hvp_batch} examples; "
-          f"device {args.device}, {torch.get_num_threads()} threads")
+          f"device {device}, {torch.get_num_threads()} threads, {args.clock} clock")
 
-    flops = step_flops(data, base, args.device)
-    own = matmul_throughput([(n, base.batch_size, features, args.hidden),
-                             (n, args.hidden, base.batch_size, features)])
-    square = matmul_throughput([(1, 2048, 2048, 2048)], repeats=5)
+    flops = step_flops(data, base, device)
+    # The inner loop's big products: the first layer's forward and its weight gradient.
+    shapes = [(n, base.batch_size, features, args.hidden), (n, args.hidden, base.batch_size, features)]
+    square = matmul_throughput([(1, args.square, args.square, args.square)], device, now, repeats=5)
+    results, own = measure(data, base, args.steps, device, shapes, now)
+    floor = flops / own
     print(f"one outer step: {flops / 1e9:.0f} GFLOP; matmul throughput {own / 1e9:.0f} GFLOP/s on "
-          f"the inner loop's shapes, {square / 1e9:.0f} GFLOP/s on 2048^3")
-
-    results = measure(data, base, args.steps, args.device)
+          f"the inner loop's shapes (median over the steps), {square / 1e9:.0f} GFLOP/s on "
+          f"{args.square}^3")
     print(f"{'mode':<11} {'s/outer step':>12} {'inner train':>12} {'hypergrad':>10} "
-          f"{'diagnostics':>12} {'floor (own shapes)':>19}")
+          f"{'diagnostics':>12} {'floor (own shapes)':>19}   (the parts: wall clock)")
     for mode, r in results.items():
         print(f"{mode:<11} {r['step']:>12.3f} {r['inner']:>12.3f} {r['hypergradient']:>10.3f} "
-              f"{r['diagnostics']:>12.3f} {flops / own:>19.3f}")
+              f"{r['diagnostics']:>12.3f} {floor:>19.3f}")
     seq, bat = results["sequential"], results["batched"]
     print(f"batched speed-up per outer step: {seq['step'] / bat['step']:.2f}x; batched step / "
-          f"arithmetic floor: {bat['step'] / (flops / own):.2f}x (on 2048^3 throughput: "
+          f"arithmetic floor: {bat['step'] / floor:.2f}x (on {args.square}^3 throughput: "
           f"{bat['step'] / (flops / square):.2f}x)")
 
 

@@ -13,7 +13,7 @@ from domainbed_itl.analysis.aggregate import mean_se
 from domainbed_itl.analysis.entropy import entropy_by_correctness, prediction_entropy
 from domainbed_itl.analysis.generalisation import accuracy_and_cross_entropy
 from domainbed_itl.analysis.hessian import (FlatParameters, hessian_vector_product, landscape_1d,
-                                            lanczos, mean_loss, residual)
+                                            lanczos, mean_loss, residual, ritz_pairs)
 from domainbed_itl.analysis.loss_shapes import (logits_for_p_true, loss_against_p_true,
                                                 min_max_normalise, parse_loss)
 from domainbed_itl.analysis.output import write_outputs
@@ -166,6 +166,25 @@ def test_lanczos_stops_on_an_invariant_subspace_and_refuses_a_zero_start():
         [float(v) for v in torch.linspace(-1.0, 4.0, 24, dtype=torch.float64)[[5, 9]]])
     with pytest.raises(ValueError, match="non-zero"):
         lanczos(matvec, torch.zeros(24, dtype=torch.float64), steps=3)
+
+
+def test_ritz_pairs_live_on_the_basis_device():
+    """On a GPU the Lanczos basis lives on the device while the small tridiagonal problem is
+    solved on the CPU: the Ritz vectors and values must come back on the device. The meta device
+    stands in for the GPU here; it cannot run the Lanczos loop itself (its scalars are read
+    with .item()), so the test covers the Ritz step, where the CPU eigenvectors meet the basis."""
+    basis = [torch.empty(7, device="meta") for _ in range(3)]
+    pairs = ritz_pairs([1.0, 2.0, 3.0], [0.5, 0.25], basis)
+    assert pairs.vectors.device.type == "meta" and pairs.values.device.type == "meta"
+    assert pairs.vectors.shape == (3, 7) and pairs.vectors.dtype == torch.float32
+    # On the CPU the same step gives the eigenpairs of the tridiagonal in the basis.
+    q, _ = torch.linalg.qr(torch.randn(7, 3, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    pairs = ritz_pairs([1.0, 2.0, 3.0], [0.5, 0.25], list(q.T))
+    t = torch.tensor([[1.0, 0.5, 0.0], [0.5, 2.0, 0.25], [0.0, 0.25, 3.0]], dtype=torch.float64)
+    h = q @ t @ q.T
+    for value, vector in zip(pairs.values, pairs.vectors):
+        torch.testing.assert_close(h @ vector, value * vector)
 
 
 def test_hessian_vector_products_match_the_dense_hessian_of_a_small_network():

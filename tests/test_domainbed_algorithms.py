@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import CountingLoss
 
-from domainbed_itl.bridge.algorithms import LOSS_ALGORITHMS, LOSSES, LossHparamError, NonFiniteTrainingError
-from domainbed_itl.losses import LOSS_PRESETS, LossSpec, TaylorLoss, cross_entropy_taylor_init, save_loss
+from domainbed_itl.bridge.algorithms import (LOSS_ALGORITHMS, LOSSES, LossHparamError, NonFiniteTrainingError,
+                                             check_loss_hparams)
+from domainbed_itl.losses import (LOSS_PRESETS, LossSpec, TaylorLoss, cpu_kernel, cross_entropy_taylor_init,
+                                  save_loss)
 
 ERM_BASED = [name for name, spec in LOSS_ALGORITHMS.items() if spec.base == "ERM"]
 INPUT_SHAPE, NUM_CLASSES = (3, 28, 28), 2  # DomainBed's Debug28
@@ -129,6 +131,24 @@ def test_itl_reports_its_own_loss_value(bridge):
     with torch.no_grad():
         expected = TaylorLoss()(algorithm.predict(x), y).item()
     assert algorithm.update(minibatches)["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_constructors_loss_check_never_loads_the_cpu_kernel(bridge, monkeypatch):
+    """With DOMAINBED_ITL_CPU_KERNEL=1 inherited, a GPU job's constructor must not build the C++
+    kernel (about 30 s, or forever on a stale build lock) to check its loss on CPU logits; a CPU
+    job still opts in when it trains."""
+    calls = []
+
+    def load():
+        calls.append(len(calls))  # None: "auto" falls back to the torch ops
+
+    monkeypatch.setenv(cpu_kernel.ENV, "1")
+    monkeypatch.setattr(cpu_kernel, "load", load)
+    algorithm = _algorithm(bridge, "ITL")
+    check_loss_hparams("ITL", {"itl_loss": "ITL"}, NUM_CLASSES)
+    assert calls == [], "the loss check loaded (or built) the C++ kernel"
+    algorithm.update(_minibatches())
+    assert calls, "CPU training no longer opts in to the kernel"
 
 
 def test_itl_loss_hparam_reads_a_loss_file(bridge, tmp_path):

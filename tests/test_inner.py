@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from domainbed_itl.losses import TaylorLoss, cross_entropy_taylor_init
+from domainbed_itl.losses import TaylorLoss, cpu_kernel, cross_entropy_taylor_init, taylor_loss_reference
 from domainbed_itl.meta import inner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,15 +31,38 @@ def _torch_optimizer(name, params, lr):
     return torch.optim.Adam(params, lr=lr, betas=inner.ADAM_BETAS, eps=inner.ADAM_EPS)
 
 
+def _taylor_losses(backend):
+    """(the fused fixed loss, the term-by-term oracle under autograd) for the same ω."""
+    omega = [0.9, 0.1, 1.5, -0.4, 0.3, -0.2, 0.7, 0.2, -0.5, 0.1, 0.3, -0.1]
+    return (TaylorLoss(omega, 4, backend),
+            lambda z, t: taylor_loss_reference(z, t, torch.tensor(omega, dtype=z.dtype), 4))
+
+
+def _losses(kind):
+    """(the loss the stacked loop trains with, the loss each torch.optim network trains with)."""
+    if kind == "cross_entropy":  # closed form
+        return F.cross_entropy, F.cross_entropy
+    if kind == "autograd":  # a plain callable: its logit gradient comes from autograd
+        return (lambda z, t, reduction="mean": F.cross_entropy(z, t, reduction=reduction),
+                F.cross_entropy)
+    if kind == "taylor_cpp" and cpu_kernel.load() is None:
+        pytest.skip(f"the C++ kernel cannot be built here: {cpu_kernel.load_error()}")
+    return _taylor_losses("cpp" if kind == "taylor_cpp" else "torch")
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "autograd", "taylor", "taylor_cpp"])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("name,lr", [("sgd", 0.1), ("momentum", 0.05), ("adam", 0.01)])
-def test_stacked_training_equals_torch_optim_on_each_network(name, lr, batched):
+def test_stacked_training_equals_torch_optim_on_each_network(name, lr, batched, kind):
+    """Backpropagation written out, with the loss's closed-form or autograd logit gradient, is
+    autograd + torch.optim on each network (float64)."""
     x, y, batches, model = _problem()
+    stacked_loss, reference_loss = _losses(kind)
     seeds = [11, 12, 13]
     params = {k: v.to(DT) for k, v in inner.init_params(model, seeds, torch.device("cpu")).items()}
     optimizer = inner.InnerOptimizer(name, lr)
     state = optimizer.init_state(params)
-    losses = inner.train(params, F.cross_entropy, optimizer, state, x, y, batches, batched=batched)
+    losses = inner.train(params, stacked_loss, optimizer, state, x, y, batches, batched=batched)
     assert state["step"] == batches.shape[1]
     for i, seed in enumerate(seeds):
         net = inner.mlp(x.shape[1], (7, 5), 4).to(DT)
@@ -50,12 +73,31 @@ def test_stacked_training_equals_torch_optim_on_each_network(name, lr, batched):
         opt = _torch_optimizer(name, net.parameters(), lr)
         for t in range(batches.shape[1]):
             opt.zero_grad()
-            loss = F.cross_entropy(net(x[batches[i, t]]), y[batches[i, t]])
+            loss = reference_loss(net(x[batches[i, t]]), y[batches[i, t]])
             loss.backward()
             opt.step()
             torch.testing.assert_close(losses[i, t], loss.detach(), rtol=1e-10, atol=1e-12)
         for (_, p), stacked in zip(net.named_parameters(), params.values()):
             torch.testing.assert_close(stacked[i], p.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", [TaylorLoss(backend="torch"), F.cross_entropy],
+                         ids=["taylor", "cross_entropy"])
+def test_closed_form_losses_train_without_autograd(loss, monkeypatch):
+    """The inner step takes the logit gradient of TaylorLoss and cross-entropy in closed form:
+    autograd is never called."""
+    def no_autograd(*args, **kwargs):
+        raise AssertionError("the inner step called torch.autograd.grad")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_autograd)
+    x, y, batches, model = _problem()
+    params = {k: v.to(DT) for k, v in inner.init_params(model, [1, 2, 3], torch.device("cpu")).items()}
+    optimizer = inner.InnerOptimizer("sgd", 0.1)
+    losses = inner.train(params, loss, optimizer, optimizer.init_state(params), x, y, batches)
+    assert torch.isfinite(losses).all()
+    with pytest.raises(AssertionError, match="called torch.autograd.grad"):
+        inner.train(params, lambda z, t, reduction: loss(z, t, reduction=reduction), optimizer,
+                    optimizer.init_state(params), x, y, batches)
 
 
 def test_training_in_two_parts_equals_one_run():

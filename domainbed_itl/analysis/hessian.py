@@ -124,16 +124,22 @@ def lanczos(matvec: MatVec, v0: Tensor, steps: int, tol: float = 1e-10) -> Eigen
             break
         betas.append(beta)
         basis.append(w / beta)
-    m = len(alphas)
+    return ritz_pairs(alphas, betas, basis)
+
+
+def ritz_pairs(alphas: Sequence[float], betas: Sequence[float], basis: Sequence[Tensor]) -> Eigenpairs:
+    """The Ritz pairs of the Lanczos tridiagonal (diagonal `alphas`, off-diagonal `betas`) in the
+    orthonormal `basis` (one vector per alpha). The small tridiagonal problem is solved on the
+    CPU in float64; the values and vectors follow the basis's device and dtype."""
     tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(betas[:m - 1], dtype=torch.float64)
+    if len(betas):
+        off = torch.tensor(list(betas), dtype=torch.float64)
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
     values, coefficients = torch.linalg.eigh(tridiagonal)
-    q = torch.stack(basis[:m])
-    vectors = coefficients.T.to(q.dtype) @ q
+    q = torch.stack(list(basis))
+    vectors = coefficients.T.to(q) @ q
     vectors = vectors / vectors.norm(dim=1, keepdim=True)
-    return Eigenpairs(values.to(v0.dtype), vectors, m)
+    return Eigenpairs(values.to(q), vectors, len(alphas))
 
 
 def residual(matvec: MatVec, value: float, vector: Tensor) -> float:

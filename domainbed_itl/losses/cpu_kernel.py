@@ -20,24 +20,40 @@ TORCH_EXTENSIONS_DIR; a stale `lock` file in the cache folder can be deleted by 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 SOURCE = Path(__file__).with_name("taylor_kernel.cpp")
 ENV = "DOMAINBED_ITL_CPU_KERNEL"
 _state: dict = {}
+_off = contextvars.ContextVar("domainbed_itl_cpu_kernel_off", default=False)
 
 
 def enabled() -> bool:
-    """Whether the user opted in to the kernel: DOMAINBED_ITL_CPU_KERNEL=1 (0 or unset: no)."""
+    """Whether the user opted in to the kernel: DOMAINBED_ITL_CPU_KERNEL=1 (0 or unset: no),
+    outside a `disabled()` block."""
     value = os.environ.get(ENV, "").strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"{ENV} must be 1 (use the compiled C++ kernel on CPU) or 0, got {value!r}")
-    return value == "1"
+    return value == "1" and not _off.get()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block the opt-in is ignored: TaylorLoss's "auto" backend neither loads nor
+    builds the kernel (for the few CPU evaluations of a loss check, which must not make a GPU
+    job compile the kernel or wait on a stale build lock)."""
+    token = _off.set(True)
+    try:
+        yield
+    finally:
+        _off.reset(token)
 
 
 def load() -> Optional[ModuleType]:

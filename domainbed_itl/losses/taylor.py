@@ -24,7 +24,7 @@ Three implementations, one definition:
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -174,42 +174,49 @@ def _power_coefficients(omega: Sequence[float], order: int) -> Tuple[List[float]
     return out[0], out[1]
 
 
-class _FixedTaylorLoss(torch.autograd.Function):
-    """Per-sample loss -(1/C)[Σ_c P0(ŷ_c) + D(ŷ_t)] and its closed-form logit gradient, in one pass.
+def _fixed_taylor(logits: Tensor, target: Tensor, m: Tensor, constant: float,
+                  need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-sample loss -(1/C)[Σ_c P0(ŷ_c) + D(ŷ_t)] and, if asked, its closed-form logit gradient.
 
-    V = (x, x², ..., x^β) for x = (ŷ_1..ŷ_C, ŷ_t) by one cumprod; one matmul gives, for every
-    class, P0(ŷ_c) and ŷ_c P0'(ŷ_c), another D(ŷ_t) and ŷ_t D'(ŷ_t) (D = P1 - P0; constants and
-    the -1/C scale are folded into the coefficient matrices m0, md and `constant`). Through the
-    softmax, dloss/dz = ŷ ⊙ (g - <g, ŷ>) = R - ŷ·s + e_t·ŷ_t D'(ŷ_t), with R_c = ŷ_c P0'(ŷ_c)
-    and s = Σ_c R_c + ŷ_t D'(ŷ_t). The gradient shares every intermediate with the value, so it
-    is computed in the forward pass and only scaled in the backward pass. `kernel`, when given,
-    is the compiled C++ version of the same computation (cpu_kernel.py), for CPU tensors.
+    V = (ŷ, ŷ², ..., ŷ^β) per class by one cumprod; one matmul with m (β, 4) gives, for every
+    class, P0(ŷ_c), ŷ_c P0'(ŷ_c), D(ŷ_c) and ŷ_c D'(ŷ_c) (D = P1 - P0; constants and the -1/C
+    scale are folded into m and `constant`), and the true class's D terms are added to its P0
+    terms. Through the softmax, dloss/dz = ŷ ⊙ (g - <g, ŷ>) = R - ŷ·Σ_c R_c, with R_c = ŷ_c P0'(ŷ_c)
+    plus, at the true class, ŷ_t D'(ŷ_t). Eight kernels in all; the gradient shares every
+    intermediate with the value.
     """
+    probs = logits.softmax(dim=1)
+    e = probs.unsqueeze(-1).expand(-1, -1, m.shape[0]).cumprod(dim=-1) @ m
+    index = target.view(-1, 1, 1).expand(-1, 1, 2)
+    per_class = e[..., :2].scatter_add_(1, index, e[..., 2:].gather(1, index))
+    sums = per_class.sum(dim=1)
+    value = sums[:, 0] + constant
+    if not need_grad:
+        return value, None
+    return value, torch.addcmul(per_class[..., 1], probs, sums[:, 1:], value=-1.0)
+
+
+class _FixedTaylorLoss(torch.autograd.Function):
+    """`_fixed_taylor` as an autograd function: the gradient is computed in the forward pass and
+    only scaled in the backward pass. `kernel`, when given, is the compiled C++ version of the
+    same computation (cpu_kernel.py), for CPU tensors."""
 
     @staticmethod
-    def forward(ctx, logits, target, m0, md, constant, kernel):  # type: ignore[override]
+    def forward(ctx, logits, target, m0, md, m, constant, kernel):  # type: ignore[override]
         need_grad = ctx.needs_input_grad[0]
         if kernel is not None:
             value, grad = kernel.taylor_forward(logits, target, m0, md, constant, need_grad)
-            if need_grad:
-                ctx.save_for_backward(grad)
-            return value
-        probs = logits.softmax(dim=1)
-        index = target.unsqueeze(1)
-        x = torch.cat([probs, probs.gather(1, index)], dim=1)
-        v = x.unsqueeze(-1).expand(-1, -1, m0.shape[0]).cumprod(dim=-1)
-        e, e_true = v[:, :-1] @ m0, v[:, -1] @ md
+        else:
+            value, grad = _fixed_taylor(logits, target, m, constant, need_grad)
         if need_grad:
-            r, t = e[..., 1], e_true[:, 1:]
-            s = r.sum(dim=1, keepdim=True).add_(t)
-            ctx.save_for_backward(torch.addcmul(r, probs, s, value=-1.0).scatter_add_(1, index, t))
-        return e[..., 0].sum(dim=1).add_(e_true[:, 0]).add_(constant)
+            ctx.save_for_backward(grad)
+        return value
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.unsqueeze(1), None, None, None, None, None
+        return grad * grad_out.unsqueeze(1), None, None, None, None, None, None
 
 
 class TaylorLoss(torch.nn.Module):
@@ -244,22 +251,38 @@ class TaylorLoss(torch.nn.Module):
         self._constants = (p0[0], d[0])
         self._folded: dict = {}
 
-    def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-        """The loss of `logits` (batch, classes) for integer `target` (batch,)."""
+    def _operands(self, logits: Tensor, target: Tensor) -> tuple:
+        """(m0, md, m, constant, kernel) for these logits: the coefficient tables with the -1/C
+        scale folded in, in the logits' dtype and device (cached), and the C++ kernel or None."""
         _check_target(logits, target)
         key = (logits.dtype, logits.device, logits.shape[1])
         if key not in self._folded:
             scale = -1.0 / logits.shape[1]
             constant = scale * (logits.shape[1] * self._constants[0] + self._constants[1])
-            self._folded = {key: (self._m0.to(logits) * scale, self._md.to(logits) * scale, constant)}
+            m0, md = self._m0.to(logits) * scale, self._md.to(logits) * scale
+            self._folded = {key: (m0, md, torch.cat([m0, md], dim=1), constant)}
         kernel = None
         if logits.device.type == "cpu" and (self.backend == "cpp" or
                                             (self.backend == "auto" and cpu_kernel.enabled())):
             kernel = cpu_kernel.load()
             if kernel is None and self.backend == "cpp":
                 raise RuntimeError(f"the C++ Taylor-loss kernel is unavailable: {cpu_kernel.load_error()}")
-        per_sample = _FixedTaylorLoss.apply(logits, target.long(), *self._folded[key], kernel)
+        return (*self._folded[key], kernel)
+
+    def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """The loss of `logits` (batch, classes) for integer `target` (batch,)."""
+        per_sample = _FixedTaylorLoss.apply(logits, target.long(), *self._operands(logits, target))
         return _reduce(per_sample, reduction)
+
+    def loss_and_grad(self, logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+        """(per-sample losses (batch,), their closed-form gradients ∂loss_b/∂logits_b (batch,
+        classes)), without autograd: what a hand-written training loop needs from the loss."""
+        m0, md, m, constant, kernel = self._operands(logits, target)
+        target = target.long()
+        if kernel is not None:
+            value, grad = kernel.taylor_forward(logits, target, m0, md, constant, True)
+            return value, grad
+        return _fixed_taylor(logits, target, m, constant, True)
 
     def extra_repr(self) -> str:
         return (f"order={self.order}, omega={[round(v, 4) for v in self.omega.tolist()]}, "

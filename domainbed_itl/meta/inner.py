@@ -2,12 +2,13 @@
 
 The n networks of one outer step are independent, so their parameters are stacked along a
 leading dimension and trained together: every layer is one batched matrix product
-(torch.baddbmm), and backpropagation, written out for the MLP, is two more per layer. Only the
-loss's gradient with respect to the logits goes through autograd, so the loss is any callable
-`loss(logits, target, reduction="none")`, called like F.cross_entropy on the n minibatches
-flattened to (n·batch, classes); for a fixed Taylor loss it is TaylorLoss, whose gradient is
-fused in closed form. With plain SGD the update is fused into the weight-gradient product (the
-profile of the autograd version was dominated by writing, then adding, the weight gradients).
+(torch.baddbmm), and backpropagation, written out for the MLP, is two more per layer. No step
+calls autograd when the loss gives its logit gradient in closed form (TaylorLoss's
+`loss_and_grad`, cross-entropy); any other loss `loss(logits, target, reduction="none")`,
+called like F.cross_entropy on the n minibatches flattened to (n·batch, classes), gets it from
+autograd. With plain SGD the update is fused into the weight-gradient product. For the paper's
+two-layer MLP a step is about twenty kernels: the gather of its minibatch, two products forward
+and three backward, the Taylor loss's eight, ReLU and its backward, and the bias updates.
 
 Optimisers update the stacked tensors in place: SGD (Algorithm 1's inner loop, Sec. 4.1),
 heavy-ball momentum and Adam, written out so that their state can be checkpointed and resumed
@@ -17,10 +18,13 @@ bit for bit (warm-started inner networks carry it across outer steps).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..losses import zoo
 
 Params = Dict[str, Tensor]
 LossFn = Callable[..., Tensor]
@@ -115,50 +119,76 @@ class InnerOptimizer:
                 p.addcdiv_(m, (v.sqrt() / root_correction).add_(ADAM_EPS), value=-step_size)
 
 
-def _logit_grad(loss: LossFn, logits: Tensor, y: Tensor) -> tuple:
-    """(per-network mean loss (n,), ∂(Σ of those means)/∂logits (n, batch, classes))."""
-    n, batch, classes = logits.shape
-    with torch.enable_grad():
-        leaf = logits.detach().requires_grad_()
-        per_net = loss(leaf.reshape(-1, classes), y.reshape(-1),
-                       reduction="none").reshape(n, batch).mean(1)
-        (grad,) = torch.autograd.grad(per_net.sum(), leaf)
-    return per_net.detach(), grad
+LossAndGrad = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
 
 
-def _step(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
+def _cross_entropy_and_grad(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+    """Cross-entropy -log ŷ_t per sample and its gradient ŷ - onehot(t), in closed form."""
+    log_probs = logits.log_softmax(dim=1)
+    index = target.unsqueeze(1)
+    return -log_probs.gather(1, index).squeeze(1), log_probs.exp().scatter_add_(
+        1, index, torch.full_like(log_probs[:, :1], -1.0))
+
+
+# Plain loss functions whose gradient is known in closed form.
+_CLOSED_FORM: Tuple[Tuple[LossFn, LossAndGrad], ...] = (
+    (F.cross_entropy, _cross_entropy_and_grad), (zoo.cross_entropy, _cross_entropy_and_grad))
+
+
+def loss_and_grad(loss: LossFn) -> LossAndGrad:
+    """(logits, target) -> (per-sample losses (N,), ∂loss_i/∂logits_i (N, classes)) for `loss`.
+
+    In closed form, without autograd, when the loss has a `loss_and_grad` method (TaylorLoss)
+    or is cross-entropy; otherwise by autograd through `loss(logits, target, reduction="none")`.
+    """
+    if hasattr(loss, "loss_and_grad"):
+        return loss.loss_and_grad
+    closed = next((f for known, f in _CLOSED_FORM if known is loss), None)
+    if closed is not None:
+        return closed
+
+    def by_autograd(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            values = loss(leaf, target, reduction="none")
+            (grad,) = torch.autograd.grad(values.sum(), leaf)
+        return values.detach(), grad
+
+    return by_autograd
+
+
+def _step(params: Params, loss: LossAndGrad, optimizer: InnerOptimizer, state: Dict[str, object],
           x: Tensor, y: Tensor) -> Tensor:
-    """One optimiser step of every stacked MLP; backpropagation written out (two batched
-    products per layer). For SGD the update is fused into the weight-gradient product."""
+    """One optimiser step of every stacked MLP on x (n, batch, features), y (n·batch,); returns
+    the per-example losses (n, batch). Backpropagation is written out: one batched product per
+    layer forward, two backward (one for the first layer); for SGD the update is fused into the
+    weight-gradient product."""
+    n, batch = x.shape[:2]
     names = list(params)
-    weights = [params[names[k]] for k in range(0, len(names), 2)]
-    biases = [params[names[k]] for k in range(1, len(names), 2)]
-    inputs, pre = [x], []
-    h = x
-    for k, (w, b) in enumerate(zip(weights, biases)):
-        z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-        pre.append(z)
-        h = z.relu() if k + 1 < len(weights) else z
-        inputs.append(h)
-    per_net, dz = _logit_grad(loss, h, y)
+    inputs = [x]
+    for k in range(0, len(names), 2):
+        z = torch.baddbmm(params[names[k + 1]].unsqueeze(1), inputs[-1], params[names[k]].transpose(1, 2))
+        inputs.append(z.relu_() if k + 2 < len(names) else z)
+    values, dz = loss(inputs.pop().view(n * batch, -1), y)
+    dz = dz.view(n, batch, -1).div_(batch)  # ∂(mean loss)/∂logits
     fused = optimizer.name == "sgd"
     grads: Params = {}
-    for k in reversed(range(len(weights))):
-        w, b = weights[k], biases[k]
+    for k in reversed(range(len(inputs))):
+        w, b = params[names[2 * k]], params[names[2 * k + 1]]
         dh = torch.bmm(dz, w) if k else None  # before w changes
         if fused:  # Algorithm 1, line 11: θ ← θ − η ∂L/∂θ
-            w.transpose(1, 2).baddbmm_(inputs[k].transpose(1, 2), dz, alpha=-optimizer.lr)
+            w.baddbmm_(dz.transpose(1, 2), inputs[k], alpha=-optimizer.lr)
             b.sub_(dz.sum(1), alpha=optimizer.lr)
         else:
             grads[names[2 * k]] = torch.bmm(dz.transpose(1, 2), inputs[k])
             grads[names[2 * k + 1]] = dz.sum(1)
         if k:
-            dz = dh * (pre[k - 1] > 0)
+            dz = torch.ops.aten.threshold_backward(dh, inputs[k], 0)  # ReLU's backward
     if fused:
         state["step"] = int(state["step"]) + 1
     else:
         optimizer.step(params, grads, state)
-    return per_net
+    return values.view(n, batch)
 
 
 def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
@@ -166,22 +196,28 @@ def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[s
     """Train the stacked MLPs in place; network i takes minibatch batches[i, t] at step t.
 
     x, y: all examples; batches: (n, steps, batch) indices into them. `batched=False` trains
-    the networks one after another (less memory, the same arithmetic). Returns the training
-    loss of every network at every step, (n, steps).
+    the networks one after another (less memory, the same arithmetic). `loss` is called like
+    F.cross_entropy, or gives its gradient in closed form (`loss_and_grad`). Returns the
+    training loss of every network at every step, (n, steps).
     """
-    n, steps, _ = batches.shape
+    n, steps, batch = batches.shape
     losses = torch.empty(n, steps, device=x.device, dtype=x.dtype)
     start = int(state["step"])
     groups = [slice(0, n)] if batched else [slice(i, i + 1) for i in range(n)]
+    closed = loss_and_grad(loss)
     with torch.no_grad():
         for group in groups:
             sub = {name: p[group] for name, p in params.items()}  # views: updated in place
             sub_state = {k: ({name: b[group] for name, b in v.items()} if isinstance(v, dict)
                              else v) for k, v in state.items()}
             sub_state["step"] = start
-            for t in range(steps):
-                idx = batches[group, t]
-                losses[group, t] = _step(sub, loss, optimizer, sub_state, x[idx], y[idx])
+            order = batches[group].transpose(0, 1).contiguous()  # (steps, networks, batch)
+            targets = y[order]
+            per_step = [_step(sub, closed, optimizer, sub_state,
+                              x.index_select(0, order[t].view(-1)).view(*order[t].shape, -1),
+                              targets[t].view(-1))
+                        for t in range(steps)]
+            losses[group] = torch.stack(per_step, dim=1).mean(2)
     state["step"] = start + steps
     return losses
 

@@ -57,7 +57,7 @@ def _clone_state(state: Dict[str, Any], device: Optional[torch.device] = None) -
                 else v) for k, v in state.items()}
 
 
-def _clock(device: torch.device) -> float:
+def clock(device: torch.device) -> float:
     """The time once the device has finished the work queued so far (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -280,12 +280,12 @@ class MetaTrainer:
         """One iteration of Algorithm 1's while loop; returns the step's metrics."""
         c, step = self.config, self.steps_done + 1
         draws, omega = self._draw(step), self.omega.detach().clone()
-        t0 = _clock(self.device)
+        t0 = clock(self.device)
         params, inner_state = self._start(draws, warm=c.warm_start)  # line 9
         start_norms = self._stationarity(inner.flat(params), omega, draws)
         losses = self._train_inner(params, inner_state, draws, omega)  # lines 10-11
         thetas = inner.flat(params)
-        t1 = _clock(self.device)
+        t1 = clock(self.device)
         vs, heldout_loss, heldout_acc = self._heldout(thetas, draws)  # line 12
         if not torch.isfinite(heldout_loss).all():
             bad = int((~torch.isfinite(heldout_loss)).nonzero()[0, 0])
@@ -294,14 +294,14 @@ class MetaTrainer:
         trusted = self._trusted(step, hypergrads, residuals)
         h = (self._aggregate(hypergrads[trusted.to(hypergrads.device)], draws.surgery)
              if trusted.any() else torch.zeros_like(self.omega))  # line 15
-        t2 = _clock(self.device)
+        t2 = clock(self.device)
         self._update(step, h, trusted)  # line 16
         source_acc = diagnostics.accuracies(self.apply, thetas, self.x, self.y, draws.source_eval)
-        t3 = _clock(self.device)
+        t3 = clock(self.device)
         end_norms = self._stationarity(thetas, omega, draws)
         reference = (self._reference(step, thetas, vs, hypergrads, draws, omega)
                      if c.reference_every and step % c.reference_every == 0 else None)
-        t4 = _clock(self.device)
+        t4 = clock(self.device)
         if c.warm_start:
             self._warm = (params, inner_state)
         self.steps_done = step
