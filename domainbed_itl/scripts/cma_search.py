@@ -29,13 +29,14 @@ from ..meta.inner import INNER_OPTIMIZERS
 from ..meta.config import META_PRESETS
 from ..meta.runner import LOSS, RunDirError, check_output_dir
 from ..files.runlock import FolderLocked, folder_lock
-from .meta_train import (DEFAULT_PRESET, _check_data_args, _command_line, _device, _load_data,
-                         _meta_config, _nonnegative_int, _positive_float, _positive_int, _widths,
-                         add_data_flags, add_loss_flags, add_output_flags)
+from .meta_train import (CONVERGENCE_FLAGS, DEFAULT_PRESET, _check_data_args, _command_line, _device,
+                         _load_data, _meta_config, _nonnegative_int, _positive_float,
+                         _positive_int, _widths, add_convergence_flags, add_data_flags,
+                         add_loss_flags, add_output_flags)
 
 # MetaConfig settings this command takes (those that shape the inner training and M).
 CONFIG_FLAGS = ("inner_steps", "inner_optimizer", "inner_lr", "inner_momentum", "batch_size",
-                "hidden", "outer_batch", "eval_size", "batched", "seed")
+                "hidden", *CONVERGENCE_FLAGS, "outer_batch", "eval_size", "batched", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     inner.add_argument("--inner_momentum", type=float)
     inner.add_argument("--batch_size", type=_positive_int)
     inner.add_argument("--hidden", type=_widths)
+    add_convergence_flags(inner)
     inner.add_argument("--outer_batch", type=_positive_int,
                        help="held-out examples for M per domain (default: the whole domain)")
     inner.add_argument("--eval_size", type=_positive_int,

@@ -50,7 +50,7 @@ from ..losses import zoo
 from ..losses.lossfile import LOSS_PRESETS, LossFileError, resolve_loss
 from ..files.runlock import FolderLocked, folder_lock
 from ..files.sweepfolder import load_runs, records_of
-from .meta_train import _positive_int, _widths, _positive_float
+from .meta_train import _positive_float, _positive_int, _widths, add_convergence_flags
 
 REPORT_MD, REPORT_JSON = "evaluation.md", "evaluation.json"
 ZOO_ALGORITHMS = {"CE": "ERM", "BCE": "ERM_BCE", "Focal": "ERM_Focal", "SCE": "ERM_SCE",
@@ -61,6 +61,9 @@ META_METRICS = [("heldout_acc", "held-out acc. (%)", 100, 1, True),
                 ("heldout_ce", "held-out CE", 1, 3, False),
                 ("source_acc", "source acc. (%)", 100, 1, True),
                 ("gap", "source − held-out (pts)", 100, 1, False)]
+# With a stopping rule: how long each loss trained and how close it came to a stationary point.
+CONVERGENCE_METRICS = [("inner_steps_used", "inner steps used", 1, 0, False),
+                       ("stationarity", "stationarity (final / start gradient norm)", 1, 3, False)]
 DOMAINBED_METRICS = [("test_acc", "test acc. (%), training-domain validation", 100, 1, True),
                      ("last_test_acc", "test acc. (%), last checkpoint", 100, 1, True),
                      ("val_acc", "training-domain validation acc. (%)", 100, 1, True)]
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--inner_lr", type=_positive_float, default=0.01)
     meta.add_argument("--batch_size", type=_positive_int, default=32)
     meta.add_argument("--hidden", type=_widths, default=(256,))
+    add_convergence_flags(meta)
     meta.add_argument("--eval_size", type=_positive_int, default=2048,
                       help="source examples behind the source accuracy")
     meta.add_argument("--per_domain_cap", type=_positive_int, default=None)
@@ -189,8 +193,12 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str) -
     if existing and not args.overwrite:
         raise OutputExists(f"{output_dir} already holds an evaluation ({', '.join(existing)}); "
                            "pass --overwrite to replace it")
+    convergence = {k: getattr(args, k) for k in ("inner_schedule", "inner_weight_decay",
+                                                 "inner_stop_ratio", "inner_stop_every")
+                   if getattr(args, k) is not None}
     protocol = Protocol(tuple(args.inner_steps), args.inner_lr, args.inner_optimizer,
-                        batch_size=args.batch_size, hidden=args.hidden, eval_size=args.eval_size)
+                        batch_size=args.batch_size, hidden=args.hidden, eval_size=args.eval_size,
+                        **convergence)
     device = _device(args.device)
     data = _load_data(args)
     functions = {}
@@ -202,7 +210,8 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str) -
     settings = {"protocol": "meta", "dataset": args.dataset, "seeds": args.seeds,
                 "per_domain_cap": args.per_domain_cap, "data_seed": args.data_seed,
                 **protocol.to_dict()}
-    body, stats = _tables(records, META_METRICS, reference, list(losses), ["inner_steps"])
+    metrics = META_METRICS + (CONVERGENCE_METRICS if protocol.inner_stop_ratio is not None else [])
+    body, stats = _tables(records, metrics, reference, list(losses), ["inner_steps"])
     _write_report(output_dir, "Loss evaluation, meta protocol", settings, body,
                   {"settings": settings, "losses": losses, "reference": reference,
                    "statistics": stats, "records": records}, overwrite=True)

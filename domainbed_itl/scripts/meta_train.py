@@ -24,7 +24,7 @@ from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
 from ..losses.taylor import MAX_ORDER, MIN_ORDER
 from ..meta.aggregators import AGGREGATORS, REDUCTIONS
 from ..meta.data import DomainData, synthetic_domains
-from ..meta.inner import INNER_OPTIMIZERS
+from ..meta.inner import INNER_OPTIMIZERS, SCHEDULES
 from ..meta.config import GUESSES, META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, MetaConfig, preset_config
 from ..meta.runner import LOSS, RunDirError, check_output_dir, run_meta_training
 from ..meta.trainer import NonFiniteError
@@ -62,6 +62,33 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def add_convergence_flags(group: argparse._ArgumentGroup) -> None:
+    """The inner-training flags that bring networks to a stationary point (meta_train,
+    cma_search and evaluate_loss meta share them)."""
+    group.add_argument("--inner_schedule", choices=SCHEDULES,
+                       help="learning rate over the inner steps: constant, or annealed to 0 "
+                            "over them (cosine, linear)")
+    group.add_argument("--inner_weight_decay", type=_nonnegative_float,
+                       help="λ of an L2 term λ/2‖θ‖² in the inner objective (also in the "
+                            "implicit gradient)")
+    group.add_argument("--inner_stop_ratio", type=_positive_float,
+                       help="stop a network once its gradient norm on the source-evaluation "
+                            "examples is at most this fraction (0 to 1) of its start; "
+                            "--inner_steps is then the cap")
+    group.add_argument("--inner_stop_every", type=_positive_int,
+                       help="check the stopping rule every this many inner steps")
 
 
 def _widths(text: str) -> Tuple[int, ...]:
@@ -145,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     inner.add_argument("--batch_size", type=_positive_int)
     inner.add_argument("--hidden", type=_widths,
                        help="hidden widths of the base MLP, e.g. 256 (two weight layers)")
+    add_convergence_flags(inner)
     hyper = p.add_argument_group("implicit gradient (Algorithm 2)")
     hyper.add_argument("--solver", choices=("neumann", "cg"))
     hyper.add_argument("--neumann_steps", type=_positive_int)
@@ -152,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--neumann_form", choices=NEUMANN_FORMS,
                        help="inverse: α Σ (I-αH)^j v, an estimate of H^-1 v; algorithm2: the sum "
                             "without α, as Algorithm 2 is printed")
+    hyper.add_argument("--neumann_power_iters", type=_nonnegative_int,
+                       help="if > 0: α = neumann_alpha/λ̂_max per domain, λ̂_max from this many "
+                            "power iterations (needs --neumann_form inverse, --neumann_alpha < 2)")
+    hyper.add_argument("--neumann_early_stop", action=argparse.BooleanOptionalAction,
+                       help="return the Neumann partial sum of smallest residual")
+    hyper.add_argument("--solver_damping", type=_nonnegative_float,
+                       help="solve (H + μI)u = -v with this μ (ridge damping)")
     hyper.add_argument("--cg_maxiter", type=_positive_int)
     hyper.add_argument("--cg_tol", type=float)
     hyper.add_argument("--hvp_batch", type=_positive_int,
@@ -166,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "MINRES solve (0: never)")
     diag.add_argument("--reference_maxiter", type=_positive_int,
                       help="MINRES iterations of that reference solve")
+    diag.add_argument("--spectrum_iters", type=_nonnegative_int,
+                      help="record each domain's Hessian λ_max and λ_min from this many power "
+                           "iterations each (0: not recorded)")
     run = p.add_argument_group("execution")
     run.add_argument("--batched", action=argparse.BooleanOptionalAction,
                      help="train the per-domain inner networks as one stack and vmap their "
@@ -175,11 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CONVERGENCE_FLAGS = ("inner_schedule", "inner_weight_decay", "inner_stop_ratio", "inner_stop_every")
 CONFIG_FLAGS = ("outer_steps", "outer_optimizer", "outer_lr", "aggregate", "aggregate_reduction",
                 "outer_batch", "eval_size", "inner_steps", "inner_optimizer", "inner_lr",
-                "inner_momentum", "warm_start", "batch_size", "hidden", "solver", "neumann_steps",
-                "neumann_alpha", "neumann_form", "cg_maxiter", "cg_tol", "hvp_batch",
-                "max_solver_residual", "reference_every", "reference_maxiter", "batched", "seed")
+                "inner_momentum", "warm_start", "batch_size", "hidden", *CONVERGENCE_FLAGS, "solver",
+                "neumann_steps", "neumann_alpha", "neumann_form", "neumann_power_iters",
+                "neumann_early_stop", "solver_damping", "cg_maxiter", "cg_tol", "hvp_batch",
+                "max_solver_residual", "reference_every", "reference_maxiter", "spectrum_iters",
+                "batched", "seed")
 
 
 def _presets_help() -> str:
