@@ -13,7 +13,9 @@ examples):
 2. times `--steps` outer steps in each mode, sequential (one inner network after another) and
    batched (the n networks as one stack), alternating between the modes after one warm-up step
    each, and prints the median step time, its parts, and the step's FLOPs divided by the measured
-   throughput: the time the arithmetic alone would take.
+   throughput: the time the arithmetic alone would take; and the inner steps each domain's
+   network took (with a stopping rule, e.g. `--preset stationary`, the steps it needed to reach
+   it; without one, the step count).
 """
 
 from __future__ import annotations
@@ -57,25 +59,28 @@ def step_flops(data: DomainData, config: MetaConfig, device: str) -> float:
 
 
 def measure(data: DomainData, base: MetaConfig, steps: int, device: str) -> Dict[str, Dict[str, float]]:
-    """Median per-step seconds (total, inner training, hypergradient, diagnostics) of both modes.
+    """Median per-step seconds (total, inner training, hypergradient, diagnostics) of both modes,
+    and under "inner_steps" the median over the measured steps of each domain's inner steps.
 
     The two modes alternate step by step, so a change in machine load hits both alike.
     """
-    runs = {}
+    runs, used = {}, {"sequential": [], "batched": []}
     for mode in ("sequential", "batched"):
         config = MetaConfig(**{**base.to_dict(), "batched": mode == "batched"})
         trainer = MetaTrainer(data.domains, data.num_classes, config, device=device)
         trainer.outer_step()  # warm-up
         runs[mode] = (trainer, [])
     for _ in range(steps):
-        for trainer, rows in runs.values():
+        for mode, (trainer, rows) in runs.items():
             record = trainer.outer_step()
+            used[mode].append(record["per_domain"]["inner_steps_used"])
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             rows.append({"step": record["time_step_s"], "inner": record["time_inner_s"],
                          "hypergradient": record["time_hypergradient_s"],
                          "diagnostics": record["time_diagnostics_s"]})
-    return {mode: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {mode: {**{k: statistics.median(r[k] for r in rows) for k in rows[0]},
+                   "inner_steps": [statistics.median(d) for d in zip(*used[mode])]}
             for mode, (_, rows) in runs.items()}
 
 
@@ -123,6 +128,10 @@ def main() -> None:
     for mode, r in results.items():
         print(f"{mode:<11} {r['step']:>12.3f} {r['inner']:>12.3f} {r['hypergradient']:>10.3f} "
               f"{r['diagnostics']:>12.3f} {flops / own:>19.3f}")
+    for mode, r in results.items():
+        print(f"{mode}: inner steps per domain (median over the measured steps; cap "
+              f"{base.inner_steps}, stopping rule {base.inner_stop_ratio}): "
+              f"{', '.join(f'{s:g}' for s in r['inner_steps'])}")
     seq, bat = results["sequential"], results["batched"]
     print(f"batched speed-up per outer step: {seq['step'] / bat['step']:.2f}x; batched step / "
           f"arithmetic floor: {bat['step'] / (flops / own):.2f}x (on 2048^3 throughput: "
