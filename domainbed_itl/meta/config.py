@@ -290,7 +290,7 @@ META_PRESETS["paper_guarded"] = {**META_PRESETS["paper"], "max_solver_residual":
 META_PRESETS["stationary"] = {
     **META_PRESETS["paper_guarded"],
     "inner_steps": 4000, "inner_lr": 0.3, "inner_schedule": "cosine", "inner_weight_decay": 1e-3,
-    "inner_stop_ratio": 0.1, "inner_stop_every": 100,
+    "inner_stop_ratio": 0.1, "inner_stop_every": 200,
     "neumann_steps": 50, "neumann_alpha": 1.0, "neumann_form": "inverse", "neumann_power_iters": 20,
     "neumann_early_stop": True, "solver_damping": 1e-2,
     "aggregate_reduction": "mean", "outer_optimizer": "adam", "outer_lr": 0.05, "spectrum_iters": 20,
@@ -328,8 +328,9 @@ GUESSES["stationary"] = {
                           "gradient norm",
     "inner_stop_ratio": "0.1: stop once the gradient norm on the step's 2048 source-evaluation "
                         "examples is a tenth of its value at the start",
-    "inner_stop_every": "100: a check costs about one forward-backward pass on those 2048 "
-                        "examples, a few percent of 100 steps' work",
+    "inner_stop_every": "200: a check is one forward-backward pass on up to 2048 examples, "
+                        "about eval_size/(32·200) (a quarter or less) of the training between "
+                        "checks",
     "neumann_alpha": "1.0, i.e. α = 1/λ̂_max per domain: the series then converges on the "
                      "positive spectrum whatever the loss's curvature",
     "neumann_power_iters": "20 power iterations per domain for λ̂_max (from below; the series "
