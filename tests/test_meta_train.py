@@ -275,6 +275,25 @@ def test_warm_start_continues_the_networks_and_resumes_bit_for_bit(tmp_path, opt
         records[0][0]["per_domain"]["inner_grad_norm"], rel=1e-3)
 
 
+def test_warm_starts_with_the_stopping_rule_carry_the_networks_and_resume_bit_for_bit(tmp_path):
+    data = _data()
+    config = MetaConfig(**{**STATIONARY, "warm_start": True, "inner_optimizer": "adam",
+                           "inner_lr": 0.01, "outer_steps": 3, "spectrum_iters": 0})
+    full = run_meta_training(data, config, tmp_path / "full", progress=False)
+    run_meta_training(data, dataclasses.replace(config, outer_steps=1), tmp_path / "cut",
+                      progress=False)
+    resumed = run_meta_training(data, config, tmp_path / "cut", resume=True, progress=False)
+    assert torch.equal(resumed.omega, full.omega)
+    records = [[_untimed(json.loads(line)) for line in (tmp_path / d / "metrics.jsonl").read_text()
+                .splitlines()] for d in ("full", "cut")]
+    assert records[0] == records[1]
+    steps = [r["per_domain"]["inner_steps_used"] for r in records[0]]
+    ckpt = runner.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    assert ckpt["trainer"]["inner"]["optimizer"]["step"] == sum(max(s) for s in steps)
+    assert records[0][1]["per_domain"]["inner_grad_norm_start"] == pytest.approx(
+        records[0][0]["per_domain"]["inner_grad_norm"], rel=1e-3)
+
+
 def test_heldout_objective_is_the_outer_steps_objective():
     data = _data()
     trainer = MetaTrainer(data.domains, data.num_classes, _config())
