@@ -180,3 +180,12 @@ class CountingLoss(torch.nn.Module):
     def forward(self, *args, **kwargs):
         self.calls += 1
         return self.loss(*args, **kwargs)
+
+
+def docs_family_example() -> str:
+    """The module of docs/losses.md's "A family of your own", as a user would copy it."""
+    import re
+
+    text = (REPO / "docs" / "losses.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "register_family(" in b]
+    return block

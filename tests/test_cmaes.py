@@ -12,11 +12,11 @@ import torch
 from domainbed_itl.analysis.search_curves import at_budget, inner_trainings, search_curve
 from domainbed_itl.losses import load_loss
 from domainbed_itl.meta.cmaes import CMAConfig, CMASearch, default_popsize, run_cma_search
-from domainbed_itl.meta.data import synthetic_domains
-from domainbed_itl.meta.runner import RunDirError
+from domainbed_itl.meta.data import synthetic_dataset, synthetic_domains
+from domainbed_itl.files.runfolder import REQUIRED, RunDirError, read_metrics
 from domainbed_itl.meta.config import InnerSettings, MetaConfig
 from domainbed_itl.meta.trainer import MetaTrainer
-from domainbed_itl.scripts import cma_search, meta_train, plot_meta, plot_search
+from domainbed_itl.scripts import cma_search, meta_train, plot_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,7 +130,7 @@ def test_a_generation_scores_candidates_with_the_outer_steps_objective(tmp_path)
         again = trainer.heldout_objective(record["candidate_omega"], record["step"])
         assert again["outer_heldout_loss"] == pytest.approx(record["outer_heldout_loss"], rel=1e-6)
         assert record["outer_heldout_loss"] == min(record["population"]["outer_heldout_loss"])
-        assert set(plot_meta.REQUIRED) <= set(record)
+        assert set(REQUIRED) <= set(record)
     loss = load_loss(tmp_path / "loss.json")
     assert loss.parameters == pytest.approx(search.best["omega"])
     assert loss.provenance["search"] == "cma-es" and loss.provenance["generations"] == 2
@@ -163,7 +163,7 @@ def test_overwrite_keeps_the_previous_search_until_the_new_one_has_a_checkpoint(
     before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "loss.json")}
     notes = []
     # Inner training with a learning rate of 1e30 diverges for every candidate: no checkpoint.
-    with pytest.raises(FloatingPointError, match=r"--overwrite kept the previous run \(2 records, "):
+    with pytest.raises(FloatingPointError, match=r"--overwrite kept the previous run \(2 generations, "):
         run_cma_search(data, CMAConfig(generations=2, popsize=3), MetaConfig(**{**TINY, "inner_lr": 1e30}),
                        out, overwrite=True, log=notes.append)
     assert {name: (out / name).read_bytes() for name in before} == before
@@ -171,7 +171,7 @@ def test_overwrite_keeps_the_previous_search_until_the_new_one_has_a_checkpoint(
     run_cma_search(data, CMAConfig(generations=1, popsize=3, sigma0=0.3), meta, out, overwrite=True,
                    log=notes.append)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    assert notes[-1].startswith(f"--overwrite: replaced the previous run in {out} (2 records")
+    assert notes[-1].startswith(f"--overwrite: replaced the previous run in {out} (2 generations")
     assert not any(p.name.endswith("replaced") for p in out.iterdir())
 
 
@@ -194,20 +194,38 @@ def test_cli_writes_a_loss_file_and_metrics_with_meta_trains_keys(tmp_path, caps
     loss = load_loss(out / "loss.json")
     assert (loss.family, loss.order, loss.provenance["preset"]) == ("taylor", 4, meta_train.DEFAULT_PRESET)
     assert loss.provenance["meta_config"]["inner_lr"] == 0.01  # the default preset's inner loop
-    records = plot_meta.read_metrics(out / "metrics.jsonl")
+    records = read_metrics(out / "metrics.jsonl")
     assert len(records) == 2 and records[-1]["inner_trainings"] == 2 * 3 * 6
     assert cma_search.main(CLI_TINY + ["--generations", "3", "--popsize", "3", "--sigma0", "0.2",
                                        "--output_dir", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert cma_search.main(CLI_TINY + ["--generations", "3", "--popsize", "3", "--sigma0", "0.2",
                                        "--output_dir", str(out), "--resume"]) == 0
-    assert len(plot_meta.read_metrics(out / "metrics.jsonl")) == 3
+    assert len(read_metrics(out / "metrics.jsonl")) == 3
+
+
+def test_cli_resume_takes_the_searchs_settings_from_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "cma"
+    assert cma_search.main(CLI_TINY + ["--generations", "1", "--popsize", "3", "--sigma0", "0.2",
+                                       "--output_dir", str(out)]) == 0
+    capsys.readouterr()
+    assert cma_search.main(["--output_dir", str(out), "--resume", "--sigma0", "0.3"]) == 2
+    assert "--sigma0 0.3 contradicts the checkpoint's sigma0 0.2" in capsys.readouterr().err
+    assert cma_search.main(["--output_dir", str(out), "--resume", "--inner_steps", "7"]) == 2
+    assert "--inner_steps 7 contradicts the checkpoint's inner_steps 6" in capsys.readouterr().err
+    assert cma_search.main(["--output_dir", str(out), "--resume", "--generations", "2",
+                            "--no_progress"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["popsize"] == 3
+    provenance = load_loss(out / "loss.json").provenance
+    assert provenance["cma_config"]["sigma0"] == 0.2 and provenance["resumed"][0]["from_step"] == 1
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--popsize", "1"], "expected an integer >= 2, got '1'"),
     (["--sigma0", "0"], "expected a positive finite number, got '0'"),
     (["--family", "taylor"], "--family taylor needs --order"),
+    (["--family", "focal"], "a focal loss has 1 parameter (gamma); CMA-ES searches at least 2"),
     (["--init", "nonsense.json"], "nonsense.json"),
 ])
 def test_cli_rejects_bad_arguments_by_name(tmp_path, capsys, argv, message):
@@ -326,8 +344,8 @@ def test_plot_search_on_a_real_ift_run_and_a_real_cma_run(tmp_path):
     assert numbers["curves"]["CMA-ES"]["inner_trainings"] == [18, 36]
     # Generation 1 of CMA-ES and step 1 of IFT train with the same randomness: a candidate
     # equal to IFT's initial ω would score IFT's step-1 M.
-    ift_first = plot_meta.read_metrics(tmp_path / "ift" / "metrics.jsonl")[0]
-    data = synthetic_domains(per_domain=40, seed=0)
+    ift_first = read_metrics(tmp_path / "ift" / "metrics.jsonl")[0]
+    data = synthetic_dataset(per_domain=40, seed=0)  # what --dataset synthetic loads
     meta = MetaConfig(**{**load_loss(tmp_path / "cma" / "loss.json").provenance["meta_config"]})
     trainer = MetaTrainer(data.domains, data.num_classes, meta)
     assert trainer.heldout_objective(trainer.omega, 1)["outer_heldout_loss"] == pytest.approx(

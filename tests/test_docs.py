@@ -1,11 +1,18 @@
-"""The README and docs/: CI runs the README's commands, links resolve, no machine's paths."""
+"""The README and docs/: CI runs the README's commands, links and anchors resolve, no machine's
+paths, the command and layout tables list what exists, and measurements stay on results pages."""
 
+import ast
 import re
 
 import pytest
 from conftest import REPO
 
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+RESULTS = REPO / "docs" / "results"
+HOW_TO = [p for p in PAGES if RESULTS not in p.parents]
+RESULT_PAGES = [p for p in PAGES if RESULTS in p.parents and p.name != "README.md"]
+DATE = re.compile(r"\b\d{1,2} (January|February|March|April|May|June|July|August|September|"
+                  r"October|November|December) \d{4}\b")
 
 
 def _setup_commands():
@@ -34,8 +41,77 @@ def test_no_machine_paths(page):
         assert not re.search(pattern, text), f"{page.name} holds {pattern}"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_relative_links_resolve(page):
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+def _anchors(page):
+    """GitHub's anchors of the headings of `page` (fenced code left out)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    slugs, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+?)\s*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        slugs.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return slugs
+
+
+def test_anchors_follow_githubs_rule():
+    """The anchor rule itself, on headings whose GitHub anchors are known."""
+    readme = _anchors(REPO / "README.md")
+    assert {"set-up", "the-main-job-erm-against-itl-in-domainbed", "citation"} <= readme
+    assert "the-c-cpu-kernel-is-opt-in" in _anchors(REPO / "docs" / "benchmarks.md")
+
+
+def _links(page):
+    """(page, target file or '', anchor or '') of every relative link in `page`."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
         if not re.match(r"[a-z]+://", target):
-            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+            yield target, anchor
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_and_anchors_resolve(page):
+    for target, anchor in _links(page):
+        path = page.parent / target if target else page
+        assert path.exists(), f"{page.name} links to missing {target}"
+        if anchor and path.suffix == ".md":
+            assert anchor in _anchors(path), f"{page.name} links to missing #{anchor} in {path.name}"
+
+
+def _table(page, section):
+    """The first cells (backticks removed) of the table under `## section` of `page`."""
+    text = page.read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in text.splitlines() if line.startswith("|")][2:]
+    return [row.split("|")[1].strip().strip("`") for row in rows]
+
+
+def _commands():
+    """The modules of domainbed_itl/scripts/ that are commands: they define main()."""
+    return {path.stem for path in (REPO / "domainbed_itl" / "scripts").glob("*.py")
+            if any(isinstance(node, ast.FunctionDef) and node.name == "main"
+                   for node in ast.parse(path.read_text()).body)}
+
+
+def test_the_commands_table_lists_every_command_and_only_commands():
+    listed = _table(REPO / "docs" / "testing.md", "Commands")
+    assert len(listed) == len(set(listed))
+    assert set(listed) == _commands()
+    assert "quickstart" in listed and "_trained_runs" not in listed
+
+
+def test_the_layout_table_lists_every_package_folder_and_only_what_exists():
+    listed = _table(REPO / "docs" / "testing.md", "Layout")
+    folders = {f"{p.parent.relative_to(REPO)}/" for p in (REPO / "domainbed_itl").glob("*/__init__.py")}
+    assert folders <= set(listed), folders - set(listed)
+    assert all((REPO / path).exists() for path in listed), [p for p in listed if not (REPO / p).exists()]
+
+
+@pytest.mark.parametrize("page", HOW_TO, ids=lambda p: str(p.relative_to(REPO)))
+def test_how_to_pages_carry_no_dated_measurements(page):
+    """A measurement carries its date; measurements live in docs/results/."""
+    found = DATE.search(page.read_text())
+    assert found is None, f"{page.name} holds a dated measurement ({found.group(0)}): move it to results/"
+
+
+@pytest.mark.parametrize("page", RESULT_PAGES, ids=lambda p: p.name)
+def test_results_pages_carry_dates_and_are_listed(page):
+    assert DATE.search(page.read_text()), f"{page.name} has no date"
+    assert f"]({page.name})" in (RESULTS / "README.md").read_text(), f"{page.name} is not listed"

@@ -104,6 +104,8 @@ def test_random_search_draws_loss_hparams_in_range(bridge):
     assert len(gammas) > 1 and gammas <= {0.5, 1.0, 2.0, 3.0, 5.0}
     qs = [hparams_registry.random_hparams("ERM_GCE", "PACS", s)["gce_q"] for s in range(20)]
     assert all(0.4 <= q <= 0.9 for q in qs)
+    epsilons = [hparams_registry.random_hparams("ERM_Poly1", "PACS", s)["poly_epsilon"] for s in range(20)]
+    assert all(-1 <= e <= 3 for e in epsilons) and min(epsilons) < 0 < 2 < max(epsilons)
 
 
 @pytest.mark.parametrize("name", ERM_BASED)
@@ -158,6 +160,8 @@ def _loss_file(tmp_path, name, family, order, parameters):
     ("ERM_SCE", "sce_beta", float("nan"), r"hparam sce_beta=nan: expected a finite number"),
     ("ERM_GCE", "gce_q", 0.0, r"hparam gce_q=0.0: expected a number in \(0, 1\]"),
     ("ERM_LS", "ls_epsilon", 1.0, r"hparam ls_epsilon=1.0: expected a number in \[0, 1\)"),
+    ("ERM_Poly1", "poly_epsilon", -1.5, r"hparam poly_epsilon=-1.5: expected a number >= -1"),
+    ("ERM_Poly1", "poly_epsilon", float("inf"), r"hparam poly_epsilon=inf: expected a number >= -1"),
     ("ITL", "itl_loss", 3,
      r"hparam itl_loss=3: expected a preset loss \(ITL, learned-RotatedMNIST\) or the path"),
     ("ITL", "itl_loss", "absurd", r"the ITL loss of hparams itl_loss='.*absurd.json' is not finite"),
@@ -191,13 +195,27 @@ def test_a_non_finite_training_step_stops_the_run(bridge):
         algorithm.update(poisoned)
 
 
+@pytest.mark.parametrize("epsilon", [2.0, -1.0])
+def test_poly1_trains_with_ce_plus_epsilon_times_one_minus_p(bridge, epsilon):
+    hparams = {**bridge.hparams_registry.default_hparams("ERM_Poly1", "Debug28"), "poly_epsilon": epsilon}
+    algorithm = _algorithm(bridge, "ERM_Poly1", hparams)
+    minibatches = _minibatches()
+    x = torch.cat([x for x, _ in minibatches])
+    y = torch.cat([y for _, y in minibatches])
+    with torch.no_grad():
+        p = algorithm.predict(x).softmax(1).gather(1, y.unsqueeze(1)).squeeze(1)
+    expected = (-p.log() + epsilon * (1 - p)).mean().item()  # Leng et al.'s Poly-1
+    assert algorithm.update(minibatches)["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_itl_is_the_table_8_preset_by_default(bridge):
     algorithm = _algorithm(bridge, "ITL")
     assert algorithm.supervised_loss.omega.tolist() == pytest.approx(LOSS_PRESETS["ITL"].parameters)
 
 
 @pytest.mark.parametrize("name, attribute, expected", [
-    ("ERM_Focal", "gamma", 2.0), ("ERM_GCE", "q", 0.7), ("ERM_LS", "epsilon", 0.1)])
+    ("ERM_Focal", "gamma", 2.0), ("ERM_GCE", "q", 0.7), ("ERM_LS", "epsilon", 0.1),
+    ("ERM_Poly1", "epsilon", 2.0)])
 def test_zoo_losses_take_their_hparams(bridge, name, attribute, expected):
     loss = _algorithm(bridge, name).supervised_loss
     assert loss.keywords == {attribute: expected}
@@ -214,10 +232,11 @@ def test_replaced_cross_entropy_rejects_unsupported_arguments(bridge):
 
 
 def test_sweep_planning_checks_the_losses_for_the_datasets_classes(tmp_path):
-    from domainbed_itl.bridge.hparams import DATASET_CLASSES, check_sweep_losses
+    from domainbed_itl.bridge.hparams import check_sweep_losses
+    from domainbed_itl.datasets import DATASETS
 
     ours = [name for name in LOSS_ALGORITHMS]
-    check_sweep_losses(ours + ["ERM", "Unknown"], list(DATASET_CLASSES), {})  # defaults all train
+    check_sweep_losses(ours + ["ERM", "Unknown"], list(DATASETS), {})  # defaults all train
     upside = _loss_file(tmp_path, "upside_down.json", "taylor", 4,
                         [v if i < 2 else -v for i, v in enumerate(cross_entropy_taylor_init(4, 10))])
     with pytest.raises(ValueError, match=r"^--hparams: algorithm ITL: the ITL loss of hparams itl_loss="
@@ -233,9 +252,9 @@ def test_sweep_planning_checks_the_losses_for_the_datasets_classes(tmp_path):
 
 @pytest.mark.slow
 def test_dataset_classes_match_domainbed(domainbed, mnist10k):
-    from domainbed_itl.bridge.hparams import DATASET_CLASSES
+    from domainbed_itl.datasets import DATASETS
 
     _, datasets, _ = domainbed
     for name in ("Debug28", "Debug224", "ColoredMNIST", "RotatedMNIST"):
         dataset = datasets.get_dataset_class(name)(str(mnist10k), [0], {"data_augmentation": False})
-        assert dataset.num_classes == DATASET_CLASSES[name], name
+        assert dataset.num_classes == DATASETS[name].classes, name

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import domainbed_env
+from conftest import docs_family_example, domainbed_env
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +85,36 @@ def test_itl_trains_on_rotated_mnist(patched_domainbed, mnist10k, tmp_path):
     assert records[-1]["args"]["algorithm"] == "ITL" and records[-1]["hparams"]["itl_loss"] == "ITL"
     assert all(0.0 <= records[-1][f"env{i}_in_acc"] <= 1.0 for i in range(6))
     assert (out / "done").exists()
+
+
+
+
+def test_sweep_runs_poly1_and_a_users_loss_family(patched_domainbed, tmp_path):
+    """DomainBed's jobs are other processes: they see a family of the user's own through the
+    module named in DOMAINBED_ITL_FAMILIES; ERM_Poly1 trains with its default ε."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "my_losses.py").write_text(docs_family_example())
+    loss = tmp_path / "scaled.json"
+    loss.write_text(json.dumps({"format": "domainbed-itl-loss", "version": 1, "family": "scaled_ce",
+                                "order": None, "parameters": [3.0]}))
+    env = domainbed_env(patched_domainbed)
+    env["PYTHONPATH"] += f":{tmp_path / 'plugins'}"
+    env["DOMAINBED_ITL_FAMILIES"] = "my_losses"
+    out = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "Debug28",
+         "--algorithms", "ERM_Poly1", "ITL", "--data_dir", str(tmp_path), "--output_dir", str(out),
+         "--command_launcher", "local", "--n_hparams", "1", "--n_trials", "1", "--steps", "3",
+         "--single_test_envs", "--hparams", json.dumps({"batch_size": 8, "itl_loss": str(loss)}),
+         "--skip_confirmation"], cwd=patched_domainbed, env=env, capture_output=True, text=True,
+        timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 6 and all((p / "done").exists() for p in runs)
+    records = [json.loads(line) for p in runs for line in (p / "results.jsonl").read_text().splitlines()]
+    poly = [r for r in records if r["args"]["algorithm"] == "ERM_Poly1"]
+    assert poly and all(r["hparams"]["poly_epsilon"] == 2.0 for r in poly)
+    itl = [r for r in records if r["args"]["algorithm"] == "ITL"]
+    assert itl and all(r["hparams"]["itl_loss"] == str(loss) for r in itl)
+    # 3·CE on 2 classes starts near 3 ln 2 ≈ 2.1; CE itself near 0.7, the ITL preset below 0.
+    assert all(r["loss"] > 1.0 for r in itl if r["step"] == 0)

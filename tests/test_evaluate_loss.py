@@ -4,15 +4,21 @@ end-to-end search whose learned loss beats its initial loss."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from domainbed_itl.analysis import comparison
-from domainbed_itl.losses import ITL_PARAMETERS, TaylorLoss
+from domainbed_itl.bridge.loss_evaluation import DomainBedProtocol, parse_losses, plan_jobs
+from domainbed_itl.losses import ITL_PARAMETERS, LossSpec, TaylorLoss, save_loss
 from domainbed_itl.meta import synthetic_domains
 from domainbed_itl.meta.evaluate import Protocol, evaluate_losses
 from domainbed_itl.meta.config import preset_config
@@ -22,6 +28,8 @@ from domainbed_itl.scripts import evaluate_loss
 from conftest import domainbed_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
 
 PROTOCOL = Protocol(inner_steps=(15, 30), hidden=(8,), batch_size=16, eval_size=50)
 
@@ -152,6 +160,101 @@ def test_meta_command_evaluates_at_convergence_and_reports_the_steps_taken(tmp_p
     assert evaluate_loss.main(bad) == 2
 
 
+def test_meta_command_takes_poly1_and_a_loss_file_of_any_family(tmp_path):
+    from domainbed_itl.losses import LossSpec, save_loss
+
+    focal = save_loss(tmp_path / "focal.json", LossSpec("focal", None, [1.0]))
+    poly = save_loss(tmp_path / "poly2.json", LossSpec("poly", 2, [1.0, 0.5]))
+    out = tmp_path / "eval"
+    assert evaluate_loss.main(["meta", "--dataset", "synthetic", "--per_domain_cap", "40", "--losses",
+                               "CE", "Poly1", f"focal={focal}", f"poly={poly}", "--seeds", "0",
+                               "--inner_steps", "5", "--hidden", "4", "--output_dir", str(out)]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["losses"] == {"CE": "CE", "Poly1": "Poly1", "focal": str(focal), "poly": str(poly)}
+    by_loss = {}
+    for record in report["records"]:
+        by_loss.setdefault(record["loss"], []).append(record["heldout_ce"])
+    assert len(by_loss) == 4 and len({tuple(v) for v in by_loss.values()}) == 4  # four different losses
+    args = evaluate_loss.build_parser().parse_args(
+        ["domainbed", "--losses", "Poly1", str(poly), "--test_envs", "0", "--n_trials", "1", "--data_dir",
+         str(tmp_path), "--output_dir", str(tmp_path)])
+    losses, _ = parse_losses(args.losses, args.reference, args.dataset)
+    protocol = DomainBedProtocol(args.dataset, args.data_dir, tuple(args.test_envs), args.n_trials)
+    jobs = plan_jobs(protocol, losses, lambda *a: 0)
+    planned = {label: train_args for train_args, label, *_ in jobs}
+    assert planned["Poly1"]["algorithm"] == "ERM_Poly1" and "hparams" not in planned["Poly1"]
+    assert planned[str(poly)]["algorithm"] == "ITL"
+    assert json.loads(planned[str(poly)]["hparams"]) == {"itl_loss": str(poly.resolve())}
+
+
+def _evaluate(argv, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "domainbed_itl.scripts.evaluate_loss", *argv],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_an_interrupted_meta_evaluation_continues_where_it_stopped(tmp_path):
+    argv = ["meta", "--dataset", "synthetic", "--per_domain_cap", "40", "--losses", "CE", "ITL",
+            "--seeds", "0", "1", "2", "3", "--inner_steps", "300", "--hidden", "4", "--no_progress"]
+    full = _evaluate(argv + ["--output_dir", str(tmp_path / "full")])
+    stopped = _evaluate(argv + ["--output_dir", str(tmp_path / "cut")])
+    deadline = time.time() + 900
+    while time.time() < deadline and stopped.poll() is None:
+        if (tmp_path / "cut" / "checkpoint.pt").exists():
+            break
+        time.sleep(0.01)
+    stopped.send_signal(signal.SIGINT)
+    _, err = stopped.communicate(timeout=300)
+    assert stopped.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("interrupted: run the same command again to continue "
+                                            f"the evaluation in {tmp_path / 'cut'}")
+    kept = torch.load(tmp_path / "cut" / "checkpoint.pt")["units"]
+    assert 1 <= len(kept) < 8 and not (tmp_path / "cut" / "evaluation.json").exists()
+    again = _evaluate(argv + ["--output_dir", str(tmp_path / "cut")])
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert full.wait(timeout=600) == 0
+    reports = [json.loads((tmp_path / d / "evaluation.json").read_text()) for d in ("full", "cut")]
+    assert reports[0]["records"] == reports[1]["records"] and len(reports[1]["records"]) == 2 * 4 * 6
+    units = torch.load(tmp_path / "cut" / "checkpoint.pt")["units"]
+    assert [(u["unit"], u["loss"]) for u in units[:len(kept)]] == [(u["unit"], u["loss"]) for u in kept]
+
+
+def test_the_meta_protocol_shows_its_units_and_time_left_unless_told_not_to(tmp_path, capsys):
+    argv = ["meta", "--dataset", "synthetic", "--per_domain_cap", "40", "--losses", "CE", "ITL",
+            "--seeds", "0", "--inner_steps", "5", "--hidden", "4"]
+    assert evaluate_loss.main(argv + ["--output_dir", str(tmp_path / "a")]) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert bar.startswith("evaluate: 100%") and "2/2 [" in bar and "<00:00" in bar
+    assert evaluate_loss.main(argv + ["--output_dir", str(tmp_path / "b"), "--no_progress"]) == 0
+    assert "evaluate:" not in capsys.readouterr().err
+
+
+def test_a_meta_evaluation_refuses_to_mix_units_of_other_settings(tmp_path, capsys):
+    learned = tmp_path / "learned.json"
+    save_loss(learned, LossSpec("taylor", 4, ITL_PARAMETERS))
+    out = tmp_path / "eval"
+    argv = ["meta", "--dataset", "synthetic", "--per_domain_cap", "40", "--losses", "CE",
+            f"mine={learned}", "--seeds", "0", "--inner_steps", "5", "--hidden", "4",
+            "--no_progress", "--output_dir", str(out)]
+    assert evaluate_loss.main(argv) == 0
+    for name in ("evaluation.md", "evaluation.json"):  # as an interrupted evaluation leaves it
+        (out / name).unlink()
+    capsys.readouterr()
+    assert evaluate_loss.main(argv + ["--inner_lr", "0.02"]) == 2
+    assert "with different settings: inner_lr: 0.01 in the checkpoint, 0.02 now" in capsys.readouterr().err
+    save_loss(learned, LossSpec("taylor", 4, [2 * v for v in ITL_PARAMETERS]), overwrite=True)
+    assert evaluate_loss.main(argv) == 2
+    assert "finished units of loss 'mine' were computed with" in capsys.readouterr().err
+    save_loss(learned, LossSpec("taylor", 4, ITL_PARAMETERS), overwrite=True)
+    assert evaluate_loss.main(argv[:9] + ["1"] + argv[9:]) == 0  # one more seed: two more units
+    ckpt = torch.load(out / "checkpoint.pt")
+    assert [(u["unit"], u["loss"]) for u in ckpt["units"]] == [(0, "CE"), (0, "mine"), (1, "CE"),
+                                                               (1, "mine")]
+    assert ckpt["provenance"]["resumed"][0]["from_step"] == 2
+
+
 @pytest.mark.parametrize("losses,message", [
     (["CE", "nope.json"], "--losses entry 'nope.json'"),
     (["CE", "x=CE", "x=ITL"], "names 'x' twice"),
@@ -234,8 +337,10 @@ def test_seeds_pair_losses_in_the_domainbed_plan(tmp_path):
     args = parser.parse_args(["domainbed", "--losses", "CE", "ITL", "--test_envs", "0", "5",
                               "--n_trials", "2", "--data_dir", str(tmp_path), "--output_dir",
                               str(tmp_path), "--steps", "100"])
-    losses, _ = evaluate_loss._losses(args)
-    jobs = evaluate_loss.plan_jobs(args, losses, lambda *a: hash(a) % 1000)
+    losses, _ = parse_losses(args.losses, args.reference, args.dataset)
+    protocol = DomainBedProtocol(args.dataset, args.data_dir, tuple(args.test_envs), args.n_trials,
+                                 args.steps)
+    jobs = plan_jobs(protocol, losses, lambda *a: hash(a) % 1000)
     assert len(jobs) == 2 * 2 * 2
     seeds = {}
     for train_args, label, env, trial in jobs:

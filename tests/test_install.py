@@ -1,18 +1,23 @@
 """Non-editable installs: a built wheel, and `pip install .`, each into a fresh virtual environment,
 run `patch`, `paper_sweep list` and an ITL run in DomainBed from the installed package data.
 
-The venvs see this interpreter's site-packages (torch and the rest are not downloaded again);
-the package itself is installed into them with --no-deps from a copy of the source tree, and
-the commands run with no PYTHONPATH and outside the repository, so that only the installed
-copy can be imported. The DomainBed run uses the real checkout with DOMAINBED_ROOT, else the
-stand-in of tests/domainbed_standin.
+The venvs see the site-packages of the interpreter running the tests (torch and the rest are
+not downloaded again) through a .pth file naming them: `venv --system-site-packages` would give
+them the *base* interpreter's packages, which, when the tests run in a virtual environment, are
+not the ones installed there. Only the plain folders are added, not their own .pth files, so an
+editable install of this package there stays invisible. The package itself is installed into
+them with --no-deps from a copy of the source tree, and the commands run with no PYTHONPATH and
+outside the repository, so that only the installed copy can be imported. The DomainBed run uses
+the real checkout with DOMAINBED_ROOT, else the stand-in of tests/domainbed_standin.
 """
 
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,37 @@ def _run(args, cwd, env, timeout=600):
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
     return result.stdout
+
+
+def _site_folders():
+    """The site-packages folders of the interpreter running the tests, on its sys.path."""
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    return [f for f in dict.fromkeys(folders) if f in sys.path and os.path.isdir(f)]
+
+
+def make_venv(where: Path) -> str:
+    """A fresh virtual environment at `where` that sees this interpreter's packages; its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    python = where / ("Scripts" if os.name == "nt" else "bin") / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "running_interpreter.pth").write_text("\n".join(_site_folders()) + "\n")
+    return str(python)
+
+
+def test_a_test_venv_sees_this_interpreters_packages_and_not_this_package(tmp_path):
+    """What the install tests rely on, also when the suite itself runs in a virtual environment."""
+    python = make_venv(tmp_path / "venv")
+    probe = ("import importlib.util, json, pytest, torch, sys; "
+             "print(json.dumps([torch.__file__, pytest.__file__, sys.prefix, "
+             "importlib.util.find_spec('domainbed_itl') is None]))")
+    torch_file, pytest_file, prefix, unseen = json.loads(_run([python, "-c", probe], tmp_path, _clean_env()))
+    import pytest as running_pytest
+    import torch
+
+    assert (torch_file, pytest_file) == (torch.__file__, running_pytest.__file__)
+    assert Path(prefix) == tmp_path / "venv" and unseen
+    assert sys.prefix == sys.base_prefix or sysconfig.get_paths()["purelib"] in _site_folders()
 
 
 def _clean_env(**extra):
@@ -66,9 +102,7 @@ print(json.dumps({"hparams": hparams, "loss": algorithm.update([(x[:8], y[:8]), 
 def test_installed_package_runs_from_its_package_data(tmp_path, how):
     src = _source_copy(tmp_path)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True)
-    python = str(venv / ("Scripts" if os.name == "nt" else "bin") / "python")
+    python = make_venv(venv)
     env = _clean_env()
     install = [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--ignore-installed",
                "--no-index", "--quiet"]

@@ -75,3 +75,19 @@ def test_the_rule_sees_relative_imports():
 def test_the_public_doors_are_the_only_exceptions():
     for door in PUBLIC_DOORS:
         assert any(_reaches_domainbed(name) for name in _imported(door)), door
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """Small functions: every function of the package, from `def` to its last line, fits in
+    MAX_FUNCTION_LINES lines (a long one is split into named steps)."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []

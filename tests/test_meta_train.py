@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from domainbed_itl.bridge.domainbed_env import DomainBedNotFound
-from domainbed_itl.losses import LossSpec, load_loss
-from domainbed_itl.meta import runner
-from domainbed_itl.meta.data import synthetic_domains
-from domainbed_itl.meta.runner import RunDirError, run_meta_training
-from domainbed_itl.meta.config import MetaConfig
+from domainbed_itl.losses import LossSpec, get_family, load_loss, save_loss
+from domainbed_itl.files import runfolder
+from domainbed_itl.files.runfolder import RunDirError, load_checkpoint
+from domainbed_itl.meta.data import synthetic_dataset, synthetic_domains
+from domainbed_itl.meta.runner import META_RUN, data_fingerprint, run_meta_training
+from domainbed_itl.meta.config import MetaConfig, preset_config
 from domainbed_itl.meta.draws import step_generator
 from domainbed_itl.meta.trainer import MetaTrainer, NonFiniteError, mlp
+from domainbed_itl.scripts._search import new_settings
 from domainbed_itl.scripts import meta_train, plot_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +48,10 @@ def _config(**kw):
     return MetaConfig(**{**TINY, **kw})
 
 
+def _checkpoint(path):
+    return load_checkpoint(path, META_RUN)
+
+
 def _untimed(record):
     return {k: v for k, v in record.items() if k not in TIMING}
 
@@ -54,7 +60,7 @@ def _untimed(record):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(family="focal"), "unknown loss family 'focal'"),
+    (dict(family="neural"), "unknown loss family 'neural'"),
     (dict(order=7), r"order must be an integer in \[2, 5\], got 7"),
     (dict(family="sce", order=4), "sce family takes no order"),
     (dict(outer_steps=0), "outer_steps must be a positive integer, got 0"),
@@ -260,7 +266,7 @@ def test_warm_start_continues_the_networks_and_resumes_bit_for_bit(tmp_path, opt
     full = run_meta_training(data, config, tmp_path / "full", progress=False)
     run_meta_training(data, dataclasses.replace(config, outer_steps=2), tmp_path / "cut",
                       progress=False)
-    ckpt = runner.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    ckpt = _checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert ckpt["trainer"]["inner"]["optimizer"]["step"] == 2 * config.inner_steps
     resumed = run_meta_training(data, config, tmp_path / "cut", resume=True, progress=False)
     assert torch.equal(resumed.omega, full.omega)
@@ -288,7 +294,7 @@ def test_warm_starts_with_the_stopping_rule_carry_the_networks_and_resume_bit_fo
                 .splitlines()] for d in ("full", "cut")]
     assert records[0] == records[1]
     steps = [r["per_domain"]["inner_steps_used"] for r in records[0]]
-    ckpt = runner.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    ckpt = _checkpoint(tmp_path / "full" / "checkpoint.pt")
     assert ckpt["trainer"]["inner"]["optimizer"]["step"] == sum(max(s) for s in steps)
     assert records[0][1]["per_domain"]["inner_grad_norm_start"] == pytest.approx(
         records[0][0]["per_domain"]["inner_grad_norm"], rel=1e-3)
@@ -529,7 +535,7 @@ def test_run_writes_loss_metrics_and_checkpoint(tmp_path):
     prov = spec.provenance
     assert (prov["meta_train_dataset"], prov["steps"], prov["seed"]) == ("synthetic", 3, 5)
     assert prov["package_version"]
-    ckpt = runner.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["trainer"]["steps_done"] == 3 and ckpt["metrics"] == records
     assert oct(os.stat(tmp_path / "run" / "checkpoint.pt").st_mode & 0o044) == oct(
         0o044 & ~_umask())
@@ -610,12 +616,12 @@ def test_non_finite_stop_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteError, match=r"outer step 2: non-finite .*the last good checkpoint "
                                              r"\(.*checkpoint.pt, step 1\) is kept"):
         run_meta_training(data, config, tmp_path, progress=False)
-    assert runner.load_checkpoint(tmp_path / "checkpoint.pt")["trainer"]["steps_done"] == 1
+    assert _checkpoint(tmp_path / "checkpoint.pt")["trainer"]["steps_done"] == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def _outputs(folder):
-    return {name: (folder / name).read_bytes() for name in runner.OUTPUTS}
+    return {name: (folder / name).read_bytes() for name in META_RUN.outputs}
 
 
 def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_first(tmp_path):
@@ -628,7 +634,7 @@ def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_first(tmp_path)
         run_meta_training(data, _config(outer_steps=2, inner_lr=1e30), tmp_path, overwrite=True,
                           progress=False, log=notes.append)
     assert _outputs(tmp_path) == before
-    assert not (tmp_path / runner.REPLACED).exists()
+    assert not (tmp_path / runfolder.REPLACED).exists()
     assert len(notes) == 1 and "moved the previous run" in notes[0]
 
 
@@ -638,9 +644,9 @@ def test_overwrite_deletes_the_previous_run_once_the_first_checkpoint_exists(tmp
     before, seen = _outputs(tmp_path), []
 
     def log(message):  # called right after the move aside, and after the first new checkpoint
-        seen.append((message, sorted(p.name for p in tmp_path.iterdir() if p.name in runner.OUTPUTS)))
+        seen.append((message, sorted(p.name for p in tmp_path.iterdir() if p.name in META_RUN.outputs)))
         if len(seen) == 1:
-            assert _outputs(tmp_path / runner.REPLACED) == before
+            assert _outputs(tmp_path / runfolder.REPLACED) == before
 
     run_meta_training(data, _config(outer_steps=2, seed=1), tmp_path, overwrite=True,
                       progress=False, log=log)
@@ -649,7 +655,7 @@ def test_overwrite_deletes_the_previous_run_once_the_first_checkpoint_exists(tmp
            f"loss.json) aside" in moved and left == []
     assert replaced == (f"--overwrite: replaced the previous run in {tmp_path} (2 outer steps, "
                         "checkpoint.pt, metrics.jsonl, loss.json)")
-    assert written == sorted(runner.OUTPUTS) and not (tmp_path / runner.REPLACED).exists()
+    assert written == sorted(META_RUN.outputs) and not (tmp_path / runfolder.REPLACED).exists()
     assert _outputs(tmp_path)["checkpoint.pt"] != before["checkpoint.pt"]
 
 
@@ -658,12 +664,12 @@ def test_an_overwrite_killed_midway_is_finished_by_the_next_run(tmp_path, new_ch
     data = _data()
     run_meta_training(data, _config(outer_steps=1), tmp_path / "old", progress=False)
     run_meta_training(data, _config(outer_steps=1, seed=1), tmp_path / "new", progress=False)
-    aside = tmp_path / "run" / runner.REPLACED  # as a killed --overwrite leaves it
+    aside = tmp_path / "run" / runfolder.REPLACED  # as a killed --overwrite leaves it
     aside.mkdir(parents=True)
-    for name in runner.OUTPUTS:
+    for name in META_RUN.outputs:
         os.replace(tmp_path / "old" / name, aside / name)
     if new_checkpoint:
-        os.replace(tmp_path / "new" / runner.CHECKPOINT, tmp_path / "run" / runner.CHECKPOINT)
+        os.replace(tmp_path / "new" / runfolder.CHECKPOINT, tmp_path / "run" / runfolder.CHECKPOINT)
     notes = []
     trainer = run_meta_training(data, _config(outer_steps=2, seed=int(new_checkpoint)),
                                 tmp_path / "run", resume=True, progress=False, log=notes.append)
@@ -683,6 +689,12 @@ CLI_TINY = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps",
     (["--family", "taylor"], "--family taylor needs --order"),
     (["--family", "taylor4", "--order", "5"], "--family taylor4 conflicts with --order 5"),
     (["--family", "sce", "--order", "2"], "--family sce takes no --order"),
+    (["--family", "poly"], r"--family poly needs --order in \[1, 10\] \(or use --family poly1..poly10\)"),
+    (["--family", "poly", "--order", "11"], r"poly order must be an integer in \[1, 10\], got 11"),
+    (["--family", "focal2"], "argument --family: invalid choice: 'focal2'"),
+    (["--order", "3"], "--order 3 needs a --family with orders"),
+    (["--init", "ITL", "--family", "poly1"], "--init ITL holds a taylor loss of order 4, but --family asks "
+                                             "for poly of order 1"),
     (["--outer_steps", "0"], "argument --outer_steps: expected a positive integer, got '0'"),
     (["--inner_steps", "-5"], "argument --inner_steps: expected a positive integer, got '-5'"),
     (["--outer_lr", "inf"], "argument --outer_lr: expected a positive finite number, got 'inf'"),
@@ -699,6 +711,8 @@ CLI_TINY = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps",
     (["--neumann_power_iters", "5"], "neumann_power_iters 5 makes α differ per domain, which needs "
                                      "neumann_form 'inverse'"),
     (["--solver_damping", "nan"], "argument --solver_damping: expected a finite number >= 0"),
+    (["--device", "meta"], "--device meta: only cpu and cuda devices are supported"),
+    (["--device", "cuda:7"], "--device cuda:7: (CUDA is not available|this machine has [0-6] CUDA)"),
 ])
 def test_cli_rejects_bad_arguments_by_name(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -721,13 +735,26 @@ def test_cli_runs_the_stationary_preset_and_records_convergence(tmp_path):
     assert meta_train.main(argv) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2
-    config = runner.load_checkpoint(tmp_path / "checkpoint.pt")["config"]
+    config = _checkpoint(tmp_path / "checkpoint.pt")["config"]
     assert (config["inner_schedule"], config["inner_stop_ratio"], config["neumann_power_iters"],
             config["inner_steps"]) == ("cosine", 0.3, 20, 200)
     for r in records:
         assert len(r["per_domain"]["stationarity"]) == len(r["per_domain"]["inner_steps_used"]) == 6
         assert all(u <= 200 for u in r["per_domain"]["inner_steps_used"])
         assert {"hessian_lambda_max", "hessian_lambda_min", "source_heldout_gap"} <= set(r)
+
+
+@pytest.mark.parametrize("argv, family", [
+    (["--family", "taylor4"], ("taylor", 4)), (["--family", "taylor", "--order", "3"], ("taylor", 3)),
+    (["--family", "sce"], ("sce", None)), (["--family", "poly1"], ("poly", 1)),
+    (["--family", "poly", "--order", "3"], ("poly", 3)), (["--family", "focal"], ("focal", None)),
+    (["--family", "label_smoothing"], ("label_smoothing", None)), (["--family", "gce"], ("gce", None)),
+    ([], ("taylor", 4)),  # the preset's
+])
+def test_cli_takes_every_registered_family(tmp_path, argv, family):
+    args = meta_train.build_parser().parse_args(["--output_dir", str(tmp_path), *argv])
+    config = new_settings(args, meta_train.CONFIG_FLAGS, "meta_train").config
+    assert (config.family, config.order) == family
 
 
 def test_cli_protects_output_dir_and_reports_missing_domainbed(tmp_path, capsys):
@@ -767,18 +794,161 @@ def test_cli_killed_run_resumes_bitwise(tmp_path):
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
-    steps_at_kill = runner.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["trainer"]["steps_done"]
+    steps_at_kill = _checkpoint(tmp_path / "cut" / "checkpoint.pt")["trainer"]["steps_done"]
     assert 2 <= steps_at_kill < 6, "the run should be killed part-way"
     resumed = _cli(args + ["--output_dir", str(tmp_path / "cut"), "--resume"])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "6 outer steps" in out
     full.communicate(timeout=300)
-    final = [runner.load_checkpoint(tmp_path / d / "checkpoint.pt")["trainer"]["omega"]
+    final = [_checkpoint(tmp_path / d / "checkpoint.pt")["trainer"]["omega"]
              for d in ("full", "cut")]
     assert torch.equal(final[0], final[1])
     assert (load_loss(tmp_path / "cut" / "loss.json").parameters
             == load_loss(tmp_path / "full" / "loss.json").parameters)
+
+
+def test_cli_interrupted_run_says_so_in_one_line_and_resumes_bitwise(tmp_path):
+    args = CLI_TINY + ["--outer_steps", "5", "--inner_steps", "30", "--seed", "4"]
+    full = _cli(args + ["--output_dir", str(tmp_path / "full")])
+    stopped = _cli(args + ["--output_dir", str(tmp_path / "cut")])
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 900
+    while time.time() < deadline and stopped.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    stopped.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = stopped.communicate(timeout=300)
+    assert stopped.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"interrupted: the run in {tmp_path / 'cut'} can be "
+                                            "resumed with --resume")
+    assert _checkpoint(tmp_path / "cut" / "checkpoint.pt")["trainer"]["steps_done"] < 5
+    resumed = _cli(["--output_dir", str(tmp_path / "cut"), "--resume", "--no_progress"])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "5 outer steps" in out, err
+    full.communicate(timeout=300)
+    final = [_checkpoint(tmp_path / d / "checkpoint.pt")["trainer"]["omega"] for d in ("full", "cut")]
+    assert torch.equal(final[0], final[1])
+
+
+def _main(argv, capsys):
+    code = meta_train.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_cli_resume_needs_only_the_folder_and_keeps_the_original_command(tmp_path, capsys):
+    init = tmp_path / "init.json"
+    start = [v * 1.1 for v in get_family("taylor", 4).default_parameters(3)]
+    save_loss(init, LossSpec("taylor", 4, start))
+    first = CLI_TINY + ["--init", str(init), "--outer_steps", "2", "--output_dir", str(tmp_path / "cut")]
+    assert meta_train.main(first) == 0
+    init.unlink()  # the checkpoint holds the initial loss
+    assert meta_train.main(first + ["--resume"]) == 0  # the same command again: nothing to do
+    resume = ["--output_dir", str(tmp_path / "cut"), "--resume", "--outer_steps", "3", "--no_progress"]
+    assert meta_train.main(resume) == 0
+    save_loss(init, LossSpec("taylor", 4, start))
+    assert meta_train.main(first[:-2] + ["--outer_steps", "3", "--output_dir", str(tmp_path / "full")]) == 0
+    final = [_checkpoint(tmp_path / d / "checkpoint.pt")["trainer"]["omega"] for d in ("full", "cut")]
+    assert torch.equal(final[0], final[1])
+    provenance = load_loss(tmp_path / "cut" / "loss.json").provenance
+    assert provenance["command"] == meta_train_command(first) and provenance["steps"] == 3
+    (entry,) = provenance["resumed"]
+    assert entry["command"] == meta_train_command(resume) and entry["from_step"] == 2
+    assert provenance["init"] == str(init) and provenance["data_flags"]["dataset"] == "synthetic"
+    capsys.readouterr()
+    code, err = _main(resume[:3] + ["--init", "ITL"], capsys)
+    assert code == 2 and f"--init ITL contradicts the checkpoint's initial loss ({init})" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--inner_lr", "0.02"], "--inner_lr 0.02 contradicts the checkpoint's inner_lr 0.01"),
+    (["--hidden", "16"], "--hidden 16 contradicts the checkpoint's hidden 8"),
+    (["--no-batched"], "--no-batched contradicts the checkpoint's batched True"),
+    (["--dataset", "RotatedMNIST"], "--dataset RotatedMNIST contradicts the checkpoint's dataset synthetic"),
+    (["--preset", "paper"], "--preset paper contradicts the checkpoint's preset paper_guarded"),
+    (["--family", "sce"], "--family sce contradicts the checkpoint's family taylor (order 4)"),
+    (["--outer_steps", "1"], "to 1 outer steps: the run has done 2 already"),
+    (["--device", "meta"], "--device meta: only cpu and cuda devices are supported"),
+])
+def test_cli_resume_refuses_flags_that_contradict_the_checkpoint(tmp_path, capsys, flags, message):
+    assert meta_train.main(CLI_TINY + ["--outer_steps", "2", "--output_dir", str(tmp_path)]) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in META_RUN.outputs}
+    capsys.readouterr()
+    code, err = _main(["--output_dir", str(tmp_path), "--resume", *flags], capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert message in line
+    assert {name: (tmp_path / name).read_bytes() for name in META_RUN.outputs} == before
+
+
+def test_a_resume_on_another_device_type_is_refused_naming_both(tmp_path, capsys):
+    data = _data()
+    run_meta_training(data, _config(outer_steps=1), tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt")
+    assert ckpt["device"] == "cpu"
+    torch.save({**ckpt, "device": "cuda"}, tmp_path / "checkpoint.pt")  # as a GPU run leaves it
+    with pytest.raises(RunDirError, match="on cpu: it was written on cuda; resume it on cuda"):
+        run_meta_training(data, _config(outer_steps=2), tmp_path, resume=True, progress=False)
+    if not torch.cuda.is_available():
+        code, err = _main(["--output_dir", str(tmp_path), "--resume"], capsys)
+        assert code == 2 and "it ran on cuda (--device cuda: CUDA is not available" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_checkpoint_loads_with_a_plain_torch_load_without_a_gpu(tmp_path):
+    run_meta_training(_data(), _config(outer_steps=2, outer_optimizer="adam", warm_start=True),
+                      tmp_path, device="cuda", progress=False)
+    check = ("import sys, torch\n"
+             "assert not torch.cuda.is_available()\n"
+             "ckpt = torch.load(sys.argv[1])\n"
+             "assert ckpt['device'] == 'cuda' and ckpt['trainer']['optimizer']['state']\n")
+    run = subprocess.run([sys.executable, "-c", check, str(tmp_path / "checkpoint.pt")],
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def _version1_run(folder, data, config, steps):
+    """A run folder as domainbed-itl left it before checkpoint version 2: the version-1 layout
+    (no device, provenance, unit or done), its metrics.jsonl and loss.json."""
+    trainer = MetaTrainer(data.domains, data.num_classes, config)
+    init_omega = trainer.omega.tolist()
+    records = [trainer.outer_step() for _ in range(steps)]
+    folder.mkdir()
+    torch.save({"format": META_RUN.format, "version": 1, "package_version": "0.1.0",
+                "config": config.to_dict(), "data": data_fingerprint(data), "init_omega": init_omega,
+                "trainer": trainer.state_dict(), "metrics": records}, folder / "checkpoint.pt")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    save_loss(folder / "loss.json", LossSpec(config.family, config.order, trainer.omega.tolist(),
+                                             {"command": "the first command"}))
+
+
+def test_version_1_checkpoints_resume_with_the_values_of_their_time(tmp_path, capsys):
+    """Version 1 recorded no device (not checked then), no provenance (the resuming command's,
+    as then) and no data flags (the flags', as then)."""
+    argv = CLI_TINY + ["--seed", "2"]
+    config = preset_config(meta_train.DEFAULT_PRESET, {
+        "inner_steps": 8, "hidden": (8,), "hvp_batch": 32, "outer_lr": 0.0001, "seed": 2})
+    _version1_run(tmp_path / "old", synthetic_dataset(per_domain=48, seed=0), config, steps=2)
+    assert meta_train.main(argv + ["--outer_steps", "3", "--output_dir", str(tmp_path / "full")]) == 0
+    again = argv + ["--outer_steps", "3", "--output_dir", str(tmp_path / "old"), "--resume"]
+    assert meta_train.main(again) == 0
+    final = [_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("full", "old")]
+    assert torch.equal(final[0]["trainer"]["omega"], final[1]["trainer"]["omega"])
+    assert [_untimed(r) for r in final[1]["metrics"]] == [_untimed(r) for r in final[0]["metrics"]]
+    provenance = load_loss(tmp_path / "old" / "loss.json").provenance
+    assert provenance["command"] == meta_train_command(again) and "resumed" not in provenance
+    assert final[1]["version"] == 2 and final[1]["device"] == "cpu"
+    assert run_meta_training(synthetic_dataset(per_domain=48, seed=0),
+                             dataclasses.replace(config, outer_steps=4), tmp_path / "old",
+                             resume=True, progress=False, provenance={"command": "later"}).steps_done == 4
+    provenance = load_loss(tmp_path / "old" / "loss.json").provenance
+    assert provenance["command"] == meta_train_command(again)
+    assert [r["command"] for r in provenance["resumed"]] == ["later"]
+
+
+def meta_train_command(argv):
+    return shlex.join(["python", "-m", "domainbed_itl.scripts.meta_train", *argv])
 
 
 def test_cli_stops_on_non_finite_values(tmp_path):

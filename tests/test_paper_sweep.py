@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from domainbed_itl.datasets import DATASETS
 from domainbed_itl.experiments.paper import (BUILD_TIME_FLAGS, DOMAINBED_SWEEP_FLAGS, EVALUATE_LOSS_FLAGS,
-                                             META_TRAIN_FLAGS, NUM_ENVIRONMENTS, ONE_JOB_RUNNERS,
+                                             META_TRAIN_FLAGS, ONE_JOB_RUNNERS,
                                              SINGLE_SOURCE_SWEEP_FLAGS, Placeholders,
                                              SweepDefinitionError, available, build_commands,
                                              count_jobs, count_stage_jobs, estimate_cost,
@@ -279,6 +281,8 @@ def test_run_executes_the_sweep_and_the_collection(patched_domainbed, tmp_path):
     assert "jobs: 3" in result.stdout and "1.5 wall-minutes" in result.stdout
     assert result.stdout.count("Dummy launcher: python -m domainbed.scripts.train") == 3
     assert "--algorithm ITL" in result.stdout and "Total records: 0" in result.stdout
+    assert "plan: 3 jobs to launch (ITL on Debug28 x 3 steps)" in result.stdout
+    assert "estimate: none with launcher dummy" in result.stdout or torch.cuda.is_available()
     assert (out / "results.txt").exists()
     first = result.stdout.split("\n$ ")[1].splitlines()[0]
     assert shlex.split(first)[1:4] == ["-m", "domainbed.scripts.sweep", "launch"]
@@ -317,11 +321,17 @@ def test_run_names_the_failed_jobs_of_a_domainbed_sweep(patched_domainbed, tmp_p
     # The collection ran, over what the failed jobs wrote before their loss turned NaN.
     written = sum(len(f.read_text().splitlines()) for f in out.glob("*/results.jsonl"))
     assert f"Total records: {written}" in result.stdout
-    lines = result.stderr[result.stderr.index("error: 3 job folders"):].splitlines()
+    lines = [line for line in result.stderr[result.stderr.index("error: 3 job folders"):].splitlines()
+             if line.strip() and "nan jobs:" not in line]  # the progress bar's last state
     assert lines[0] == (f"error: 3 job folders in {out} have no `done` marker (DomainBed's `sweep "
                         "delete_incomplete` then `sweep launch` runs them again):")
     assert len(lines) == 4 and all("NonFiniteTrainingError: algorithm ITL: update" in line
                                    for line in lines[1:]), lines
+    # Before the sweep: its plan, and the timing of its first job, which fails as the jobs do.
+    assert "plan: 3 jobs to launch (ITL on Debug28 x 5 steps)" in result.stdout
+    if not torch.cuda.is_available():
+        assert "estimate: not available (NonFiniteTrainingError" in result.stdout
+    assert "nan jobs:   0%" in result.stderr and "0/3" in result.stderr
 
 
 def _long_options(parser):
@@ -357,7 +367,8 @@ def test_domainbed_sweep_flag_list_is_its_sweeps_flags(domainbed_root):
 def test_num_environments_match_domainbed(domainbed_root):
     from domainbed import datasets
 
-    assert NUM_ENVIRONMENTS == {d: datasets.num_environments(d) for d in NUM_ENVIRONMENTS}
+    ours = {d: facts.environments for d, facts in DATASETS.items()}
+    assert ours == {d: datasets.num_environments(d) for d in DATASETS}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -389,9 +400,14 @@ def test_job_counts_match_domainbeds_make_args_list(domainbed_root, name, reduce
         if single_source:
             from domainbed_itl.single_source.planning import single_source_args
 
-            args_list = single_source_args(args_list, datasets.num_environments, misc.seed_hash,
-                                           args.get("sources"))
+            args_list = [a for a, _ in single_source_args(args_list, datasets.num_environments,
+                                                          misc.seed_hash, args.get("sources"))]
         assert sum(count_stage_jobs(stage, reduced).values()) == len(args_list), stage.name
+        # The job the time estimate trains is the sweep's first (its seed aside).
+        first, drop = paper_sweep.first_job(args, stage.runner_name, "/d"), ("seed", "hparams")
+        assert ({k: v for k, v in first.items() if k not in drop}
+                == {k: v for k, v in args_list[0].items() if k not in drop}), stage.name
+        assert json.loads(first.get("hparams", "{}")) == json.loads(args_list[0].get("hparams") or "{}")
         total += len(args_list)
     assert sum(count_jobs(experiment, reduced).values()) == total
 

@@ -5,18 +5,21 @@ Without DomainBed (CI) the DomainBed stand-in is cloned, patched and verified (`
 with DOMAINBED_ROOT a clone of it runs DomainBed's real sweep and collect_results.
 """
 
+import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import DOMAINBED_ROOT, MNIST10K, STANDIN
+import torch
+from conftest import DOMAINBED_ROOT, MNIST10K, STANDIN, domainbed_env
 
 from domainbed_itl.bridge.patching import UPSTREAM_COMMIT
-from domainbed_itl.scripts.quickstart import (MNIST_FILES, mnist_problem, remove_never_started,
-                                              unfinished_jobs)
+from domainbed_itl.files.sweepfolder import remove_never_started, unfinished_jobs
+from domainbed_itl.scripts.quickstart import MNIST_FILES, build_parser, mnist_problem
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
@@ -67,6 +70,7 @@ def test_a_failed_clone_leaves_nothing_behind(tmp_path, url, commit, message):
     result = _quickstart("--workdir", str(workdir), "--domainbed_url", url.format(tmp=tmp_path),
                          "--domainbed_commit", commit or head, "--setup_only")
     assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "--domainbed_root path/to/DomainBed" in result.stderr and "--domainbed_url" in result.stderr
     assert sorted(p.name for p in workdir.iterdir()) == []
 
 
@@ -88,11 +92,27 @@ def test_dry_run_and_bad_input(tmp_path):
     assert ("domainbed.scripts.sweep launch --datasets RotatedMNIST --algorithms ERM ITL --data_dir "
             f"{tmp_path / 'work' / 'data'}") in result.stdout
     assert "--n_hparams 1 --n_trials 1 --single_test_envs --steps 1000" in result.stdout
+    assert "only its jobs" not in result.stdout
+    some = _quickstart("--workdir", str(tmp_path / "work"), "--dry_run", "--test_envs", "0", "5")
+    assert some.returncode == 0 and "(only its jobs with test env 0, 5)" in some.stdout
     for flags, message in ((["--steps", "0"], "--steps must be at least 1, got 0"),
-                           (["--hparams", "[8]"], "--hparams must be a JSON object")):
+                           (["--hparams", "[8]"], "--hparams must be a JSON object"),
+                           (["--test_envs", "0", "-1"], "--test_envs must be environment indices "
+                                                        "(0, 1, ...), got 0 -1")):
         bad = _quickstart("--workdir", str(tmp_path / "work"), *flags)
         assert bad.returncode == 2 and message in bad.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_help_shows_every_default():
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert "(default" in action.help, action.option_strings
+    text = parser.format_help()
+    for default in ("(default: 1000)", "(default: local)", "(default: ERM ITL)", "(default: b93c22a)",
+                    "(default: https://github.com/facebookresearch/DomainBed)"):
+        assert default in " ".join(text.split()), default
 
 
 def test_missing_mnist_names_the_files_and_the_folder(tmp_path):
@@ -148,6 +168,12 @@ def test_the_sweep_runs_and_prints_collect_results(upstream, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = [p for p in (workdir / "sweep").iterdir() if p.is_dir()]
     assert len(jobs) == 6 and all((p / "done").exists() for p in jobs)  # 2 algorithms x 3 test envs
+    assert "plan: 6 jobs to launch (ERM ITL on Debug28 x 3 steps" in result.stdout
+    if not torch.cuda.is_available():
+        assert "estimate (no GPU; timed here on the first job" in result.stdout
+        assert "To shrink the sweep: --steps, --test_envs" in result.stdout
+    assert "quickstart jobs: 100%" in result.stderr and "6/6" in result.stderr
+    assert "This DataLoader will create" not in result.stdout + result.stderr
     table = result.stdout.split("domainbed.scripts.collect_results")[-1]
     for algorithm in ("ERM", "ITL"):
         assert any(line.startswith(f"{algorithm} ") and "X" not in line for line in table.splitlines())
@@ -168,3 +194,35 @@ def test_the_sweep_runs_and_prints_collect_results(upstream, tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "1 job(s) of an earlier run never started" in resumed.stdout
     assert "About to launch 1 jobs." in resumed.stdout and (jobs[0] / "done").exists()
+
+
+@pytest.mark.slow
+def test_some_test_envs_and_failed_jobs_with_a_command_that_clears_them(upstream, tmp_path):
+    """--test_envs runs those jobs only; jobs that fail (lr 1e30 turns ITL's loss to NaN) are named
+    with DomainBed's delete_incomplete, which runs without a prompt; --no_progress prints no bar."""
+    url, commit = upstream
+    clone = _quickstart("--workdir", str(tmp_path / "first"), "--domainbed_url", str(url),
+                        "--domainbed_commit", commit, "--datasets", "Debug28", "--setup_only")
+    assert clone.returncode == 0, clone.stderr
+    root = tmp_path / "first" / "DomainBed"
+    workdir = tmp_path / "work"
+    result = _quickstart("--workdir", str(workdir), "--domainbed_root", str(root), "--data_dir",
+                         str(tmp_path / "data"), "--datasets", "Debug28", "--algorithms", "ITL",
+                         "--test_envs", "0", "2", "--steps", "5", "--no_progress",
+                         "--hparams", '{"batch_size": 8, "lr": 1e30}')
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "plan: 2 jobs to launch" in result.stdout and "estimate" not in result.stdout
+    assert "quickstart jobs" not in result.stderr
+    jobs = [p for p in (workdir / "sweep").iterdir() if p.is_dir()]
+    envs = sorted(json.loads((p / "results.jsonl").read_text().splitlines()[0])["args"]["test_envs"]
+                  for p in jobs)
+    assert envs == [[0], [2]] and not any((p / "done").exists() for p in jobs)
+    lines = result.stderr.splitlines()
+    command = lines[lines.index("Fix the cause, clear them with") + 1].strip()
+    assert command.startswith(f"PYTHONPATH={root} ") and command.endswith("--skip_confirmation")
+    assert " delete_incomplete " in command
+    env_assignment, *tokens = shlex.split(command)
+    cleared = subprocess.run(tokens, env=domainbed_env(root), capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=300)
+    assert cleared.returncode == 0 and "Deleted 2 jobs!" in cleared.stdout, cleared.stderr
+    assert not any(p.exists() for p in jobs)

@@ -32,11 +32,12 @@ def test_a_second_writer_is_refused_by_name_until_the_holder_dies(tmp_path):
         assert str(os.getpid()) in (tmp_path / "run" / HOLDER_NAME).read_text()
 
 
-def test_lock_is_reentrant_in_process_and_leaves_only_the_lock_file(tmp_path):
+def test_lock_is_taken_once_even_in_process_and_leaves_only_the_lock_file(tmp_path):
     with folder_lock(tmp_path / "a" / "b", command="outer") as folder:
-        with folder_lock(folder, command="inner"):
-            assert "outer" in (folder / HOLDER_NAME).read_text()
-        assert (folder / HOLDER_NAME).exists()  # the outer block still holds it
+        with pytest.raises(FolderLocked, match="command: outer"):
+            with folder_lock(folder, command="inner"):
+                pass
+        assert "outer" in (folder / HOLDER_NAME).read_text()  # the refusal changed nothing
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
     with folder_lock(folder):  # released: taken again at once
         pass

@@ -51,7 +51,7 @@ def grid(n=3, trials=(0, 1), seeds=(0, 1), algorithms=("ERM",), acc=lambda a, s,
             for t in trials:
                 for h in seeds:
                     value = acc(a, s, t, h)
-                    runs.append(run_folders.Run(f"{a}-{s}-{t}-{h}", [record(
+                    runs.append(run_folders.JobFolder(f"{a}-{s}-{t}-{h}", [record(
                         s, n, val=0.5 + 0.01 * h, accs=[value] * n, algorithm=a, trial=t,
                         hparams_seed=h)], True))
     return runs
@@ -119,7 +119,8 @@ def test_complete_grid_cells_and_tables():
 
 
 def test_target_accuracies_are_listed_in_target_order():
-    runs = [run_folders.Run(f"r{s}", [record(source=s, accs=[0.11, 0.22, 0.33])], True) for s in range(3)]
+    runs = [run_folders.JobFolder(f"r{s}", [record(source=s, accs=[0.11, 0.22, 0.33])], True)
+            for s in range(3)]
     results = selection.summarise(runs)
     assert [tables.format_cell(results.cells["D", "ERM", s]) for s in range(3)] == [
         "22.0/33.0 27.5 +/- 0.0", "11.0/33.0 22.0 +/- 0.0", "11.0/22.0 16.5 +/- 0.0"]
@@ -148,7 +149,7 @@ def test_missing_and_unfinished_runs_are_named_never_averaged():
 
 
 def test_multi_source_records_are_counted_and_ignored():
-    multi = [run_folders.Run(f"m{t}", [record(n=3, test_envs=[t], step=s) for s in (0, 1)], True)
+    multi = [run_folders.JobFolder(f"m{t}", [record(n=3, test_envs=[t], step=s) for s in (0, 1)], True)
              for t in range(3)]
     alone = selection.summarise(grid())
     mixed = selection.summarise(grid() + multi)
@@ -160,8 +161,8 @@ def test_multi_source_records_are_counted_and_ignored():
 
 def test_manifest_names_folders_without_records(tmp_path):
     runs = grid(seeds=(0,))
-    empty = run_folders.Run("f-empty", [], False)
-    stray = run_folders.Run("f-stray", [], False)
+    empty = run_folders.JobFolder("f-empty", [], False)
+    stray = run_folders.JobFolder("f-stray", [], False)
     planned = [run_folders.PlannedJob("f-empty", run_folders.RunKey("D", "ERM", 0, 2, 0), 3),
                run_folders.PlannedJob("f-gone", run_folders.RunKey("D", "ITL", 1, 0, 0), 3)]
     run_folders.update_manifest(tmp_path, planned[:1])
@@ -181,10 +182,10 @@ def test_manifest_names_folders_without_records(tmp_path):
 
 def test_duplicate_runs_and_foreign_records_are_reported():
     runs = grid(seeds=(0,), trials=(0,))
-    runs.append(run_folders.Run("copy", [record(source=0)], True))
-    runs.append(run_folders.Run("junk", [{"hello": 1}], True))
+    runs.append(run_folders.JobFolder("copy", [record(source=0)], True))
+    runs.append(run_folders.JobFolder("junk", [{"hello": 1}], True))
     uda = dict(record(), args={**record()["args"], "task": "domain_adaptation"})
-    runs.append(run_folders.Run("uda", [uda], True))
+    runs.append(run_folders.JobFolder("uda", [uda], True))
     results = selection.summarise(runs)
     assert any(p.startswith("D/ERM source 0 trial 0 hparams_seed 0: ambiguous: folders ERM-0-0-0, copy")
                for p in results.problems)

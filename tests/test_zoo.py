@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from domainbed_itl.losses import ZOO, bce, cross_entropy, focal, gce, label_smoothing, sce
+from domainbed_itl.losses import ZOO, bce, cross_entropy, focal, gce, label_smoothing, poly, poly1, sce
 
 # ŷ = softmax((log 3, 0)) = (0.75, 0.25); the true class is 0.
 LOGITS = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
@@ -43,6 +43,21 @@ def test_label_smoothing():
     eps = 0.2
     expected = (1 - eps) * -math.log(P) + eps * 0.5 * (-math.log(0.75) - math.log(0.25))
     assert label_smoothing(LOGITS, TARGET, epsilon=eps).item() == pytest.approx(expected)
+
+
+def test_poly1_is_ce_plus_epsilon_times_one_minus_p():
+    for eps in (-1.0, 0.0, 2.0):
+        assert poly1(LOGITS, TARGET, epsilon=eps).item() == pytest.approx(-math.log(P) + eps * (1 - P))
+    # ε_j = 1/j for j = 1..N adds the first N terms of CE's own expansion Σ_j (1-p)^j / j once more.
+    doubled = -math.log(P) + sum((1 - P) ** j / j for j in (1, 2, 3))
+    assert poly(LOGITS, TARGET, [1.0, 1 / 2, 1 / 3]).item() == pytest.approx(doubled)
+    torch.testing.assert_close(poly(LOGITS, TARGET, [0.0, 0.0]), cross_entropy(LOGITS, TARGET))
+
+
+def test_tensor_parameters_give_the_same_values():
+    for fn, name, value in ((focal, "gamma", 1.5), (gce, "q", 0.4), (label_smoothing, "epsilon", 0.3)):
+        torch.testing.assert_close(fn(LOGITS, TARGET, **{name: torch.tensor(value, dtype=torch.float64)}),
+                                   fn(LOGITS, TARGET, **{name: value}))
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

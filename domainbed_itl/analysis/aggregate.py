@@ -1,22 +1,35 @@
-"""Mean ± standard error over runs, as DomainBed reports it."""
+"""Mean ± standard error over runs: the one function behind every table's mean ± SE.
+
+The standard error is the standard deviation over √n, and tables differ in which standard
+deviation they use, so `ddof` names it:
+
+- ddof=0, the population standard deviation: DomainBed's `format_mean` convention, used by the
+  tables that sit beside DomainBed's `collect_results` (the single-source tables, the analyses
+  of trained models);
+- ddof=1, the sample standard deviation: the textbook standard error of a mean, used by the
+  paired comparisons of the loss evaluation (analysis/comparison.py; undefined, NaN, for one
+  value).
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Dict, Sequence
 
+import numpy as np
 
-def mean_se(values: Sequence[float]) -> Dict[str, float]:
-    """{mean, se, min, max, n} of the finite `values`; NaN entries (e.g. no sample) are dropped.
 
-    se is the population standard deviation over √n, as DomainBed's `format_mean` computes the
-    standard error over trials, so that these numbers sit beside `collect_results`' tables.
-    With no finite value every statistic is NaN and n is 0.
+def mean_se(values: Sequence[float], ddof: int = 0, finite_only: bool = True) -> Dict[str, float]:
+    """{mean, se, min, max, n} of `values`; se = std(ddof) / √n (see the module docstring).
+
+    With `finite_only`, NaN and infinite entries (e.g. no sample) are dropped first. With no
+    value left every statistic is NaN and n is 0; se is NaN also when n <= ddof.
     """
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    n = len(finite)
+    kept = [float(v) for v in values if v is not None and (math.isfinite(v) or not finite_only)]
+    data = np.asarray(kept, dtype=float)
+    n = int(data.size)
     if n == 0:
         return {"mean": math.nan, "se": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    mean = sum(finite) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / n)
-    return {"mean": mean, "se": std / math.sqrt(n), "min": min(finite), "max": max(finite), "n": n}
+    se = float(data.std(ddof=ddof) / math.sqrt(n)) if n > ddof else math.nan
+    return {"mean": float(data.mean()), "se": se, "min": float(data.min()),
+            "max": float(data.max()), "n": n}

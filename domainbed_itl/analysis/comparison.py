@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats
 
+from .aggregate import mean_se
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -51,11 +53,10 @@ class PairedDifference:
 
 def summarize(values: Sequence[float]) -> Summary:
     """Mean ± SE (sample standard deviation / √n; nan for n = 1) and the range of `values`."""
-    v = np.asarray(values, dtype=float)
-    if v.size == 0:
+    if len(values) == 0:
         raise ValueError("cannot summarize an empty list of values")
-    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
-    return Summary(float(v.mean()), se, float(v.min()), float(v.max()), int(v.size))
+    s = mean_se(values, ddof=1, finite_only=False)
+    return Summary(s["mean"], s["se"], s["min"], s["max"], s["n"])
 
 
 def paired_difference(values: Sequence[float], reference: Sequence[float],

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import stats
@@ -265,20 +265,7 @@ def cd_diagram_png(result: SignificanceResult, title: Optional[str] = None, dpi:
     ax.axis("off")
     if title:
         ax.text(width / 2, 0.2, title, ha="center", va="center", fontsize=10)
-    ax.plot([x(1), x(k)], [top, top], color="black", lw=1)
-    for r in np.arange(1, k + 0.5, 0.5):
-        tick = 0.1 if float(r).is_integer() else 0.05
-        ax.plot([x(r), x(r)], [top - tick, top], color="black", lw=1)
-        if float(r).is_integer():
-            ax.text(x(r), top - 0.13, str(int(r)), ha="center", va="bottom", fontsize=8)
-    cd_end = min(1 + result.critical_difference, k)
-    cd_y = top - 0.4
-    ax.plot([x(1), x(cd_end)], [cd_y, cd_y], color="black", lw=1)
-    for end in (1, cd_end):
-        ax.plot([x(end), x(end)], [cd_y - 0.04, cd_y + 0.04], color="black", lw=1)
-    ax.text((x(1) + x(cd_end)) / 2, cd_y - 0.05, f"CD = {result.critical_difference:.2f}"
-            + (" (beyond the axis)" if cd_end < 1 + result.critical_difference else ""),
-            ha="center", va="bottom", fontsize=8)
+    _rank_axis(ax, x, k, top, result.critical_difference)
     for row, i in enumerate(left):
         y = first_row + 0.25 * row
         ax.plot([x(ranks[i]), x(ranks[i]), side - 0.1], [top, y, y], color="black", lw=0.8)
@@ -293,3 +280,20 @@ def cd_diagram_png(result: SignificanceResult, title: Optional[str] = None, dpi:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def _rank_axis(ax, x: Callable[[float], float], k: int, top: float, cd: float) -> None:
+    """The average-rank axis from 1 to k at height `top`, and above it the CD for scale."""
+    ax.plot([x(1), x(k)], [top, top], color="black", lw=1)
+    for r in np.arange(1, k + 0.5, 0.5):
+        tick = 0.1 if float(r).is_integer() else 0.05
+        ax.plot([x(r), x(r)], [top - tick, top], color="black", lw=1)
+        if float(r).is_integer():
+            ax.text(x(r), top - 0.13, str(int(r)), ha="center", va="bottom", fontsize=8)
+    cd_end = min(1 + cd, k)
+    cd_y = top - 0.4
+    ax.plot([x(1), x(cd_end)], [cd_y, cd_y], color="black", lw=1)
+    for end in (1, cd_end):
+        ax.plot([x(end), x(end)], [cd_y - 0.04, cd_y + 0.04], color="black", lw=1)
+    ax.text((x(1) + x(cd_end)) / 2, cd_y - 0.05, f"CD = {cd:.2f}"
+            + (" (beyond the axis)" if cd_end < 1 + cd else ""), ha="center", va="bottom", fontsize=8)

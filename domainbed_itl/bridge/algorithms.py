@@ -98,6 +98,11 @@ def _check_ls(hparams: Mapping) -> None:
     _number(hparams, "ls_epsilon", lambda e: 0 <= e < 1, "a number in [0, 1)")
 
 
+def _check_poly1(hparams: Mapping) -> None:
+    _number(hparams, "poly_epsilon", lambda e: e >= -1, "a number >= -1 (Leng et al.'s range: -1 "
+            "removes the linear term, 0 is cross-entropy)")
+
+
 def _check_itl(hparams: Mapping) -> None:
     value = hparams["itl_loss"]
     expected = f"a preset loss ({', '.join(LOSS_PRESETS)}) or the path of a loss file"
@@ -142,6 +147,10 @@ LOSSES: Dict[str, Loss] = {
     "LS": Loss(lambda h: functools.partial(zoo.label_smoothing, epsilon=float(h["ls_epsilon"])),
                (("ls_epsilon", 0.1, lambda r: float(r.uniform(0.0, 0.3))),),
                {"ERM_LS": "ERM"}, _check_ls),
+    # Leng et al. (2022): ε = 2 for ImageNet classification, -1 for COCO detection; ε >= -1.
+    "Poly1": Loss(lambda h: functools.partial(zoo.poly1, epsilon=float(h["poly_epsilon"])),
+                  (("poly_epsilon", 2.0, lambda r: float(r.uniform(-1.0, 3.0))),),
+                  {"ERM_Poly1": "ERM"}, _check_poly1),
 }
 
 
@@ -158,6 +167,13 @@ class AlgorithmSpec:
 LOSS_ALGORITHMS: Dict[str, AlgorithmSpec] = {
     name: AlgorithmSpec(name, base, loss)
     for loss, entry in LOSSES.items() for name, base in entry.algorithms.items()}
+
+
+# The DomainBed algorithm that trains with each zoo loss (losses.zoo): ERM for cross-entropy, else
+# the ERM-based algorithm of the loss in LOSSES.
+ZOO_ALGORITHMS: Dict[str, str] = {"CE": "ERM", **{
+    loss: name for loss, entry in LOSSES.items() if loss in zoo.ZOO
+    for name, base in entry.algorithms.items() if base == "ERM"}}
 
 
 def check_loss_hparams(algorithm: str, hparams: Mapping,

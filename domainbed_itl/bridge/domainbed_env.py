@@ -3,8 +3,9 @@
 Everything that finds, imports or exports a DomainBed checkout goes through this module:
 `clone_domainbed` (a checkout at a given commit), `find_domainbed_root` (the checkout given,
 or the one `import domainbed` would load), `import_domainbed` (a DomainBed module from it),
-`optional_domainbed` (the same, or None where DomainBed is optional and absent) and
-`with_pythonpath` (an environment whose subprocesses import it first).
+`optional_domainbed` (the same, or None where DomainBed is optional and absent),
+`with_pythonpath` (an environment whose subprocesses import it first) and `with_quiet_loaders`
+(an environment whose DomainBed jobs do not warn about their data loaders' worker count).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ HOW_TO_GET = (
     "https://github.com/facebookresearch/DomainBed and either pass its folder with "
     "--domainbed_root, or put that folder on PYTHONPATH so that `import domainbed` works "
     "(`python -m domainbed_itl.scripts.quickstart` clones and patches it for you).")
+
+
+# DomainBed's data loaders start its datasets' N_WORKERS (8) processes each, and torch warns about
+# it at every loader on a machine with fewer cores; a job with this filter in PYTHONWARNINGS does
+# not (the start of the message, as Python's -W option matches it).
+QUIET_LOADERS = "ignore:This DataLoader will create"
 
 
 class DomainBedNotFound(ImportError):
@@ -97,6 +104,14 @@ def with_pythonpath(path: str | os.PathLike, environ: Optional[Mapping[str, str]
     env = dict(os.environ if environ is None else environ)
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(path)]
     env["PYTHONPATH"] = os.pathsep.join([str(path), *parts])
+    return env
+
+
+def with_quiet_loaders(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """A copy of `environ` (default: os.environ) whose PYTHONWARNINGS also holds QUIET_LOADERS."""
+    env = dict(os.environ if environ is None else environ)
+    filters = [f for f in env.get("PYTHONWARNINGS", "").split(",") if f and f != QUIET_LOADERS]
+    env["PYTHONWARNINGS"] = ",".join([*filters, QUIET_LOADERS])
     return env
 
 

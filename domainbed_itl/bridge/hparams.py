@@ -18,6 +18,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..datasets import num_classes as dataset_classes
 from .algorithms import LOSS_ALGORITHMS, LOSSES, LossHparamError, check_loss_hparams
 from .single_source_mixup import BASE as MIXUP, NAME as SINGLE_SOURCE_MIXUP
 
@@ -39,31 +40,21 @@ def parse_hparams_flag(text: str) -> dict:
     return hparams
 
 
-# Classes per DomainBed dataset: DomainBed knows them only once a dataset is loaded, and a loss
-# is checked for its number of classes before any job loads one (tests check these against
-# DomainBed where its data are available).
-DATASET_CLASSES = {
-    "Debug28": 2, "Debug224": 2, "ColoredMNIST": 2, "RotatedMNIST": 10, "VLCS": 5, "PACS": 7,
-    "OfficeHome": 65, "TerraIncognita": 10, "DomainNet": 345, "SVIRO": 7, "WILDSCamelyon": 2,
-    "WILDSFMoW": 62,
-}
-
-
 def check_sweep_losses(algorithms: Sequence[str], datasets: Optional[Sequence[str]],
                        overrides: Mapping) -> None:
     """Raise ValueError, naming the hparam, its value and what is expected, if one of our
     `algorithms` would train with a loss that cannot train under the sweep's `overrides` (its
     --hparams; the other loss hparams at their defaults, as random search draws them in range).
 
-    For datasets of DATASET_CLASSES the loss must also be finite and minimisable for that many
-    classes; other datasets get that check in the algorithm's constructor.
+    For the datasets of domainbed_itl.datasets the loss must also be finite and minimisable for
+    their classes; other datasets get that check in the algorithm's constructor.
     """
     checked = set()
     for algorithm in algorithms:
         if algorithm not in LOSS_ALGORITHMS:
             continue
         for dataset in datasets or [None]:
-            num_classes = DATASET_CLASSES.get(dataset)
+            num_classes = dataset_classes(dataset)
             key = (LOSS_ALGORITHMS[algorithm].loss, num_classes)
             if key in checked:
                 continue

@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
-class Run:
+class TrainedRun:
     """A DomainBed run folder and its checkpoints, ordered by step (model.pkl last)."""
 
     folder: Path
@@ -86,21 +86,21 @@ def _last_step(folder: Path) -> Optional[int]:
         return None
 
 
-def _run_of(folder: Path) -> Optional[Run]:
+def _run_of(folder: Path) -> Optional[TrainedRun]:
     checkpoints = [Checkpoint(p, int(_STEP_FILE.fullmatch(p.name).group(1)))
                    for p in folder.glob("model_step*.pkl") if _STEP_FILE.fullmatch(p.name)]
     checkpoints.sort(key=lambda c: c.step)
     if (folder / "model.pkl").is_file():
         checkpoints.append(Checkpoint(folder / "model.pkl", _last_step(folder)))
-    return Run(folder, tuple(checkpoints)) if checkpoints else None
+    return TrainedRun(folder, tuple(checkpoints)) if checkpoints else None
 
 
-def find_runs(paths: Iterable[str | os.PathLike]) -> List[Run]:
+def find_runs(paths: Iterable[str | os.PathLike]) -> List[TrainedRun]:
     """The runs under `paths`: model .pkl files, run folders, or folders searched recursively.
 
     Raises RunError naming a path that does not exist or holds no checkpoint.
     """
-    runs: Dict[Path, Run] = {}
+    runs: Dict[Path, TrainedRun] = {}
     for given in paths:
         path = Path(given)
         if path.is_file():
@@ -108,7 +108,7 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> List[Run]:
                 raise RunError(f"{path} is not a DomainBed checkpoint (model.pkl or model_step<N>.pkl)")
             match = _STEP_FILE.fullmatch(path.name)
             step = int(match.group(1)) if match else _last_step(path.parent)
-            runs.setdefault(path.resolve(), Run(path.parent, (Checkpoint(path, step),)))
+            runs.setdefault(path.resolve(), TrainedRun(path.parent, (Checkpoint(path, step),)))
             continue
         if not path.is_dir():
             raise RunError(f"{path} does not exist")
@@ -205,6 +205,8 @@ class Splits:
     in_splits: List[Dataset]
     out_splits: List[Dataset]
     test_envs: List[int]
+    input_shape: Tuple[int, ...] = ()
+    num_classes: int = 0
 
     @property
     def sources(self) -> List[int]:
@@ -244,7 +246,8 @@ def rebuild_splits(args: Dict[str, Any], hparams: Dict[str, Any], data_dir: Opti
                                         misc.seed_hash(args["trial_seed"], env_i))
         in_splits.append(in_)
         out_splits.append(out)
-    return Splits(list(dataset.ENVIRONMENTS), in_splits, out_splits, test_envs)
+    return Splits(list(dataset.ENVIRONMENTS), in_splits, out_splits, test_envs,
+                  tuple(dataset.input_shape), int(dataset.num_classes))
 
 
 def subsample(dataset: Dataset, limit: Optional[int], seed: int = 0) -> Dataset:
@@ -274,3 +277,23 @@ def predict(algorithm: nn.Module, datasets: Sequence[Dataset], batch_size: int =
     if not labels:
         raise RunError("no data to predict on")
     return torch.cat(logits), torch.cat(labels)
+
+
+def selected_models(runs: Sequence[TrainedRun], algorithms: Optional[Sequence[str]],
+                    domainbed_root: Optional[str], device: str,
+                    data_dir: Optional[str]) -> Iterator[Tuple[TrainedRun, "TrainedModel", "Splits"]]:
+    """(run, its model at the final checkpoint, its splits) for each run of `algorithms` (None:
+    all), in order; the splits are rebuilt from `data_dir` (None: each run's own)."""
+    for run in runs:
+        model = load_model(run.final.path, domainbed_root, device)
+        if algorithms is not None and model.name not in algorithms:
+            continue
+        splits = rebuild_splits(model.args, model.hparams, data_dir, domainbed_root)
+        yield run, model, splits
+
+
+def describe_run(run: TrainedRun, model: "TrainedModel") -> Dict[str, Any]:
+    """The identifying fields of a run in the analyses' outputs."""
+    return {"run": str(run.folder), "algorithm": model.name, "label": model.label,
+            "dataset": model.args["dataset"], "test_envs": model.test_envs,
+            "trial_seed": model.args.get("trial_seed"), "hparams_seed": model.args.get("hparams_seed")}

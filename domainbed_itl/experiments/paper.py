@@ -56,6 +56,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..datasets import DATASETS
 from ..files.resources import Traversable, shipped
 
 try:
@@ -67,12 +68,6 @@ except ModuleNotFoundError:  # Python < 3.11
         tomllib = None
 
 VARIANTS = ("paper", "reduced")
-
-# Environments per DomainBed dataset (DomainBed's datasets.num_environments, checked by the tests).
-NUM_ENVIRONMENTS: Dict[str, int] = {
-    "Debug28": 3, "Debug224": 3, "ColoredMNIST": 3, "RotatedMNIST": 6, "VLCS": 4, "PACS": 4,
-    "OfficeHome": 4, "TerraIncognita": 4, "DomainNet": 6,
-}
 
 # The flags given when the commands are built, never by a definition.
 BUILD_TIME_FLAGS = frozenset({"data_dir", "output_dir", "command_launcher", "domainbed_root",
@@ -90,7 +85,7 @@ SINGLE_SOURCE_SWEEP_FLAGS = frozenset({
     "holdout_fraction", "seed", "sources", "checkpoint_freq", "submitit_folder", "submitit_cluster",
     "submitit_partition", "submitit_gpus_per_node", "submitit_cpus_per_task", "submitit_mem_gb",
     "submitit_timeout_min", "submitit_array_parallelism", "submitit_max_array_size",
-    "submitit_wait", "submitit_name", "submitit_extra"})
+    "submitit_wait", "submitit_name", "submitit_extra", "no_progress"})
 # domainbed_itl.scripts.meta_train.
 META_TRAIN_FLAGS = frozenset({
     "preset", "dataset", "per_domain_cap", "data_seed", "family", "order", "init", "outer_steps",
@@ -105,8 +100,9 @@ META_TRAIN_FLAGS = frozenset({
 # domainbed_itl.scripts.evaluate_loss meta: losses against cross-entropy with fresh MLPs.
 EVALUATE_LOSS_FLAGS = frozenset({
     "losses", "reference", "dataset", "seeds", "inner_steps", "inner_optimizer", "inner_lr",
-    "batch_size", "hidden", "inner_schedule", "inner_weight_decay", "inner_stop_ratio",
-    "inner_stop_every", "eval_size", "per_domain_cap", "data_seed", "device", "overwrite"})
+    "inner_momentum", "batch_size", "hidden", "inner_schedule", "inner_weight_decay",
+    "inner_stop_ratio", "inner_stop_every", "eval_size", "per_domain_cap", "data_seed", "device",
+    "overwrite", "no_progress"})
 
 
 class SweepDefinitionError(ValueError):
@@ -382,10 +378,10 @@ def load_experiment(name: str, sweeps_dir: Optional[Traversable] = None) -> Expe
 
 def num_environments(dataset: str) -> int:
     """The number of environments of a DomainBed dataset of the paper's experiments."""
-    if dataset not in NUM_ENVIRONMENTS:
+    if dataset not in DATASETS:
         raise SweepDefinitionError(
-            f"unknown dataset {dataset!r}: expected one of {', '.join(NUM_ENVIRONMENTS)}")
-    return NUM_ENVIRONMENTS[dataset]
+            f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    return DATASETS[dataset].environments
 
 
 def n_test_env_settings(n_envs: int, single_test_envs: bool) -> int:

@@ -8,8 +8,9 @@ taken without waiting: a second writer gets `FolderLocked`, whose message names 
 (process id, host, start time, command) from `<folder>/.domainbed_itl.lock.json`, which the
 holder writes once it has the lock. A killed holder leaves no stale lock, since the kernel
 releases it; the lock file itself stays (removing it could let two writers lock two different
-files). The lock is re-entrant within a process, so a command may take it before the library
-function it calls takes it again. Names starting with `CONTROL_PREFIX` are this package's
+files). The lock is not re-entrant: a second `folder_lock` on the folder is refused even in the
+holding process, so each command takes its folder's lock once (a run folder's through
+domainbed_itl.files.runfolder). Names starting with `CONTROL_PREFIX` are this package's
 bookkeeping, not results; folder checks ignore them (`is_control_entry`).
 """
 
@@ -21,10 +22,9 @@ import os
 import shlex
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Iterator, Optional
 
 import filelock
 
@@ -33,9 +33,6 @@ from .atomic import write_atomic
 CONTROL_PREFIX = ".domainbed_itl."
 LOCK_NAME = CONTROL_PREFIX + "lock"
 HOLDER_NAME = CONTROL_PREFIX + "lock.json"
-
-_held: Dict[Path, int] = {}
-_held_guard = threading.Lock()
 
 
 class FolderLocked(RuntimeError):
@@ -68,24 +65,11 @@ def describe_holder(folder: str | os.PathLike) -> str:
 def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Iterator[Path]:
     """Hold the write lock of `folder` (created if missing) for the block; yields the folder.
 
-    Raises FolderLocked, naming the holder, when another process holds it.
+    Raises FolderLocked, naming the holder, when another process holds it (or this one does:
+    the lock is not re-entrant).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    key = folder.resolve()
-    with _held_guard:
-        if key in _held:
-            _held[key] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield folder
-        finally:
-            with _held_guard:
-                _held[key] -= 1
-        return
     lock = filelock.FileLock(str(folder / LOCK_NAME))
     try:
         lock.acquire(timeout=0)
@@ -97,13 +81,9 @@ def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Ite
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                   "command": command or current_command()}
         write_atomic(folder / HOLDER_NAME, json.dumps(holder) + "\n", overwrite=True)
-        with _held_guard:
-            _held[key] = 1
         try:
             yield folder
         finally:
-            with _held_guard:
-                del _held[key]
             (folder / HOLDER_NAME).unlink(missing_ok=True)
     finally:
         lock.release()

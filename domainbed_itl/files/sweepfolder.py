@@ -64,7 +64,7 @@ class PlannedJob:
 
 
 @dataclass
-class Run:
+class JobFolder:
     """One job folder: its records, whether DomainBed's `done` marker exists, why its results
     could not be read (`error`), and the damaged lines skipped (`skipped`, 'file:line: why')."""
 
@@ -199,6 +199,20 @@ def is_job_folder(folder: Path) -> bool:
                                  (folder / "results.jsonl").exists() or (folder / "done").exists()))
 
 
+def remove_never_started(output_dir: Union[str, os.PathLike]) -> int:
+    """Remove the empty job folders that DomainBed made for jobs it never started, so that its
+    launch runs them; how many. (DomainBed's `Job.launch` makes every job's folder before the
+    first job runs, and launches only jobs without a folder: after an interruption, the empty
+    folder of a job that never started would block it.)"""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return 0
+    empty = [p for p in output_dir.iterdir() if is_job_folder(p) and not any(p.iterdir())]
+    for folder in empty:
+        folder.rmdir()
+    return len(empty)
+
+
 def last_error_line(folder: Union[str, os.PathLike]) -> Optional[str]:
     """The last non-empty line of a DomainBed job's `err.txt` (its exception, for a crashed job)."""
     try:
@@ -219,7 +233,7 @@ def unfinished_jobs(sweep_dir: Union[str, os.PathLike]) -> List[str]:
             if is_job_folder(folder) and not (folder / "done").exists()]
 
 
-def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[Run]:
+def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[JobFolder]:
     """Every job folder under `sweep_dir` (see `is_job_folder`) with its records and `done` state.
 
     A half-written last line of an unfinished run (a job writing while we read) is left out
@@ -232,7 +246,7 @@ def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[Run]:
         raise FileNotFoundError(f"--input_dir {sweep_dir} is not a folder")
     runs = []
     for folder in sorted(p for p in sweep_dir.iterdir() if is_job_folder(p)):
-        run = Run(folder.name, [], (folder / "done").exists())
+        run = JobFolder(folder.name, [], (folder / "done").exists())
         results = folder / "results.jsonl"
         try:
             lines = results.read_text().splitlines() if results.exists() else []
@@ -255,7 +269,7 @@ def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[Run]:
     return runs
 
 
-def records_of(runs: Iterable[Run]) -> Tuple[List[dict], List[str]]:
+def records_of(runs: Iterable[JobFolder]) -> Tuple[List[dict], List[str]]:
     """Every readable record of `runs`, and what was skipped (damaged lines, unreadable files)."""
     records: List[dict] = []
     damaged: List[str] = []

@@ -4,7 +4,9 @@
      "parameters": [12 floats], "provenance": {"meta_train_dataset": ..., "steps": ...,
      "seed": ..., "package_version": ...}}
 
-`load_loss` validates and raises LossFileError naming the file and the problem.
+`family` is any registered family (families.py), `order` its order for families with orders
+(taylor, poly) and null otherwise. `load_loss` validates and raises LossFileError naming the
+file and the problem.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class LossFileError(ValueError):
 
 @dataclass
 class LossSpec:
-    """A fully specified loss: family, order (Taylor only), parameters ω and provenance."""
+    """A fully specified loss: a registered family, its order (families with orders only),
+    parameters ω (checked by the family: count, finiteness, intervals) and provenance."""
 
     family: str
     order: Optional[int]
@@ -43,12 +46,7 @@ class LossSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.parameters, (list, tuple)):
             raise ValueError(f"loss parameters must be a list of numbers, got {self.parameters!r}")
-        fam = get_family(self.family, self.order)
-        fam.check(self.parameters)
-        bad = [v for v in self.parameters if not isinstance(v, (int, float)) or isinstance(v, bool)
-               or not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"loss parameters must be finite numbers, got {bad}")
+        get_family(self.family, self.order).check(self.parameters)
         self.parameters = [float(v) for v in self.parameters]
 
     def module(self) -> torch.nn.Module:

@@ -1,11 +1,16 @@
-"""Hand-designed robust losses compared with ITL in Tables 1 and 3 of the paper.
+"""Hand-designed robust losses compared with ITL in Tables 1 and 3 of the paper, and PolyLoss.
 
 Every loss takes (logits, target, ..., reduction="mean") with integer class targets, like
-F.cross_entropy, so any of them can replace cross-entropy in a training loop.
+F.cross_entropy, so any of them can replace cross-entropy in a training loop. Their parameters
+may be tensors (the loss families of families.py learn them); a Python number is range-checked
+here, a tensor by its family.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,7 +31,7 @@ def bce(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return _reduce(per_class.sum(dim=1), reduction)
 
 
-def focal(logits: Tensor, target: Tensor, gamma: float = 2.0, reduction: str = "mean") -> Tensor:
+def focal(logits: Tensor, target: Tensor, gamma: float | Tensor = 2.0, reduction: str = "mean") -> Tensor:
     """Focal loss -(1-ŷ_t)^γ log ŷ_t (Lin et al., ICCV 2017; Mukhoti et al., NeurIPS 2020).
 
     1-ŷ_t is floored at 1e-12 so that γ < 1 keeps a finite gradient when ŷ_t rounds to 1.
@@ -48,23 +53,46 @@ def sce(logits: Tensor, target: Tensor, alpha: float | Tensor = 0.1, beta: float
     return _reduce(alpha * -log_p + beta * rce, reduction)
 
 
-def gce(logits: Tensor, target: Tensor, q: float = 0.7, reduction: str = "mean") -> Tensor:
+def gce(logits: Tensor, target: Tensor, q: float | Tensor = 0.7, reduction: str = "mean") -> Tensor:
     """Generalised CE (1 - ŷ_t^q)/q (Zhang & Sabuncu, NeurIPS 2018); q -> 0 gives CE."""
     _check_target(logits, target)
-    if not 0.0 < q <= 1.0:
+    if not isinstance(q, Tensor) and not 0.0 < q <= 1.0:
         raise ValueError(f"GCE needs q in (0, 1], got {q!r}")
     log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
     return _reduce((1.0 - (q * log_p).exp()) / q, reduction)
 
 
-def label_smoothing(logits: Tensor, target: Tensor, epsilon: float = 0.1,
+def label_smoothing(logits: Tensor, target: Tensor, epsilon: float | Tensor = 0.1,
                     reduction: str = "mean") -> Tensor:
-    """CE against (1-ε)·onehot + ε/C (Szegedy et al., CVPR 2016; Pereyra et al., ICLR 2017)."""
+    """CE against (1-ε)·onehot + ε/C (Szegedy et al., CVPR 2016; Pereyra et al., ICLR 2017):
+    (1-ε)(-log ŷ_t) + ε·mean_c(-log ŷ_c)."""
     _check_target(logits, target)
-    if not 0.0 <= epsilon < 1.0:
+    if not isinstance(epsilon, Tensor) and not 0.0 <= epsilon < 1.0:
         raise ValueError(f"label smoothing needs epsilon in [0, 1), got {epsilon!r}")
-    return _reduce(F.cross_entropy(logits, target.long(), reduction="none", label_smoothing=epsilon),
-                   reduction)
+    log_probs = F.log_softmax(logits, dim=1)
+    log_p = log_probs.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    return _reduce(-(1 - epsilon) * log_p - epsilon * log_probs.mean(dim=1), reduction)
+
+
+def poly(logits: Tensor, target: Tensor, epsilons: Sequence[float] | Tensor,
+         reduction: str = "mean") -> Tensor:
+    """PolyLoss Poly-N, N = len(epsilons) (Leng et al., ICLR 2022):
+
+    CE's expansion -log ŷ_t = Σ_j (1-ŷ_t)^j / j with its first N coefficients moved by ε_j.
+    """
+    _check_target(logits, target)
+    eps = (epsilons.to(logits.dtype) if isinstance(epsilons, Tensor)
+           else torch.tensor([float(e) for e in epsilons], dtype=logits.dtype, device=logits.device))
+    log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
+    powers = torch.arange(1, eps.numel() + 1, dtype=logits.dtype, device=logits.device)
+    # Eq. 3 of Leng et al.: L_Poly-N = -log ŷ_t + Σ_{j=1..N} ε_j (1 - ŷ_t)^j.
+    return _reduce(-log_p + ((1 - log_p.exp()).unsqueeze(1) ** powers * eps).sum(dim=1), reduction)
+
+
+def poly1(logits: Tensor, target: Tensor, epsilon: float = 2.0, reduction: str = "mean") -> Tensor:
+    """Poly-1 (Leng et al., ICLR 2022, Eq. 4): -log ŷ_t + ε(1 - ŷ_t). ε = 2 is their ImageNet
+    classification setting; ε = -1 removes the linear term, ε = 0 is cross-entropy."""
+    return poly(logits, target, [epsilon], reduction)
 
 
 ZOO = {
@@ -74,4 +102,5 @@ ZOO = {
     "SCE": sce,
     "GCE": gce,
     "LS": label_smoothing,
+    "Poly1": poly1,
 }

@@ -3,9 +3,10 @@
 Nothing here imports DomainBed: its datasets arrive as tensors through domainbed_itl.bridge.domainbed_data.
 """
 
-from .data import DomainData, check_domains, synthetic_domains
+from .data import DomainData, check_domains, synthetic_dataset, synthetic_domains
 from .hypergradient import flatten_module, implicit_grad
-from .runner import RunDirError, run_meta_training
+from ..files.runfolder import RunDirError
+from .runner import run_meta_training
 from .solvers import cg, dense, neumann
 from .aggregators import mean, pcgrad
 from .config import InnerSettings, MetaConfig, preset_config
@@ -16,5 +17,6 @@ from .trainer import MetaTrainer, NonFiniteError
 __all__ = [
     "DomainData", "InnerSettings", "MetaConfig", "MetaTrainer", "NonFiniteError", "RunDirError", "cg",
     "check_domains", "dense", "flatten_module", "implicit_grad", "mean", "mlp", "neumann",
-    "pcgrad", "preset_config", "run_meta_training", "step_generator", "synthetic_domains",
+    "pcgrad", "preset_config", "run_meta_training", "step_generator", "synthetic_dataset",
+    "synthetic_domains",
 ]

@@ -14,7 +14,8 @@ of λ candidates costs λ outer steps' worth of inner trainings: the budget the 
 compares at. pycma draws its samples from a `numpy.random.RandomState` seeded with `seed` (never
 the global one), and the whole strategy is pickled into the state, so a search resumed from
 `state_dict()` repeats the uninterrupted search exactly. `run_cma_search` keeps a search in a run
-folder laid out as meta_train's (runner.py): checkpoint.pt, metrics.jsonl and loss.json.
+folder (domainbed_itl.files.runfolder) laid out as meta_train's: checkpoint.pt, metrics.jsonl
+and loss.json.
 """
 
 from __future__ import annotations
@@ -24,23 +25,19 @@ import os
 import pickle
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import cma
 import numpy as np
 import torch
 
 from .. import __version__
-from ..losses.lossfile import LossSpec, save_loss
-from .data import DomainData
-from ..files.runlock import folder_lock
-from .runner import (CHECKPOINT, LOSS, METRICS, REPLACED, RunDirError, check_output_dir, new_trainer,
-                     data_fingerprint, discard_replaced, finish_interrupted_overwrite,
-                     load_checkpoint, log_stderr, move_aside, replacing, source_commit)
-from .runner import _save_checkpoint as save_checkpoint
-from .runner import _write_metrics as write_metrics
+from ..files.runfolder import RunFolder, RunKind, log_stderr, source_commit, using_run_folder
+from ..losses.lossfile import LossSpec
 from .config import MetaConfig
+from .data import DomainData
+from .runner import check_resumable, data_fingerprint, new_trainer
+from .trainer import MetaTrainer
 
 # An objective: ω and the generation (1, 2, ...) -> a dict holding at least `FITNESS`.
 Objective = Callable[[List[float], int], Dict[str, Any]]
@@ -177,84 +174,68 @@ class CMASearch:
         self.best = state["best"]
 
 
-CHECKPOINT_FORMAT = "domainbed-itl-cmaes-checkpoint"
-
-
-def _check_resumable(ckpt: Dict[str, Any], config: CMAConfig, meta_config: MetaConfig,
-                     fingerprint: Dict[str, Any], init_omega: List[float], path: Path) -> None:
-    changed = [f"{k}: {ckpt['cma_config'].get(k)!r} in the checkpoint, {v!r} now"
-               for k, v in config.to_dict().items() if k != "generations" and ckpt["cma_config"].get(k) != v]
-    changed += [f"{k}: {ckpt['meta_config'].get(k)!r} in the checkpoint, {v!r} now"
-                for k, v in meta_config.to_dict().items() if ckpt["meta_config"].get(k) != v]
-    if changed:
-        raise RunDirError(f"cannot resume {path} with different settings: " + "; ".join(changed))
-    if ckpt["data"] != fingerprint:
-        raise RunDirError(f"cannot resume {path}: the data differ from the checkpoint's")
-    if ckpt["init_omega"] != init_omega:
-        raise RunDirError(f"cannot resume {path}: the initial loss parameters differ "
-                          f"({ckpt['init_omega']} in the checkpoint, {init_omega} now)")
+CMA_RUN = RunKind("CMA-ES search", "domainbed-itl-cmaes-checkpoint", "generations")
 
 
 def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
-                   output_dir: str | os.PathLike, *, init: Optional[LossSpec] = None,
-                   resume: bool = False, overwrite: bool = False,
+                   output_dir: Union[str, os.PathLike, RunFolder], *,
+                   init: Optional[LossSpec] = None, resume: bool = False, overwrite: bool = False,
                    device: str | torch.device = "cpu",
                    provenance: Optional[Dict[str, Any]] = None,
                    on_generation: Optional[Callable[[Dict[str, Any]], None]] = None,
                    log: Callable[[str], None] = log_stderr) -> CMASearch:
     """CMA-ES over `meta_config`'s loss family, scored by `MetaTrainer.heldout_objective`, into
-    `output_dir`: checkpoint.pt, metrics.jsonl (one record per generation) and loss.json (the
-    incumbent), each replaced atomically after every generation. The folder follows meta_train's
-    rules (runner.py): one writer at a time (its lock), --resume or --overwrite for a non-empty
-    folder, and an --overwrite that keeps the previous run until this one has a checkpoint.
+    `output_dir` (a folder, or a RunFolder opened for CMA_RUN): checkpoint.pt, metrics.jsonl
+    (one record per generation) and loss.json (the incumbent), each replaced atomically after
+    every generation. The folder follows the run-folder rules (domainbed_itl.files.runfolder):
+    one writer at a time, --resume or --overwrite for a non-empty folder, and an --overwrite
+    that keeps the previous run until this one has a checkpoint.
     """
-    output_dir = Path(output_dir)
     trainer = new_trainer(data, meta_config, init, device)
-    init_omega = trainer.omega.tolist()
-    search = CMASearch(init_omega, config)
-    fingerprint = data_fingerprint(data)
-    commit = source_commit()
-    records: List[Dict[str, Any]] = []
-
-    def write_views() -> None:
-        write_metrics(output_dir / METRICS, records)
-        if search.best is not None:
-            spec = LossSpec(meta_config.family, meta_config.order, search.best["omega"], {
-                "search": "cma-es", "meta_train_dataset": data.name,
-                "generations": search.generations_done, "best_generation": search.best["generation"],
-                "best_outer_heldout_loss": search.best["result"][FITNESS], "seed": config.seed,
-                "package_version": __version__, "source_commit": commit, **(provenance or {}),
-                "cma_config": config.to_dict(), "meta_config": meta_config.to_dict(),
-                "data": {**{k: v for k, v in fingerprint.items() if k != "sha256"}, **data.info},
-                "init_omega": init_omega})
-            save_loss(output_dir / LOSS, spec, overwrite=True)
-
-    check_output_dir(output_dir, resume, overwrite)  # before the lock creates the directory
-    with folder_lock(output_dir, command=(provenance or {}).get("command")):
-        finish_interrupted_overwrite(output_dir, log)
-        check_output_dir(output_dir, resume, overwrite)
-        if resume and (output_dir / CHECKPOINT).is_file():
-            ckpt = load_checkpoint(output_dir / CHECKPOINT, CHECKPOINT_FORMAT, "CMA-ES search")
-            _check_resumable(ckpt, config, meta_config, fingerprint, init_omega, output_dir / CHECKPOINT)
+    search = CMASearch(trainer.omega.tolist(), config)
+    provenance = provenance or {}
+    with using_run_folder(output_dir, CMA_RUN, resume=resume, overwrite=overwrite,
+                          command=provenance.get("command"), log=log) as folder:
+        records: List[Dict[str, Any]] = []
+        if folder.checkpoint is not None:
+            ckpt = folder.checkpoint
+            folder.refuse_changes(ckpt["cma_config"], config.to_dict(), ignore=("generations",))
+            check_resumable(folder, "meta_config", meta_config, data, trainer.omega.tolist())
             search.load_state_dict(ckpt["search"])
             records.extend(ckpt["metrics"])
-            write_views()
-        replaced = move_aside(output_dir) if overwrite else None
-        if replaced is not None:
-            log(f"--overwrite: moved the previous run in {output_dir} ({replaced}) aside to "
-                f"{output_dir / REPLACED}; it is deleted once this run writes its first checkpoint")
-        with replacing(output_dir, replaced, log):
-            while search.generations_done < config.generations:
-                record = search.generation(lambda omega, g: trainer.heldout_objective(omega, g))
-                record["inner_trainings"] = search.generations_done * search.popsize * trainer.num_domains
-                records.append(record)
-                save_checkpoint(output_dir / CHECKPOINT, {
-                    "format": CHECKPOINT_FORMAT, "version": 1, "package_version": __version__,
-                    "cma_config": config.to_dict(), "meta_config": meta_config.to_dict(),
-                    "data": fingerprint, "init_omega": init_omega, "search": search.state_dict(),
-                    "metrics": records})
-                write_views()
-                discard_replaced(output_dir, replaced, log)
-                if on_generation is not None:
-                    on_generation(record)
+        folder.begin(config.generations, device, provenance)
+        _search(folder, search, trainer, data, records, on_generation)
     return search
+
+
+def _search(folder: RunFolder, search: CMASearch, trainer: MetaTrainer, data: DomainData,
+            records: List[Dict[str, Any]],
+            on_generation: Optional[Callable[[Dict[str, Any]], None]]) -> None:
+    """The generations of run_cma_search, writing the checkpoint and its views after each."""
+    config, meta_config = search.config, trainer.config
+    init_omega, fingerprint, commit = trainer.omega.tolist(), data_fingerprint(data), source_commit()
+
+    def loss() -> Optional[LossSpec]:
+        if search.best is None:
+            return None
+        return LossSpec(meta_config.family, meta_config.order, search.best["omega"], {
+            "search": "cma-es", "meta_train_dataset": data.name,
+            "generations": search.generations_done, "best_generation": search.best["generation"],
+            "best_outer_heldout_loss": search.best["result"][FITNESS], "seed": config.seed,
+            "package_version": __version__, "source_commit": commit, **folder.provenance,
+            "cma_config": config.to_dict(), "meta_config": meta_config.to_dict(),
+            "data": {**{k: v for k, v in fingerprint.items() if k != "sha256"}, **data.info},
+            "init_omega": init_omega})
+
+    if folder.checkpoint is not None:
+        folder.write_views(records, loss())
+    while search.generations_done < config.generations:
+        record = search.generation(trainer.heldout_objective)
+        record["inner_trainings"] = search.generations_done * search.popsize * trainer.num_domains
+        records.append(record)
+        folder.save_checkpoint({"cma_config": config.to_dict(), "meta_config": meta_config.to_dict(),
+                                "data": fingerprint, "init_omega": init_omega,
+                                "search": search.state_dict(), "metrics": records},
+                               search.generations_done, records, loss())
+        if on_generation is not None:
+            on_generation(record)

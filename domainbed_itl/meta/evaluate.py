@@ -12,6 +12,11 @@ The inner training takes meta-training's options (`InnerSettings`): a learning r
 judged at convergence, where a loss that only trains faster has no edge. With an annealed rate
 or a stopping rule each length of `inner_steps` is its own training (a cap, from the same
 initial weights and minibatches); with neither, one training is read off at every length.
+
+`evaluate_in_folder` keeps an evaluation in a run folder (domainbed_itl.files.runfolder): each
+unit (a loss on a seed) is saved in the checkpoint as it finishes, and running the evaluation
+again computes only the units it lacks, refusing units computed with other settings, data or
+loss parameters.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from ..analysis.loss_evaluation import REPORT_JSON, REPORT_MD
+from ..files.runfolder import CHECKPOINT, RunDirError, RunFolder, RunKind
 from . import inner
 from .config import InnerSettings, check_bool, check_positive_int
 from .data import DomainData
 from .draws import StepDraws, domain_indices, draw_step, evaluation_generator
+from .runner import data_fingerprint
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -69,6 +78,32 @@ class Protocol:
         return asdict(self)
 
 
+EVALUATION_RUN = RunKind("loss evaluation", "domainbed-itl-evaluation-checkpoint", "units",
+                         (CHECKPOINT, REPORT_MD, REPORT_JSON))
+
+
+@dataclass
+class _Setup:
+    """What every unit of an evaluation shares: the data on the device, the base network, the
+    inner optimiser."""
+
+    data: DomainData
+    protocol: Protocol
+    device: torch.device
+    x: torch.Tensor
+    y: torch.Tensor
+    model: torch.nn.Module
+    optimizer: inner.InnerOptimizer
+
+
+def _setup(data: DomainData, protocol: Protocol, device: str | torch.device) -> _Setup:
+    device = torch.device(device)
+    x = torch.cat([d[0] for d in data.domains]).to(device, torch.float32)
+    y = torch.cat([d[1] for d in data.domains]).to(device)
+    return _Setup(data, protocol, device, x, y, inner.mlp(x.shape[1], protocol.hidden, data.num_classes),
+                  protocol.inner.optimizer())
+
+
 def _draws(data: DomainData, seed: int, protocol: Protocol) -> StepDraws:
     """Initial-weight seeds, minibatches and source evaluation subsets of one seed (CPU)."""
     domains, sources = domain_indices([len(y) for _, y in data.domains])
@@ -76,14 +111,13 @@ def _draws(data: DomainData, seed: int, protocol: Protocol) -> StepDraws:
                      protocol.batch_size, eval_size=protocol.eval_size)
 
 
-def _trainings(params: inner.Params, loss: LossFn, protocol: Protocol, x: torch.Tensor,
-               y: torch.Tensor, batches: torch.Tensor,
+def _trainings(setup: _Setup, params: inner.Params, loss: LossFn, batches: torch.Tensor,
                check: Sequence[torch.Tensor]) -> Iterator[Tuple[int, inner.InnerRun]]:
     """(length, what training did) for every length of the protocol, `params` holding the
     networks trained to it: one training read off at each length when the settings allow it
     (`InnerSettings.plain`), else a training from the initial `params` per length."""
+    protocol, optimizer, x, y = setup.protocol, setup.optimizer, setup.x, setup.y
     settings = protocol.inner
-    optimizer = settings.optimizer()
     start = None if settings.plain else {k: p.clone() for k, p in params.items()}
     state, done, history = optimizer.init_state(params), 0, []
     for steps in protocol.inner_steps:
@@ -109,6 +143,36 @@ def _accuracy_and_ce(params: inner.Params, i: int, x: torch.Tensor,
     return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
+def _records(setup: _Setup, draws: StepDraws, params: inner.Params, name: str, seed: int,
+             steps: int, run: inner.InnerRun) -> List[Dict[str, Any]]:
+    """The records of one loss and seed after `steps` inner steps (or at that cap), one per
+    held-out domain."""
+    records, tail = [], inner.tail_loss(run.losses, run.steps_used)
+    for i, env in enumerate(setup.data.environments):
+        idx, src = draws.heldout[i].to(setup.device), draws.source_eval[i].to(setup.device)
+        acc, ce = _accuracy_and_ce(params, i, setup.x[idx], setup.y[idx])
+        source_acc, _ = _accuracy_and_ce(params, i, setup.x[src], setup.y[src])
+        record = {
+            "loss": name, "unit": seed, "domain": env, "domain_index": i, "inner_steps": steps,
+            "inner_steps_used": run.steps_used[i], "heldout_acc": acc, "heldout_ce": ce,
+            "source_acc": source_acc, "gap": source_acc - acc, "final_train_loss": float(tail[i])}
+        if run.start_norm is not None:
+            record["stationarity"] = float(run.final_norm[i] / run.start_norm[i])
+        records.append(record)
+    return records
+
+
+def _evaluate_unit(setup: _Setup, seed: int, name: str, loss: LossFn) -> List[Dict[str, Any]]:
+    """One unit: the networks of `seed` trained with `loss`, read off at (or capped at) every
+    length."""
+    draws = _draws(setup.data, seed, setup.protocol)
+    check = [s.to(setup.device) for s in draws.source_eval]
+    params = inner.init_params(setup.model, draws.init_seeds, setup.device)
+    return [record for steps, run in _trainings(setup, params, loss, draws.batches.to(setup.device),
+                                                check)
+            for record in _records(setup, draws, params, name, seed, steps, run)]
+
+
 def evaluate_losses(data: DomainData, losses: Mapping[str, LossFn], seeds: Sequence[int],
                     protocol: Protocol, device: str | torch.device = "cpu",
                     progress: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
@@ -122,32 +186,60 @@ def evaluate_losses(data: DomainData, losses: Mapping[str, LossFn], seeds: Seque
     """
     if not losses or not seeds:
         raise ValueError("evaluate_losses needs at least one loss and one seed")
-    device = torch.device(device)
-    x = torch.cat([d[0] for d in data.domains]).to(device, torch.float32)
-    y = torch.cat([d[1] for d in data.domains]).to(device)
-    model = inner.mlp(x.shape[1], protocol.hidden, data.num_classes)
+    setup = _setup(data, protocol, device)
     records = []
     for seed in seeds:
-        draws = _draws(data, seed, protocol)
-        batches = draws.batches.to(device)
-        check = [s.to(device) for s in draws.source_eval]
         for name, loss in losses.items():
-            params = inner.init_params(model, draws.init_seeds, device)
-            for steps, run in _trainings(params, loss, protocol, x, y, batches, check):
-                tail = inner.tail_loss(run.losses, run.steps_used)
-                for i, env in enumerate(data.environments):
-                    idx, src = draws.heldout[i].to(device), check[i]
-                    acc, ce = _accuracy_and_ce(params, i, x[idx], y[idx])
-                    source_acc, _ = _accuracy_and_ce(params, i, x[src], y[src])
-                    record = {
-                        "loss": name, "unit": seed, "domain": env, "domain_index": i,
-                        "inner_steps": steps, "inner_steps_used": run.steps_used[i],
-                        "heldout_acc": acc, "heldout_ce": ce,
-                        "source_acc": source_acc, "gap": source_acc - acc,
-                        "final_train_loss": float(tail[i])}
-                    if run.start_norm is not None:
-                        record["stationarity"] = float(run.final_norm[i] / run.start_norm[i])
-                    records.append(record)
+            records += _evaluate_unit(setup, seed, name, loss)
             if progress is not None:
                 progress(f"seed {seed}, loss {name}: done")
     return records
+
+
+def _finished_units(folder: RunFolder, settings: Mapping[str, Any],
+                    definitions: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The units a resumed evaluation kept, refused if computed with other settings or losses."""
+    if folder.checkpoint is None:
+        return []
+    saved = folder.checkpoint["settings"]
+    folder.refuse_changes({k: v for k, v in saved.items() if k != "data"},
+                          {k: v for k, v in settings.items() if k != "data"})
+    folder.refuse_other("the data", saved["data"], settings["data"])
+    units = list(folder.checkpoint["units"])
+    for unit in units:
+        now = definitions.get(unit["loss"], unit["definition"])
+        if now != unit["definition"]:
+            raise RunDirError(f"cannot continue the evaluation in {folder.path}: its finished units "
+                              f"of loss {unit['loss']!r} were computed with {unit['definition']}, "
+                              f"that loss is now {now}; pass --overwrite to start again")
+    return units
+
+
+def evaluate_in_folder(folder: RunFolder, data: DomainData, losses: Mapping[str, Tuple[LossFn, Any]],
+                       seeds: Sequence[int], protocol: Protocol, device: str | torch.device = "cpu",
+                       provenance: Optional[Mapping[str, Any]] = None,
+                       progress: bool = True) -> List[Dict[str, Any]]:
+    """`evaluate_losses` in a run folder opened for EVALUATION_RUN, keeping every finished unit
+    (a loss on a seed) in its checkpoint as it finishes; a resumed evaluation computes only the
+    units it lacks. losses: name -> (loss, its definition, compared on a resume)."""
+    if not losses or not seeds:
+        raise ValueError("an evaluation needs at least one loss and one seed")
+    settings = {**protocol.to_dict(), "data": data_fingerprint(data)}
+    units = _finished_units(folder, settings, {k: d for k, (_, d) in losses.items()})
+    folder.begin(None, device, provenance or {})
+    have = {(u["unit"], u["loss"]): u for u in units}
+    setup = _setup(data, protocol, device)
+    wanted = [(seed, name) for seed in seeds for name in losses]
+    bar = tqdm(total=len(wanted), initial=sum(key in have for key in wanted), desc="evaluate",
+               unit="unit", disable=not progress)
+    try:
+        for seed, name in (key for key in wanted if key not in have):
+            loss, definition = losses[name]
+            have[seed, name] = {"unit": seed, "loss": name, "definition": definition,
+                                "records": _evaluate_unit(setup, seed, name, loss)}
+            units.append(have[seed, name])
+            folder.save_checkpoint({"settings": settings, "units": units}, len(units))
+            bar.update(1)
+    finally:
+        bar.close()
+    return [r for key in wanted for r in have[key]["records"]]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
-from ..losses.families import get_family
+from ..losses.families import ParameterRangeError, get_family
 from . import aggregators, diagnostics, inner
 from .config import MetaConfig
 from .data import Domain, check_domains
@@ -44,7 +44,8 @@ __all__ = ["MetaConfig", "MetaTrainer", "NonFiniteError", "mlp", "step_generator
 
 
 class NonFiniteError(FloatingPointError):
-    """A NaN or infinity in ω, a loss or a hypergradient; the outer step is abandoned."""
+    """A NaN or infinity in ω, a loss or a hypergradient, or ω outside its family's intervals (a
+    focal γ < 0, say); the outer step is abandoned."""
 
 
 def _first_nonfinite(values: Tensor) -> Optional[int]:
@@ -230,7 +231,8 @@ class MetaTrainer:
         return trusted
 
     def _update(self, step: int, h: Tensor, trusted: Tensor) -> None:
-        """Algorithm 1, line 16 (none when no domain is trusted); a non-finite ω is undone."""
+        """Algorithm 1, line 16 (none when no domain is trusted); a non-finite ω, or one outside
+        its family's intervals, is undone."""
         if not torch.isfinite(h).all():
             raise NonFiniteError(f"outer step {step}: non-finite aggregated hypergradient")
         previous = self.state_dict()
@@ -243,6 +245,12 @@ class MetaTrainer:
             self.load_state_dict(previous)
             raise NonFiniteError(f"outer step {step}: non-finite loss parameters ω after the update: "
                                  f"{bad_omega}")
+        try:
+            self.family.check(self.omega)
+        except ParameterRangeError as error:
+            self.load_state_dict(previous)
+            raise NonFiniteError(f"outer step {step}: the update took ω out of its family's range "
+                                 f"and is undone: {error}") from None
 
     def heldout_objective(self, omega: Sequence[float] | Tensor, step: int) -> Dict[str, Any]:
         """M and accuracies of loss ω with the randomness of outer step `step`, no hypergradient.
@@ -251,7 +259,10 @@ class MetaTrainer:
         searches that only need the objective (e.g. evolution strategies).
         """
         omega = torch.as_tensor(omega, dtype=torch.float32).to(self.device)
-        self.family.check(omega)
+        try:
+            self.family.check(omega)
+        except ParameterRangeError as error:  # a search's candidate: it fails, the search goes on
+            raise NonFiniteError(f"loss parameters outside the family's range: {error}") from None
         draws = self._draw(step)
         params, state = self._start(draws, warm=False)
         run = self._train_inner(params, state, draws, omega)

@@ -8,9 +8,9 @@ inner training, and the same held-out objective M (cross-entropy on the left-out
 over the leave-one-domain-out splits), minimised by pycma's CMA-ES (domainbed_itl.meta.cmaes).
 Writes loss.json (the best loss found), metrics.jsonl (one line per generation, with
 meta_train's keys: "step" is the generation, plus "inner_trainings") and checkpoint.pt (after
-every generation; --resume continues). Draw it beside an implicit-gradient run with
-domainbed_itl.scripts.plot_search. Exit status: 0 done, 1 every candidate of a generation
-diverged, 2 bad input.
+every generation). `--resume` continues from the folder alone, as meta_train's (--generations
+may grow). Draw it beside an implicit-gradient run with domainbed_itl.scripts.plot_search. Exit
+status: 0 done, 1 every candidate of a generation diverged, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,83 +18,69 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Set
 
 from tqdm import tqdm
 
-from ..bridge.domainbed_env import DomainBedNotFound
-from ..losses.lossfile import LossFileError
-from ..meta.cmaes import CMAConfig, run_cma_search
-from ..meta.inner import INNER_OPTIMIZERS
-from ..meta.config import META_PRESETS
-from ..meta.runner import LOSS, RunDirError, check_output_dir
-from ..files.runlock import FolderLocked, folder_lock
-from .meta_train import (CONVERGENCE_FLAGS, DEFAULT_PRESET, _check_data_args, _command_line, _device,
-                         _load_data, _meta_config, _nonnegative_int, _positive_float,
-                         _positive_int, _widths, add_convergence_flags, add_data_flags,
-                         add_loss_flags, add_output_flags)
+from ..files.runfolder import LOSS, RunFolder
+from ..losses.families import get_family
+from ..meta.cmaes import CMA_RUN, CMAConfig, run_cma_search
+from ..meta.config import MetaConfig
+from ..meta.data import DomainData
+from ._cli import (INNER_TRAINING, add_data_flags, add_device_flag, add_flags, add_output_flags, int_at_least,
+                   positive_float, positive_int)
+from ._search import (BATCHED, INNER_STEPS, OBJECTIVE, SEED, SearchSettings,
+                      add_search_flags, refuse_contradictions, search_main, value_text)
 
 # MetaConfig settings this command takes (those that shape the inner training and M).
-CONFIG_FLAGS = ("inner_steps", "inner_optimizer", "inner_lr", "inner_momentum", "batch_size",
-                "hidden", *CONVERGENCE_FLAGS, "outer_batch", "eval_size", "batched", "seed")
+CONFIG_FLAGS = tuple({**INNER_STEPS, **INNER_TRAINING, **OBJECTIVE, **BATCHED, **SEED})
+SEARCH = {
+    "generations": dict(type=positive_int, default=CMAConfig.generations),
+    "popsize": dict(type=int_at_least(2, "an integer >= 2"),
+                    help="candidates per generation (default pycma's 4 + floor(3 ln n))"),
+    "sigma0": dict(type=positive_float, default=CMAConfig.sigma0, help="initial step size"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface. Inner-loop settings left out come from --preset."""
     p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.cma_search",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=tuple(META_PRESETS), default=DEFAULT_PRESET,
-                   help=f"meta_train's named settings (default {DEFAULT_PRESET}); explicit flags "
-                        "override them")
+    add_search_flags(p)
     add_data_flags(p)
     add_output_flags(p)
-    add_loss_flags(p)
-    search = p.add_argument_group("CMA-ES")
-    search.add_argument("--generations", type=_positive_int, default=CMAConfig.generations)
-    search.add_argument("--popsize", type=_int_at_least_2, default=None,
-                        help="candidates per generation (default pycma's 4 + floor(3 ln n))")
-    search.add_argument("--sigma0", type=_positive_float, default=CMAConfig.sigma0,
-                        help="initial step size")
-    inner = p.add_argument_group("inner loop (as meta_train)")
-    inner.add_argument("--inner_steps", type=_positive_int)
-    inner.add_argument("--inner_optimizer", choices=INNER_OPTIMIZERS)
-    inner.add_argument("--inner_lr", type=_positive_float)
-    inner.add_argument("--inner_momentum", type=float)
-    inner.add_argument("--batch_size", type=_positive_int)
-    inner.add_argument("--hidden", type=_widths)
-    add_convergence_flags(inner)
-    inner.add_argument("--outer_batch", type=_positive_int,
-                       help="held-out examples for M per domain (default: the whole domain)")
-    inner.add_argument("--eval_size", type=_positive_int,
-                       help="source examples for the logged inner source accuracy")
-    inner.add_argument("--batched", action=argparse.BooleanOptionalAction,
-                       help="train the per-domain inner networks as one stack")
-    run = p.add_argument_group("execution")
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    run.add_argument("--seed", type=_nonnegative_int, default=None,
-                     help="seed of the inner trainings (as meta_train's) and of CMA-ES's samples")
+    add_flags(p, "CMA-ES", SEARCH)
+    add_flags(p, "inner loop (as meta_train)", INNER_STEPS, INNER_TRAINING, OBJECTIVE, BATCHED)
+    add_device_flag(add_flags(p, "execution", SEED))
     return p
 
 
-def _int_at_least_2(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
-    return value
+def _check_searchable(config: MetaConfig) -> None:
+    """ValueError for a family CMA-ES cannot search: pycma needs at least 2 dimensions."""
+    family = get_family(config.family, config.order)
+    if family.num_params < 2:
+        raise ValueError(f"--family: a {family.describe()} has {family.num_params} parameter "
+                         f"({', '.join(family.param_names())}); CMA-ES searches at least 2, so use "
+                         "meta_train for it, or a family with more parameters")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        init, meta_config = _meta_config(args, CONFIG_FLAGS)
-        config = CMAConfig(args.generations, args.popsize, args.sigma0, meta_config.seed)
-        device = _device(args.device)
-    except (ValueError, LossFileError) as e:
-        parser.error(str(e))
-    command = _command_line(argv, "cma_search")
-    bar = tqdm(total=args.generations, desc="cma-es", unit="generation", disable=args.no_progress)
+def _cma_config(args: argparse.Namespace, explicit: Set[str], folder: RunFolder,
+                run: SearchSettings) -> CMAConfig:
+    """CMA-ES's settings: the flags', or on a resume the checkpoint's (--generations may grow)."""
+    if folder.checkpoint is None:
+        return CMAConfig(args.generations, args.popsize, args.sigma0, run.config.seed)
+    saved = folder.checkpoint["cma_config"]
+    refuse_contradictions(folder.checkpoint_path, [
+        (f"--{k} {getattr(args, k)}", f"{k} {value_text(saved[k])}") for k in ("popsize", "sigma0")
+        if k in explicit and getattr(args, k) != saved[k]])
+    generations = args.generations if "generations" in explicit else saved["generations"]
+    return CMAConfig(generations, saved["popsize"], saved["sigma0"], run.config.seed)
+
+
+def _search(args: argparse.Namespace, explicit: Set[str], folder: RunFolder, run: SearchSettings,
+            data: DomainData) -> int:
+    config = _cma_config(args, explicit, folder, run)
+    bar = tqdm(total=config.generations, desc="cma-es", unit="generation", disable=args.no_progress)
 
     def progress(record) -> None:
         bar.n = record["step"]
@@ -103,26 +89,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bar.refresh()
 
     try:
-        check_output_dir(args.output_dir, args.resume, args.overwrite)
-        _check_data_args(args)
-        with folder_lock(args.output_dir, command=command):  # before the (slow) data loading
-            data = _load_data(args)
-            search = run_cma_search(
-                data, config, meta_config, args.output_dir, init=init, resume=args.resume,
-                overwrite=args.overwrite, device=device, on_generation=progress,
-                provenance={"preset": args.preset, "init": args.init, "command": command})
-    except (RunDirError, FolderLocked, DomainBedNotFound, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        search = run_cma_search(data, config, run.config, folder, init=run.init, device=run.device,
+                                on_generation=progress, provenance=run.provenance)
     finally:
         bar.close()
     print(f"CMA-ES done: {search.generations_done} generations of {search.popsize}; best loss "
           f"(generation {search.best['generation']}, M {search.best['result']['outer_heldout_loss']:.4f}) "
           f"in {os.path.join(args.output_dir, LOSS)}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; returns the exit status (see the module docstring)."""
+    return search_main(build_parser(), argv, "cma_search", CMA_RUN, CONFIG_FLAGS, "meta_config",
+                       (), _search, check=_check_searchable)
 
 
 if __name__ == "__main__":

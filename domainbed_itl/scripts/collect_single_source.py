@@ -20,11 +20,32 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..files.atomic import OutputExists, write_atomic
-from ..bridge.domainbed_env import DomainBedNotFound, optional_domainbed
+from ..files.atomic import write_atomic
+from ..bridge.domainbed_env import optional_domainbed
 from ..files.sweepfolder import load_runs, read_manifest
 from ..single_source.selection import summarise
 from ..single_source.tables import domainbed_labels, render_report
+from ._cli import run_command
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's work; its exit status."""
+    fmt = "latex" if args.latex else "markdown" if args.markdown else "text"
+    damaged: list = []
+    results = summarise(load_runs(args.input_dir), read_manifest(args.input_dir, damaged),
+                        damaged)
+    if not results.cells:
+        raise ValueError(f"no single-source runs in {args.input_dir} "
+                         f"({results.ignored_multi_source_runs} multi-source runs ignored)")
+    found = optional_domainbed(args.domainbed_root, "domainbed.datasets", "domainbed.algorithms")
+    env_names, algorithm_order, dataset_order = (domainbed_labels(results, *found) if found
+                                                 else (None, None, None))
+    report = render_report(results, fmt, args.algorithms or algorithm_order,
+                           args.datasets or dataset_order, env_names, source=args.input_dir)
+    if args.output:
+        write_atomic(args.output, report, overwrite=args.overwrite)
+    print(report, end="")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -41,26 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", default=None, help="also write the report to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
-    fmt = "latex" if args.latex else "markdown" if args.markdown else "text"
-    try:
-        damaged: list = []
-        results = summarise(load_runs(args.input_dir), read_manifest(args.input_dir, damaged),
-                            damaged)
-        if not results.cells:
-            raise ValueError(f"no single-source runs in {args.input_dir} "
-                             f"({results.ignored_multi_source_runs} multi-source runs ignored)")
-        found = optional_domainbed(args.domainbed_root, "domainbed.datasets", "domainbed.algorithms")
-        env_names, algorithm_order, dataset_order = (domainbed_labels(results, *found) if found
-                                                     else (None, None, None))
-        report = render_report(results, fmt, args.algorithms or algorithm_order,
-                               args.datasets or dataset_order, env_names, source=args.input_dir)
-        if args.output:
-            write_atomic(args.output, report, overwrite=args.overwrite)
-        print(report, end="")
-    except (ValueError, FileNotFoundError, OutputExists, DomainBedNotFound) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -31,11 +31,8 @@ import numpy as np  # noqa: E402
 from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.generalisation import accuracy_and_cross_entropy  # noqa: E402
 from ..analysis.output import write_outputs  # noqa: E402
-from ..files.atomic import OutputExists  # noqa: E402
-from ..bridge.domainbed_env import DomainBedNotFound  # noqa: E402
-from ..losses.lossfile import LossFileError  # noqa: E402
-from ..bridge.trained_models import RunError, predict  # noqa: E402
-from ._trained_runs import add_run_arguments, describe_run, models, runs_of  # noqa: E402
+from ..bridge.trained_models import describe_run, predict, RunError  # noqa: E402
+from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
 
 SPLITS = ("train", "in_test", "cross_test")
 SPLIT_NAMES = {"train": "train (source in-splits)", "in_test": "in-distribution test (source out-splits)",
@@ -46,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.in_vs_cross",
                                      description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser)
+    add_trained_run_flags(parser)
     return parser
 
 
@@ -91,42 +88,43 @@ def _figure(summary: Dict):
     return fig
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        rows = []
-        for run, model, splits in models(args, runs_of(args)):
-            row = describe_run(run, model)
-            parts = {"train": [splits.in_splits[i] for i in splits.sources],
-                     "in_test": [splits.out_splits[i] for i in splits.sources],
-                     "cross_test": [splits.in_splits[i] for i in splits.test_envs]}
-            for split, datasets in parts.items():
-                logits, labels = predict(model.algorithm, datasets, args.batch_size, args.device)
-                for key, value in accuracy_and_cross_entropy(logits, labels).items():
-                    row[f"{split}_{key}"] = value
-            rows.append(row)
-            print(f"{model.label} test_envs {model.test_envs} ({run.folder}): "
-                  + ", ".join(f"{s} {100 * row[s + '_accuracy']:.2f}% CE {row[s + '_cross_entropy']:.4g}"
-                              for s in SPLITS), flush=True)
-        if not rows:
-            raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
-        summary = summarise(rows)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({**r, "test_envs": " ".join(map(str, r["test_envs"]))} for r in rows)
-        fig = _figure(summary)
-        paths = write_outputs(args.output_dir, "in_vs_cross", fig,
-                              {"splits": SPLIT_NAMES, "measured_by": "cross-entropy", "runs": rows,
-                               "summary": summary}, {".csv": text.getvalue()}, overwrite=args.overwrite)
-        plt.close(fig)
-    except (RunError, DomainBedNotFound, LossFileError, OutputExists) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    """The command's work; its exit status."""
+    rows = []
+    for run, model, splits in trained_models(args):
+        row = describe_run(run, model)
+        parts = {"train": [splits.in_splits[i] for i in splits.sources],
+                 "in_test": [splits.out_splits[i] for i in splits.sources],
+                 "cross_test": [splits.in_splits[i] for i in splits.test_envs]}
+        for split, datasets in parts.items():
+            logits, labels = predict(model.algorithm, datasets, args.batch_size, args.device)
+            for key, value in accuracy_and_cross_entropy(logits, labels).items():
+                row[f"{split}_{key}"] = value
+        rows.append(row)
+        print(f"{model.label} test_envs {model.test_envs} ({run.folder}): "
+              + ", ".join(f"{s} {100 * row[s + '_accuracy']:.2f}% CE {row[s + '_cross_entropy']:.4g}"
+                          for s in SPLITS), flush=True)
+    if not rows:
+        raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
+    summary = summarise(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({**r, "test_envs": " ".join(map(str, r["test_envs"]))} for r in rows)
+    fig = _figure(summary)
+    paths = write_outputs(args.output_dir, "in_vs_cross", fig,
+                          {"splits": SPLIT_NAMES, "measured_by": "cross-entropy", "runs": rows,
+                           "summary": summary}, {".csv": text.getvalue()}, overwrite=args.overwrite)
+    plt.close(fig)
     print("\n" + _table(summary))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -34,18 +34,15 @@ from torch.utils.data import ConcatDataset  # noqa: E402
 from ..analysis.hessian import (FlatParameters, hessian_vector_product, landscape_1d, lanczos,  # noqa: E402
                                 mean_loss, residual)
 from ..analysis.output import write_outputs  # noqa: E402
-from ..files.atomic import OutputExists  # noqa: E402
-from ..bridge.domainbed_env import DomainBedNotFound  # noqa: E402
-from ..losses.lossfile import LossFileError  # noqa: E402
-from ..bridge.trained_models import Predictor, RunError, batches, subsample  # noqa: E402
-from ._trained_runs import add_run_arguments, describe_run, models, runs_of  # noqa: E402
+from ..bridge.trained_models import batches, describe_run, Predictor, RunError, subsample  # noqa: E402
+from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.loss_landscape",
                                      description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser)
+    add_trained_run_flags(parser)
     parser.add_argument("--loss", choices=("ce", "own"), default="ce",
                         help="cross-entropy for every model, or each model's own training loss")
     parser.add_argument("--examples", type=int, default=1024,
@@ -80,56 +77,57 @@ def _figure(results: List[Dict]):
     return fig
 
 
+def _run(args: argparse.Namespace) -> int:
+    """The command's work; its exit status."""
+    _check(args)
+    results = []
+    for run, model, splits in trained_models(args):
+        loss = model.training_loss() if args.loss == "own" else F.cross_entropy
+        source = subsample(ConcatDataset([splits.in_splits[i] for i in splits.sources]), args.examples,
+                           args.seed)
+        target = subsample(ConcatDataset([splits.in_splits[i] for i in splits.test_envs]), args.examples,
+                           args.seed)
+        source_batches = batches(source, args.batch_size, args.device)
+        target_batches = batches(target, args.batch_size, args.device)
+        flat = FlatParameters(Predictor(model.algorithm))
+        theta = flat.theta
+        matvec = hessian_vector_product(flat, loss, source_batches, theta)
+        start = torch.randn(len(theta), generator=torch.Generator().manual_seed(args.seed)).to(theta)
+        pairs = lanczos(matvec, start, args.lanczos_steps)
+        value, vector = pairs.top()
+        ts = [args.radius * (2 * i / (args.points - 1) - 1) for i in range(args.points)]
+        loss_name = "cross-entropy" if args.loss == "ce" else f"training loss of {model.label}"
+        result = {**describe_run(run, model), "loss": loss_name,
+                  "parameters": len(theta), "source_examples": len(source),
+                  "target_examples": len(target),
+                  "top_eigenvalue": value, "residual": residual(matvec, value, vector),
+                  "ritz_values": pairs.values.tolist(), "lanczos_steps": pairs.steps, "t": ts,
+                  "source_loss": landscape_1d(functools.partial(mean_loss, flat, loss, source_batches),
+                                              theta, vector, ts),
+                  "target_loss": landscape_1d(functools.partial(mean_loss, flat, loss, target_batches),
+                                              theta, vector, ts)}
+        results.append(result)
+        mid, end = len(ts) // 2, len(ts) - 1
+        print(f"{model.label} test_envs {model.test_envs} ({run.folder}): {len(theta)} parameters, "
+              f"λ_max {value:.5g} (residual {result['residual']:.2g}, {pairs.steps} Lanczos steps); "
+              f"source loss {result['source_loss'][0]:.4g} / {result['source_loss'][mid]:.4g} / "
+              f"{result['source_loss'][end]:.4g}, target loss {result['target_loss'][0]:.4g} / "
+              f"{result['target_loss'][mid]:.4g} / {result['target_loss'][end]:.4g} "
+              f"at t = {ts[0]:g} / {ts[mid]:g} / {ts[end]:g}", flush=True)
+    if not results:
+        raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
+    fig = _figure(results)
+    paths = write_outputs(args.output_dir, "loss_landscape", fig, {"models": results},
+                          overwrite=args.overwrite)
+    plt.close(fig)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        _check(args)
-        results = []
-        for run, model, splits in models(args, runs_of(args)):
-            loss = model.training_loss() if args.loss == "own" else F.cross_entropy
-            source = subsample(ConcatDataset([splits.in_splits[i] for i in splits.sources]), args.examples,
-                               args.seed)
-            target = subsample(ConcatDataset([splits.in_splits[i] for i in splits.test_envs]), args.examples,
-                               args.seed)
-            source_batches = batches(source, args.batch_size, args.device)
-            target_batches = batches(target, args.batch_size, args.device)
-            flat = FlatParameters(Predictor(model.algorithm))
-            theta = flat.theta
-            matvec = hessian_vector_product(flat, loss, source_batches, theta)
-            start = torch.randn(len(theta), generator=torch.Generator().manual_seed(args.seed)).to(theta)
-            pairs = lanczos(matvec, start, args.lanczos_steps)
-            value, vector = pairs.top()
-            ts = [args.radius * (2 * i / (args.points - 1) - 1) for i in range(args.points)]
-            loss_name = "cross-entropy" if args.loss == "ce" else f"training loss of {model.label}"
-            result = {**describe_run(run, model), "loss": loss_name,
-                      "parameters": len(theta), "source_examples": len(source),
-                      "target_examples": len(target),
-                      "top_eigenvalue": value, "residual": residual(matvec, value, vector),
-                      "ritz_values": pairs.values.tolist(), "lanczos_steps": pairs.steps, "t": ts,
-                      "source_loss": landscape_1d(functools.partial(mean_loss, flat, loss, source_batches),
-                                                  theta, vector, ts),
-                      "target_loss": landscape_1d(functools.partial(mean_loss, flat, loss, target_batches),
-                                                  theta, vector, ts)}
-            results.append(result)
-            mid, end = len(ts) // 2, len(ts) - 1
-            print(f"{model.label} test_envs {model.test_envs} ({run.folder}): {len(theta)} parameters, "
-                  f"λ_max {value:.5g} (residual {result['residual']:.2g}, {pairs.steps} Lanczos steps); "
-                  f"source loss {result['source_loss'][0]:.4g} / {result['source_loss'][mid]:.4g} / "
-                  f"{result['source_loss'][end]:.4g}, target loss {result['target_loss'][0]:.4g} / "
-                  f"{result['target_loss'][mid]:.4g} / {result['target_loss'][end]:.4g} "
-                  f"at t = {ts[0]:g} / {ts[mid]:g} / {ts[end]:g}", flush=True)
-        if not results:
-            raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
-        fig = _figure(results)
-        paths = write_outputs(args.output_dir, "loss_landscape", fig, {"models": results},
-                              overwrite=args.overwrite)
-        plt.close(fig)
-    except (RunError, DomainBedNotFound, LossFileError, OutputExists, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

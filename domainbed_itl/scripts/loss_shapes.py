@@ -25,8 +25,7 @@ import torch  # noqa: E402
 
 from ..analysis.loss_shapes import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
 from ..analysis.output import write_outputs  # noqa: E402
-from ..files.atomic import OutputExists  # noqa: E402
-from ..losses.lossfile import LossFileError  # noqa: E402
+from ._cli import run_command  # noqa: E402
 
 PRINTED_P = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -48,44 +47,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        if args.labels is not None and len(args.labels) != len(args.losses):
-            raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.losses)} losses")
-        if args.points < 2 or not 0 < args.p_min < args.p_max < 1:
-            raise ValueError(f"need --points >= 2 and 0 < --p_min < --p_max < 1, got {args.points}, "
-                             f"{args.p_min}, {args.p_max}")
-        losses = [parse_loss(spec) for spec in args.losses]
-        labels = args.labels or [loss.label for loss in losses]
-        p = torch.linspace(args.p_min, args.p_max, args.points, dtype=torch.float64)
-        curves = []
-        for label, spec, loss in zip(labels, args.losses, losses):
-            values, grad = loss_against_p_true(loss.fn, p, args.num_classes)
-            norm_values, norm_grad = min_max_normalise(values, grad)
-            curves.append({"label": label, "spec": spec, "loss": values.tolist(), "gradient": grad.tolist(),
-                           "loss_normalised": norm_values.tolist(),
-                           "gradient_normalised": norm_grad.tolist()})
-        fig, axes = plt.subplots(2, len(curves), figsize=(3.2 * len(curves), 5.6), squeeze=False,
-                                 sharex=True)
-        kind = "_normalised" if args.normalise else ""
-        for column, curve in enumerate(curves):
-            axes[0, column].plot(p, curve["loss" + kind], color=f"C{column}")
-            axes[1, column].plot(p, curve["gradient" + kind], color=f"C{column}")
-            axes[0, column].set_title(curve["label"])
-            axes[1, column].set_xlabel("p_true")
-            for ax in axes[:, column]:
-                ax.grid(alpha=0.3)
-        axes[0, 0].set_ylabel("loss (normalised)" if args.normalise else "loss")
-        axes[1, 0].set_ylabel("d loss / d p_true")
-        numbers = {"num_classes": args.num_classes, "p_true": p.tolist(), "normalised_plot": args.normalise,
-                   "path": "the other classes share 1 - p_true equally", "losses": curves}
-        paths = write_outputs(args.output_dir, "loss_shapes", fig, numbers, overwrite=args.overwrite)
-        plt.close(fig)
-    except (ValueError, LossFileError, OutputExists) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    """The command's work; its exit status."""
+    if args.labels is not None and len(args.labels) != len(args.losses):
+        raise ValueError(f"--labels gives {len(args.labels)} labels for {len(args.losses)} losses")
+    if args.points < 2 or not 0 < args.p_min < args.p_max < 1:
+        raise ValueError(f"need --points >= 2 and 0 < --p_min < --p_max < 1, got {args.points}, "
+                         f"{args.p_min}, {args.p_max}")
+    losses = [parse_loss(spec) for spec in args.losses]
+    labels = args.labels or [loss.label for loss in losses]
+    p = torch.linspace(args.p_min, args.p_max, args.points, dtype=torch.float64)
+    curves = []
+    for label, spec, loss in zip(labels, args.losses, losses):
+        values, grad = loss_against_p_true(loss.fn, p, args.num_classes)
+        norm_values, norm_grad = min_max_normalise(values, grad)
+        curves.append({"label": label, "spec": spec, "loss": values.tolist(), "gradient": grad.tolist(),
+                       "loss_normalised": norm_values.tolist(),
+                       "gradient_normalised": norm_grad.tolist()})
+    fig, axes = plt.subplots(2, len(curves), figsize=(3.2 * len(curves), 5.6), squeeze=False,
+                             sharex=True)
+    kind = "_normalised" if args.normalise else ""
+    for column, curve in enumerate(curves):
+        axes[0, column].plot(p, curve["loss" + kind], color=f"C{column}")
+        axes[1, column].plot(p, curve["gradient" + kind], color=f"C{column}")
+        axes[0, column].set_title(curve["label"])
+        axes[1, column].set_xlabel("p_true")
+        for ax in axes[:, column]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("loss (normalised)" if args.normalise else "loss")
+    axes[1, 0].set_ylabel("d loss / d p_true")
+    numbers = {"num_classes": args.num_classes, "p_true": p.tolist(), "normalised_plot": args.normalise,
+               "path": "the other classes share 1 - p_true equally", "losses": curves}
+    paths = write_outputs(args.output_dir, "loss_shapes", fig, numbers, overwrite=args.overwrite)
+    plt.close(fig)
     header = "loss".ljust(max(len(c["label"]) for c in curves) + 2)
     print(f"C = {args.num_classes}; loss (d loss / d p_true) at p_true =")
     print(header + "".join(f"{q:>18}" for q in PRINTED_P))
@@ -95,6 +89,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{curve['loss'][i]:>9.3f} ({curve['gradient'][i]:>6.2f})" for i in index))
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

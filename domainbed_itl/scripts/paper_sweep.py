@@ -23,28 +23,40 @@ fail, so after a DomainBed sweep with a launcher that waits for its jobs (`local
 of their `err.txt`; the collection still runs, then `run` exits with status 1 (later stages do
 not start). While it runs a DomainBed sweep, `run` holds that sweep's folder lock
 (domainbed_itl.files.runlock); our own runners take it themselves.
+
+While it runs, `run` shows a progress bar over the experiment's jobs with the time left (a
+sweep's job counts as done once its folder holds DomainBed's `done` marker, a meta-training or
+evaluation once its command succeeded), and before each sweep stage the plan (jobs x steps)
+and, with the `local` launcher on a machine without a GPU, an estimate of the stage's duration
+from a few training steps of its first job timed here (domainbed_itl.bridge.sweep_estimate).
+`--no_progress` shows neither. The jobs run with a warning filter for torch's note on
+DomainBed's 8 data-loader workers per loader.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
-from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root, with_pythonpath
-from ..experiments.paper import (ONE_JOB_RUNNERS, Experiment, Placeholders, Stage, SweepDefinitionError,
-                                 available, build_stage_commands, count_jobs, count_stage_jobs,
-                                 estimate_cost, format_command, load_experiment, referenced_stages,
+from ..bridge.domainbed_env import find_domainbed_root, with_pythonpath, with_quiet_loaders
+from ..experiments.paper import (ONE_JOB_RUNNERS, Experiment, Placeholders, Stage, available,
+                                 build_stage_commands, count_jobs, count_stage_jobs, estimate_cost,
+                                 format_command, load_experiment, num_environments, referenced_stages,
                                  stage_args, stage_output_dir, stage_references)
 from ..bridge.hparams import check_sweep_losses
-from ..bridge.patching import APPLIED, PatchError, status
-from ..files.runlock import FolderLocked, folder_lock
+from ..bridge.patching import APPLIED, status
+from ..bridge.sweep_estimate import print_plan
+from ..files.job_progress import JobProgress, done_under
+from ..files.runlock import folder_lock
 from ..files.sweepfolder import unfinished_jobs
+from ._cli import run_command
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
 # Launchers that return once every job has ended, so that a job folder without `done` failed.
@@ -52,6 +64,8 @@ WAITING_LAUNCHERS = ("local", "multi_gpu")
 # Meta-training and loss evaluation run in one process: here, or as one submitit job.
 ONE_JOB_LAUNCHERS = ("local", "submitit")
 ONE_JOB_LABELS = {"meta_train": "meta-training", "evaluate_loss": "loss evaluation"}
+SHRINK_FLAGS = ("--reduced", "a copy of the definition with fewer datasets, algorithms, hparams "
+                "seeds, trials or steps (--sweeps_dir)")
 
 
 class PaperSweepError(RuntimeError):
@@ -85,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "`import domainbed`)")
         if name == "run":
             sub.add_argument("--dry_run", action="store_true", help="print the commands only")
+            sub.add_argument("--no_progress", action="store_true",
+                             help="no progress bar and no timed estimate (for logs)")
     return parser
 
 
@@ -187,7 +203,48 @@ def _check_stage_losses(experiment: Experiment, stage: Stage, reduced: bool,
         raise PaperSweepError(f"{experiment.path}{where}: {error}") from None
 
 
-def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: bool) -> int:
+def first_job(args: Dict[str, Any], runner_name: str, data_dir: str) -> Dict[str, Any]:
+    """DomainBed's train arguments of a sweep stage's first job (its first dataset, algorithm,
+    test environment or source, hparams seed and trial), from the stage's flags `args`."""
+    dataset = args["datasets"][0]
+    if runner_name == "single_source_sweep":
+        source = (args.get("sources") or [0])[0]
+        test_envs = [e for e in range(num_environments(dataset)) if e != source]
+    else:
+        test_envs = [0]
+    job = {"dataset": dataset, "algorithm": args["algorithms"][0], "test_envs": test_envs,
+           "hparams_seed": args.get("n_hparams_from", 0), "trial_seed": 0, "seed": 0,
+           "data_dir": data_dir, "holdout_fraction": args.get("holdout_fraction", 0.2),
+           "task": "domain_generalization"}
+    if args.get("hparams"):
+        job["hparams"] = json.dumps(args["hparams"], sort_keys=True)
+    job.update({k: args[k] for k in ("steps", "checkpoint_freq") if args.get(k) is not None})
+    return job
+
+
+def _jobs_done(experiment: Experiment, reduced: bool, given: Placeholders,
+               finished: Set[Optional[str]]) -> Callable[[], int]:
+    """A counter of the experiment's jobs done: the `finished` one-job stages, and per sweep
+    stage its job folders with `done` (at most the stage's job count: a folder may be shared)."""
+    sweeps = [(done_under(stage_output_dir(given.output_dir, stage.name)),
+               sum(count_stage_jobs(stage, reduced).values()))
+              for stage in experiment.stages if stage.runner_name not in ONE_JOB_RUNNERS]
+    return lambda: len(finished) + sum(min(count(), n) for count, n in sweeps)
+
+
+def _print_stage_plan(experiment: Experiment, stage: Stage, reduced: bool, given: Placeholders,
+                      checkout: Path, estimate: bool) -> None:
+    args = stage_args(experiment, stage, reduced, given)
+    n = sum(count_stage_jobs(stage, reduced).values())
+    steps = f"{args['steps']} steps" if args.get("steps") else "each dataset's default steps"
+    where = f"stage {stage.name}: " if stage.name else ""
+    print_plan(n, f"{where}{' '.join(args['algorithms'])} on {' '.join(args['datasets'])} x {steps}",
+               first_job(args, stage.runner_name, given.data_dir) if estimate else None, checkout,
+               SHRINK_FLAGS, given.command_launcher)
+
+
+def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: bool,
+        progress: bool = True) -> int:
     """Run (or with `dry_run` print) the variant's commands; the exit status."""
     check_losses(experiment, reduced)
     print(describe(experiment, reduced, given), flush=True)
@@ -202,20 +259,31 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
         raise PaperSweepError(f"--data_dir {given.data_dir} is not a folder")
     checkout = _domainbed_checkout(given.domainbed_root, need_patches=any(
         stage.runner_name not in ONE_JOB_RUNNERS for stage in experiment.stages))
-    env = with_pythonpath(checkout)
+    env = with_quiet_loaders(with_pythonpath(checkout))
     Path(given.output_dir).mkdir(parents=True, exist_ok=True)
-    for stage in experiment.stages:
-        commands = build_stage_commands(experiment, stage, reduced, given, python=sys.executable)
-        stage_env = dict(env, DOMAINBED_SUBMITIT_WAIT="1") if stage.name in needed else env
-        folder = stage_output_dir(given.output_dir, stage.name)
-        if stage.runner_name == "domainbed_sweep":  # DomainBed's sweep takes no lock itself
-            _check_stage_losses(experiment, stage, reduced, given)  # with earlier stages' files
-            with folder_lock(folder):
+    finished: Set[Optional[str]] = set()
+    with JobProgress(_jobs_done(experiment, reduced, given, finished),
+                     sum(count_jobs(experiment, reduced).values()), desc=f"{experiment.name} jobs",
+                     disable=not progress) as bar:
+        for stage in experiment.stages:
+            commands = build_stage_commands(experiment, stage, reduced, given, python=sys.executable)
+            stage_env = dict(env, DOMAINBED_SUBMITIT_WAIT="1") if stage.name in needed else env
+            folder = stage_output_dir(given.output_dir, stage.name)
+            if stage.runner_name not in ONE_JOB_RUNNERS:
+                _check_stage_losses(experiment, stage, reduced, given)  # with earlier stages' files
+                _print_stage_plan(experiment, stage, reduced, given, checkout, progress)
+            if stage.runner_name == "single_source_sweep":  # this command shows the progress
+                commands[0].append("--no_progress")
+            if stage.runner_name == "domainbed_sweep":  # DomainBed's sweep takes no lock itself
+                with folder_lock(folder):
+                    code = _run_commands(stage, given, folder, commands, stage_env)
+            else:
                 code = _run_commands(stage, given, folder, commands, stage_env)
-        else:
-            code = _run_commands(stage, given, folder, commands, stage_env)
-        if code != 0:
-            return code
+            if code != 0:
+                return code
+            if stage.runner_name in ONE_JOB_RUNNERS:
+                finished.add(stage.name)
+            bar.poll()
     return 0
 
 
@@ -267,22 +335,24 @@ def _run_commands(stage: Stage, given: Placeholders, folder: str, commands: List
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _main(args), expected=(PaperSweepError,),
+                       interrupted=lambda: "run the same command again to continue: finished "
+                                           "stages and jobs are kept")
+
+
+def _main(args: argparse.Namespace) -> int:
+    """List, show or run; the exit status."""
     sweeps_dir = args.sweeps_dir
-    try:
-        if args.command == "list":
-            print(list_experiments(sweeps_dir))
-            return 0
-        experiment = load_experiment(args.name, sweeps_dir)
-        launcher = _launcher(experiment, args.reduced, args.command_launcher)
-        given = Placeholders(args.data_dir, args.output_dir, launcher, args.domainbed_root)
-        if args.command == "show":
-            print(describe(experiment, args.reduced, given))
-            return 0
-        return run(experiment, args.reduced, given, args.dry_run)
-    except (SweepDefinitionError, PaperSweepError, PatchError, DomainBedNotFound,
-            FolderLocked) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "list":
+        print(list_experiments(sweeps_dir))
+        return 0
+    experiment = load_experiment(args.name, sweeps_dir)
+    launcher = _launcher(experiment, args.reduced, args.command_launcher)
+    given = Placeholders(args.data_dir, args.output_dir, launcher, args.domainbed_root)
+    if args.command == "show":
+        print(describe(experiment, args.reduced, given))
+        return 0
+    return run(experiment, args.reduced, given, args.dry_run, not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..bridge.domainbed_env import DomainBedNotFound, check_domainbed_root
-from ..bridge.patching import CONFLICT, PatchError, apply, import_check, load_hooks, revert, status
+from ..bridge.domainbed_env import check_domainbed_root
+from ..bridge.patching import CONFLICT, apply, import_check, load_hooks, revert, status
+from ._cli import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,30 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Check, apply or revert the hooks; 1 when `check` finds a conflict or a failed import."""
+    root = check_domainbed_root(args.domainbed_root)
+    hooks = load_hooks(args.patches_dir)
+    if args.command == "check":
+        states = status(root, hooks)
+        for hook, state in zip(hooks, states):
+            print(f"{hook.name}: {state}")
+        failed = any(s.kind == CONFLICT for s in states)
+        if args.import_check:
+            problem = import_check(root)
+            print(f"import check: {problem or 'DomainBed registers ITL, its hparams and launchers'}")
+            failed = failed or problem is not None
+        return 1 if failed else 0
+    done = (apply if args.command == "apply" else revert)(root, hooks)
+    verb = "applied" if args.command == "apply" else "reverted"
+    print(f"{verb} {len(done)} patch(es) in {root}" + (f": {', '.join(done)}" if done else
+                                                       f" (all already {verb})"))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        root = check_domainbed_root(args.domainbed_root)
-        hooks = load_hooks(args.patches_dir)
-        if args.command == "check":
-            states = status(root, hooks)
-            for hook, state in zip(hooks, states):
-                print(f"{hook.name}: {state}")
-            failed = any(s.kind == CONFLICT for s in states)
-            if args.import_check:
-                problem = import_check(root)
-                print(f"import check: {problem or 'DomainBed registers ITL, its hparams and launchers'}")
-                failed = failed or problem is not None
-            return 1 if failed else 0
-        done = (apply if args.command == "apply" else revert)(root, hooks)
-        verb = "applied" if args.command == "apply" else "reverted"
-        print(f"{verb} {len(done)} patch(es) in {root}" + (f": {', '.join(done)}" if done else
-                                                           f" (all already {verb})"))
-        return 0
-    except (PatchError, DomainBedNotFound) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ reference MINRES hypergradient where one was computed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -24,26 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-REQUIRED = ("step", "inner_source_acc", "outer_heldout_acc", "outer_heldout_loss")
-
-
-def read_metrics(path: str | Path) -> List[Dict[str, Any]]:
-    """The records of a metrics.jsonl file; ValueError naming the line if one is malformed."""
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not JSON ({e})") from e
-        missing = [k for k in REQUIRED if k not in record]
-        if missing:
-            raise ValueError(f"{path}, line {number}: lacks {missing}")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path} holds no metrics records")
-    return records
+from ..files.runfolder import read_metrics  # noqa: E402
+from ._cli import run_command  # noqa: E402
 
 
 def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path, title: str = "") -> Path:
@@ -94,6 +75,14 @@ def _plot_diagnostics(records: Sequence[Dict[str, Any]], steps: List[int], ax_st
     ax_res.legend(loc="upper left")
 
 
+def _run(args: argparse.Namespace) -> int:
+    """The command's work; its exit status."""
+    records = read_metrics(args.metrics)
+    output = args.output or Path(args.metrics).with_name("curve.png")
+    print(plot_meta(records, output, args.title))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: metrics.jsonl in, PNG out."""
     p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.plot_meta",
@@ -102,14 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", default=None, help="image path (default: beside metrics, curve.png)")
     p.add_argument("--title", default="", help="figure title")
     args = p.parse_args(argv)
-    try:
-        records = read_metrics(args.metrics)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    output = args.output or Path(args.metrics).with_name("curve.png")
-    print(plot_meta(records, output, args.title))
-    return 0
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

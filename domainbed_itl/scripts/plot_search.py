@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
 from ..analysis.output import write_outputs  # noqa: E402
 from ..analysis.search_curves import at_budget, search_curve  # noqa: E402
-from ..files.atomic import OutputExists  # noqa: E402
-from .plot_meta import read_metrics  # noqa: E402
+from ..files.runfolder import read_metrics  # noqa: E402
+from ._cli import run_command  # noqa: E402
 
 # (metric, label, y scale): M on a log scale, so that a diverging run does not flatten the others.
 ROWS = (("outer_heldout_loss", "held-out loss M", "log"),
@@ -71,52 +71,47 @@ def _label(label: str, records: Sequence[dict]) -> str:
     return f"{label} (best of {popsize} per generation)" if popsize else label
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        runs = parse_runs(args.runs)
-        records: Dict[str, List[dict]] = {}
-        curves = {}
-        for label, path in runs:
-            records[label] = read_metrics(path)
-            try:
-                curves[label] = search_curve(records[label])
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
-        budget = at_budget(curves)
-        shown = curves if args.full else budget["curves"]
-        fig, axes = plt.subplots(len(ROWS), len(COLUMNS), figsize=(13, 9.5), squeeze=False)
-        for r, (metric, metric_label, scale) in enumerate(ROWS):
-            for c, (cost, cost_label) in enumerate(COLUMNS):
-                ax = axes[r, c]
-                for number, (label, curve) in enumerate(shown.items()):
-                    ax.plot(curve[cost], curve[metric], marker=".", color=f"C{number}",
-                            label=_label(label, records[label]))
-                if cost == "inner_trainings" and args.full:
-                    ax.axvline(budget["budget"], color="grey", ls=":", lw=1)
-                ax.set(xlabel=cost_label, ylabel=metric_label, yscale=scale)
-                ax.grid(alpha=0.3)
-        axes[0, 0].legend()
-        title = args.title or (f"equal budget: {budget['budget']} inner trainings" if not args.full else "")
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        summary = {label: {"steps": len(curve["step"]), "inner_trainings": curve["inner_trainings"][-1],
-                           "wall_clock_s": curve["wall_clock_s"][-1],
-                           "final_outer_heldout_loss": curve["outer_heldout_loss"][-1],
-                           "best_outer_heldout_loss": min(curve["outer_heldout_loss"]),
-                           "final_outer_heldout_acc": curve["outer_heldout_acc"][-1],
-                           "best_outer_heldout_acc": max(curve["outer_heldout_acc"])}
-                   for label, curve in shown.items()}
-        numbers = {"budget_inner_trainings": budget["budget"], "cut_to_budget": not args.full,
-                   "runs": {label: str(path) for label, path in runs}, "summary": summary,
-                   "curves": shown}
-        paths = write_outputs(args.output_dir, args.stem, fig, numbers, overwrite=args.overwrite)
-        plt.close(fig)
-    except (OSError, ValueError, OutputExists) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    """The command's work; its exit status."""
+    runs = parse_runs(args.runs)
+    records: Dict[str, List[dict]] = {}
+    curves = {}
+    for label, path in runs:
+        records[label] = read_metrics(path)
+        try:
+            curves[label] = search_curve(records[label])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    budget = at_budget(curves)
+    shown = curves if args.full else budget["curves"]
+    fig, axes = plt.subplots(len(ROWS), len(COLUMNS), figsize=(13, 9.5), squeeze=False)
+    for r, (metric, metric_label, scale) in enumerate(ROWS):
+        for c, (cost, cost_label) in enumerate(COLUMNS):
+            ax = axes[r, c]
+            for number, (label, curve) in enumerate(shown.items()):
+                ax.plot(curve[cost], curve[metric], marker=".", color=f"C{number}",
+                        label=_label(label, records[label]))
+            if cost == "inner_trainings" and args.full:
+                ax.axvline(budget["budget"], color="grey", ls=":", lw=1)
+            ax.set(xlabel=cost_label, ylabel=metric_label, yscale=scale)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend()
+    title = args.title or (f"equal budget: {budget['budget']} inner trainings" if not args.full else "")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    summary = {label: {"steps": len(curve["step"]), "inner_trainings": curve["inner_trainings"][-1],
+                       "wall_clock_s": curve["wall_clock_s"][-1],
+                       "final_outer_heldout_loss": curve["outer_heldout_loss"][-1],
+                       "best_outer_heldout_loss": min(curve["outer_heldout_loss"]),
+                       "final_outer_heldout_acc": curve["outer_heldout_acc"][-1],
+                       "best_outer_heldout_acc": max(curve["outer_heldout_acc"])}
+               for label, curve in shown.items()}
+    numbers = {"budget_inner_trainings": budget["budget"], "cut_to_budget": not args.full,
+               "runs": {label: str(path) for label, path in runs}, "summary": summary,
+               "curves": shown}
+    paths = write_outputs(args.output_dir, args.stem, fig, numbers, overwrite=args.overwrite)
+    plt.close(fig)
     print(f"{'run':<12} {'steps':>6} {'inner trainings':>16} {'wall (s)':>9} {'final M':>8} "
           f"{'best M':>8} {'final acc':>9}")
     for label, row in summary.items():
@@ -125,6 +120,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{row['final_outer_heldout_acc']:>9.3f}")
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

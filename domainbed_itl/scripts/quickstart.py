@@ -9,10 +9,13 @@
    interpreter.
 3. Data: MNIST for RotatedMNIST and ColoredMNIST goes into --data_dir (default WORKDIR/data);
    where torchvision cannot download it, says which files to put where.
-4. Runs DomainBed's own sweep (`domainbed.scripts.sweep launch`) of ERM and ITL on RotatedMNIST:
-   each test environment once (`--single_test_envs`), DomainBed's default hparams
-   (`--n_hparams 1`), one trial, `--steps` steps (12 jobs, one after the other with the `local`
-   launcher), into WORKDIR/sweep.
+4. Runs the jobs of DomainBed's own sweep (`domainbed.scripts.sweep launch`) of ERM and ITL on
+   RotatedMNIST: each test environment once (`--single_test_envs`; `--test_envs` keeps some of
+   them), DomainBed's default hparams (`--n_hparams 1`), one trial, `--steps` steps (12 jobs,
+   one after the other with the `local` launcher), into WORKDIR/sweep, with DomainBed's `Job`s
+   and launchers. Before they start it prints the plan and, without a GPU, an estimate of the
+   time they take from a few timed training steps (domainbed_itl.bridge.sweep_estimate); while
+   they run, a progress bar with the time left (`--no_progress`: neither).
 5. Prints DomainBed's `collect_results` table.
 
 Run it again to finish an interrupted sweep: DomainBed launches only jobs without a folder, so
@@ -26,22 +29,28 @@ prints what would run. Exit status: 0 done, 1 a step or a job failed, 2 bad inpu
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..bridge.domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
-                             git_commit, with_pythonpath)
+                             git_commit, import_domainbed, with_pythonpath, with_quiet_loaders)
 from ..experiments.paper import format_command
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
-from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, PatchError, apply, import_check, status
-from ..files.runlock import FolderLocked, folder_lock
-from ..files.sweepfolder import is_job_folder, unfinished_jobs
+from ..bridge.launchers import SubmititJobsFailed
+from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, apply, import_check, status
+from ..bridge.sweep_estimate import print_plan
+from ..files.job_progress import JobProgress, done_in
+from ..files.runlock import folder_lock
+from ..files.sweepfolder import remove_never_started, unfinished_jobs
+from ._cli import run_command
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")
+SHRINK_FLAGS = ("--steps", "--test_envs", "--algorithms", "--n_hparams", "--n_trials")
 
 
 class QuickstartError(RuntimeError):
@@ -62,24 +71,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DomainBed's --data_dir (default: WORKDIR/data)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--domainbed_root", type=Path, default=None,
-                        help="an existing DomainBed checkout to patch and use, instead of a clone")
+                        help="an existing DomainBed checkout to patch and use, instead of a clone "
+                             "(default: clone one into WORKDIR/DomainBed)")
     source.add_argument("--domainbed_url", default=DOMAINBED_URL,
-                        help=f"where to clone DomainBed from (default: {DOMAINBED_URL})")
+                        help="where to clone DomainBed from: a URL or a local clone or mirror "
+                             "(default: %(default)s)")
     parser.add_argument("--domainbed_commit", default=UPSTREAM_COMMIT,
-                        help=f"the commit to check out in the clone (default: {UPSTREAM_COMMIT})")
+                        help="the commit to check out in the clone (default: %(default)s)")
     sweep = parser.add_argument_group("the sweep (DomainBed's sweep flags)")
-    sweep.add_argument("--datasets", nargs="+", default=["RotatedMNIST"])
-    sweep.add_argument("--algorithms", nargs="+", default=["ERM", "ITL"])
-    sweep.add_argument("--steps", type=int, default=1000)
+    sweep.add_argument("--datasets", nargs="+", default=["RotatedMNIST"],
+                       help="DomainBed data sets (default: RotatedMNIST)")
+    sweep.add_argument("--algorithms", nargs="+", default=["ERM", "ITL"],
+                       help="DomainBed algorithms, ours included (default: ERM ITL)")
+    sweep.add_argument("--test_envs", nargs="+", type=int, default=None,
+                       help="the test environments to run, each alone (default: every environment "
+                            "of each dataset, 6 for RotatedMNIST)")
+    sweep.add_argument("--steps", type=int, default=1000,
+                       help="training steps per job (default: %(default)s)")
     sweep.add_argument("--n_hparams", type=int, default=1,
-                       help="hparams seeds; 1: DomainBed's defaults only")
-    sweep.add_argument("--n_trials", type=int, default=1)
-    sweep.add_argument("--hparams", default=None, help="JSON object of hparams to override")
+                       help="hparams seeds; 1: DomainBed's defaults only (default: %(default)s)")
+    sweep.add_argument("--n_trials", type=int, default=1, help="trials (default: %(default)s)")
+    sweep.add_argument("--hparams", default=None,
+                       help="JSON object of hparams to override, e.g. '{\"batch_size\": 32}' "
+                            "(default: none)")
     sweep.add_argument("--command_launcher", default="local",
-                       help="a DomainBed launcher: local (serial), multi_gpu, submitit, ...")
+                       help="a DomainBed launcher: local (one job after the other), multi_gpu, "
+                            "submitit, ... (default: %(default)s)")
     parser.add_argument("--setup_only", action="store_true",
                         help="stop once DomainBed is patched and the data is in place")
     parser.add_argument("--dry_run", action="store_true", help="print the steps only")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bar and no timed estimate (for logs)")
     return parser
 
 
@@ -87,6 +109,9 @@ def _validate(args: argparse.Namespace) -> None:
     for flag in ("steps", "n_hparams", "n_trials"):
         if getattr(args, flag) < 1:
             raise QuickstartInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if any(env < 0 for env in args.test_envs or ()):
+        raise QuickstartInputError(f"--test_envs must be environment indices (0, 1, ...), got "
+                                   f"{' '.join(map(str, args.test_envs))}")
     try:
         overrides = parse_hparams_flag(args.hparams) if args.hparams is not None else {}
         check_sweep_losses(args.algorithms, args.datasets, overrides)
@@ -108,7 +133,13 @@ def domainbed_checkout(args: argparse.Namespace) -> Path:
         print(f"DomainBed: reusing {root} (at commit {git_commit(root) or 'unknown'})")
         return root
     print(f"DomainBed: cloning {args.domainbed_url} at {args.domainbed_commit} into {dest}", flush=True)
-    return clone_domainbed(args.domainbed_url, args.domainbed_commit, dest)
+    try:
+        return clone_domainbed(args.domainbed_url, args.domainbed_commit, dest)
+    except DomainBedNotFound as error:
+        raise DomainBedNotFound(
+            f"{error}. Without network access to it, clone DomainBed elsewhere and pass "
+            "--domainbed_root path/to/DomainBed (a checkout to use as it is), or --domainbed_url "
+            "with a local clone or mirror to clone from") from None
 
 
 def patch_and_verify(root: Path) -> None:
@@ -144,7 +175,8 @@ def mnist_problem(data_dir: Path, download: bool = True) -> Optional[str]:
 
 
 def sweep_commands(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> List[List[str]]:
-    """Steps 4 and 5: DomainBed's sweep, then its collect_results."""
+    """Steps 4 and 5: DomainBed's sweep (whose jobs, with --test_envs some of them, run), then
+    its collect_results."""
     launch = [sys.executable, "-m", "domainbed.scripts.sweep", "launch",
               "--datasets", *args.datasets, "--algorithms", *args.algorithms,
               "--data_dir", str(data_dir), "--output_dir", str(output_dir),
@@ -154,17 +186,6 @@ def sweep_commands(args: argparse.Namespace, data_dir: Path, output_dir: Path) -
     collect = [sys.executable, "-m", "domainbed.scripts.collect_results", "--input_dir",
                str(output_dir)]
     return [launch, collect]
-
-
-def remove_never_started(output_dir: Path) -> int:
-    """Remove the empty job folders that DomainBed made for jobs it never started (an interrupted
-    sweep makes every folder first), so that its launch runs them; how many."""
-    if not output_dir.is_dir():
-        return 0
-    empty = [p for p in output_dir.iterdir() if is_job_folder(p) and not any(p.iterdir())]
-    for folder in empty:
-        folder.rmdir()
-    return len(empty)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"2. python -m domainbed_itl.scripts.patch apply --domainbed_root {checkout}")
         print(f"3. data in {data_dir}")
         for i, command in enumerate(sweep_commands(args, data_dir, output_dir), start=4):
-            print(f"{i}. PYTHONPATH={checkout} {format_command(command)}")
+            print(f"{i}. PYTHONPATH={checkout} {format_command(command)}" + (_only(args) if i == 4 else ""))
         return 0
     workdir.mkdir(parents=True, exist_ok=True)
     root = domainbed_checkout(args)
@@ -194,10 +215,65 @@ def run(args: argparse.Namespace) -> int:
         print(f"data: MNIST in {data_dir}")
     if args.setup_only:
         print(f"set up. The sweep would run:\n  PYTHONPATH={root} "
-              f"{format_command(sweep_commands(args, data_dir, output_dir)[0])}")
+              f"{format_command(sweep_commands(args, data_dir, output_dir)[0])}{_only(args)}")
         return 0
     with folder_lock(output_dir):  # DomainBed's sweep takes no lock of its own
         return _sweep(args, root, data_dir, output_dir)
+
+
+def _only(args: argparse.Namespace) -> str:
+    """What --test_envs keeps of the sweep's jobs, for the printed command."""
+    if args.test_envs is None:
+        return ""
+    return f"  (only its jobs with test env {', '.join(map(str, args.test_envs))})"
+
+
+def plan_jobs(args: argparse.Namespace, data_dir: Path, sweep, num_environments) -> List[dict]:
+    """The train arguments of the jobs to run: DomainBed's sweep's (`sweep.make_args_list` with
+    single test environments), those of --test_envs only."""
+    for dataset in args.datasets:
+        n = num_environments(dataset)
+        outside = [env for env in args.test_envs or () if env >= n]
+        if outside:
+            raise QuickstartInputError(f"--test_envs {outside[0]} is not an environment of {dataset}, "
+                                       f"whose environments are 0..{n - 1}")
+    every = sweep.make_args_list(
+        n_trials=args.n_trials, dataset_names=args.datasets, algorithms=args.algorithms,
+        n_hparams_from=0, n_hparams=args.n_hparams, steps=args.steps, data_dir=str(data_dir),
+        task="domain_generalization", holdout_fraction=0.2, single_test_envs=True,
+        hparams=args.hparams)
+    return [a for a in every if args.test_envs is None or a["test_envs"][0] in args.test_envs]
+
+
+def _launch(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Path) -> None:
+    """Step 4: launch the jobs not launched yet, with a plan, an estimate and a progress bar."""
+    sweep = import_domainbed(root, "domainbed.scripts.sweep")
+    datasets = import_domainbed(root, "domainbed.datasets")
+    launchers = import_domainbed(root, "domainbed.command_launchers")
+    if args.command_launcher not in launchers.REGISTRY:
+        raise QuickstartInputError(f"unknown --command_launcher {args.command_launcher!r}; expected "
+                                   f"one of {', '.join(sorted(launchers.REGISTRY))}")
+    jobs = [sweep.Job(a, str(output_dir)) for a in plan_jobs(args, data_dir, sweep,
+                                                             datasets.num_environments)]
+    states = [job.state for job in jobs]
+    print("{} jobs: {} done, {} incomplete, {} not launched.".format(
+        len(jobs), states.count(sweep.Job.DONE), states.count(sweep.Job.INCOMPLETE),
+        states.count(sweep.Job.NOT_LAUNCHED)))
+    to_launch = [job for job in jobs if job.state == sweep.Job.NOT_LAUNCHED]
+    print(f"About to launch {len(to_launch)} jobs.", flush=True)
+    if to_launch:
+        detail = (f"{' '.join(args.algorithms)} on {' '.join(args.datasets)} x {args.steps} steps, "
+                  f"{args.n_hparams} hparams seed(s), {args.n_trials} trial(s), launcher "
+                  f"{args.command_launcher}")
+        print_plan(len(to_launch), detail, None if args.no_progress else to_launch[0].train_args,
+                   root, SHRINK_FLAGS, args.command_launcher)
+        os.environ.update(with_quiet_loaders(with_pythonpath(root)))  # the jobs inherit it
+        with JobProgress(done_in(job.output_dir for job in jobs), len(jobs), desc="quickstart jobs",
+                         disable=args.no_progress):
+            try:
+                sweep.Job.launch(to_launch, launchers.REGISTRY[args.command_launcher])
+            except SubmititJobsFailed as error:  # listed again below, with DomainBed's remedy
+                print(f"error: {error}", file=sys.stderr)
 
 
 def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Path) -> int:
@@ -208,15 +284,14 @@ def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pat
     if removed:
         print(f"{removed} job(s) of an earlier run never started; their empty folders are removed, "
               "so that they run now")
-    print(f"\n$ {format_command(launch)}", flush=True)
-    if subprocess.run(launch, env=env).returncode != 0:
-        raise QuickstartError("DomainBed's sweep failed (see its output above)")
+    print(f"\n$ {format_command(launch)}{_only(args)}", flush=True)
+    _launch(args, root, data_dir, output_dir)
     print(f"\n$ {format_command(collect)}", flush=True)
     if subprocess.run(collect, env=env).returncode != 0:
         raise QuickstartError("DomainBed's collect_results failed (see its output above)")
     failed = unfinished_jobs(output_dir)
     if failed:
-        delete = [*launch[:3], "delete_incomplete", *launch[4:-1]]  # DomainBed asks first
+        delete = [*launch[:3], "delete_incomplete", *launch[4:]]  # ends in --skip_confirmation
         print(f"\nerror: {len(failed)} job(s) did not finish, so the table above lacks them:\n  "
               + "\n  ".join(failed) + "\nFix the cause, clear them with\n  "
               f"PYTHONPATH={root} {format_command(delete)}\nand run this command again.",
@@ -229,14 +304,9 @@ def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pat
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (QuickstartInputError, DomainBedNotFound, PatchError, FolderLocked) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except QuickstartError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_command(lambda: run(args), expected=(QuickstartInputError,),
+                       failures=(QuickstartError,),
+                       interrupted=lambda: "run the same command again to finish the sweep")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..files.atomic import OutputExists, write_atomic
 from ..analysis.friedman_nemenyi import cd_diagram_png, format_result, friedman_nemenyi
 from ..analysis.multi_source import multi_source_blocks
-from ..bridge.domainbed_env import DomainBedNotFound, import_domainbed, optional_domainbed
-from ..files.runlock import FolderLocked, folder_lock
+from ..bridge.domainbed_env import import_domainbed, optional_domainbed
+from ..files.runlock import folder_lock
 from ..files.sweepfolder import load_runs, read_manifest, records_of
 from ..single_source.selection import BLOCK_LEVELS, check_subset, summarise
 from ..single_source.tables import domainbed_labels
+from ._cli import run_command
 
 Table = Dict[str, Dict[str, float]]
 
@@ -94,8 +95,8 @@ def _damaged_note(setting: str, damaged: Sequence[str]) -> List[str]:
             + "; ".join(damaged)]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Write the diagrams and reports; 2 on bad input."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--single_source_dir", default=None)
     parser.add_argument("--multi_source_dir", default=None)
@@ -106,41 +107,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--domainbed_root", default=None)
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Write the diagrams and reports of the settings given."""
     settings = [(name, directory, fn) for name, directory, fn in (
         ("single_source", args.single_source_dir, single_source_table),
         ("multi_source", args.multi_source_dir, multi_source_table)) if directory]
     if not settings:
-        print("error: give --single_source_dir, --multi_source_dir or both", file=sys.stderr)
-        return 2
-    try:
-        if not 0 < args.alpha < 1:
-            raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
-        outputs = []
-        for name, directory, table_fn in settings:
-            table, algorithms, notes = table_fn(directory, args.blocks, args.algorithms,
-                                                args.datasets, args.domainbed_root)
-            result = friedman_nemenyi(table, algorithms, args.alpha)
-            title = f"{name.replace('_', '-')} DG, blocks: {args.blocks} ({directory})"
-            text = format_result(result, title) + "".join(f"Note: {n}\n" for n in notes)
-            stem = Path(args.output_dir) / f"cd_{name}_{args.blocks}"
-            outputs.append((stem, text, cd_diagram_png(result, f"{name.replace('_', '-')} DG, "
-                                                                f"blocks: {args.blocks}")))
-        with folder_lock(args.output_dir):
-            if not args.overwrite:
-                for stem, _, _ in outputs:
-                    for path in (stem.with_suffix(".txt"), stem.with_suffix(".png")):
-                        if path.exists():
-                            raise OutputExists(f"{path} exists; pass --overwrite to replace it")
-            for stem, text, png in outputs:
-                write_atomic(stem.with_suffix(".txt"), text, overwrite=args.overwrite)
-                write_atomic(stem.with_suffix(".png"), png, overwrite=args.overwrite)
-                print(text)
-                print(f"wrote {stem}.txt and {stem}.png\n")
-    except (ValueError, FileNotFoundError, OutputExists, DomainBedNotFound, FolderLocked) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise ValueError("give --single_source_dir, --multi_source_dir or both")
+    if not 0 < args.alpha < 1:
+        raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    outputs = []
+    for name, directory, table_fn in settings:
+        table, algorithms, notes = table_fn(directory, args.blocks, args.algorithms,
+                                            args.datasets, args.domainbed_root)
+        result = friedman_nemenyi(table, algorithms, args.alpha)
+        title = f"{name.replace('_', '-')} DG, blocks: {args.blocks} ({directory})"
+        text = format_result(result, title) + "".join(f"Note: {n}\n" for n in notes)
+        stem = Path(args.output_dir) / f"cd_{name}_{args.blocks}"
+        outputs.append((stem, text, cd_diagram_png(result, f"{name.replace('_', '-')} DG, "
+                                                            f"blocks: {args.blocks}")))
+    with folder_lock(args.output_dir):
+        if not args.overwrite:
+            for stem, _, _ in outputs:
+                for path in (stem.with_suffix(".txt"), stem.with_suffix(".png")):
+                    if path.exists():
+                        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+        for stem, text, png in outputs:
+            write_atomic(stem.with_suffix(".txt"), text, overwrite=args.overwrite)
+            write_atomic(stem.with_suffix(".png"), png, overwrite=args.overwrite)
+            print(text)
+            print(f"wrote {stem}.txt and {stem}.png\n")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Write the diagrams and reports; 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,13 @@ The flags are those of DomainBed's sweep, plus:
 * `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.bridge.launchers;
   a flag overrides the matching DOMAINBED_SUBMITIT_* variable).
 * `--seed`: seeds the shuffled launch order (DomainBed's sweep accepts `--seed` and ignores it).
+* `--no_progress`: no timed estimate and no progress bar (below).
+
+Before it launches, `launch` prints the plan (jobs x steps) and, with the `local` launcher on a
+machine without a GPU, an estimate of how long the jobs take from a few training steps of the
+first one timed here (domainbed_itl.bridge.sweep_estimate); while they run, a progress bar counts
+the jobs that wrote DomainBed's `done` marker and shows the time left. The jobs run with a
+warning filter for torch's note on DomainBed's 8 data-loader workers per loader.
 
 Besides DomainBed's folders, `launch` keeps `single_source_sweep.json` in the output folder: the
 planned jobs, so that `collect_single_source` can name runs whose folders are missing or empty.
@@ -55,17 +62,22 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 
 from ..bridge.algorithms import LOSS_ALGORITHMS
-from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root, import_domainbed, with_pythonpath
+from ..bridge.domainbed_env import (find_domainbed_root, import_domainbed, with_pythonpath,
+                                    with_quiet_loaders)
 from ..bridge.launchers import (Launcher, SubmititConfig, SubmititJobsFailed,
                                      make_submitit_launcher)
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
-from ..files.runlock import FolderLocked, folder_lock
+from ..bridge.sweep_estimate import print_plan
+from ..files.job_progress import JobProgress, done_in
+from ..files.runlock import folder_lock
 from ..single_source.planning import single_source_args
 from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
 from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
+from ._cli import run_command
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
+SHRINK_FLAGS = ("--steps", "--sources", "--algorithms", "--datasets", "--n_hparams", "--n_trials")
 
 
 def _json_object(text: str) -> dict:
@@ -109,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="source domain indices to run (default: every domain)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled launch order")
     parser.add_argument("--skip_confirmation", action="store_true")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no timed estimate before the launch and no progress bar (for logs)")
     parser.add_argument("--domainbed_root", type=str, default=None,
                         help="DomainBed checkout to import and to put on the jobs' PYTHONPATH")
     for name, kind in SUBMITIT_FLAGS.items():
@@ -203,25 +217,26 @@ def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> La
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; 1 when launched jobs failed, 2 on bad input."""
     args = build_parser().parse_args(argv)
-    try:
-        check_losses(args)  # before DomainBed is even imported
-        sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
-        datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
-        algorithms = import_domainbed(args.domainbed_root, "domainbed.algorithms")
-        misc = import_domainbed(args.domainbed_root, "domainbed.lib.misc")
-        command_launchers = import_domainbed(args.domainbed_root, "domainbed.command_launchers")
-        checkout = find_domainbed_root(args.domainbed_root)
-        args.datasets = args.datasets or list(sweep.DATASETS)
-        args.algorithms = args.algorithms or list(algorithms.ALGORITHMS)
-        validate(args, datasets, algorithms, command_launchers.REGISTRY, checkout)
-        for algorithm in args.algorithms:
-            if algorithm in ONE_DOMAIN_NOTES:
-                print(f"note: {ONE_DOMAIN_NOTES[algorithm]}.")
-        launcher_fn = make_launcher(args, command_launchers.REGISTRY) if args.command == "launch" else None
-    except (SweepInputError, DomainBedNotFound) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _main(args), interrupted=lambda: "run the same command again to "
+                       "launch the jobs that have no folder yet")
 
+
+def _main(args: argparse.Namespace) -> int:
+    """Validate, plan, then launch or delete holding the output folder's lock; the exit status."""
+    check_losses(args)  # before DomainBed is even imported
+    sweep = import_domainbed(args.domainbed_root, "domainbed.scripts.sweep")
+    datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
+    algorithms = import_domainbed(args.domainbed_root, "domainbed.algorithms")
+    misc = import_domainbed(args.domainbed_root, "domainbed.lib.misc")
+    command_launchers = import_domainbed(args.domainbed_root, "domainbed.command_launchers")
+    checkout = find_domainbed_root(args.domainbed_root)
+    args.datasets = args.datasets or list(sweep.DATASETS)
+    args.algorithms = args.algorithms or list(algorithms.ALGORITHMS)
+    validate(args, datasets, algorithms, command_launchers.REGISTRY, checkout)
+    for algorithm in args.algorithms:
+        if algorithm in ONE_DOMAIN_NOTES:
+            print(f"note: {ONE_DOMAIN_NOTES[algorithm]}.")
+    launcher_fn = make_launcher(args, command_launchers.REGISTRY) if args.command == "launch" else None
     args_list = sweep.make_args_list(
         n_trials=args.n_trials, dataset_names=args.datasets, algorithms=args.algorithms,
         n_hparams_from=args.n_hparams_from, n_hparams=args.n_hparams, steps=args.steps,
@@ -230,12 +245,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     planned = single_source_args(args_list, datasets.num_environments, misc.seed_hash,
                                  args.sources, args.checkpoint_freq)
     nothing_there = args.command == "delete_incomplete" and not os.path.isdir(args.output_dir)
-    try:
-        with contextlib.nullcontext() if nothing_there else folder_lock(args.output_dir):
-            return _run(args, sweep, planned, launcher_fn, checkout)
-    except FolderLocked as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with contextlib.nullcontext() if nothing_there else folder_lock(args.output_dir):
+        return _run(args, sweep, planned, launcher_fn, checkout)
+
+
+def _launch(args: argparse.Namespace, sweep: ModuleType, jobs: list, to_launch: list,
+            launcher_fn: Launcher, checkout: Path) -> None:
+    """Launch `to_launch` with DomainBed's Job.launch: first the plan and its estimate, then a
+    progress bar over all the sweep's `jobs` while they run."""
+    os.environ.update(with_quiet_loaders(with_pythonpath(checkout)))  # the jobs inherit it
+    print(f"The jobs import DomainBed from {checkout} (first on their PYTHONPATH).")
+    if to_launch:
+        steps = f"{args.steps} steps" if args.steps else "each dataset's default steps"
+        print_plan(len(to_launch), f"{' '.join(args.algorithms)} on {' '.join(args.datasets)} x "
+                   f"{steps}, launcher {args.command_launcher}",
+                   None if args.no_progress else to_launch[0].train_args, checkout, SHRINK_FLAGS,
+                   args.command_launcher)
+    np.random.seed(args.seed)
+    with JobProgress(done_in(job.output_dir for job in jobs), len(jobs), desc="single-source jobs",
+                     disable=args.no_progress or not to_launch):
+        sweep.Job.launch(to_launch, launcher_fn)
 
 
 def _run(args: argparse.Namespace, sweep: ModuleType, planned, launcher_fn: Optional[Launcher],
@@ -264,11 +293,8 @@ def _run(args: argparse.Namespace, sweep: ModuleType, planned, launcher_fn: Opti
         except ValueError as error:  # a damaged manifest: never replaced with fewer jobs
             print(f"error: {error}", file=sys.stderr)
             return 2
-        os.environ["PYTHONPATH"] = with_pythonpath(checkout)["PYTHONPATH"]  # the jobs inherit it
-        print(f"The jobs import DomainBed from {checkout} (first on their PYTHONPATH).")
-        np.random.seed(args.seed)
         try:
-            sweep.Job.launch(to_launch, launcher_fn)
+            _launch(args, sweep, [job for job, _ in jobs], to_launch, launcher_fn, checkout)
         except SubmititJobsFailed as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

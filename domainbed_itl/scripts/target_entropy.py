@@ -29,11 +29,8 @@ import numpy as np  # noqa: E402
 from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.entropy import entropy_by_correctness  # noqa: E402
 from ..analysis.output import write_outputs  # noqa: E402
-from ..files.atomic import OutputExists  # noqa: E402
-from ..bridge.domainbed_env import DomainBedNotFound  # noqa: E402
-from ..losses.lossfile import LossFileError  # noqa: E402
-from ..bridge.trained_models import RunError, load_model, predict  # noqa: E402
-from ._trained_runs import add_run_arguments, describe_run, models, runs_of  # noqa: E402
+from ..bridge.trained_models import describe_run, load_model, predict, RunError  # noqa: E402
+from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
 
 KINDS = {"entropy_correct": "correctly classified", "entropy_incorrect": "misclassified"}
 
@@ -42,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.target_entropy",
                                      description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser)
+    add_trained_run_flags(parser)
     return parser
 
 
@@ -74,36 +71,31 @@ def _figure(summary: Dict[str, List[Dict]]):
     return fig
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        runs = []
-        for run, model, splits in models(args, runs_of(args)):
-            targets = [splits.in_splits[i] for i in splits.test_envs]
-            points = []
-            for checkpoint in run.steps:
-                algorithm = load_model(checkpoint.path, args.domainbed_root, args.device).algorithm
-                logits, labels = predict(algorithm, targets, args.batch_size, args.device)
-                points.append({"step": checkpoint.step, "checkpoint": checkpoint.path.name,
-                               **entropy_by_correctness(logits, labels)})
-            runs.append({**describe_run(run, model), "checkpoints": points})
-            last = points[-1]
-            print(f"{model.label} test_envs {model.test_envs} ({run.folder}): {len(points)} checkpoints; "
-                  f"step {last['step']}: correct {last['entropy_correct']:.4f}, misclassified "
-                  f"{last['entropy_incorrect']:.4f} nats, accuracy {100 * last['accuracy']:.2f}%", flush=True)
-        if not runs:
-            raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
-        summary = curves(runs)
-        fig = _figure(summary)
-        paths = write_outputs(args.output_dir, "target_entropy", fig,
-                              {"entropy": "nats, of softmax predictions on the test environments' "
-                                          "in-splits", "runs": runs, "curves": summary},
-                              overwrite=args.overwrite)
-        plt.close(fig)
-    except (RunError, DomainBedNotFound, LossFileError, OutputExists) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    """The command's work; its exit status."""
+    runs = []
+    for run, model, splits in trained_models(args):
+        targets = [splits.in_splits[i] for i in splits.test_envs]
+        points = []
+        for checkpoint in run.steps:
+            algorithm = load_model(checkpoint.path, args.domainbed_root, args.device).algorithm
+            logits, labels = predict(algorithm, targets, args.batch_size, args.device)
+            points.append({"step": checkpoint.step, "checkpoint": checkpoint.path.name,
+                           **entropy_by_correctness(logits, labels)})
+        runs.append({**describe_run(run, model), "checkpoints": points})
+        last = points[-1]
+        print(f"{model.label} test_envs {model.test_envs} ({run.folder}): {len(points)} checkpoints; "
+              f"step {last['step']}: correct {last['entropy_correct']:.4f}, misclassified "
+              f"{last['entropy_incorrect']:.4f} nats, accuracy {100 * last['accuracy']:.2f}%", flush=True)
+    if not runs:
+        raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
+    summary = curves(runs)
+    fig = _figure(summary)
+    paths = write_outputs(args.output_dir, "target_entropy", fig,
+                          {"entropy": "nats, of softmax predictions on the test environments' "
+                                      "in-splits", "runs": runs, "curves": summary},
+                          overwrite=args.overwrite)
+    plt.close(fig)
     print("\nlast step per algorithm: entropy of correct / misclassified target predictions (nats)")
     for label, points in summary.items():
         if points:
@@ -113,6 +105,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{p['entropy_incorrect']['se']:.4f} ({p['accuracy']['n']} runs)")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

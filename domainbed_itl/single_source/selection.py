@@ -25,7 +25,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..files.sweepfolder import RECORD_ARGS, PlannedJob, Run, RunKey, count_envs, run_key
+from ..analysis.aggregate import mean_se
+from ..files.sweepfolder import RECORD_ARGS, JobFolder, PlannedJob, RunKey, count_envs, run_key
 
 BLOCK_LEVELS = ("domain", "pair", "dataset")
 
@@ -168,67 +169,92 @@ def select_model(runs: Mapping[int, Sequence[Mapping]], source: int) -> Selectio
 
 
 def mean_and_error(values: Iterable[float]) -> Tuple[float, float]:
-    """Mean and standard error in percent, as DomainBed's format_mean computes them."""
-    data = np.asarray(list(values), dtype=float)
-    if data.size == 0:
+    """Mean and standard error in percent, as DomainBed's format_mean computes them (the
+    population standard deviation over √n: analysis.aggregate.mean_se with ddof=0)."""
+    s = mean_se(list(values), ddof=0, finite_only=False)
+    if s["n"] == 0:
         raise ValueError("no values to average")
-    return 100 * float(np.mean(data)), 100 * float(np.std(data) / np.sqrt(data.size))
+    return 100 * s["mean"], 100 * s["se"]
 
 
-def summarise(runs: Sequence[Run], planned: Sequence[PlannedJob] = (),
+@dataclass
+class _Grouped:
+    """The job folders of a sweep by run, and what was set aside on the way."""
+
+    by_key: Dict[RunKey, List[JobFolder]]
+    n_envs: Dict[str, int]
+    problems: List[str] = field(default_factory=list)
+    ignored_other: List[str] = field(default_factory=list)
+    multi_runs: int = 0
+    multi_records: int = 0
+
+
+def summarise(runs: Sequence[JobFolder], planned: Sequence[PlannedJob] = (),
               damaged: Sequence[str] = ()) -> SingleSourceResults:
     """Select a model per (dataset, algorithm, source, trial) and list what is missing.
 
     `damaged`: the manifest's unreadable parts (runs.read_manifest); the runs' skipped lines
     join them in the result's `damaged`.
     """
+    grouped = _group(runs, planned)
+    cells, n_complete = _select(grouped, planned)
+    return SingleSourceResults(cells, grouped.n_envs, grouped.problems,
+                               sum(len(v) for v in grouped.by_key.values()), n_complete,
+                               grouped.multi_runs, grouped.multi_records, grouped.ignored_other,
+                               [*damaged, *(line for run in runs for line in run.skipped)])
+
+
+def _group(runs: Sequence[JobFolder], planned: Sequence[PlannedJob]) -> _Grouped:
+    """The single-source runs by key (with the planned jobs' folders); multi-source runs are
+    counted, other records set aside with the reason."""
     planned_by_folder = {job.folder: job for job in planned}
-    by_key: Dict[RunKey, List[Run]] = {job.key: [] for job in planned}
-    n_envs: Dict[str, int] = {job.key.dataset: job.n_envs for job in planned}
-    problems: List[str] = []
-    ignored_other: List[str] = []
-    multi_runs = multi_records = 0
+    grouped = _Grouped({job.key: [] for job in planned},
+                       {job.key.dataset: job.n_envs for job in planned})
     for run in runs:
         if not run.records:
             job = planned_by_folder.get(run.folder)
             if job is None:
-                problems.append(f"folder {run.folder}: no results.jsonl records and not in the sweep "
-                                f"manifest, so which run it holds is unknown")
+                grouped.problems.append(f"folder {run.folder}: no results.jsonl records and not in "
+                                        f"the sweep manifest, so which run it holds is unknown")
             else:
-                by_key.setdefault(job.key, []).append(run)
+                grouped.by_key.setdefault(job.key, []).append(run)
             continue
         first = run.records[0]
         args = first.get("args")
         if not isinstance(args, Mapping) or not all(k in args for k in RECORD_ARGS) or count_envs(first) < 2:
-            problems.append(f"folder {run.folder}: its records are not DomainBed train records (they "
-                            f"need 'args' with {', '.join(RECORD_ARGS)}, and env<i>_out_acc for 2+ domains)")
+            grouped.problems.append(f"folder {run.folder}: its records are not DomainBed train records "
+                                    f"(they need 'args' with {', '.join(RECORD_ARGS)}, and "
+                                    f"env<i>_out_acc for 2+ domains)")
             continue
         if args.get("task", "domain_generalization") != "domain_generalization":
-            ignored_other.append(f"folder {run.folder}: task {args['task']}")
+            grouped.ignored_other.append(f"folder {run.folder}: task {args['task']}")
             continue
-        n = count_envs(first)
-        test_envs = set(args["test_envs"])
+        n, test_envs = count_envs(first), set(args["test_envs"])
         if len(test_envs) < n - 1:
-            multi_runs += 1
-            multi_records += len(run.records)
+            grouped.multi_runs += 1
+            grouped.multi_records += len(run.records)
             continue
         if len(test_envs) != n - 1 or not test_envs <= set(range(n)):
-            ignored_other.append(f"folder {run.folder}: test_envs {sorted(test_envs)} of {n} domains")
+            grouped.ignored_other.append(f"folder {run.folder}: test_envs {sorted(test_envs)} of {n} domains")
             continue
-        n_envs.setdefault(args["dataset"], n)
-        by_key.setdefault(run_key(run.records[0]), []).append(run)
+        grouped.n_envs.setdefault(args["dataset"], n)
+        grouped.by_key.setdefault(run_key(run.records[0]), []).append(run)
+    return grouped
 
+
+def _select(grouped: _Grouped, planned: Sequence[PlannedJob]) -> Tuple[Dict[Tuple[str, str, int], Cell], int]:
+    """Every cell of the (dataset, algorithm) pairs present, with a selection for each trial
+    whose every hparams seed finished; and the number of finished runs."""
     grid: Dict[Tuple[str, str], Tuple[set, set]] = {}
-    for key in by_key:
+    for key in grouped.by_key:
         trials, seeds = grid.setdefault((key.dataset, key.algorithm), (set(), set()))
         trials.add(key.trial_seed)
         seeds.add(key.hparams_seed)
-
     planned_by_key = {job.key: job.folder for job in planned}
     cells: Dict[Tuple[str, str, int], Cell] = {}
     n_complete = 0
     for (dataset, algorithm), (trials, seeds) in sorted(grid.items()):
-        n = n_envs[dataset]
+        n = grouped.n_envs[dataset]
         for source in range(n):
             cell = Cell(dataset, algorithm, source, tuple(e for e in range(n) if e != source),
                         tuple(sorted(trials)))
@@ -237,20 +263,18 @@ def summarise(runs: Sequence[Run], planned: Sequence[PlannedJob] = (),
                 finished: Dict[int, List[dict]] = {}
                 for seed in sorted(seeds):
                     key = RunKey(dataset, algorithm, source, trial, seed)
-                    problem = _run_problem(by_key.get(key, []), planned_by_key.get(key))
+                    problem = _run_problem(grouped.by_key.get(key, []), planned_by_key.get(key))
                     if problem:
-                        problems.append(f"{key}: {problem}")
+                        grouped.problems.append(f"{key}: {problem}")
                     else:
-                        finished[seed] = by_key[key][0].records
+                        finished[seed] = grouped.by_key[key][0].records
                 n_complete += len(finished)
                 if len(finished) == len(seeds):
                     cell.selections[trial] = select_model(finished, source)
-    return SingleSourceResults(cells, n_envs, problems, sum(len(v) for v in by_key.values()),
-                               n_complete, multi_runs, multi_records, ignored_other,
-                               [*damaged, *(line for run in runs for line in run.skipped)])
+    return cells, n_complete
 
 
-def _run_problem(runs: Sequence[Run], planned_folder: Optional[str]) -> Optional[str]:
+def _run_problem(runs: Sequence[JobFolder], planned_folder: Optional[str]) -> Optional[str]:
     if not runs and planned_folder:
         return f"its folder {planned_folder} is missing (not launched yet, or deleted)"
     if not runs:

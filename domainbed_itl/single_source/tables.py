@@ -78,6 +78,18 @@ def render_report(results: SingleSourceResults, fmt: str = "text",
     algorithms = check_subset("algorithm", algorithms, results.algorithms)
     datasets = check_subset("dataset", datasets, results.datasets)
     comment = {"text": "", "latex": "% ", "markdown": ""}[fmt]
+    out = _preamble(results, fmt, comment, source)
+    out += [_table10(results, dataset, algorithms, env_names, fmt) for dataset in datasets]
+    out.append(_table4(results, datasets, algorithms, fmt))
+    for what, lines in (("Missing or incomplete runs", results.problems),
+                        ("Skipped damaged records", results.damaged)):
+        if lines:
+            out += ["", f"{comment}{what} ({len(lines)}):", *(f"{comment}  {line}" for line in lines)]
+    return "\n".join(out) + "\n"
+
+
+def _preamble(results: SingleSourceResults, fmt: str, comment: str, source: str) -> List[str]:
+    """The report's opening lines: the protocol, the runs counted and ignored, the warnings."""
     pm = _pm(fmt)
     out = [f"{comment}Single-source domain generalisation (Gao et al. 2022, Sec. 4.2)"
            + (f": {source}" if source else ""),
@@ -87,27 +99,35 @@ def render_report(results: SingleSourceResults, fmt: str = "text",
            f"{comment}Single-source runs: {results.n_runs} ({results.n_complete_runs} complete); "
            f"ignored multi-source runs: {results.ignored_multi_source_runs} "
            f"({results.ignored_multi_source_records} records)."]
-    for line in results.ignored_other:
-        out.append(f"{comment}Ignored {line}.")
+    out += [f"{comment}Ignored {line}." for line in results.ignored_other]
     if results.problems:
         out.append(f"{comment}WARNING: {len(results.problems)} missing or incomplete runs, listed at "
                    f"the end; their trials are left out and the cells say so.")
     if results.damaged:
         out.append(f"{comment}WARNING: {len(results.damaged)} damaged records or manifest entries "
                    f"could not be read and were skipped, listed at the end.")
-    for dataset in datasets:
-        names = env_names_of(dataset, results.n_envs[dataset], env_names)
-        rows_algorithms = [a for a in algorithms if (dataset, a, 0) in results.cells]
-        header = ["Algorithm"] + [f"{names[s]} -> " + "/".join(names[t] for t in range(len(names)) if t != s)
-                                  for s in range(len(names))] + ["Avg"]
-        rows = []
-        for algorithm in rows_algorithms:
-            row = [algorithm] + [format_cell(results.cells[dataset, algorithm, s], fmt)
-                                 for s in range(len(names))]
-            row.append(_format_dataset_mean(results, dataset, algorithm, fmt))
-            rows.append(row)
-        out.append(render_table(f"Table 10, dataset: {dataset} (column: source -> targets; cell: "
-                                f"target accuracies, then their mean and its SE)", header, rows, fmt))
+    return out
+
+
+def _table10(results: SingleSourceResults, dataset: str, algorithms: Sequence[str],
+             env_names: Optional[Mapping[str, Sequence[str]]], fmt: str) -> str:
+    """Table 10 for one dataset: a column per source domain, and the average."""
+    names = env_names_of(dataset, results.n_envs[dataset], env_names)
+    header = ["Algorithm"] + [f"{names[s]} -> " + "/".join(names[t] for t in range(len(names)) if t != s)
+                              for s in range(len(names))] + ["Avg"]
+    rows = []
+    for algorithm in [a for a in algorithms if (dataset, a, 0) in results.cells]:
+        row = [algorithm] + [format_cell(results.cells[dataset, algorithm, s], fmt)
+                             for s in range(len(names))]
+        row.append(_format_dataset_mean(results, dataset, algorithm, fmt))
+        rows.append(row)
+    return render_table(f"Table 10, dataset: {dataset} (column: source -> targets; cell: "
+                        f"target accuracies, then their mean and its SE)", header, rows, fmt)
+
+
+def _table4(results: SingleSourceResults, datasets: Sequence[str], algorithms: Sequence[str],
+            fmt: str) -> str:
+    """Table 4: a column per dataset (the mean over its sources and targets), and the average."""
     header = ["Algorithm", *datasets, "Avg"]
     rows = []
     for algorithm in algorithms:
@@ -123,16 +143,7 @@ def render_report(results: SingleSourceResults, fmt: str = "text",
                          if trial_means and len(trial_means) == expected else None)
         row.append("X" if None in means else f"{np.mean(means):.1f}")
         rows.append(row)
-    out.append(render_table("Table 4: mean over source domains and their targets", header, rows, fmt))
-    if results.problems:
-        out.append("")
-        out.append(f"{comment}Missing or incomplete runs ({len(results.problems)}):")
-        out += [f"{comment}  {p}" for p in results.problems]
-    if results.damaged:
-        out.append("")
-        out.append(f"{comment}Skipped damaged records ({len(results.damaged)}):")
-        out += [f"{comment}  {d}" for d in results.damaged]
-    return "\n".join(out) + "\n"
+    return render_table("Table 4: mean over source domains and their targets", header, rows, fmt)
 
 
 def _format_dataset_mean(results: SingleSourceResults, dataset: str, algorithm: str, fmt: str) -> str:

@@ -1,0 +1,89 @@
+"""A progress bar over a sweep's jobs that advances as they finish, with the time left.
+
+DomainBed's launchers run a sweep's jobs in subprocesses (or on a cluster) and report nothing
+until every job has ended. `JobProgress` watches from a thread instead: every `interval` seconds
+it counts the finished jobs (for DomainBed, the job folders holding its `done` marker) and
+advances a tqdm bar, whose rate, the mean time per job finished in this run, gives the time
+left. Nothing here imports DomainBed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Iterable, Optional, TextIO, Union
+
+from tqdm import tqdm
+
+from .sweepfolder import is_job_folder
+
+
+def done_in(folders: Iterable[Union[str, os.PathLike]]) -> Callable[[], int]:
+    """A counter of the `folders` that hold DomainBed's `done` marker (the jobs of a plan)."""
+    markers = [Path(folder) / "done" for folder in folders]
+    return lambda: sum(marker.exists() for marker in markers)
+
+
+def done_under(sweep_dir: Union[str, os.PathLike]) -> Callable[[], int]:
+    """A counter of the job folders under `sweep_dir` that hold DomainBed's `done` marker (for a
+    sweep whose job folders are not known in advance)."""
+    root = Path(sweep_dir)
+
+    def count() -> int:
+        if not root.is_dir():
+            return 0
+        return sum(is_job_folder(p) and (p / "done").exists() for p in root.iterdir())
+    return count
+
+
+class JobProgress:
+    """A context manager showing `total` jobs' progress as `count_done()` grows.
+
+    The bar starts at the jobs already done (they do not count towards the rate), is advanced by
+    a watcher thread every `interval` seconds (default: one second per thousand jobs, at least
+    one), by `poll()`, and once more on exit. It is written to `file` (default: stderr). With
+    `disable` nothing is shown or watched.
+    """
+
+    def __init__(self, count_done: Callable[[], int], total: int, desc: str = "jobs",
+                 disable: bool = False, interval: Optional[float] = None,
+                 file: Optional[TextIO] = None):
+        self.count_done, self.total, self.desc, self.disable = count_done, total, desc, disable
+        self.file = file
+        self.interval = interval if interval is not None else max(1.0, total / 1000)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self.bar: Optional[tqdm] = None
+
+    def __enter__(self) -> "JobProgress":
+        if self.disable:
+            return self
+        initial = min(self.count_done(), self.total)
+        self.bar = tqdm(total=self.total, initial=initial, desc=self.desc, unit="job", smoothing=0,
+                        dynamic_ncols=True, file=self.file)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """Advance the bar to the jobs done now."""
+        if self.bar is None:
+            return
+        with self._lock:
+            done = min(self.count_done(), self.total)
+            if done > self.bar.n:
+                self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.bar.close()

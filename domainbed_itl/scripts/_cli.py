@@ -1,0 +1,291 @@
+"""What every command shares: argument types, flag groups, devices, data loading, one error boundary.
+
+The commands (the other modules of this folder) import this module and the library, never each
+other. Every command's `main` runs its work through `run_command`, which turns what can go wrong
+into one line and an exit status:
+
+- an expected error (a bad flag value, an unusable folder, a missing DomainBed, a bad loss file,
+  a locked folder, ...): `error: <what, naming the value and what is expected>`, status 2;
+- a computation that failed (non-finite values, failed jobs): `error: ...`, status 1;
+- Ctrl-C: `interrupted: <how to continue>`, status 130 (every run folder's checkpoint is whole,
+  so the run resumes);
+- anything else is a bug: its traceback, then one line asking to report it, status 1.
+
+argparse's own errors (a value of the wrong type) keep argparse's usage line and status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import traceback
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+
+from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
+from ..bridge.patching import PatchError
+from ..files.runfolder import RunDirError
+from ..files.runlock import FolderLocked
+from ..meta.data import DomainData, synthetic_dataset
+from ..meta.inner import INNER_OPTIMIZERS, SCHEDULES
+
+# Errors that a user's input or environment causes: one line and exit status 2.
+EXPECTED_ERRORS = (ValueError, OSError, RunDirError, FolderLocked, DomainBedNotFound, PatchError)
+BUG_REPORT = ("error: this is a bug in domainbed-itl (an unexpected {name}); please report it with "
+              "the command and this traceback")
+DEVICE_TYPES = ("cpu", "cuda")
+DATA_FLAGS = ("dataset", "data_dir", "domainbed_root", "per_domain_cap", "data_seed")
+
+
+# ------------------------------------------------------------------------------ the boundary
+
+
+def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lambda: "stopped",
+                expected: Tuple[type, ...] = (), failures: Tuple[type, ...] = ()) -> int:
+    """Run a command's `body` (returning its exit status) inside the one error boundary (see the
+    module docstring). `interrupted()` says how to continue after Ctrl-C; `expected` and
+    `failures` add a command's own exception types (status 2 and 1)."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted()}", file=sys.stderr, flush=True)
+        return 130
+    except (*expected, *EXPECTED_ERRORS) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (*failures, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug: keep its traceback
+        traceback.print_exc()
+        print(BUG_REPORT.format(name=type(error).__name__), file=sys.stderr)
+        return 1
+
+
+def command_line(argv: Optional[Sequence[str]], command: str) -> str:
+    """The command as typed (`python -m domainbed_itl.scripts.<command> ...`), for provenance."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", "-m", f"domainbed_itl.scripts.{command}", *words])
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
+    """The destinations of the flags given on the command line `argv` (not left at a default)."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                                      if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not unset}
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type accepting integers >= `minimum`, written plainly ('3', not '3.0')."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or str(value) != text.strip():
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+nonnegative_int = int_at_least(0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """An argparse type accepting finite numbers > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type accepting finite numbers >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def widths(text: str) -> Tuple[int, ...]:
+    """An argparse type for hidden widths: comma-separated positive integers ('512,256')."""
+    try:
+        return tuple(positive_int(w) for w in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive hidden widths such as 256 or 512,256, got {text!r}"
+        ) from None
+
+
+def flag_text(name: str, value: Any) -> str:
+    """How the flag `name` with `value` is written on a command line."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, (tuple, list)):
+        return f"--{name} {','.join(map(str, value))}"
+    return f"--{name} {value}"
+
+
+# ------------------------------------------------------------------------------- flag groups
+
+# A flag table: flag name (= destination) -> argparse keywords. A command adds a table as one
+# group (`add_flags`); a flag added to a table reaches every command that takes the table.
+
+
+# How one inner network is trained: MetaConfig's inner settings and the evaluation Protocol's, so
+# meta_train, cma_search and evaluate_loss meta take these flags (None: the preset's or the
+# protocol's default).
+INNER_TRAINING = {
+    "inner_optimizer": dict(choices=INNER_OPTIMIZERS),
+    "inner_lr": dict(type=positive_float),
+    "inner_momentum": dict(type=float, help="with --inner_optimizer momentum"),
+    "batch_size": dict(type=positive_int),
+    "hidden": dict(type=widths, help="hidden widths of the base MLP, e.g. 256 (two weight layers)"),
+    "inner_schedule": dict(choices=SCHEDULES, help="learning rate over the inner steps: constant, "
+                           "or annealed to 0 over them (cosine, linear)"),
+    "inner_weight_decay": dict(type=nonnegative_float, help="λ of an L2 term λ/2‖θ‖² in the inner "
+                               "objective (also in the implicit gradient)"),
+    "inner_stop_ratio": dict(type=positive_float, help="stop a network once its gradient norm on "
+                             "the source-evaluation examples is at most this fraction (0 to 1) of "
+                             "its start; --inner_steps is then the cap"),
+    "inner_stop_every": dict(type=positive_int, help="check the stopping rule every this many "
+                             "inner steps"),
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, title: str, *tables: Mapping[str, Dict[str, Any]],
+              **defaults: Any) -> argparse._ArgumentGroup:
+    """The flags of `tables` as the argument group `title` (returned); `defaults` replace their
+    default None (the meaning of an absent flag) where a command has a fixed default."""
+    group = parser.add_argument_group(title)
+    for table in tables:
+        for name, keywords in table.items():
+            group.add_argument(f"--{name}", **{"default": defaults.get(name), **keywords})
+    return group
+
+
+def add_data_flags(parser: argparse.ArgumentParser, synthetic: bool = True,
+                   sampling: bool = True) -> None:
+    """--dataset (with `synthetic`, also 'synthetic'), --data_dir, --domainbed_root; with
+    `sampling`, --per_domain_cap and --data_seed."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="RotatedMNIST",
+                      help="a DomainBed dataset name" + (", or 'synthetic'" if synthetic else "")
+                           + " (default RotatedMNIST)")
+    data.add_argument("--data_dir", default=None,
+                      help="DomainBed's --data_dir" + (" (needed for every dataset but 'synthetic')"
+                                                       if synthetic else ""))
+    data.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
+                      help="DomainBed checkout, taken from $DOMAINBED_ROOT when that is set; "
+                           "without one, `import domainbed` must work")
+    if sampling:
+        data.add_argument("--per_domain_cap", type=positive_int, default=None,
+                          help="use at most this many examples of each domain")
+        data.add_argument("--data_seed", type=nonnegative_int, default=0,
+                          help="seed of DomainBed's data construction and of the cap's choice")
+
+
+def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The inputs, data, device and output flags of every analysis of trained DomainBed models."""
+    parser.add_argument("inputs", nargs="+",
+                        help="DomainBed run folders, sweep folders (searched for runs) or model .pkl files")
+    parser.add_argument("--data_dir", default=None,
+                        help="DomainBed's --data_dir (default: each run's own)")
+    parser.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
+                        help="DomainBed checkout (default: $DOMAINBED_ROOT, else `import domainbed`)")
+    parser.add_argument("--algorithms", nargs="+", default=None,
+                        help="only runs of these algorithms (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch_size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def trained_models(args: argparse.Namespace) -> Iterator[tuple]:
+    """(run, model, splits) of the runs the flags of `add_trained_run_flags` select."""
+    from ..bridge.trained_models import find_runs, selected_models
+
+    parse_device(args.device)
+    return selected_models(find_runs(args.inputs), args.algorithms, args.domainbed_root,
+                           args.device, args.data_dir)
+
+
+def add_output_flags(parser: argparse.ArgumentParser, resume: bool = True) -> None:
+    """--output_dir, --overwrite, --no_progress and (with `resume`) --resume."""
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", required=True)
+    if resume:
+        out.add_argument("--resume", action="store_true", help="continue the run in --output_dir")
+    out.add_argument("--overwrite", action="store_true", help="start again in --output_dir")
+    out.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def add_device_flag(group: argparse._ActionsContainer) -> None:
+    """--device: cpu (the default), cuda or cuda:N."""
+    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; a "
+                                                       "resumed run: the device type it ran on)")
+
+
+# ----------------------------------------------------------------------- devices and data
+
+
+def parse_device(text: str) -> torch.device:
+    """The device `text` names: cpu, cuda or cuda:N present on this machine; ValueError else."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"--device {text}: only cpu and cuda devices are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available on this machine")
+    count = torch.cuda.device_count() if device.type == "cuda" else 1
+    if device.index is not None and device.index >= count and device.type == "cuda":
+        raise ValueError(f"--device {text}: this machine has {count} CUDA device(s), cuda:0 to "
+                         f"cuda:{count - 1}")
+    return device
+
+
+def data_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The data flags' values (see `add_data_flags`), as `load_data` and provenance take them."""
+    return {name: getattr(args, name, None) for name in DATA_FLAGS}
+
+
+def check_data_flags(flags: Mapping[str, Any]) -> None:
+    """Raise ValueError or DomainBedNotFound for data flags that cannot load (cheap checks only)."""
+    if flags["dataset"] == "synthetic":
+        return
+    if flags["data_dir"] is None:
+        raise ValueError(f"--dataset {flags['dataset']} needs --data_dir, the folder DomainBed "
+                         "reads its data from")
+    if not os.path.isdir(flags["data_dir"]):
+        raise ValueError(f"--data_dir {flags['data_dir']!r} is not a folder")
+    find_domainbed_root(flags["domainbed_root"])
+
+
+def load_data(flags: Mapping[str, Any]) -> DomainData:
+    """The per-domain tensors the data flags name: synthetic domains, or DomainBed's dataset."""
+    if flags["dataset"] == "synthetic":
+        return synthetic_dataset(per_domain=flags["per_domain_cap"] or 500, seed=flags["data_seed"])
+    check_data_flags(flags)
+    from ..bridge.domainbed_data import load_domainbed_domains
+    return load_domainbed_domains(flags["dataset"], flags["data_dir"], flags["domainbed_root"],
+                                  flags["per_domain_cap"], flags["data_seed"])
