@@ -15,7 +15,9 @@ examples), on `--device`:
    inner loop's own matrix shapes, so that a change in machine load hits the floor and the steps
    alike;
 3. prints the median step time, its parts, and the floor: the step's FLOPs divided by the median
-   throughput, the time the arithmetic alone would take.
+   throughput, the time the arithmetic alone would take; and the inner steps each domain's
+   network took (with a stopping rule, e.g. `--preset stationary`, the steps it needed to reach
+   it; without one, the step count).
 
 On CUDA every time is read after torch.cuda.synchronize(), so that it includes the queued work.
 On a CPU shared with other jobs, `--clock cpu --threads 1` times the steps and the floor in this
@@ -28,7 +30,7 @@ import argparse
 import functools
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -91,15 +93,16 @@ def step_flops(data: DomainData, config: MetaConfig, device: torch.device) -> fl
 
 def measure(data: DomainData, base: MetaConfig, steps: int, device: torch.device,
             shapes: Sequence[Tuple[int, int, int, int]],
-            now: Clock) -> Tuple[Dict[str, Dict[str, float]], float]:
+            now: Clock) -> Tuple[Dict[str, Dict[str, Any]], float]:
     """(median per-step seconds (step, inner training, hypergradient, diagnostics) of both modes,
+    with under "inner_steps" the median over the measured steps of each domain's inner steps;
     median matmul throughput in FLOP/s measured between the steps).
 
     The two modes alternate step by step, and the throughput is measured before each pair, so a
     change in machine load hits all three alike. The step is timed here by `now`; its parts are
     the trainer's own record (wall clock).
     """
-    runs = {}
+    runs, used = {}, {"sequential": [], "batched": []}
     for mode in ("sequential", "batched"):
         config = MetaConfig(**{**base.to_dict(), "batched": mode == "batched"})
         trainer = MetaTrainer(data.domains, data.num_classes, config, device=device)
@@ -108,12 +111,14 @@ def measure(data: DomainData, base: MetaConfig, steps: int, device: torch.device
     throughputs: List[float] = []
     for _ in range(steps):
         throughputs.append(matmul_throughput(shapes, device, now))
-        for trainer, rows in runs.values():
+        for mode, (trainer, rows) in runs.items():
             seconds, record = timed(trainer.outer_step, now)
+            used[mode].append(record["per_domain"]["inner_steps_used"])
             rows.append({"step": seconds, "inner": record["time_inner_s"],
                          "hypergradient": record["time_hypergradient_s"],
                          "diagnostics": record["time_diagnostics_s"]})
-    return ({mode: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return ({mode: {**{k: statistics.median(r[k] for r in rows) for k in rows[0]},
+                    "inner_steps": [statistics.median(d) for d in zip(*used[mode])]}
              for mode, (_, rows) in runs.items()}, statistics.median(throughputs))
 
 
@@ -172,6 +177,10 @@ def main() -> None:
     for mode, r in results.items():
         print(f"{mode:<11} {r['step']:>12.3f} {r['inner']:>12.3f} {r['hypergradient']:>10.3f} "
               f"{r['diagnostics']:>12.3f} {floor:>19.3f}")
+    for mode, r in results.items():
+        print(f"{mode}: inner steps per domain (median over the measured steps; cap "
+              f"{base.inner_steps}, stopping rule {base.inner_stop_ratio}): "
+              f"{', '.join(f'{s:g}' for s in r['inner_steps'])}")
     seq, bat = results["sequential"], results["batched"]
     print(f"batched speed-up per outer step: {seq['step'] / bat['step']:.2f}x; batched step / "
           f"arithmetic floor: {bat['step'] / floor:.2f}x (on {args.square}^3 throughput: "

@@ -14,7 +14,7 @@ from domainbed_itl.losses import load_loss
 from domainbed_itl.meta.cmaes import CMAConfig, CMASearch, default_popsize, run_cma_search
 from domainbed_itl.meta.data import synthetic_dataset, synthetic_domains
 from domainbed_itl.files.runfolder import REQUIRED, RunDirError, read_metrics
-from domainbed_itl.meta.config import MetaConfig
+from domainbed_itl.meta.config import InnerSettings, MetaConfig
 from domainbed_itl.meta.trainer import MetaTrainer
 from domainbed_itl.scripts import cma_search, meta_train, plot_search
 
@@ -238,6 +238,22 @@ def test_cli_rejects_bad_arguments_by_name(tmp_path, capsys, argv, message):
 def test_cli_takes_meta_trains_inner_loop_flags():
     # Every inner-loop setting of the search is one meta_train takes, under the same name.
     assert set(cma_search.CONFIG_FLAGS) <= set(meta_train.CONFIG_FLAGS)
+    # ... among them every one of InnerSettings, so candidates can be scored at convergence.
+    assert set(InnerSettings.__dataclass_fields__) <= set(cma_search.CONFIG_FLAGS)
+
+
+def test_candidates_are_scored_at_convergence_with_the_stationary_settings(tmp_path):
+    """heldout_objective trains to the stopping rule: a candidate's record says how many steps
+    each network took (fewer than the cap where the rule stopped it) and the accuracy gap."""
+    argv = CLI_TINY + ["--preset", "stationary", "--inner_steps", "150", "--inner_stop_ratio",
+                       "0.4", "--inner_stop_every", "10", "--generations", "1", "--popsize", "2",
+                       "--output_dir", str(tmp_path)]
+    assert cma_search.main(argv) == 0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    used = record["per_domain"]["inner_steps_used"]
+    assert all(u <= 150 and u % 10 == 0 for u in used) and min(used) < 150
+    assert record["source_heldout_gap"] == pytest.approx(
+        record["inner_source_acc"] - record["outer_heldout_acc"], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------- Fig. 4 plot

@@ -69,6 +69,44 @@ def test_protocol_rejects_bad_values():
         Protocol(inner_steps=(0,))
     with pytest.raises(ValueError, match="unknown inner optimizer 'rmsprop'"):
         Protocol(inner_optimizer="rmsprop")
+    with pytest.raises(ValueError, match=r"inner_stop_ratio must be None .* got 0"):
+        Protocol(inner_stop_ratio=0)
+    with pytest.raises(ValueError, match="unknown inner_schedule 'exp'"):
+        Protocol(inner_schedule="exp")
+
+
+CONVERGED = dict(hidden=(8,), batch_size=16, eval_size=50, inner_lr=0.3, inner_schedule="cosine",
+                 inner_weight_decay=1e-2, inner_stop_ratio=0.3, inner_stop_every=10)
+
+
+def test_at_convergence_every_cap_is_its_own_training_to_the_stopping_rule():
+    """With an annealed rate and a stopping rule, each length is a cap trained from the same
+    start: the longest gives the records of an evaluation at that cap alone (the shorter
+    training before it changes nothing); networks that met the rule record fewer steps and a
+    stationarity at or below the ratio, the others their cap."""
+    data = _data()
+    both = evaluate_losses(data, {"CE": F.cross_entropy}, [3],
+                           Protocol(inner_steps=(40, 200), **CONVERGED))
+    alone = evaluate_losses(data, {"CE": F.cross_entropy}, [3],
+                            Protocol(inner_steps=(200,), **CONVERGED))
+    long = [r for r in both if r["inner_steps"] == 200]
+    assert long == alone
+    assert all(r["inner_steps_used"] <= 40 for r in both if r["inner_steps"] == 40)
+    assert any(r["inner_steps_used"] < 200 for r in long)
+    for r in both:
+        if r["inner_steps_used"] < r["inner_steps"]:
+            assert r["inner_steps_used"] % 10 == 0 and r["stationarity"] <= 0.3
+        else:
+            assert r["stationarity"] > 0.3 * (1 - 1e-6)
+
+
+def test_without_a_rule_the_records_say_every_step_was_used_and_decay_changes_training():
+    data = _data()
+    plain = evaluate_losses(data, {"CE": F.cross_entropy}, [0], PROTOCOL)
+    assert all(r["inner_steps_used"] == r["inner_steps"] and "stationarity" not in r for r in plain)
+    decayed = evaluate_losses(data, {"CE": F.cross_entropy}, [0], Protocol(
+        inner_steps=(15, 30), hidden=(8,), batch_size=16, eval_size=50, inner_weight_decay=0.5))
+    assert [r["final_train_loss"] for r in decayed] != [r["final_train_loss"] for r in plain]
 
 
 def test_a_learned_loss_beats_its_initial_loss_end_to_end():
@@ -103,6 +141,23 @@ def test_meta_command_writes_tables_and_refuses_to_overwrite(tmp_path, capsys):
     assert evaluate_loss.main(argv) == 2
     assert "already holds an evaluation" in capsys.readouterr().err
     assert evaluate_loss.main(argv + ["--overwrite"]) == 0
+
+
+def test_meta_command_evaluates_at_convergence_and_reports_the_steps_taken(tmp_path):
+    argv = ["meta", "--dataset", "synthetic", "--per_domain_cap", "40", "--losses", "CE", "ITL",
+            "--seeds", "0", "--inner_steps", "60", "--hidden", "4", "--inner_lr", "0.3",
+            "--inner_schedule", "cosine", "--inner_weight_decay", "0.01", "--inner_stop_ratio",
+            "0.5", "--inner_stop_every", "10", "--output_dir", str(tmp_path)]
+    assert evaluate_loss.main(argv) == 0
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert (report["settings"]["inner_schedule"], report["settings"]["inner_stop_ratio"]) == (
+        "cosine", 0.5)
+    assert all("stationarity" in r and r["inner_steps_used"] <= 60 for r in report["records"])
+    md = (tmp_path / "evaluation.md").read_text()
+    assert "### inner steps used" in md and "### stationarity (final / start gradient norm)" in md
+    bad = argv[:-1] + [str(tmp_path / "bad")]
+    bad[bad.index("0.5")] = "2"
+    assert evaluate_loss.main(bad) == 2
 
 
 def test_meta_command_takes_poly1_and_a_loss_file_of_any_family(tmp_path):

@@ -32,6 +32,10 @@ META_METRICS = [Metric("heldout_acc", "held-out acc. (%)", 100, 1, True),
                 Metric("heldout_ce", "held-out CE", 1, 3, False),
                 Metric("source_acc", "source acc. (%)", 100, 1, True),
                 Metric("gap", "source − held-out (pts)", 100, 1, False)]
+# With a stopping rule: how long each loss trained and how close it came to a stationary point.
+CONVERGENCE_METRICS = [Metric("inner_steps_used", "inner steps used", 1, 0, False),
+                       Metric("stationarity", "stationarity (final / start gradient norm)", 1, 3,
+                              False)]
 DOMAINBED_METRICS = [Metric("test_acc", "test acc. (%), training-domain validation", 100, 1, True),
                      Metric("last_test_acc", "test acc. (%), last checkpoint", 100, 1, True),
                      Metric("val_acc", "training-domain validation acc. (%)", 100, 1, True)]

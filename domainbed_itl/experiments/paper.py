@@ -91,13 +91,17 @@ META_TRAIN_FLAGS = frozenset({
     "preset", "dataset", "per_domain_cap", "data_seed", "family", "order", "init", "outer_steps",
     "outer_lr", "outer_optimizer", "aggregate", "aggregate_reduction", "inner_steps",
     "inner_optimizer", "inner_lr", "inner_momentum", "warm_start", "batch_size", "hidden",
-    "solver", "neumann_steps", "neumann_alpha", "neumann_form", "cg_maxiter", "cg_tol",
+    "inner_schedule", "inner_weight_decay", "inner_stop_ratio", "inner_stop_every",
+    "solver", "neumann_steps", "neumann_alpha", "neumann_form", "neumann_power_iters",
+    "neumann_early_stop", "solver_damping", "cg_maxiter", "cg_tol",
     "hvp_batch", "outer_batch", "eval_size", "max_solver_residual", "reference_every",
-    "reference_maxiter", "batched", "device", "seed", "no_progress", "resume", "overwrite"})
+    "reference_maxiter", "spectrum_iters", "batched", "device", "seed", "no_progress", "resume",
+    "overwrite"})
 # domainbed_itl.scripts.evaluate_loss meta: losses against cross-entropy with fresh MLPs.
 EVALUATE_LOSS_FLAGS = frozenset({
     "losses", "reference", "dataset", "seeds", "inner_steps", "inner_optimizer", "inner_lr",
-    "inner_momentum", "batch_size", "hidden", "eval_size", "per_domain_cap", "data_seed", "device",
+    "inner_momentum", "batch_size", "hidden", "inner_schedule", "inner_weight_decay",
+    "inner_stop_ratio", "inner_stop_every", "eval_size", "per_domain_cap", "data_seed", "device",
     "overwrite", "no_progress"})
 
 

@@ -2,19 +2,23 @@
 
 The implicit function theorem assumes that every inner network ends at a stationary point of
 its training loss (∂L_ω/∂θ = 0) and the linear solve of Algorithm 2 approximates H⁻¹v. So each
-step records the inner gradient norm at the returned θ and at the start (stationarity), the
-relative residual of every solve and, every `reference_every` steps, how one domain's
-hypergradient compares with a long MINRES solve of the same system (MINRES, not CG: away from a
-minimum the Hessian is indefinite). Pure functions of tensors and callables; no state.
+step records the inner gradient norm at the returned θ and at the start (stationarity: their
+ratio) and the inner steps taken, the relative residual of every solve, optionally the Hessian's
+extreme eigenvalues (a Neumann series needs them in (0, 2/α)) and, every `reference_every`
+steps, how one domain's hypergradient compares with a long MINRES solve of the same system
+(MINRES, not CG: away from a minimum the Hessian is indefinite). Beside M it records held-out
+accuracy and the source − held-out accuracy gap, which a loss that only trains faster widens.
+Pure functions of tensors and callables; no state.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.func import vjp
 
 from . import solvers
 from .hypergradient import adjoint_residual, implicit_grad
@@ -42,6 +46,14 @@ def accuracies(apply: Callable[[Tensor, Tensor], Tensor], thetas: Tensor, x: Ten
                             for i, idx in enumerate(index)])
 
 
+def hessian_extremes(inner_grad: InnerGrad, theta: Tensor, omega: Tensor, v0: Tensor,
+                     iters: int) -> Tuple[Tensor, Tensor]:
+    """Estimates (λ_max, λ_min) of the Hessian ∂²L/∂θ∂θᵀ at θ from 2·iters Hessian-vector
+    products, by power iteration started at v0 (solvers.extreme_eigenvalues); vmap compatible."""
+    _, hessian_t = vjp(lambda t: inner_grad(t, omega), theta)
+    return solvers.extreme_eigenvalues(lambda w: hessian_t(w)[0], v0, iters)
+
+
 def reference_comparison(inner_grad: InnerGrad, theta: Tensor, omega: Tensor, v: Tensor,
                          hypergradient: Tensor, maxiter: int) -> Dict[str, Any]:
     """One domain's hypergradient against the one a MINRES solve of `maxiter` iterations gives
@@ -59,22 +71,28 @@ def step_record(step: int, omega: Tensor, h: Tensor, per_domain: Dict[str, Tenso
     """The metrics record of one outer step (a line of metrics.jsonl).
 
     per_domain: tensors of one value per domain, keyed inner_source_acc, heldout_acc,
-    heldout_loss, inner_loss, inner_grad_norm, inner_grad_norm_start, solver_residual and
-    hypergradient_norm; times: the clock after the start, the inner training, the
-    hypergradients, the update and evaluation, and the diagnostics.
+    heldout_loss, source_heldout_gap, inner_loss, inner_grad_norm, inner_grad_norm_start,
+    stationarity (their ratio), inner_steps_used, solver_residual, hypergradient_norm and
+    optionally hessian_lambda_max and hessian_lambda_min (each also averaged at the top
+    level); times: the clock after the start, the inner training, the hypergradients, the
+    update and evaluation, and the diagnostics.
     """
     d = per_domain
     t0, t1, t2, t3, t4 = times
+    spectrum = {k: float(d[k].mean()) for k in ("hessian_lambda_max", "hessian_lambda_min") if k in d}
     return {
         "step": step,
         "inner_source_acc": float(d["inner_source_acc"].mean()),
         "outer_heldout_acc": float(d["heldout_acc"].mean()),
         "outer_heldout_loss": float(d["heldout_loss"].mean()),
+        "source_heldout_gap": float(d["source_heldout_gap"].mean()),
         "inner_loss": float(d["inner_loss"].mean()),
         "hypergradient_norm": float(h.norm()),
         "inner_grad_norm": float(d["inner_grad_norm"].mean()),
         "inner_grad_norm_ratio": float((d["inner_grad_norm"] / d["inner_grad_norm_start"]).mean()),
+        "inner_steps_used": float(d["inner_steps_used"].float().mean()),
         "solver_residual": float(d["solver_residual"].mean()),
+        **spectrum,
         "trusted_domains": int(trusted.sum()),
         "omega": omega.tolist(),
         "per_domain": {k: v.tolist() for k, v in d.items()},

@@ -7,6 +7,12 @@ source domains (accuracy). So every loss meets exactly the same networks and dat
 seeds pair the losses. Training can be read off at several lengths (`inner_steps`), which shows
 whether a loss only trains faster or also generalises better.
 
+The inner training takes meta-training's options (`InnerSettings`): a learning rate annealed to
+0 over the steps, weight decay, and a stopping rule on the gradient norm, so that a loss can be
+judged at convergence, where a loss that only trains faster has no edge. With an annealed rate
+or a stopping rule each length of `inner_steps` is its own training (a cap, from the same
+initial weights and minibatches); with neither, one training is read off at every length.
+
 `evaluate_in_folder` keeps an evaluation in a run folder (domainbed_itl.files.runfolder): each
 unit (a loss on a seed) is saved in the checkpoint as it finishes, and running the evaluation
 again computes only the units it lacks, refusing units computed with other settings, data or
@@ -16,7 +22,7 @@ loss parameters.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +42,8 @@ LossFn = Callable[..., torch.Tensor]
 @dataclass(frozen=True)
 class Protocol:
     """The inner training every loss gets: base network, optimiser, batch, and the step counts
-    after which the networks are evaluated (MetaConfig's inner settings, with several lengths)."""
+    after which the networks are evaluated (MetaConfig's inner settings, with several lengths;
+    with an annealed learning rate or a stopping rule, several caps)."""
 
     inner_steps: Tuple[int, ...] = (1000,)
     inner_lr: float = 0.01
@@ -46,6 +53,10 @@ class Protocol:
     hidden: Tuple[int, ...] = (256,)
     eval_size: Optional[int] = 2048
     batched: bool = True
+    inner_schedule: str = "constant"
+    inner_weight_decay: float = 0.0
+    inner_stop_ratio: Optional[float] = None
+    inner_stop_every: int = 50
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inner_steps", tuple(sorted(set(self.inner_steps))))
@@ -60,8 +71,7 @@ class Protocol:
     @property
     def inner(self) -> InnerSettings:
         """The inner-training settings, trained to the longest of `inner_steps`."""
-        return InnerSettings(max(self.inner_steps), self.inner_lr, self.inner_optimizer,
-                             self.inner_momentum, self.batch_size, self.hidden)
+        return InnerSettings.of(self, inner_steps=max(self.inner_steps))
 
     def to_dict(self) -> Dict[str, Any]:
         """The protocol as a plain dict (for the report)."""
@@ -101,6 +111,32 @@ def _draws(data: DomainData, seed: int, protocol: Protocol) -> StepDraws:
                      protocol.batch_size, eval_size=protocol.eval_size)
 
 
+def _trainings(setup: _Setup, params: inner.Params, loss: LossFn, batches: torch.Tensor,
+               check: Sequence[torch.Tensor]) -> Iterator[Tuple[int, inner.InnerRun]]:
+    """(length, what training did) for every length of the protocol, `params` holding the
+    networks trained to it: one training read off at each length when the settings allow it
+    (`InnerSettings.plain`), else a training from the initial `params` per length."""
+    protocol, optimizer, x, y = setup.protocol, setup.optimizer, setup.x, setup.y
+    settings = protocol.inner
+    start = None if settings.plain else {k: p.clone() for k, p in params.items()}
+    state, done, history = optimizer.init_state(params), 0, []
+    for steps in protocol.inner_steps:
+        if settings.plain:
+            history.append(inner.train(params, loss, optimizer, state, x, y, batches[:, done:steps],
+                                       protocol.batched, weight_decay=settings.inner_weight_decay))
+            done = steps
+            losses = torch.cat(history, dim=1)
+            yield steps, inner.InnerRun(losses, [steps] * len(losses))
+            continue
+        for k, p in params.items():
+            p.copy_(start[k])
+        capped = InnerSettings.of(protocol, inner_steps=steps)
+        yield steps, inner.fit(params, loss, optimizer, optimizer.init_state(params), x, y,
+                               batches[:, :steps], check, protocol.batched,
+                               capped.learning_rates(), capped.inner_weight_decay,
+                               capped.stop_rule())
+
+
 def _accuracy_and_ce(params: inner.Params, i: int, x: torch.Tensor,
                      y: torch.Tensor) -> Tuple[float, float]:
     logits = inner.predict({k: p[i:i + 1] for k, p in params.items()}, x)[0]
@@ -108,34 +144,33 @@ def _accuracy_and_ce(params: inner.Params, i: int, x: torch.Tensor,
 
 
 def _records(setup: _Setup, draws: StepDraws, params: inner.Params, name: str, seed: int,
-             steps: int, train_losses: torch.Tensor) -> List[Dict[str, Any]]:
-    """The records of one loss and seed after `steps` inner steps, one per held-out domain."""
-    records = []
+             steps: int, run: inner.InnerRun) -> List[Dict[str, Any]]:
+    """The records of one loss and seed after `steps` inner steps (or at that cap), one per
+    held-out domain."""
+    records, tail = [], inner.tail_loss(run.losses, run.steps_used)
     for i, env in enumerate(setup.data.environments):
         idx, src = draws.heldout[i].to(setup.device), draws.source_eval[i].to(setup.device)
         acc, ce = _accuracy_and_ce(params, i, setup.x[idx], setup.y[idx])
         source_acc, _ = _accuracy_and_ce(params, i, setup.x[src], setup.y[src])
-        records.append({
+        record = {
             "loss": name, "unit": seed, "domain": env, "domain_index": i, "inner_steps": steps,
-            "heldout_acc": acc, "heldout_ce": ce, "source_acc": source_acc, "gap": source_acc - acc,
-            "final_train_loss": float(train_losses[i, -max(1, steps // 10):].mean())})
+            "inner_steps_used": run.steps_used[i], "heldout_acc": acc, "heldout_ce": ce,
+            "source_acc": source_acc, "gap": source_acc - acc, "final_train_loss": float(tail[i])}
+        if run.start_norm is not None:
+            record["stationarity"] = float(run.final_norm[i] / run.start_norm[i])
+        records.append(record)
     return records
 
 
 def _evaluate_unit(setup: _Setup, seed: int, name: str, loss: LossFn) -> List[Dict[str, Any]]:
-    """One unit: the networks of `seed` trained with `loss`, read off at every length."""
-    protocol = setup.protocol
-    draws = _draws(setup.data, seed, protocol)
-    batches = draws.batches.to(setup.device)
+    """One unit: the networks of `seed` trained with `loss`, read off at (or capped at) every
+    length."""
+    draws = _draws(setup.data, seed, setup.protocol)
+    check = [s.to(setup.device) for s in draws.source_eval]
     params = inner.init_params(setup.model, draws.init_seeds, setup.device)
-    state = setup.optimizer.init_state(params)
-    done, history, records = 0, [], []
-    for steps in protocol.inner_steps:
-        history.append(inner.train(params, loss, setup.optimizer, state, setup.x, setup.y,
-                                   batches[:, done:steps], batched=protocol.batched))
-        done = steps
-        records += _records(setup, draws, params, name, seed, steps, torch.cat(history, dim=1))
-    return records
+    return [record for steps, run in _trainings(setup, params, loss, draws.batches.to(setup.device),
+                                                check)
+            for record in _records(setup, draws, params, name, seed, steps, run)]
 
 
 def evaluate_losses(data: DomainData, losses: Mapping[str, LossFn], seeds: Sequence[int],
@@ -144,8 +179,10 @@ def evaluate_losses(data: DomainData, losses: Mapping[str, LossFn], seeds: Seque
     """Train and evaluate every loss on every seed; one record per (loss, seed, domain, steps).
 
     losses: name -> loss(logits, target, reduction=...) called like F.cross_entropy. Records
-    hold loss, unit (the seed), domain (its environment name), domain_index, inner_steps,
-    heldout_acc, heldout_ce, source_acc, gap (source_acc − heldout_acc) and final_train_loss.
+    hold loss, unit (the seed), domain (its environment name), domain_index, inner_steps (the
+    length, or the cap), inner_steps_used, heldout_acc, heldout_ce, source_acc, gap
+    (source_acc − heldout_acc) and final_train_loss; with a stopping rule also stationarity,
+    the gradient norm on the source-evaluation subset at the end over the one at the start.
     """
     if not losses or not seeds:
         raise ValueError("evaluate_losses needs at least one loss and one seed")

@@ -13,11 +13,20 @@ and three backward, the Taylor loss's eight, ReLU and its backward, and the bias
 Optimisers update the stacked tensors in place: SGD (Algorithm 1's inner loop, Sec. 4.1),
 heavy-ball momentum and Adam, written out so that their state can be checkpointed and resumed
 bit for bit (warm-started inner networks carry it across outer steps).
+
+Training to a stationary point (`fit`): the implicit function theorem assumes ∂L/∂θ = 0 at the
+returned θ, which a fixed number of SGD steps does not give. Three options bring the networks
+there and say how close they came: a learning rate annealed to 0 over the step cap
+(`learning_rates`), an L2 term λ/2‖θ‖² in the inner objective (a stationary point at a finite
+θ, and a Hessian lifted by λI), and a stopping rule (`StopRule`) on each network's gradient norm
+on a fixed batch, relative to its value at the start, checked every K steps; a network that
+meets it stops changing while the others go on.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,6 +38,7 @@ from ..losses import zoo
 Params = Dict[str, Tensor]
 LossFn = Callable[..., Tensor]
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "cosine", "linear")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -98,20 +108,22 @@ class InnerOptimizer:
             state[b] = {name: torch.zeros_like(p) for name, p in params.items()}
         return state
 
-    def step(self, params: Params, grads: Params, state: Dict[str, object]) -> None:
-        """One update of every stacked network."""
+    def step(self, params: Params, grads: Params, state: Dict[str, object],
+             lr: Optional[float] = None) -> None:
+        """One update of every stacked network, at learning rate `lr` (None: the optimiser's)."""
+        lr = self.lr if lr is None else lr
         state["step"] = int(state["step"]) + 1
         if self.name == "sgd":
             for name, p in params.items():
-                p.add_(grads[name], alpha=-self.lr)
+                p.add_(grads[name], alpha=-lr)
         elif self.name == "momentum":
             for name, p in params.items():
                 buf = state["momentum"][name].mul_(self.momentum).add_(grads[name])
-                p.add_(buf, alpha=-self.lr)
+                p.add_(buf, alpha=-lr)
         else:
             b1, b2 = ADAM_BETAS
             t = state["step"]
-            step_size = self.lr / (1 - b1 ** t)
+            step_size = lr / (1 - b1 ** t)
             root_correction = math.sqrt(1 - b2 ** t)
             for name, p in params.items():
                 m = state["exp_avg"][name].mul_(b1).add_(grads[name], alpha=1 - b1)
@@ -120,6 +132,19 @@ class InnerOptimizer:
 
 
 LossAndGrad = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
+
+
+def learning_rates(schedule: str, lr: float, steps: int) -> Optional[List[float]]:
+    """The learning rate of each of `steps` steps: None for "constant" (η throughout), else η
+    annealed to 0 over the steps: "cosine" η(1 + cos(πt/steps))/2, "linear" η(1 − t/steps)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown inner schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        return None
+    if schedule == "cosine":
+        return [lr * 0.5 * (1 + math.cos(math.pi * t / steps)) for t in range(steps)]
+    return [lr * (1 - t / steps) for t in range(steps)]
+
 
 
 def _cross_entropy_and_grad(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
@@ -157,13 +182,18 @@ def loss_and_grad(loss: LossFn) -> LossAndGrad:
     return by_autograd
 
 
+
 def _step(params: Params, loss: LossAndGrad, optimizer: InnerOptimizer, state: Dict[str, object],
-          x: Tensor, y: Tensor) -> Tensor:
+          x: Tensor, y: Tensor, lr: Optional[float] = None, weight_decay: float = 0.0) -> Tensor:
     """One optimiser step of every stacked MLP on x (n, batch, features), y (n·batch,); returns
     the per-example losses (n, batch). Backpropagation is written out: one batched product per
     layer forward, two backward (one for the first layer); for SGD the update is fused into the
-    weight-gradient product."""
+    weight-gradient product.
+
+    lr: this step's learning rate (None: the optimiser's); weight_decay λ adds λθ, the gradient
+    of λ/2‖θ‖², to every parameter's gradient."""
     n, batch = x.shape[:2]
+    lr = optimizer.lr if lr is None else lr
     names = list(params)
     inputs = [x]
     for k in range(0, len(names), 2):
@@ -177,8 +207,11 @@ def _step(params: Params, loss: LossAndGrad, optimizer: InnerOptimizer, state: D
         w, b = params[names[2 * k]], params[names[2 * k + 1]]
         dh = torch.bmm(dz, w) if k else None  # before w changes
         if fused:  # Algorithm 1, line 11: θ ← θ − η ∂L/∂θ
-            w.baddbmm_(dz.transpose(1, 2), inputs[k], alpha=-optimizer.lr)
-            b.sub_(dz.sum(1), alpha=optimizer.lr)
+            if weight_decay:  # θ − η(∂L/∂θ + λθ) = (1 − ηλ)θ − η ∂L/∂θ
+                w.mul_(1 - lr * weight_decay)
+                b.mul_(1 - lr * weight_decay)
+            w.baddbmm_(dz.transpose(1, 2), inputs[k], alpha=-lr)
+            b.sub_(dz.sum(1), alpha=lr)
         else:
             grads[names[2 * k]] = torch.bmm(dz.transpose(1, 2), inputs[k])
             grads[names[2 * k + 1]] = dz.sum(1)
@@ -187,18 +220,22 @@ def _step(params: Params, loss: LossAndGrad, optimizer: InnerOptimizer, state: D
     if fused:
         state["step"] = int(state["step"]) + 1
     else:
-        optimizer.step(params, grads, state)
+        if weight_decay:
+            grads = {name: g.add(params[name], alpha=weight_decay) for name, g in grads.items()}
+        optimizer.step(params, grads, state, lr)
     return values.view(n, batch)
 
 
 def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
-          x: Tensor, y: Tensor, batches: Tensor, batched: bool = True) -> Tensor:
+          x: Tensor, y: Tensor, batches: Tensor, batched: bool = True,
+          lrs: Optional[Sequence[float]] = None, weight_decay: float = 0.0) -> Tensor:
     """Train the stacked MLPs in place; network i takes minibatch batches[i, t] at step t.
 
     x, y: all examples; batches: (n, steps, batch) indices into them. `batched=False` trains
     the networks one after another (less memory, the same arithmetic). `loss` is called like
-    F.cross_entropy, or gives its gradient in closed form (`loss_and_grad`). Returns the
-    training loss of every network at every step, (n, steps).
+    F.cross_entropy, or gives its gradient in closed form (`loss_and_grad`). lrs: the learning
+    rate of each step (None: the optimiser's); weight_decay: λ of the objective's λ/2‖θ‖².
+    Returns the training loss (without the L2 term) of every network at every step, (n, steps).
     """
     n, steps, batch = batches.shape
     losses = torch.empty(n, steps, device=x.device, dtype=x.dtype)
@@ -215,11 +252,125 @@ def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[s
             targets = y[order]
             per_step = [_step(sub, closed, optimizer, sub_state,
                               x.index_select(0, order[t].view(-1)).view(*order[t].shape, -1),
-                              targets[t].view(-1))
+                              targets[t].view(-1), None if lrs is None else lrs[t], weight_decay)
                         for t in range(steps)]
             losses[group] = torch.stack(per_step, dim=1).mean(2)
     state["step"] = start + steps
     return losses
+
+
+def grad_norms(params: Params, loss: LossFn, x: Tensor, y: Tensor, index: Sequence[Tensor],
+               weight_decay: float = 0.0) -> Tensor:
+    """‖∂(L + λ/2‖θ‖²)/∂θ‖ of each stacked network i on its examples index[i], (n,): how far
+    network i is from a stationary point of its (mean) training objective."""
+    norms = []
+    with torch.enable_grad():
+        for i, idx in enumerate(index):
+            leaves = [p[i:i + 1].detach().requires_grad_() for p in params.values()]
+            logits = mlp_forward(dict(zip(params, leaves)), x[idx].unsqueeze(0))[0]
+            grads = torch.autograd.grad(loss(logits, y[idx], reduction="none").mean(), leaves)
+            if weight_decay:
+                grads = [g + weight_decay * p for g, p in zip(grads, leaves)]
+            norms.append(torch.cat([g.reshape(-1) for g in grads]).norm())
+    return torch.stack(norms).detach()
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Stop network i at the first check, every `every` steps, where its gradient norm on its
+    fixed check examples is at most `ratio` times the norm there at the start of its training."""
+
+    ratio: float
+    every: int
+
+
+@dataclass
+class InnerRun:
+    """What `fit` did: the training loss of every network at every step (n, cap), NaN after a
+    network stopped; the steps each network took; and, with a stopping rule, the gradient norms
+    on the check examples at the start and at the end (None without one)."""
+
+    losses: Tensor
+    steps_used: List[int]
+    start_norm: Optional[Tensor] = None
+    final_norm: Optional[Tensor] = None
+
+
+def _rows(tree: Dict[str, object], rows: List[int]) -> Dict[str, object]:
+    """Copies of rows `rows` of every stacked tensor in a parameter or optimiser-state dict."""
+    return {k: (_rows(v, rows) if isinstance(v, dict) else v[rows] if isinstance(v, Tensor) else v)
+            for k, v in tree.items()}
+
+
+def _put_rows(tree: Dict[str, object], rows: List[int], sub: Dict[str, object]) -> None:
+    """Write `sub` (from `_rows(tree, rows)`) back into rows `rows` of `tree`'s tensors."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _put_rows(v, rows, sub[k])
+        elif isinstance(v, Tensor):
+            v[rows] = sub[k]
+
+
+def train_until_stationary(params: Params, loss: LossFn, optimizer: InnerOptimizer,
+                           state: Dict[str, object], x: Tensor, y: Tensor, batches: Tensor,
+                           check: Sequence[Tensor], rule: StopRule, batched: bool = True,
+                           lrs: Optional[Sequence[float]] = None,
+                           weight_decay: float = 0.0) -> InnerRun:
+    """`train` for at most batches.shape[1] steps, each network until `rule` stops it.
+
+    check[i]: the fixed examples of network i's gradient norm. The networks still training
+    are trained together as one stack (or one by one with batched=False) between checks; one
+    that has stopped is left out, so its parameters and optimiser state stop changing. The
+    host waits for the device only at checks. The optimiser's step count (Adam's bias
+    correction) is shared: at the end it counts the longest-training network's steps.
+    """
+    n, cap, _ = batches.shape
+    start_norm = grad_norms(params, loss, x, y, check, weight_decay)
+    final_norm = start_norm.clone()
+    losses = torch.full((n, cap), math.nan, device=x.device, dtype=x.dtype)
+    used, start = [cap] * n, int(state["step"])
+    for group in ([list(range(n))] if batched else [[i] for i in range(n)]):
+        active, t = group, 0
+        while active and t < cap:
+            k = min(rule.every, cap - t)
+            sub, sub_state = _rows(params, active), _rows(state, active)
+            sub_state["step"] = start + t
+            losses[active, t:t + k] = train(sub, loss, optimizer, sub_state, x, y,
+                                            batches[active, t:t + k], True,
+                                            None if lrs is None else lrs[t:t + k], weight_decay)
+            _put_rows(params, active, sub)
+            _put_rows(state, active, sub_state)
+            t += k
+            norms = grad_norms(_rows(params, active), loss, x, y, [check[i] for i in active],
+                               weight_decay)
+            final_norm[active] = norms
+            stopped = (norms <= rule.ratio * start_norm[active]).tolist()  # the host waits here
+            for i, s in zip(active, stopped):
+                used[i] = t if s else used[i]
+            active = [i for i, s in zip(active, stopped) if not s]
+    state["step"] = start + max(used)
+    return InnerRun(losses, used, start_norm, final_norm)
+
+
+def fit(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[str, object],
+        x: Tensor, y: Tensor, batches: Tensor, check: Sequence[Tensor], batched: bool = True,
+        lrs: Optional[Sequence[float]] = None, weight_decay: float = 0.0,
+        rule: Optional[StopRule] = None) -> InnerRun:
+    """Train the stacked MLPs in place for batches.shape[1] steps (`train`), or, with a stopping
+    `rule`, until it stops each one (`train_until_stationary`, gradient norms on `check`)."""
+    if rule is None:
+        losses = train(params, loss, optimizer, state, x, y, batches, batched, lrs, weight_decay)
+        return InnerRun(losses, [batches.shape[1]] * batches.shape[0])
+    return train_until_stationary(params, loss, optimizer, state, x, y, batches, check, rule,
+                                  batched, lrs, weight_decay)
+
+
+def tail_loss(losses: Tensor, steps_used: Sequence[int]) -> Tensor:
+    """Each network's mean training loss over the last tenth (at least one) of its steps, (n,)."""
+    cap = losses.shape[1]
+    if all(u == cap for u in steps_used):
+        return losses[:, -max(1, cap // 10):].mean(1)
+    return torch.stack([losses[i, u - max(1, u // 10):u].mean() for i, u in enumerate(steps_used)])
 
 
 def predict(params: Params, x: Tensor, chunk: Optional[int] = 4096) -> Tensor:

@@ -9,11 +9,19 @@ LinearSolver does:
 
 `neumann` and `cg` run a fixed number of products with no data-dependent Python control flow,
 so they also work under torch.func.vmap (the batched meta-learner vmaps its hypergradients).
+
+Solves that cannot diverge: a Neumann series converges only when every eigenvalue of αA lies in
+(0, 2). `neumann(..., power_iters=k)` takes α relative to 1/λ̂_max, with λ̂_max the largest
+|eigenvalue| of A estimated by k power iterations (`power_iteration`), so the step follows the
+curvature of each system; `early_stop=True` returns the iterate of smallest residual; and
+`damped` solves (A + μI)x = b instead (ridge damping, as torchopt's and JAXopt's `ridge`),
+which lifts the negative eigenvalues of a Hessian away from a minimum, along which no α
+converges. All of these keep a fixed number of products, so they work under vmap.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
@@ -27,24 +35,93 @@ def _check_rhs(b: Tensor) -> None:
         raise ValueError(f"solvers work on flat 1-D tensors, got b of shape {tuple(b.shape)}")
 
 
+def power_iteration(matvec: MatVec, v0: Tensor, iters: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(q·Aq, ‖Aq‖, Aq/‖Aq‖) for the unit vector q after iters − 1 power iterations from v0.
+
+    For symmetric A, ‖Aq‖ estimates the largest |eigenvalue| from below and q·Aq the signed
+    dominant eigenvalue. Started from b, it sees the eigenvectors b has a component along: the
+    ones a Neumann series for A⁻¹b multiplies. `iters` products; vmap compatible.
+    """
+    if iters < 1:
+        raise ValueError(f"power iterations must be >= 1, got {iters!r}")
+    tiny = torch.finfo(v0.dtype).tiny
+    q = v0 / v0.norm().clamp_min(tiny)
+    for _ in range(iters):
+        w = matvec(q)
+        rayleigh, radius = q @ w, w.norm()
+        q = w / radius.clamp_min(tiny)
+    return rayleigh, radius, q
+
+
+def extreme_eigenvalues(matvec: MatVec, v0: Tensor, iters: int) -> Tuple[Tensor, Tensor]:
+    """Estimates (λ_max, λ_min) of symmetric A from 2·iters products, started at v0.
+
+    Power iteration finds the dominant eigenvalue λ_d (ρ = |λ_d|); then power iteration on
+    ρI − sA, s = sign(λ_d), whose eigenvalues ρ − sλ are all >= 0, finds its top one, ρ − sλ_o,
+    with λ_o the extreme at the other end of the spectrum (λ_min when λ_d > 0, else λ_max).
+    """
+    dominant, radius, _ = power_iteration(matvec, v0, iters)
+    sign = torch.where(dominant < 0, -1.0, 1.0).to(v0.dtype)
+    shifted, _, _ = power_iteration(lambda w: radius * w - sign * matvec(w), v0, iters)
+    other = sign * (radius - shifted)  # ρ − σ_top = λ_min if λ_d > 0; −(ρ − σ_top) = λ_max if not
+    return torch.maximum(dominant, other), torch.minimum(dominant, other)
+
+
 def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01,
-            scale: bool = True) -> Tensor:
+            scale: bool = True, power_iters: int = 0, early_stop: bool = False) -> Tensor:
     """Truncated Neumann series α Σ_{j=0..steps} (I − αA)^j b ≈ A⁻¹ b (Eq. 6, Algorithm 2).
 
     Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α). `scale=False`
     returns Σ_{j=0..steps} (I − αA)^j b without the factor α, as Algorithm 2 is printed: an
     estimate of A⁻¹ b / α, which makes every hypergradient 1/α times larger.
+
+    power_iters > 0: α is `alpha`/λ̂ with λ̂ the largest |eigenvalue| of A from that many power
+    iterations started at b (alpha 1: α = 1/λ̂; below 2 the series converges on the positive
+    part of the spectrum as long as λ̂ is within a factor 2/alpha of the truth). early_stop:
+    return the partial sum with the smallest residual ‖b − A x_j‖ = ‖(I − αA)^{j+1} b‖ (one
+    more product); for symmetric A that residual is log-convex in j, so this is the iterate
+    where it stopped decreasing, never worse than any iterate of the series.
     """
     _check_rhs(b)
     if steps < 0:
         raise ValueError(f"neumann steps must be >= 0, got {steps!r}")
     if not alpha > 0:
         raise ValueError(f"neumann alpha must be > 0, got {alpha!r}")
+    if power_iters < 0:
+        raise ValueError(f"neumann power_iters must be >= 0, got {power_iters!r}")
+    if power_iters:
+        _, radius, _ = power_iteration(matvec, b, power_iters)
+        alpha = alpha / radius.clamp_min(torch.finfo(b.dtype).tiny)
+    if early_stop:
+        return _neumann_best(matvec, b, steps, alpha, scale)
     v, p = b, b
     for _ in range(steps):  # Algorithm 2: v -= α A v; p += v
         v = v - alpha * matvec(v)
         p = p + v
     return alpha * p if scale else p
+
+
+def _neumann_best(matvec: MatVec, b: Tensor, steps: int, alpha: float | Tensor,
+                  scale: bool) -> Tensor:
+    """The Neumann partial sum of smallest residual; the residual of α·p_j is v_{j+1}."""
+    v, p = b, b
+    best, best_residual = b, torch.full((), torch.inf, dtype=b.dtype, device=b.device)
+    for j in range(steps + 1):
+        v = v - alpha * matvec(v)  # b − A(α p_j)
+        residual = v.norm()
+        better = residual < best_residual  # False for NaN: a diverged iterate is never taken
+        best = torch.where(better, p, best)
+        best_residual = torch.where(better, residual, best_residual)
+        if j < steps:
+            p = p + v
+    return alpha * best if scale else best
+
+
+def damped(matvec: MatVec, b: Tensor, solve: Solver, damping: float) -> Tensor:
+    """`solve` applied to (A + μI) x = b, μ = damping: ridge (Tikhonov) damping of the system."""
+    if not damping >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping!r}")
+    return solve(lambda w: matvec(w) + damping * w, b)
 
 
 def cg(matvec: MatVec, b: Tensor, maxiter: int = 15, tol: float = 1e-6) -> Tensor:

@@ -2,7 +2,8 @@
 
 One outer step (Sec. 3.3): for every domain i, train a base network on the other domains with
 the current loss L_ω (inner.py: SGD as in the paper, or momentum or Adam; freshly initialised,
-or warm-started from the previous step's network), compute the implicit hypergradient of
+or warm-started from the previous step's network; for a fixed number of steps or, with a
+stopping rule, until it is near a stationary point), compute the implicit hypergradient of
 M = cross-entropy on the held-out domain i (Algorithm 2, hypergradient.py), aggregate the n
 hypergradients (PCGrad or mean, aggregators.py) and update ω with the outer optimiser. Each
 step also records whether its hypergradients can be trusted (diagnostics.py).
@@ -137,7 +138,9 @@ class MetaTrainer:
     # The loss functions, pure in (θ, ω, data) for torch.func.
 
     def _source_loss(self, theta: Tensor, omega: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return self.family.loss(self.apply(theta, x), y, omega)  # L_ω of Eq. 3
+        loss = self.family.loss(self.apply(theta, x), y, omega)  # L_ω of Eq. 3
+        decay = self.config.inner_weight_decay
+        return loss + 0.5 * decay * theta.pow(2).sum() if decay else loss  # + λ/2‖θ‖²
 
     def _heldout_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
         logits = self.apply(theta, x)
@@ -147,11 +150,18 @@ class MetaTrainer:
         return grad(self._source_loss)(theta, omega, x, y)
 
     def _hypergradient(self, theta: Tensor, v: Tensor, x: Tensor, y: Tensor,
-                       omega: Tensor) -> Tuple[Tensor, Tensor]:
-        """(dM/dω, ‖H(c·u) + v‖/‖v‖): the hypergradient and the relative residual of its solve."""
+                       omega: Tensor) -> Dict[str, Tensor]:
+        """dM/dω ("h"), the relative residual ‖H(c·u) + v‖/‖v‖ of its solve ("residual") and,
+        with spectrum_iters, estimates of the Hessian's extreme eigenvalues ("lambda_max",
+        "lambda_min") on the Krylov space of v, the part of the spectrum the solve sees."""
         inner_grad = functools.partial(self._inner_grad, x=x, y=y)
         h, u = implicit_grad(inner_grad, theta, omega, v, self._solve, return_adjoint=True)  # Alg. 2
-        return h, adjoint_residual(inner_grad, theta, omega, v, self.config.solution_scale * u)
+        out = {"h": h, "residual": adjoint_residual(inner_grad, theta, omega, v,
+                                                    self.config.solution_scale * u)}
+        if self.config.spectrum_iters:
+            out["lambda_max"], out["lambda_min"] = diagnostics.hessian_extremes(
+                inner_grad, theta, omega, v, self.config.spectrum_iters)
+        return out
 
     # The steps of Algorithm 1.
 
@@ -171,17 +181,20 @@ class MetaTrainer:
         return params, self._inner_optimizer.init_state(params)
 
     def _train_inner(self, params: Params, state: Dict[str, Any], draws: StepDraws,
-                     omega: Tensor) -> Tensor:
-        """Algorithm 1, lines 10-11: train the networks in place; their losses (n, steps)."""
+                     omega: Tensor) -> inner.InnerRun:
+        """Algorithm 1, lines 10-11: train the networks in place (to the stopping rule, if any,
+        judged on the step's source-evaluation subsets); their losses and steps taken."""
         loss = self.family.module(omega.tolist()).to(self.device)  # fixed L_ω, fused gradient
-        losses = inner.train(params, loss, self._inner_optimizer, state, self.x, self.y,
-                             draws.batches, batched=self.config.batched)
-        for i in range(self.num_domains):
-            t_bad = _first_nonfinite(losses[i])
+        settings = self.config.inner
+        run = inner.fit(params, loss, self._inner_optimizer, state, self.x, self.y, draws.batches,
+                        draws.source_eval, self.config.batched, settings.learning_rates(),
+                        settings.inner_weight_decay, settings.stop_rule())
+        for i, used in enumerate(run.steps_used):
+            t_bad = _first_nonfinite(run.losses[i, :used])
             if t_bad is not None:
                 raise NonFiniteError(f"outer step {self.steps_done + 1}: non-finite inner training "
                                      f"loss when training without domain {i} (inner step {t_bad + 1})")
-        return losses
+        return run
 
     def _heldout(self, thetas: Tensor, draws: StepDraws) -> Tuple[Tensor, Tensor, Tensor]:
         """(∂M/∂θ per domain, M per domain, held-out accuracy per domain)."""
@@ -196,14 +209,14 @@ class MetaTrainer:
         return torch.stack(vs), torch.stack(heldout_loss), torch.stack(heldout_acc)
 
     def _hypergradients(self, thetas: Tensor, vs: Tensor, draws: StepDraws,
-                        omega: Tensor) -> Tuple[Tensor, Tensor]:
-        """Algorithm 2 for every domain: (hypergradients (n, |ω|), relative residuals (n,))."""
+                        omega: Tensor) -> Dict[str, Tensor]:
+        """Algorithm 2 for every domain: `_hypergradient`'s values stacked, e.g. "h" (n, |ω|)."""
         x_hvp, y_hvp = self.x[draws.hvp], self.y[draws.hvp]
         if self.config.batched:
             return vmap(self._hypergradient, in_dims=(0, 0, 0, 0, None))(thetas, vs, x_hvp, y_hvp, omega)
-        pairs = [self._hypergradient(thetas[i], vs[i], x_hvp[i], y_hvp[i], omega)
-                 for i in range(self.num_domains)]
-        return torch.stack([h for h, _ in pairs]), torch.stack([r for _, r in pairs])
+        outs = [self._hypergradient(thetas[i], vs[i], x_hvp[i], y_hvp[i], omega)
+                for i in range(self.num_domains)]
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
     def _trusted(self, step: int, hypergrads: Tensor, residuals: Tensor) -> Tensor:
         """Which domains' hypergradients enter the update: with max_solver_residual, not those
@@ -252,16 +265,22 @@ class MetaTrainer:
             raise NonFiniteError(f"loss parameters outside the family's range: {error}") from None
         draws = self._draw(step)
         params, state = self._start(draws, warm=False)
-        losses = self._train_inner(params, state, draws, omega)
+        run = self._train_inner(params, state, draws, omega)
         thetas = inner.flat(params)
         _, heldout_loss, heldout_acc = self._heldout(thetas, draws)
         source_acc = diagnostics.accuracies(self.apply, thetas, self.x, self.y, draws.source_eval)
-        return {"outer_heldout_loss": float(heldout_loss.mean()),
-                "outer_heldout_acc": float(heldout_acc.mean()),
-                "inner_source_acc": float(source_acc.mean()),
-                "inner_loss": float(losses[:, -max(1, self.config.inner_steps // 10):].mean()),
-                "per_domain": {"heldout_loss": heldout_loss.tolist(),
-                               "heldout_acc": heldout_acc.tolist()}}
+        record = {"outer_heldout_loss": float(heldout_loss.mean()),
+                  "outer_heldout_acc": float(heldout_acc.mean()),
+                  "inner_source_acc": float(source_acc.mean()),
+                  "inner_loss": float(inner.tail_loss(run.losses, run.steps_used).mean()),
+                  "source_heldout_gap": float((source_acc - heldout_acc).mean()),
+                  "inner_steps_used": sum(run.steps_used) / len(run.steps_used),
+                  "per_domain": {"heldout_loss": heldout_loss.tolist(),
+                                 "heldout_acc": heldout_acc.tolist(),
+                                 "inner_steps_used": run.steps_used}}
+        if run.start_norm is not None:
+            record["per_domain"]["stationarity"] = (run.final_norm / run.start_norm).tolist()
+        return record
 
     def _stationarity(self, thetas: Tensor, omega: Tensor, draws: StepDraws) -> Tensor:
         return diagnostics.grad_norms(self._inner_grad, thetas, omega, self.x, self.y,
@@ -283,14 +302,15 @@ class MetaTrainer:
         t0 = clock(self.device)
         params, inner_state = self._start(draws, warm=c.warm_start)  # line 9
         start_norms = self._stationarity(inner.flat(params), omega, draws)
-        losses = self._train_inner(params, inner_state, draws, omega)  # lines 10-11
+        run = self._train_inner(params, inner_state, draws, omega)  # lines 10-11
         thetas = inner.flat(params)
         t1 = clock(self.device)
         vs, heldout_loss, heldout_acc = self._heldout(thetas, draws)  # line 12
         if not torch.isfinite(heldout_loss).all():
             bad = int((~torch.isfinite(heldout_loss)).nonzero()[0, 0])
             raise NonFiniteError(f"outer step {step}: non-finite held-out loss M on domain {bad}")
-        hypergrads, residuals = self._hypergradients(thetas, vs, draws, omega)  # lines 13-14
+        solved = self._hypergradients(thetas, vs, draws, omega)  # lines 13-14
+        hypergrads, residuals = solved["h"], solved["residual"]
         trusted = self._trusted(step, hypergrads, residuals)
         h = (self._aggregate(hypergrads[trusted.to(hypergrads.device)], draws.surgery)
              if trusted.any() else torch.zeros_like(self.omega))  # line 15
@@ -307,9 +327,13 @@ class MetaTrainer:
         self.steps_done = step
         per_domain = {
             "inner_source_acc": source_acc, "heldout_acc": heldout_acc, "heldout_loss": heldout_loss,
-            "inner_loss": losses[:, -max(1, c.inner_steps // 10):].mean(1),
+            "source_heldout_gap": source_acc - heldout_acc,
+            "inner_loss": inner.tail_loss(run.losses, run.steps_used),
             "inner_grad_norm": end_norms, "inner_grad_norm_start": start_norms,
-            "solver_residual": residuals, "hypergradient_norm": hypergrads.norm(dim=1)}
+            "stationarity": end_norms / start_norms,
+            "inner_steps_used": torch.tensor(run.steps_used),
+            "solver_residual": residuals, "hypergradient_norm": hypergrads.norm(dim=1),
+            **{f"hessian_{k}": solved[k] for k in ("lambda_max", "lambda_min") if k in solved}}
         record = diagnostics.step_record(step, self.omega, h, per_domain, trusted, (t0, t1, t2, t3, t4))
         if reference is not None:
             record["reference"] = reference

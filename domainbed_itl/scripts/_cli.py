@@ -31,7 +31,7 @@ from ..bridge.patching import PatchError
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
 from ..meta.data import DomainData, synthetic_dataset
-from ..meta.inner import INNER_OPTIMIZERS
+from ..meta.inner import INNER_OPTIMIZERS, SCHEDULES
 
 # Errors that a user's input or environment causes: one line and exit status 2.
 EXPECTED_ERRORS = (ValueError, OSError, RunDirError, FolderLocked, DomainBedNotFound, PatchError)
@@ -114,6 +114,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """An argparse type accepting finite numbers >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def widths(text: str) -> Tuple[int, ...]:
     """An argparse type for hidden widths: comma-separated positive integers ('512,256')."""
     try:
@@ -148,6 +159,15 @@ INNER_TRAINING = {
     "inner_momentum": dict(type=float, help="with --inner_optimizer momentum"),
     "batch_size": dict(type=positive_int),
     "hidden": dict(type=widths, help="hidden widths of the base MLP, e.g. 256 (two weight layers)"),
+    "inner_schedule": dict(choices=SCHEDULES, help="learning rate over the inner steps: constant, "
+                           "or annealed to 0 over them (cosine, linear)"),
+    "inner_weight_decay": dict(type=nonnegative_float, help="λ of an L2 term λ/2‖θ‖² in the inner "
+                               "objective (also in the implicit gradient)"),
+    "inner_stop_ratio": dict(type=positive_float, help="stop a network once its gradient norm on "
+                             "the source-evaluation examples is at most this fraction (0 to 1) of "
+                             "its start; --inner_steps is then the cap"),
+    "inner_stop_every": dict(type=positive_int, help="check the stopping rule every this many "
+                             "inner steps"),
 }
 
 

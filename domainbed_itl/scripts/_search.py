@@ -28,8 +28,8 @@ from ..meta.config import (META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, SOLVER
                            preset_config)
 from ..meta.runner import initial_loss, saved_config
 from ._cli import (check_data_flags, command_line, data_flags, explicit_flags, flag_text,
-                   load_data, nonnegative_int, parse_device, positive_float, positive_int,
-                   run_command)
+                   load_data, nonnegative_float, nonnegative_int, parse_device, positive_float,
+                   positive_int, run_command)
 
 DEFAULT_PRESET = "paper_guarded"
 # Data flags a resume may change: where the same data and DomainBed are.
@@ -63,6 +63,13 @@ HYPERGRADIENT = {
     "neumann_alpha": dict(type=positive_float),
     "neumann_form": dict(choices=NEUMANN_FORMS, help="inverse: α Σ (I-αH)^j v, an estimate of H^-1 "
                          "v; algorithm2: the sum without α, as Algorithm 2 is printed"),
+    "neumann_power_iters": dict(type=nonnegative_int, help="if > 0: α = neumann_alpha/λ̂_max per "
+                                "domain, λ̂_max from this many power iterations (needs "
+                                "--neumann_form inverse, --neumann_alpha < 2)"),
+    "neumann_early_stop": dict(action=argparse.BooleanOptionalAction, help="return the Neumann "
+                               "partial sum of smallest residual"),
+    "solver_damping": dict(type=nonnegative_float, help="solve (H + μI)u = -v with this μ (ridge "
+                           "damping)"),
     "cg_maxiter": dict(type=positive_int),
     "cg_tol": dict(type=float),
     "hvp_batch": dict(type=positive_int, help="source examples in the Hessian-vector products"),
@@ -74,6 +81,8 @@ DIAGNOSTICS = {
     "reference_every": dict(type=nonnegative_int, help="every K outer steps, compare one domain's "
                             "hypergradient with a long MINRES solve (0: never)"),
     "reference_maxiter": dict(type=positive_int, help="MINRES iterations of that reference solve"),
+    "spectrum_iters": dict(type=nonnegative_int, help="record each domain's Hessian λ_max and "
+                           "λ_min from this many power iterations each (0: not recorded)"),
 }
 BATCHED = {
     "batched": dict(action=argparse.BooleanOptionalAction, help="train the per-domain inner networks "

@@ -45,8 +45,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..analysis.loss_evaluation import (DOMAINBED_METRICS, META_METRICS, REPORT_JSON, REPORT_MD,
-                                        tables, write_report)
+from ..analysis.loss_evaluation import (CONVERGENCE_METRICS, DOMAINBED_METRICS, META_METRICS,
+                                        REPORT_JSON, REPORT_MD, tables, write_report)
 from ..bridge.loss_evaluation import (DomainBedProtocol, check_request, collect, domainbed_modules,
                                       launch, loss_definition, loss_function, parse_losses,
                                       plan_jobs, to_launch)
@@ -125,7 +125,9 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
         settings = {"protocol": "meta", "dataset": args.dataset, "seeds": args.seeds,
                     "per_domain_cap": args.per_domain_cap, "data_seed": args.data_seed,
                     **protocol.to_dict()}
-        body, stats = tables(records, META_METRICS, reference, list(losses), ["inner_steps"])
+        metrics = META_METRICS + (CONVERGENCE_METRICS if protocol.inner_stop_ratio is not None
+                                  else [])
+        body, stats = tables(records, metrics, reference, list(losses), ["inner_steps"])
         write_report(folder.path, "Loss evaluation, meta protocol", settings, body,
                      {"settings": settings, "losses": losses, "reference": reference,
                       "statistics": stats, "records": records})
