@@ -46,7 +46,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ..analysis.loss_evaluation import (DOMAINBED_METRICS, META_METRICS, REPORT_JSON, REPORT_MD,
-                                        tables, write_report)
+                                        plan_report, tables, write_report)
 from ..bridge.loss_evaluation import (DomainBedProtocol, check_request, collect, domainbed_modules,
                                       launch, loss_definition, loss_function, parse_losses,
                                       plan_jobs, to_launch)
@@ -117,6 +117,7 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
         if done:
             raise OutputExists(f"{folder.path} already holds an evaluation ({', '.join(done)}); "
                                "pass --overwrite to replace it")
+        plan = plan_report(folder.path, "meta")
         data = load_data(flags)
         functions = {label: (_on(loss_function(loss), device), loss_definition(loss))
                      for label, loss in losses.items()}
@@ -126,7 +127,7 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
                     "per_domain_cap": args.per_domain_cap, "data_seed": args.data_seed,
                     **protocol.to_dict()}
         body, stats = tables(records, META_METRICS, reference, list(losses), ["inner_steps"])
-        write_report(folder.path, "Loss evaluation, meta protocol", settings, body,
+        write_report(plan, "Loss evaluation, meta protocol", settings, body,
                      {"settings": settings, "losses": losses, "reference": reference,
                       "statistics": stats, "records": records})
     print(body)
@@ -146,6 +147,7 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
     db = domainbed_modules(args.domainbed_root)
     check_request(db, protocol, losses, args.command_launcher)
     planned = plan_jobs(protocol, losses, db.misc.seed_hash)
+    plan = plan_report(args.output_dir, "domainbed")
     with folder_lock(args.output_dir, command=command):  # one writer: the launch and the report
         if not args.report_only:
             remove_never_started(args.output_dir)
@@ -161,7 +163,7 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
         if damaged:
             body += "\n\nDamaged records (skipped):\n\n" + "\n".join(f"- {d}" for d in damaged)
         settings = protocol.settings()
-        write_report(args.output_dir, "Loss evaluation, DomainBed protocol", settings, body,
+        write_report(plan, "Loss evaluation, DomainBed protocol", settings, body,
                      {"settings": settings, "losses": losses, "reference": reference,
                       "statistics": stats, "records": records, "missing": missing,
                       "damaged": damaged})
