@@ -17,6 +17,7 @@ argparse's own errors (a value of the wrong type) keep argparse's usage line and
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import shlex
@@ -30,7 +31,7 @@ from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..bridge.patching import PatchError
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
-from ..meta.data import DomainData, synthetic_domains
+from ..meta.data import DomainData, size_problems, synthetic_domains
 from ..meta.inner import INNER_OPTIMIZERS
 
 # Errors that a user's input or environment causes: one line and exit status 2.
@@ -73,12 +74,23 @@ def command_line(argv: Optional[Sequence[str]], command: str) -> str:
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
-    """The destinations of the flags given on the command line `argv` (not left at a default)."""
+    """The destinations of the flags given on the command line `argv` (not left at a default),
+    subcommands' flags included."""
     unset = object()
-    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions
-                                      if a.dest != argparse.SUPPRESS})
-    parser.parse_args(argv, namespace=namespace)
+    probe = copy.deepcopy(parser)
+    _unset_defaults(probe, unset)
+    namespace = probe.parse_args(argv)
     return {dest for dest, value in vars(namespace).items() if value is not unset}
+
+
+def _unset_defaults(parser: argparse.ArgumentParser, unset: object) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _unset_defaults(sub, unset)
+        elif action.dest != argparse.SUPPRESS:
+            action.default = unset
+    parser._defaults.clear()
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -259,6 +271,16 @@ def check_data_flags(flags: Mapping[str, Any]) -> None:
     if not os.path.isdir(flags["data_dir"]):
         raise ValueError(f"--data_dir {flags['data_dir']!r} is not a folder")
     find_domainbed_root(flags["domainbed_root"])
+
+
+def check_data_sizes(data: DomainData, wanted: Mapping[str, Optional[int]],
+                     explicit: Set[str]) -> None:
+    """Refuse sizes given on the command line that `data` cannot hold (ValueError naming them);
+    a note on stderr for defaults that exceed it (meta.data.size_problems)."""
+    sizes = [len(y) for _, y in data.domains]
+    wanted = {**wanted, "per_domain_cap": data.info.get("per_domain_cap")}
+    for note in size_problems(sizes, wanted, explicit, data.name):
+        print(f"note: {note}", file=sys.stderr)
 
 
 def load_data(flags: Mapping[str, Any]) -> DomainData:

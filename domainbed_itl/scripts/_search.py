@@ -27,7 +27,7 @@ from ..meta.data import DomainData
 from ..meta.config import (META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, SOLVERS, MetaConfig,
                            preset_config)
 from ..meta.runner import initial_loss, saved_config
-from ._cli import (check_data_flags, command_line, data_flags, explicit_flags, flag_text,
+from ._cli import (check_data_flags, check_data_sizes, command_line, data_flags, explicit_flags, flag_text,
                    load_data, nonnegative_int, parse_device, positive_float, positive_int,
                    run_command)
 
@@ -264,6 +264,7 @@ def search_main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
                        resumed_settings(args, explicit, flags, folder.checkpoint, config_key,
                                         folder.checkpoint_path, command, may_grow))
             data = load_data(run.data)  # slow: once the folder is checked and locked
+            check_data_sizes(data, {k: getattr(run.config, k) for k in flags}, explicit)
             return work(args, explicit, folder, run, data)
 
     return run_command(body, interrupted=lambda: resume_hint(args.output_dir))

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Set
 
 import torch
 
@@ -55,8 +55,9 @@ from ..files.runfolder import open_run_folder
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started
 from ..meta.evaluate import EVALUATION_RUN, Protocol, evaluate_in_folder
-from ._cli import (INNER_TRAINING, add_data_flags, add_flags, check_data_flags, command_line,
-                   data_flags, load_data, parse_device, positive_int, run_command)
+from ._cli import (INNER_TRAINING, add_data_flags, add_flags, check_data_flags, check_data_sizes,
+                   command_line, data_flags, explicit_flags, load_data, nonnegative_int, parse_device,
+                   positive_int, run_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_meta_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     meta = sub.add_parser("meta", parents=[common], help="the inner loop of meta-training")
-    meta.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    meta.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2, 3, 4])
     meta.add_argument("--inner_steps", type=positive_int, nargs="+", default=[1000],
                       help="report after each of these numbers of inner steps")
     add_flags(meta, "inner training (default: meta_train's)", INNER_TRAINING)
     meta.add_argument("--eval_size", type=positive_int, default=2048,
                       help="source examples behind the source accuracy")
     meta.add_argument("--per_domain_cap", type=positive_int, default=None)
-    meta.add_argument("--data_seed", type=int, default=0)
+    meta.add_argument("--data_seed", type=nonnegative_int, default=0)
     meta.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     meta.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation")
 
@@ -105,7 +106,8 @@ def _add_domainbed_parser(sub: argparse._SubParsersAction, common: argparse.Argu
     db.add_argument("--report_only", action="store_true", help="launch nothing, report only")
 
 
-def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, command: str) -> int:
+def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, command: str,
+             explicit: Set[str]) -> int:
     """The meta protocol, in this process, in a run folder that keeps its finished units."""
     protocol = Protocol(tuple(args.inner_steps), eval_size=args.eval_size, **{
         k: getattr(args, k) for k in INNER_TRAINING if getattr(args, k) is not None})
@@ -119,6 +121,8 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
                                "pass --overwrite to replace it")
         plan = plan_report(folder.path, "meta")
         data = load_data(flags)
+        check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
+                         explicit)
         functions = {label: (_on(loss_function(loss), device), loss_definition(loss))
                      for label, loss in losses.items()}
         records = evaluate_in_folder(folder, data, functions, args.seeds, protocol, device,
@@ -173,13 +177,15 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns the exit status (see the module docstring)."""
-    args = build_parser().parse_args(argv)
-    command = command_line(argv, "evaluate_loss")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command, explicit = command_line(argv, "evaluate_loss"), explicit_flags(parser, argv)
 
     def body() -> int:
         losses, reference = parse_losses(args.losses, args.reference, args.dataset)
-        run = run_meta if args.protocol == "meta" else run_domainbed
-        return run(args, losses, reference, command)
+        if args.protocol == "meta":
+            return run_meta(args, losses, reference, command, explicit)
+        return run_domainbed(args, losses, reference, command)
 
     return run_command(body, interrupted=lambda: "run the same command again to continue the "
                                                  f"evaluation in {args.output_dir}")

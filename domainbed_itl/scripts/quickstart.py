@@ -34,6 +34,7 @@ from typing import List, Optional, Sequence
 from ..bridge.domainbed_env import (DOMAINBED_URL, check_domainbed_root, clone_domainbed,
                              git_commit, with_pythonpath)
 from ..experiments.paper import format_command
+from ..bridge.domainbed_data import mnist_instructions, no_new_folders_on_error, reason_of
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
 from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, apply, import_check, status
 from ..files.runlock import folder_lock
@@ -41,8 +42,6 @@ from ..files.sweepfolder import remove_never_started, unfinished_jobs
 from ._cli import run_command
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
 
 
 class QuickstartError(RuntimeError):
@@ -131,17 +130,12 @@ def mnist_problem(data_dir: Path, download: bool = True) -> Optional[str]:
     from torchvision.datasets import MNIST
 
     try:
-        for train in (True, False):
-            MNIST(str(data_dir), train=train, download=download)
+        with no_new_folders_on_error(data_dir):
+            for train in (True, False):
+                MNIST(str(data_dir), train=train, download=download)
         return None
     except Exception as error:  # no network, a proxy, a partial download...
-        raw = data_dir.resolve() / "MNIST" / "raw"
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        mirror = MNIST.mirrors[0]
-        return (f"MNIST is not in {data_dir} and torchvision could not download it ({reason}). "
-                f"Put these four files into {raw}/: {', '.join(MNIST_FILES)} (download "
-                f"{', '.join(f + '.gz' for f in MNIST_FILES)} from {mirror} on a machine with "
-                "internet access and gunzip them), then run this command again.")
+        return mnist_instructions(data_dir, reason_of(error))
 
 
 def sweep_commands(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> List[List[str]]:
