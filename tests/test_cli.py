@@ -42,6 +42,23 @@ def test_an_unexpected_error_keeps_its_traceback_and_asks_for_a_report(capsys):
                                     "please report it with the command and this traceback")
 
 
+def test_a_multi_line_message_is_one_line(capsys):
+    assert run_command(_raise(ValueError("--x 3:\n  expected an even number\n"))) == 2
+    assert capsys.readouterr().err == "error: --x 3: expected an even number\n"
+
+
+def test_running_out_of_memory_is_a_failure_not_a_bug(capsys):
+    """A real allocation beyond any memory (torch's RuntimeError), then Python's MemoryError;
+    another RuntimeError stays a bug."""
+    assert run_command(lambda: torch.empty(2 ** 60, dtype=torch.uint8).numel()) == 1
+    assert run_command(_raise(MemoryError())) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: out of memory (") for line in lines)
+    assert "--batch_size" in lines[0] and "Traceback" not in lines[0]
+    assert run_command(_raise(RuntimeError("shape mismatch"))) == 1
+    assert "this is a bug" in capsys.readouterr().err
+
+
 def test_a_commands_own_exception_types_join_the_boundary(capsys):
     class StepFailed(RuntimeError):
         pass

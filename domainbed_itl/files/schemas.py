@@ -48,6 +48,7 @@ LOSS_VERSIONS = (1,)
 CHECKPOINT_VERSIONS = (1, 2)
 MANIFEST_FORMAT = "domainbed_itl single-source sweep"
 MANIFEST_VERSIONS = (1,)
+INT64 = 2 ** 63  # integers beyond 64 bits fit no tensor size, seed or step count
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -61,6 +62,8 @@ class SchemaError(ValueError):
 
 def _json_value(value: Any) -> Any:
     """`value` if it is plain JSON (None, bool, number, string, list, object with string keys)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        raise ValueError(f"expected an integer that fits in 64 bits, got {value!r}")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
@@ -131,8 +134,9 @@ JsonValue = Annotated[Any, AfterValidator(_json_value)]
 Finite = float  # the models' allow_inf_nan=False makes every float finite
 Measured = Annotated[float, Field(allow_inf_nan=True), AfterValidator(_measured)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
-Count = Annotated[int, Field(ge=0)]
-Positive = Annotated[int, Field(ge=1)]
+Int = Annotated[int, Field(ge=-INT64, lt=INT64)]
+Count = Annotated[int, Field(ge=0, lt=INT64)]
+Positive = Annotated[int, Field(ge=1, lt=INT64)]
 FloatTensor = Annotated[Any, AfterValidator(_float_tensor)]
 StateValue = Annotated[Any, AfterValidator(_state_value)]
 Setting = Annotated[Any, AfterValidator(_setting)]
@@ -162,23 +166,29 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _location(parts: Tuple) -> str:
+    """A field's location as `a.b.0`, a key that is not a plain word quoted."""
+    return ".".join(str(p) if re.fullmatch(r"\w+", str(p)) else repr(p) for p in parts)
+
+
 def _message(error: Dict[str, Any]) -> str:
-    where = ".".join(str(part) for part in error["loc"])
+    where = _location(error["loc"])
     what = error["msg"].removeprefix("Value error, ")
     if not where:  # a check of the whole object (a model validator): its message says it all
         return what
     if error["type"] == "extra_forbidden":
         return f"{where}: not a field of this format"
-    return f"{where}: {what[0].lower() + what[1:]} (got {_describe(error['input'])})"
+    what = what[0].lower() + what[1:]
+    return f"{where}: {what}" if "got " in what else f"{where}: {what} (got {_describe(error['input'])})"
 
 
 def check_version(data: Any, supported: Tuple[int, ...], where: str, default: int = 1) -> int:
     """The format version of `data` (`default` when it names none); SchemaError naming the
     versions this package reads unless it is one of `supported`."""
     version = data.get("version", default) if isinstance(data, dict) else default
-    if isinstance(version, bool) or version not in supported:
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > max(supported)
-        raise SchemaError(f"{where}: format version {version!r} is not one this version of "
+    if type(version) is not int or version not in supported:
+        newer = type(version) is int and version > max(supported)
+        raise SchemaError(f"{where}: format version {_describe(version)} is not one this version of "
                           f"domainbed-itl reads ({', '.join(map(str, supported))})"
                           + ("; it was written by a newer domainbed-itl: upgrade to read it"
                              if newer else ""))
@@ -192,7 +202,7 @@ def check(schema: Type[Model], data: Any, where: str) -> Model:
     try:
         return schema.model_validate(data)
     except ValidationError as error:
-        missing = [".".join(map(str, e["loc"])) for e in error.errors() if e["type"] == "missing"]
+        missing = [_location(e["loc"]) for e in error.errors() if e["type"] == "missing"]
         problems = ([f"lacks {', '.join(missing)}"] if missing else []) + [
             _message(e) for e in error.errors() if e["type"] != "missing"]
         more = [f"and {len(problems) - 3} more"] if len(problems) > 3 else []
@@ -209,7 +219,7 @@ class LossFile(Schema):
     format: Literal["domainbed-itl-loss"] = LOSS_FORMAT
     version: Literal[1] = 1
     family: str
-    order: Optional[int] = None
+    order: Optional[Int] = None
     parameters: List[Finite] = Field(min_length=1)
     provenance: Dict[str, JsonValue] = {}
 
@@ -242,16 +252,32 @@ class MetricsRecord(Schema):
     outer_heldout_loss: Annotated[float, Field(ge=0)]
     time_step_s: Optional[Annotated[float, Field(ge=0)]] = None
     inner_trainings: Optional[Positive] = None
-    popsize: Optional[Annotated[int, Field(ge=2)]] = None
+    popsize: Optional[Annotated[int, Field(ge=2, lt=INT64)]] = None
     per_domain: Optional[PerDomain] = None
     solver_residual: Optional[Measured] = None
     inner_grad_norm_ratio: Optional[Measured] = None
     reference: Optional[Reference] = None
 
 
+class CarriedPerDomain(Carried, PerDomain):
+    """PerDomain in a checkpoint's record: the other lists carried, as plain JSON."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class CarriedReference(Carried, Reference):
+    """Reference in a checkpoint's record: the other values carried, as plain JSON."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 class CarriedRecord(Carried, MetricsRecord):
     """A metrics record kept in a checkpoint: MetricsRecord's fields checked, the rest plain JSON
     (a resume writes them to metrics.jsonl again)."""
+
+    model_config = ConfigDict(extra="allow")
+    per_domain: Optional[CarriedPerDomain] = None
+    reference: Optional[CarriedReference] = None
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -275,6 +301,8 @@ class Checkpoint(Schema):
         missing = [k for k in ("unit", "done", "provenance") if getattr(self, k) is None]
         if self.version == 2 and missing:
             raise ValueError(f"a version 2 checkpoint needs {', '.join(missing)}")
+        if (self.unit is None) != (self.done is None):
+            raise ValueError("a checkpoint's progress needs both done and unit")
         return self
 
 
@@ -283,7 +311,7 @@ class DataFingerprint(Schema):
 
     dataset: str
     environments: List[str] = Field(min_length=2)
-    num_classes: Annotated[int, Field(ge=2)]
+    num_classes: Annotated[int, Field(ge=2, lt=INT64)]
     domain_sizes: List[Positive] = Field(min_length=2)
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -393,7 +421,7 @@ class CMASettings(Schema):
     """The CMA-ES settings of a search (meta/cmaes.py CMAConfig)."""
 
     generations: Positive
-    popsize: Optional[Annotated[int, Field(ge=2)]]
+    popsize: Optional[Annotated[int, Field(ge=2, lt=INT64)]]
     sigma0: Annotated[float, Field(gt=0)]
     seed: Count
 
@@ -419,7 +447,7 @@ class EvaluationRecord(Schema):
     """One record of the loss evaluation's meta protocol (meta/evaluate.py)."""
 
     loss: str
-    unit: int
+    unit: Int
     domain: str
     domain_index: Count
     inner_steps: Positive
@@ -433,7 +461,7 @@ class EvaluationRecord(Schema):
 class EvaluationUnit(Schema):
     """A finished unit of the evaluation: a loss on a seed, its definition and records."""
 
-    unit: int
+    unit: Int
     loss: str
     definition: Dict[str, JsonValue]
     records: List[EvaluationRecord] = Field(min_length=1)
@@ -474,9 +502,9 @@ class ManifestJob(Schema):
     dataset: str
     algorithm: str
     source: Count
-    trial_seed: int
-    hparams_seed: int
-    n_envs: Annotated[int, Field(ge=2)]
+    trial_seed: Int
+    hparams_seed: Int
+    n_envs: Annotated[int, Field(ge=2, lt=INT64)]
 
     @model_validator(mode="after")
     def _source_in_range(self) -> "ManifestJob":
@@ -502,8 +530,8 @@ class RecordArgs(Carried):
     dataset: str
     algorithm: str
     test_envs: List[Count]
-    trial_seed: int
-    hparams_seed: int
+    trial_seed: Int
+    hparams_seed: Int
     output_dir: Optional[str] = None
     task: Optional[str] = None
 

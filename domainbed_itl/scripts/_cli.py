@@ -6,7 +6,8 @@ into one line and an exit status:
 
 - an expected error (a bad flag value, an unusable folder, a missing DomainBed, a bad loss file,
   a locked folder, ...): `error: <what, naming the value and what is expected>`, status 2;
-- a computation that failed (non-finite values, failed jobs): `error: ...`, status 1;
+- a computation that failed (non-finite values, failed jobs, out of memory): `error: ...`,
+  status 1;
 - Ctrl-C: `interrupted: <how to continue>`, status 130 (every run folder's checkpoint is whole,
   so the run resumes);
 - anything else is a bug: its traceback, then one line asking to report it, status 1.
@@ -40,6 +41,8 @@ BUG_REPORT = ("error: this is a bug in domainbed-itl (an unexpected {name}); ple
               "the command and this traceback")
 DEVICE_TYPES = ("cpu", "cuda")
 DATA_FLAGS = ("dataset", "data_dir", "domainbed_root", "per_domain_cap", "data_seed")
+INT64_LIMIT = 2 ** 63
+OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
 
 
 # ------------------------------------------------------------------------------ the boundary
@@ -56,15 +59,35 @@ def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lam
         print(f"\ninterrupted: {interrupted()}", file=sys.stderr, flush=True)
         return 130
     except (*expected, *EXPECTED_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except (*failures, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
-    except Exception as error:  # a bug: keep its traceback
-        traceback.print_exc()
-        print(BUG_REPORT.format(name=type(error).__name__), file=sys.stderr)
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(s in str(error) for s in OUT_OF_MEMORY):
+            return _bug(error)
+        print(f"error: out of memory ({_first_line(error)}); smaller settings (--hidden, "
+              "--batch_size, --inner_steps, --per_domain_cap, ...) need less", file=sys.stderr)
         return 1
+    except Exception as error:
+        return _bug(error)
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line (a library's message may span several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def _bug(error: Exception) -> int:
+    """A bug: its traceback, then the request to report it; status 1."""
+    traceback.print_exc()
+    print(BUG_REPORT.format(name=type(error).__name__), file=sys.stderr)
+    return 1
 
 
 def command_line(argv: Optional[Sequence[str]], command: str) -> str:
@@ -97,15 +120,16 @@ def _unset_defaults(parser: argparse.ArgumentParser, unset: object) -> None:
 
 
 def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
-    """An argparse type accepting integers >= `minimum`, written plainly ('3', not '3.0')."""
+    """An argparse type accepting integers >= `minimum` that fit in 64 bits (torch's sizes and
+    seeds), written plainly ('3', not '3.0')."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum or str(value) != text.strip():
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        if value is None or not minimum <= value < INT64_LIMIT or str(value) != text.strip():
+            raise argparse.ArgumentTypeError(f"expected {expected} below 2**63, got {text!r}")
         return value
 
     return parse
