@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from domainbed_itl.scripts._cli import explicit_flags, parse_device, run_command
+from domainbed_itl.scripts._cli import explicit_flags, integer, parse_device, positive_int, run_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "domainbed_itl" / "scripts"
 
@@ -66,6 +66,17 @@ def test_a_commands_own_exception_types_join_the_boundary(capsys):
     assert run_command(_raise(StepFailed("the sweep failed")), failures=(StepFailed,)) == 1
     assert run_command(_raise(StepFailed("bad flag")), expected=(StepFailed,)) == 2
     assert capsys.readouterr().err == "error: the sweep failed\nerror: bad flag\n"
+
+
+@pytest.mark.parametrize("parse,text,message", [
+    (integer, "3.0", "expected an integer, got '3.0'"),
+    (integer, str(2 ** 63), "expected an integer that fits in 64 bits"),
+    (integer, str(-2 ** 63 - 1), "expected an integer that fits in 64 bits"),
+    (positive_int, "0", "expected a positive integer, got '0'")])
+def test_integer_flags_are_plain_and_fit_in_64_bits(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse(text)
+    assert integer("-3") == -3 and integer(str(2 ** 63 - 1)) == 2 ** 63 - 1 and positive_int(" 7") == 7
 
 
 def test_explicit_flags_are_those_on_the_command_line():

@@ -128,13 +128,16 @@ def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or not minimum <= value < INT64_LIMIT or str(value) != text.strip():
-            raise argparse.ArgumentTypeError(f"expected {expected} below 2**63, got {text!r}")
+        if value is not None and str(value) == text.strip() and not -INT64_LIMIT <= value < INT64_LIMIT:
+            raise argparse.ArgumentTypeError(f"expected {expected} that fits in 64 bits, got {text!r}")
+        if value is None or value < minimum or str(value) != text.strip():
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
 
 
+integer = int_at_least(-INT64_LIMIT, "an integer")
 positive_int = int_at_least(1, "a positive integer")
 nonnegative_int = int_at_least(0, "an integer >= 0")
 
@@ -230,7 +233,7 @@ def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algorithms", nargs="+", default=None,
                         help="only runs of these algorithms (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--batch_size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--batch_size", type=positive_int, default=256, help="evaluation batch size")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 

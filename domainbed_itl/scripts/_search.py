@@ -28,7 +28,7 @@ from ..meta.config import (META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, SOLVER
                            preset_config)
 from ..meta.runner import initial_loss, saved_config
 from ._cli import (check_data_flags, check_data_sizes, command_line, data_flags, explicit_flags, flag_text,
-                   load_data, nonnegative_int, parse_device, positive_float, positive_int,
+                   integer, load_data, nonnegative_int, parse_device, positive_float, positive_int,
                    run_command)
 
 DEFAULT_PRESET = "paper_guarded"
@@ -98,7 +98,7 @@ def add_search_flags(parser: argparse.ArgumentParser) -> None:
                            f"({', '.join(ordered)}) need --order or carry it in their name "
                            "(taylor4 is taylor with --order 4, poly1 is Poly-1); default: the "
                            "--init file's family, else the preset's")
-    loss.add_argument("--order", type=int, default=None,
+    loss.add_argument("--order", type=integer, default=None,
                       help=f"the order of a family with orders ({', '.join(ordered)})")
     loss.add_argument("--init", default=None,
                       help="start from this loss file or preset loss (e.g. ITL); default: the "

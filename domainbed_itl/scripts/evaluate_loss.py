@@ -56,8 +56,8 @@ from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started
 from ..meta.evaluate import EVALUATION_RUN, Protocol, evaluate_in_folder
 from ._cli import (INNER_TRAINING, add_data_flags, add_flags, check_data_flags, check_data_sizes,
-                   command_line, data_flags, explicit_flags, load_data, nonnegative_int, parse_device,
-                   positive_int, run_command)
+                   command_line, data_flags, explicit_flags, integer, load_data, nonnegative_int,
+                   parse_device, positive_int, run_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +95,7 @@ def _add_meta_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 
 def _add_domainbed_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     db = sub.add_parser("domainbed", parents=[common], help="DomainBed's own train")
-    db.add_argument("--test_envs", type=int, nargs="+", required=True,
+    db.add_argument("--test_envs", type=integer, nargs="+", required=True,
                     help="one run per test environment (each alone)")
     db.add_argument("--n_trials", type=positive_int, default=2)
     db.add_argument("--steps", type=positive_int, default=None, help="default: the dataset's")

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from ..analysis.loss_shapes import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
-from ._cli import run_command  # noqa: E402
+from ._cli import integer, run_command  # noqa: E402
 
 PRINTED_P = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--losses", nargs="+", default=["CE", "SCE", "Focal", "ITL"],
                         help="zoo losses (with :k=v parameters), presets or loss files")
     parser.add_argument("--labels", nargs="+", default=None, help="a label per loss (default: as given)")
-    parser.add_argument("--num_classes", type=int, default=10, help="C (default 10, as MNIST)")
-    parser.add_argument("--points", type=int, default=199, help="probabilities on the grid")
+    parser.add_argument("--num_classes", type=integer, default=10, help="C (default 10, as MNIST)")
+    parser.add_argument("--points", type=integer, default=199, help="probabilities on the grid")
     parser.add_argument("--p_min", type=float, default=0.01)
     parser.add_argument("--p_max", type=float, default=0.99)
     parser.add_argument("--normalise", action="store_true", help="rescale each curve to [0, 1]")

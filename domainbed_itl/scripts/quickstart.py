@@ -39,7 +39,7 @@ from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
 from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, apply, import_check, status
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started, unfinished_jobs
-from ._cli import run_command
+from ._cli import integer, run_command
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
 
@@ -70,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = parser.add_argument_group("the sweep (DomainBed's sweep flags)")
     sweep.add_argument("--datasets", nargs="+", default=["RotatedMNIST"])
     sweep.add_argument("--algorithms", nargs="+", default=["ERM", "ITL"])
-    sweep.add_argument("--steps", type=int, default=1000)
-    sweep.add_argument("--n_hparams", type=int, default=1,
+    sweep.add_argument("--steps", type=integer, default=1000)
+    sweep.add_argument("--n_hparams", type=integer, default=1,
                        help="hparams seeds; 1: DomainBed's defaults only")
-    sweep.add_argument("--n_trials", type=int, default=1)
+    sweep.add_argument("--n_trials", type=integer, default=1)
     sweep.add_argument("--hparams", default=None, help="JSON object of hparams to override")
     sweep.add_argument("--command_launcher", default="local",
                        help="a DomainBed launcher: local (serial), multi_gpu, submitit, ...")
