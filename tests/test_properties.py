@@ -263,6 +263,17 @@ def check_run_outputs(folder: Path, kind) -> None:
     if (folder / "metrics.jsonl").exists():
         read_metrics(folder / "metrics.jsonl")
         check_loss_spec(load_loss(folder / "loss.json"))
+    check_json_outputs(folder)
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} in a JSON output (JSON has no NaN nor infinity)")
+
+
+def check_json_outputs(folder: Path) -> None:
+    """Every JSON file a command wrote is standard JSON (no NaN nor infinities)."""
+    for path in folder.rglob("*.json"):
+        json.loads(path.read_text(), parse_constant=_no_constant)
 
 
 RESUMES = {"meta": (META_RUN, meta_train.main, ["--resume", "--outer_steps", "2", "--no_progress"]),
@@ -442,6 +453,7 @@ COMMANDS = {
     "in_vs_cross": (in_vs_cross.main, ["."], ["batch_size", "device", "data_dir"]),
     "loss_landscape": (loss_landscape.main, ["."], ["examples", "radius", "points", "batch_size"]),
 }
+RUN_KINDS = {"meta_train": META_RUN, "cma_search": CMA_RUN, "evaluate_loss": EVALUATION_RUN}
 OUTPUT_FLAG = {"collect_single_source": None, "quickstart": "--workdir", "paper_sweep": None,
                "patch": None}
 
@@ -450,6 +462,22 @@ def test_every_command_is_fuzzed():
     scripts = Path(meta_train.__file__).parent
     assert {p.stem for p in scripts.glob("*.py") if not p.stem.startswith("_")} == {
         *COMMANDS, "plot_meta", "plot_search"}
+
+
+NEEDS_DOMAINBED = {"in_vs_cross", "loss_landscape", "patch", "single_source_sweep", "target_entropy"}
+
+
+@pytest.mark.parametrize("name", sorted(set(COMMANDS) - NEEDS_DOMAINBED))
+def test_the_fuzzed_command_lines_run_as_given(name):
+    """The fuzz below starts from command lines that run (those needing DomainBed are refused
+    without it, as they should be), so that what it refuses, its flag values made refused."""
+    main, base, _ = COMMANDS[name]
+    output = OUTPUT_FLAG.get(name, "--output_dir")
+    with sandbox() as root:
+        out = [output, root / "out"] if output else []
+        assert run_checked(main, [*base, *out], root, [root / "out"]) == 0
+        if name in RUN_KINDS:
+            check_run_outputs(root / "out", RUN_KINDS[name])
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -465,7 +493,11 @@ def test_random_flag_values_never_give_a_traceback_nor_touch_other_files(name):
             out = [output, root / "out"] if output else []
             named = [root / v for f, v in zip(argv, argv[1:]) if f in ("--output", "--output_dir")]
             new = [path for path in named if not os.path.lexists(path)]  # mine.txt is not
-            run_checked(main, [*argv, *out], root, [root / "out", *new])
+            if run_checked(main, [*argv, *out], root, [root / "out", *new]) == 0:
+                if name in RUN_KINDS:
+                    check_run_outputs(root / "out", RUN_KINDS[name])
+                for folder in (path for path in [root / "out", *new] if path.is_dir()):
+                    check_json_outputs(folder)
 
     check()
 
