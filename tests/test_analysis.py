@@ -16,7 +16,7 @@ from domainbed_itl.analysis.hessian import (FlatParameters, hessian_vector_produ
                                             lanczos, mean_loss, residual, ritz_pairs)
 from domainbed_itl.analysis.loss_shapes import (logits_for_p_true, loss_against_p_true,
                                                 min_max_normalise, parse_loss)
-from domainbed_itl.analysis.output import write_outputs
+from domainbed_itl.analysis.output import plan_analysis, write_outputs
 from domainbed_itl.files.atomic import OutputExists
 from domainbed_itl.losses import ITL_PARAMETERS, LossSpec, save_loss, taylor_loss_reference
 from domainbed_itl.losses.zoo import sce
@@ -234,15 +234,16 @@ def test_outputs_are_written_together_or_not_at_all(tmp_path):
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
-    paths = write_outputs(tmp_path, "fig", fig, {"a": float("nan"), "b": (1, 2)}, {".csv": "x\n1\n"})
+    plan = plan_analysis(tmp_path, "fig", text_suffixes=[".csv"])
+    paths = write_outputs(plan, fig, {"a": float("nan"), "b": (1, 2)}, {".csv": "x\n1\n"})
     assert sorted(p.name for p in paths) == ["fig.csv", "fig.json", "fig.png"]
     assert json.loads((tmp_path / "fig.json").read_text()) == {"a": None, "b": [1, 2]}
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "other.json").write_text("keep")
     with pytest.raises(OutputExists, match="other.json"):
-        write_outputs(tmp_path, "other", fig, {"a": 1})
+        plan_analysis(tmp_path, "other")
     assert (tmp_path / "other.json").read_text() == "keep" and not (tmp_path / "other.png").exists()
-    write_outputs(tmp_path, "other", fig, {"a": 1}, overwrite=True)
+    write_outputs(plan_analysis(tmp_path, "other", overwrite=True), fig, {"a": 1})
     assert json.loads((tmp_path / "other.json").read_text()) == {"a": 1}
     plt.close(fig)
 

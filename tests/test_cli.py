@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from domainbed_itl.scripts._cli import explicit_flags, parse_device, run_command
+from domainbed_itl.scripts._cli import explicit_flags, integer, parse_device, positive_int, run_command
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "domainbed_itl" / "scripts"
 
@@ -42,6 +42,23 @@ def test_an_unexpected_error_keeps_its_traceback_and_asks_for_a_report(capsys):
                                     "please report it with the command and this traceback")
 
 
+def test_a_multi_line_message_is_one_line(capsys):
+    assert run_command(_raise(ValueError("--x 3:\n  expected an even number\n"))) == 2
+    assert capsys.readouterr().err == "error: --x 3: expected an even number\n"
+
+
+def test_running_out_of_memory_is_a_failure_not_a_bug(capsys):
+    """A real allocation beyond any memory (torch's RuntimeError), then Python's MemoryError;
+    another RuntimeError stays a bug."""
+    assert run_command(lambda: torch.empty(2 ** 60, dtype=torch.uint8).numel()) == 1
+    assert run_command(_raise(MemoryError())) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: out of memory (") for line in lines)
+    assert "--batch_size" in lines[0] and "Traceback" not in lines[0]
+    assert run_command(_raise(RuntimeError("shape mismatch"))) == 1
+    assert "this is a bug" in capsys.readouterr().err
+
+
 def test_a_commands_own_exception_types_join_the_boundary(capsys):
     class StepFailed(RuntimeError):
         pass
@@ -49,6 +66,17 @@ def test_a_commands_own_exception_types_join_the_boundary(capsys):
     assert run_command(_raise(StepFailed("the sweep failed")), failures=(StepFailed,)) == 1
     assert run_command(_raise(StepFailed("bad flag")), expected=(StepFailed,)) == 2
     assert capsys.readouterr().err == "error: the sweep failed\nerror: bad flag\n"
+
+
+@pytest.mark.parametrize("parse,text,message", [
+    (integer, "3.0", "expected an integer, got '3.0'"),
+    (integer, str(2 ** 63), "expected an integer that fits in 64 bits"),
+    (integer, str(-2 ** 63 - 1), "expected an integer that fits in 64 bits"),
+    (positive_int, "0", "expected a positive integer, got '0'")])
+def test_integer_flags_are_plain_and_fit_in_64_bits(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse(text)
+    assert integer("-3") == -3 and integer(str(2 ** 63 - 1)) == 2 ** 63 - 1 and positive_int(" 7") == 7
 
 
 def test_explicit_flags_are_those_on_the_command_line():

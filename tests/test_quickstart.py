@@ -19,7 +19,8 @@ from conftest import DOMAINBED_ROOT, MNIST10K, STANDIN, domainbed_env
 
 from domainbed_itl.bridge.patching import UPSTREAM_COMMIT
 from domainbed_itl.files.sweepfolder import remove_never_started, unfinished_jobs
-from domainbed_itl.scripts.quickstart import MNIST_FILES, build_parser, mnist_problem
+from domainbed_itl.bridge.domainbed_data import MNIST_FILES
+from domainbed_itl.scripts.quickstart import build_parser, mnist_problem
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]

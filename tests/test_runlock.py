@@ -33,6 +33,7 @@ def test_a_second_writer_is_refused_by_name_until_the_holder_dies(tmp_path):
 
 
 def test_lock_is_taken_once_even_in_process_and_leaves_only_the_lock_file(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
     with folder_lock(tmp_path / "a" / "b", command="outer") as folder:
         with pytest.raises(FolderLocked, match="command: outer"):
             with folder_lock(folder, command="inner"):
@@ -41,6 +42,16 @@ def test_lock_is_taken_once_even_in_process_and_leaves_only_the_lock_file(tmp_pa
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
     with folder_lock(folder):  # released: taken again at once
         pass
+
+
+def test_a_folder_the_lock_made_is_removed_when_nothing_was_written_into_it(tmp_path):
+    with pytest.raises(ValueError):
+        with folder_lock(tmp_path / "a" / "b"):
+            raise ValueError("refused after taking the lock")
+    assert list(tmp_path.iterdir()) == []
+    with folder_lock(tmp_path / "a" / "b") as folder:
+        (folder / "result.txt").write_text("x")
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME, "result.txt"]
 
 
 def test_control_entries_are_recognised():

@@ -189,7 +189,8 @@ def test_command_on_real_single_source_runs(tmp_path):
         assert f"{name}  {rank:.3f}" in text
     before = (out / "cd_single_source_domain.txt").read_bytes()
     again = _significance("--single_source_dir", str(FIXTURE), "--output_dir", str(out))
-    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    assert again.returncode == 2 and "cd_single_source_domain.txt" in again.stderr
+    assert "pass --overwrite" in again.stderr
     assert (out / "cd_single_source_domain.txt").read_bytes() == before
     pairs = _significance("--single_source_dir", str(FIXTURE), "--output_dir", str(out),
                                   "--blocks", "pair")

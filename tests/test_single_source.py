@@ -215,11 +215,15 @@ def test_load_runs_tolerates_a_job_writing_its_last_line(tmp_path):
 
 @pytest.mark.parametrize("damage, problem", [
     (42, "not a JSON object but 42"),
-    ({"args": {}}, "no integer 'step' (got None)"),
-    ({"step": 0}, "no 'args' object"),
-    ({"step": 0, "args": {"dataset": "D"}}, "its 'args' lack algorithm, test_envs, trial_seed"),
-    ({"step": 0, "args": {**record()["args"], "test_envs": "1,2"}}, "test_envs '1,2' are not a list"),
-    ({**record(), "env1_in_acc": "high"}, "env1_in_acc missing or not numbers"),
+    ({"args": {}}, "lacks step, args.dataset, args.algorithm"),
+    ({"step": True, "args": record()["args"]}, "step: input should be a valid integer (got True)"),
+    ({"step": 0}, "lacks args"),
+    ({"step": 0, "args": {"dataset": "D"}}, "lacks args.algorithm, args.test_envs"),
+    ({"step": 0, "args": {**record()["args"], "test_envs": "1,2"}},
+     "args.test_envs: input should be a valid list (got '1,2')"),
+    ({**record(), "env1_in_acc": "high"}, "env1_in_acc missing or not accuracies in [0, 1]"),
+    ({**record(), "env1_in_acc": 1.5}, "env1_in_acc missing or not accuracies in [0, 1]"),
+    ({**record(), "env1_in_acc": float("nan")}, "env1_in_acc missing or not accuracies"),
     ({"step": 0, "args": record()["args"]}, "no env<i>_out_acc accuracies for 2 or more domains"),
 ])
 def test_record_problems_are_named(damage, problem):
@@ -255,7 +259,7 @@ def test_damaged_records_and_manifest_are_listed_and_skipped(tmp_path):
     tail = out[out.index("Skipped damaged records (4):"):].splitlines()[1:]
     assert tail[0].startswith(f"  {copy / run_folders.MANIFEST_NAME}:") and "not valid JSON" in tail[0]
     assert tail[1:] == [f"  {results}:2: not a JSON object but 42",
-                        f"  {results}:3: no integer 'step' (got None)", f"  {results}:4: not JSON"]
+                        f"  {results}:3: lacks step", f"  {results}:4: not JSON"]
     # The damaged run keeps its readable records, so every cell is still there.
     assert "missing or incomplete" not in out and re.search(r"^ITL\s+\d", out, flags=re.M), out
     sig = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.significance",

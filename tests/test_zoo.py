@@ -81,9 +81,13 @@ def test_every_loss_falls_as_the_true_class_gains():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: gce(LOGITS, TARGET, q=0.0), "q in"),
-    (lambda: label_smoothing(LOGITS, TARGET, epsilon=1.0), "epsilon in"),
+    (lambda: gce(LOGITS, TARGET, q=0.0), r"GCE q must be in \(0, 1\], got 0.0"),
+    (lambda: label_smoothing(LOGITS, TARGET, epsilon=1.0), r"label smoothing epsilon must be in \[0, 1\)"),
     (lambda: focal(LOGITS, TARGET, reduction="avg"), "reduction"),
+    (lambda: focal(LOGITS, TARGET, gamma=math.nan), "focal gamma must be a finite number >= 0, got nan"),
+    (lambda: sce(LOGITS, TARGET, beta=math.inf), "sce beta must be a finite number, got inf"),
+    (lambda: gce(LOGITS, TARGET, q=math.nan), r"GCE q must be in \(0, 1\], got nan"),
+    (lambda: poly1(LOGITS, TARGET, epsilon=-1.5), "poly epsilon1 must be a number >= -1/1, got -1.5"),
     (lambda: sce(LOGITS, TARGET.float()), "target"),
 ])
 def test_bad_arguments(call, match):

@@ -2,7 +2,9 @@
 
 Both protocols write `evaluation.md` (a title, the settings, a table per metric and one per
 domain for the first metric) and `evaluation.json` (settings, losses, statistics, records and
-whatever the protocol adds), each replaced atomically. The statistics are comparison.py's.
+whatever the protocol adds), each written atomically; an earlier report of the same protocol
+in the folder is rewritten, any other file of those names is refused (`plan_report`). The
+statistics are comparison.py's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Sequence, Tuple
 
-from ..files.atomic import write_atomic
+from ..files.outputs import OutputPlan, plan_outputs
 from . import comparison
 
 REPORT_MD, REPORT_JSON = "evaluation.md", "evaluation.json"
@@ -59,9 +61,23 @@ def tables(records: List[Dict[str, Any]], metrics: Sequence[Metric], reference: 
     return "\n\n".join(parts), stats
 
 
-def write_report(output_dir: Path, title: str, settings: Mapping[str, Any], body: str,
+def plan_report(output_dir: Path, protocol: str) -> OutputPlan:
+    """The report files in `output_dir`, checked before the evaluation starts: new files, or
+    those of an earlier report of the same `protocol` there (rewritten as results come in);
+    OutputExists for files of anything else."""
+    paths = [Path(output_dir) / REPORT_JSON, Path(output_dir) / REPORT_MD]
+    try:
+        earlier = json.loads(paths[0].read_text())["settings"]["protocol"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = None
+    return plan_outputs(paths, overwrite=earlier == protocol)
+
+
+def write_report(plan: OutputPlan, title: str, settings: Mapping[str, Any], body: str,
                  payload: Mapping[str, Any]) -> None:
-    """Replace evaluation.json (`payload`) and evaluation.md (title, settings and `body`)."""
+    """Write evaluation.json (`payload`) and evaluation.md (title, settings and `body`) through
+    `plan` (`plan_report`)."""
     lines = [f"# {title}", "", "Settings: `" + json.dumps(settings, sort_keys=True) + "`", "", body, ""]
-    write_atomic(Path(output_dir) / REPORT_JSON, json.dumps(payload, indent=1) + "\n", overwrite=True)
-    write_atomic(Path(output_dir) / REPORT_MD, "\n".join(lines), overwrite=True)
+    json_path, md_path = plan.paths
+    plan.write(json_path, json.dumps(payload, indent=1) + "\n")
+    plan.write(md_path, "\n".join(lines))

@@ -7,9 +7,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, List, Mapping, Sequence
 
-from ..files.atomic import OutputExists, write_atomic
+from ..files.outputs import OutputPlan, figure_format, plan_outputs
 
 
 def json_ready(value: Any) -> Any:
@@ -23,25 +23,29 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def write_outputs(output_dir: str | os.PathLike, stem: str, figure: Any, numbers: Mapping[str, Any],
-                  texts: Mapping[str, str] | None = None, overwrite: bool = False) -> List[Path]:
-    """Write `<stem>.png` (the matplotlib `figure`), `<stem>.json` (`numbers`) and each
-    `texts[suffix]` as `<stem><suffix>` (e.g. ".csv") into `output_dir`, each atomically.
-
-    Without `overwrite`, nothing is written when any of the files exists (OutputExists names it).
-    """
+def plan_analysis(output_dir: str | os.PathLike, stem: str, overwrite: bool = False,
+                  text_suffixes: Sequence[str] = ()) -> OutputPlan:
+    """The outputs of an analysis, checked before its work (domainbed_itl.files.outputs):
+    `<stem>.png` (the figure), `<stem>.json` (the numbers) and `<stem><suffix>` per text."""
     output_dir = Path(output_dir)
-    payloads: Dict[Path, bytes | str] = {
-        output_dir / f"{stem}.json": json.dumps(json_ready(numbers), indent=1) + "\n"}
-    for suffix, text in (texts or {}).items():
-        payloads[output_dir / f"{stem}{suffix}"] = text
     png = output_dir / f"{stem}.png"
-    if not overwrite:
-        taken = [str(p) for p in [*payloads, png] if p.exists()]
-        if taken:
-            raise OutputExists(f"{', '.join(taken)} exist(s); pass --overwrite to replace, or choose "
-                               "another --output_dir")
+    paths = [png, output_dir / f"{stem}.json", *(output_dir / f"{stem}{s}" for s in text_suffixes)]
+    return plan_outputs(paths, overwrite, figures=[png])
+
+
+def figure_bytes(figure: Any, path: str | os.PathLike, **savefig: Any) -> bytes:
+    """The matplotlib `figure` rendered in the format `path` names (its extension)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-    payloads[png] = buffer.getvalue()
-    return [write_atomic(path, data, overwrite=overwrite) for path, data in payloads.items()]
+    figure.savefig(buffer, format=figure_format(path), **savefig)
+    return buffer.getvalue()
+
+
+def write_outputs(plan: OutputPlan, figure: Any, numbers: Mapping[str, Any],
+                  texts: Mapping[str, str] | None = None) -> List[Path]:
+    """Write the outputs `plan_analysis` planned: the figure, `numbers` as JSON and each
+    `texts[suffix]`, each atomically."""
+    png, numbers_path, *text_paths = plan.paths
+    payloads = {numbers_path: json.dumps(json_ready(numbers), indent=1) + "\n",
+                **{path: texts[path.name[len(png.stem):]] for path in text_paths},
+                png: figure_bytes(figure, png, dpi=150, bbox_inches="tight")}
+    return [plan.write(path, data) for path, data in payloads.items()]

@@ -1,6 +1,8 @@
 """Files on disk: writing outputs, folder locks, the shipped data, run folders and sweep folders.
 
-- `atomic`: the one way an output file is written (atomic, never replacing what it did not make);
+- `atomic`: writing a file atomically, never replacing what it was not told to;
+- `outputs`: the one way a command writes an output file: every path checked before any work
+  (existing files, parent folder, figure format), then written atomically;
 - `runlock`: one writer per output folder;
 - `runfolder`: a long run's folder (lock, resume and overwrite rules, checkpoint, provenance,
   metrics), shared by meta-training, the CMA-ES search and the loss evaluation;

@@ -29,6 +29,8 @@ checkpoint loads with a plain torch.load on any machine). Besides what the kind 
 (settings, state, records) it holds: format and version, package_version, unit and done (the
 progress, e.g. 3 outer steps), device (the device type it was written on) and provenance (the
 original command and date, and a `resumed` entry per resume: command, date, from_step).
+A checkpoint is checked against its kind's schema (domainbed_itl.files.schemas) when read: a
+damaged one is refused, naming the file and the field, and never resumed from.
 Version 1 checkpoints, written before device, provenance, unit and done existed, still resume:
 their device is unknown (not checked, as it was not then), their provenance is the resuming
 command's (what was written then) and their progress is the number of records.
@@ -46,7 +48,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type,
+                    Union)
 
 import torch
 
@@ -54,15 +57,17 @@ from .. import __version__
 from ..losses.lossfile import LossSpec, save_loss
 from .atomic import write_atomic
 from .runlock import CONTROL_PREFIX, folder_lock, is_control_entry
+from .schemas import (CHECKPOINT_VERSIONS, Checkpoint, MetricsRecord, SchemaError, check,
+                      check_version)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 LOSS = "loss.json"
 # Where --overwrite keeps the previous run until the new one has written its first checkpoint.
 REPLACED = CONTROL_PREFIX + "replaced"
-CHECKPOINT_VERSION = 2
-# The keys every metrics record has (metrics.jsonl; plot_meta and plot_search read them).
-REQUIRED = ("step", "inner_source_acc", "outer_heldout_acc", "outer_heldout_loss")
+CHECKPOINT_VERSION = max(CHECKPOINT_VERSIONS)
+# The fields every metrics record has (metrics.jsonl; plot_meta and plot_search read them).
+REQUIRED = tuple(name for name, field in MetricsRecord.model_fields.items() if field.is_required())
 
 Log = Callable[[str], None]
 
@@ -74,12 +79,14 @@ class RunDirError(RuntimeError):
 @dataclass(frozen=True)
 class RunKind:
     """A kind of run: its name in messages, its checkpoint's format tag, what one unit of its
-    progress is called, and the files it writes (those --overwrite moves aside)."""
+    progress is called, the files it writes (those --overwrite moves aside) and its checkpoint's
+    schema (domainbed_itl.files.schemas; the envelope alone by default)."""
 
     name: str
     format: str
     unit: str
     outputs: Tuple[str, ...] = (CHECKPOINT, METRICS, LOSS)
+    schema: Type[Checkpoint] = Checkpoint
 
 
 def log_stderr(message: str) -> None:
@@ -114,7 +121,8 @@ def on_cpu(value: Any) -> Any:
 
 
 def load_checkpoint(path: Union[str, os.PathLike], kind: RunKind) -> Dict[str, Any]:
-    """Read a checkpoint of `kind`; RunDirError naming the file if it is not one (or is newer)."""
+    """Read a checkpoint of `kind`, checked against its schema; RunDirError naming the file and
+    the problem if it is not one (or is of a newer version)."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -122,10 +130,13 @@ def load_checkpoint(path: Union[str, os.PathLike], kind: RunKind) -> Dict[str, A
         raise RunDirError(f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != kind.format:
         raise RunDirError(f"{path} is not a domainbed-itl {kind.name} checkpoint")
-    if ckpt.get("version", 1) > CHECKPOINT_VERSION:
-        raise RunDirError(f"{path} was written by domainbed-itl {ckpt.get('package_version')} in "
-                          f"checkpoint version {ckpt['version']}; this version reads up to "
-                          f"{CHECKPOINT_VERSION}: upgrade domainbed-itl to resume it")
+    where = f"checkpoint {path}"
+    try:
+        check_version(ckpt, CHECKPOINT_VERSIONS, where)
+        check(kind.schema, ckpt, where)
+    except SchemaError as e:
+        raise RunDirError(f"{e}; the run cannot continue from it (--overwrite starts it "
+                          "again)") from None
     return ckpt
 
 
@@ -138,18 +149,26 @@ def progress(ckpt: Mapping[str, Any]) -> Tuple[int, str]:
 
 
 def read_metrics(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
-    """The records of a metrics.jsonl file; ValueError naming the line if one is malformed."""
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    """The records of a metrics.jsonl file, each checked (domainbed_itl.files.schemas
+    MetricsRecord, which keeps only the fields the plots read) and in step order; ValueError
+    naming the line of a malformed one."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file ({e.reason})") from None
+    records: List[Dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"{path}, line {number}"
         try:
-            record = json.loads(line)
+            record = check(MetricsRecord, json.loads(line), where).model_dump(exclude_none=True)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not JSON ({e})") from e
-        missing = [k for k in REQUIRED if k not in record]
-        if missing:
-            raise ValueError(f"{path}, line {number}: lacks {missing}")
+            raise ValueError(f"{where}: not JSON ({e})") from e
+        if records and record["step"] <= records[-1]["step"]:
+            raise ValueError(f"{where}: step {record['step']} after step {records[-1]['step']}; "
+                             "expected the steps in increasing order")
         records.append(record)
     if not records:
         raise ValueError(f"{path} holds no metrics records")
@@ -170,6 +189,7 @@ def describe_run(folder: Path, outputs: Sequence[str]) -> str:
     if CHECKPOINT in files:
         try:  # a checkpoint of any kind of run of this package
             ckpt = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+            check(Checkpoint, ckpt, str(folder / CHECKPOINT))
             done = "{} {}, ".format(*progress(ckpt))
         except Exception:  # torch raises many types for corrupt or foreign files
             done = "an unreadable checkpoint, "

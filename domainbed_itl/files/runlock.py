@@ -8,10 +8,13 @@ taken without waiting: a second writer gets `FolderLocked`, whose message names 
 (process id, host, start time, command) from `<folder>/.domainbed_itl.lock.json`, which the
 holder writes once it has the lock. A killed holder leaves no stale lock, since the kernel
 releases it; the lock file itself stays (removing it could let two writers lock two different
-files). The lock is not re-entrant: a second `folder_lock` on the folder is refused even in the
-holding process, so each command takes its folder's lock once (a run folder's through
-domainbed_itl.files.runfolder). Names starting with `CONTROL_PREFIX` are this package's
-bookkeeping, not results; folder checks ignore them (`is_control_entry`).
+files), except in a folder the lock itself created and that holds nothing else when the block
+ends (a command refused after taking the lock): the lock file, the folder and the parents the
+lock made are removed, so that a refused command leaves nothing behind. The lock is not
+re-entrant: a second `folder_lock` on the folder is refused even in the holding process, so
+each command takes its folder's lock once (a run folder's through domainbed_itl.files.runfolder).
+Names starting with `CONTROL_PREFIX` are this package's bookkeeping, not results; folder checks
+ignore them (`is_control_entry`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import filelock
 
@@ -69,6 +72,7 @@ def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Ite
     the lock is not re-entrant).
     """
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
     folder.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(folder / LOCK_NAME))
     try:
@@ -85,5 +89,19 @@ def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Ite
             yield folder
         finally:
             (folder / HOLDER_NAME).unlink(missing_ok=True)
+            _remove_if_unused(folder, created)
     finally:
         lock.release()
+
+
+def _remove_if_unused(folder: Path, created: List[Path]) -> None:
+    """Remove `folder` and the parents in `created` (the lock made them) if nothing but the lock
+    is in them; called holding the lock, which writes nothing after the lock file is gone."""
+    if not created or any(not is_control_entry(p.name) for p in folder.iterdir()):
+        return
+    (folder / LOCK_NAME).unlink(missing_ok=True)
+    for made in created:  # deepest first; one that another process wrote into stays
+        try:
+            made.rmdir()
+        except OSError:
+            return

@@ -6,9 +6,10 @@ and, once finished, `done`. The launcher (`domainbed_itl.scripts.single_source_s
 a manifest of the planned jobs (`MANIFEST_NAME`), so that the report can name runs whose folders
 are missing or empty. Nothing here imports DomainBed.
 
-Damaged input never stops a report: a record that is not JSON or lacks what the reports read
-(`record_problem`), and a manifest or manifest entry that cannot be read, are described with
-their file and line (or entry) and skipped.
+Damaged input never stops a report: a record that is not JSON or does not hold what the reports
+read (`record_problem`), and a manifest or manifest entry that cannot be read, are described with
+their file and line (or entry) and skipped. Records and manifests are checked against their
+schemas (domainbed_itl.files.schemas: DomainBedRecord, Manifest, ManifestJob).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
 
 from .atomic import write_atomic
+from .schemas import (MANIFEST_FORMAT, MANIFEST_VERSIONS, DomainBedRecord, Manifest, ManifestJob,
+                      SchemaError, check, check_version)
 
 MANIFEST_NAME = "single_source_sweep.json"
-MANIFEST_FORMAT = "domainbed_itl single-source sweep"
 RECORD_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed")
 _JOB_HASH = re.compile(r"[0-9a-f]{32}")
 
@@ -56,11 +58,12 @@ class PlannedJob:
         return {"folder": self.folder, "n_envs": self.n_envs, **vars(self.key)}
 
     @classmethod
-    def from_json(cls, entry: Mapping) -> "PlannedJob":
-        """Parse a manifest entry."""
-        key = RunKey(str(entry["dataset"]), str(entry["algorithm"]), int(entry["source"]),
-                     int(entry["trial_seed"]), int(entry["hparams_seed"]))
-        return cls(str(entry["folder"]), key, int(entry["n_envs"]))
+    def from_json(cls, entry: Any, where: str = "manifest entry") -> "PlannedJob":
+        """Parse a manifest entry (checked as domainbed_itl.files.schemas.ManifestJob);
+        SchemaError naming `where` and the field."""
+        job = check(ManifestJob, entry, where)
+        key = RunKey(job.dataset, job.algorithm, job.source, job.trial_seed, job.hparams_seed)
+        return cls(job.folder, key, job.n_envs)
 
 
 @dataclass
@@ -103,39 +106,19 @@ def run_key(record: Mapping) -> RunKey:
                   int(args["hparams_seed"]))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def record_problem(record: Any) -> Optional[str]:
     """Why `record` is not a DomainBed train record the reports can read; None if it is one.
 
-    A record is a JSON object with an integer `step`, `args` holding RECORD_ARGS (`test_envs`
-    a list of integers), and numeric env<i>_in_acc and env<i>_out_acc for 2 or more domains.
+    A record is a JSON object following domainbed_itl.files.schemas.DomainBedRecord: an integer
+    `step`, `args` holding RECORD_ARGS (`test_envs` a list of domain indices), and accuracies in
+    [0, 1] env<i>_in_acc and env<i>_out_acc for 2 or more domains.
     """
     if not isinstance(record, dict):
         return f"not a JSON object but {json.dumps(record)[:60]}"
-    if not _is_int(record.get("step")):
-        return f"no integer 'step' (got {record.get('step')!r})"
-    args = record.get("args")
-    if not isinstance(args, dict):
-        return "no 'args' object"
-    missing = [k for k in RECORD_ARGS if k not in args]
-    if missing:
-        return f"its 'args' lack {', '.join(missing)}"
-    if not isinstance(args["test_envs"], list) or not all(_is_int(e) for e in args["test_envs"]):
-        return f"its test_envs {args['test_envs']!r} are not a list of integers"
-    n = count_envs(record)
-    if n < 2:
-        return "no env<i>_out_acc accuracies for 2 or more domains"
-    bad = [f"env{e}_{split}_acc" for e in range(n) for split in ("in", "out")
-           if not _is_number(record.get(f"env{e}_{split}_acc"))]
-    if bad:
-        return f"{', '.join(bad)} missing or not numbers"
+    try:
+        check(DomainBedRecord, record, "record")
+    except SchemaError as error:
+        return str(error).removeprefix("record: ")
     return None
 
 
@@ -164,18 +147,18 @@ def read_manifest(sweep_dir: Union[str, os.PathLike],
     except (OSError, UnicodeDecodeError) as error:
         problem(f"{path}: the sweep manifest cannot be read ({error}); skipped")
         return []
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(
-            data.get("jobs"), list):
-        problem(f"{path}: not a {MANIFEST_FORMAT} manifest (a JSON object with format "
-                f"{MANIFEST_FORMAT!r} and a list of jobs); skipped")
+    try:
+        check_version(data, MANIFEST_VERSIONS, f"{path}")
+        manifest = check(Manifest, data, f"{path}")
+    except SchemaError as error:
+        problem(f"{error}: not a {MANIFEST_FORMAT} manifest this version reads; skipped")
         return []
     jobs = []
-    for i, entry in enumerate(data["jobs"]):
+    for i, entry in enumerate(manifest.jobs):
         try:
-            jobs.append(PlannedJob.from_json(entry))
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            problem(f"{path}: job entry {i + 1} of {len(data['jobs'])} cannot be read "
-                    f"({type(error).__name__}: {error}); skipped")
+            jobs.append(PlannedJob.from_json(entry, f"job entry {i + 1} of {len(manifest.jobs)}"))
+        except SchemaError as error:
+            problem(f"{path}: {error}; skipped")
     return jobs
 
 
@@ -184,7 +167,7 @@ def update_manifest(sweep_dir: Union[str, os.PathLike], jobs: Iterable[PlannedJo
     damaged manifest raises ValueError (see read_manifest) rather than lose its entries."""
     merged = {job.folder: job for job in read_manifest(sweep_dir)}
     merged.update({job.folder: job for job in jobs})
-    data = {"format": MANIFEST_FORMAT, "version": 1,
+    data = {"format": MANIFEST_FORMAT, "version": max(MANIFEST_VERSIONS),
             "jobs": [merged[f].to_json() for f in sorted(merged)]}
     return write_atomic(Path(sweep_dir) / MANIFEST_NAME, json.dumps(data, indent=1) + "\n",
                         overwrite=True)

@@ -159,9 +159,9 @@ class LossFamily:
         return _reduce(self.per_sample(logits, target, omega), reduction)
 
     def module(self, parameters: Sequence[float] | Tensor) -> torch.nn.Module:
-        """The fixed loss with these parameters, for training. Only their count is checked here:
-        values are `check`ed where a loss is made (LossSpec, the meta-learner's start and updates),
-        so that a diverging search is named where its losses turn non-finite."""
+        """The fixed loss with these parameters, for training; they are `check`ed (ValueError
+        naming a value that is not finite or not in its interval)."""
+        self.check(parameters)
         values = self._values(parameters)
         return self.fixed(values) if self.fixed is not None else FixedLoss(self, values)
 
@@ -173,6 +173,7 @@ class FixedLoss(torch.nn.Module):
 
     def __init__(self, family: LossFamily, parameters: Sequence[float]):
         super().__init__()
+        family.check(parameters)
         self.family = family
         self.register_buffer("omega", torch.tensor(parameters, dtype=torch.float64), persistent=False)
 

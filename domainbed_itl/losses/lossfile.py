@@ -5,14 +5,15 @@
      "seed": ..., "package_version": ...}}
 
 `family` is any registered family (families.py), `order` its order for families with orders
-(taylor, poly) and null otherwise. `load_loss` validates and raises LossFileError naming the
-file and the problem.
+(taylor, poly) and null otherwise; `format` and `version` may be left out of a file written by
+hand (version 1). `load_loss` validates (the schema domainbed_itl.files.schemas.LossFile: the
+version, the types, finite parameters; then the family's count and intervals) and raises
+LossFileError naming the file and the problem.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,13 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..files.atomic import write_atomic
+from ..files.schemas import LOSS_FORMAT, LOSS_VERSIONS, LossFile, SchemaError, check, check_version
 from .families import get_family
 from .learned import LEARNED
 from .taylor import ITL_PARAMETERS
 
-FORMAT = "domainbed-itl-loss"
-VERSION = 1
+FORMAT = LOSS_FORMAT
+VERSION = max(LOSS_VERSIONS)
 
 
 class LossFileError(ValueError):
@@ -81,36 +83,29 @@ def save_loss(path: str | os.PathLike, spec: LossSpec, overwrite: bool = False) 
 
 
 def load_loss(path: str | os.PathLike) -> LossSpec:
-    """Read and validate a loss file; raise LossFileError naming the file and the problem."""
+    """Read and validate a loss file (its schema: domainbed_itl.files.schemas.LossFile, then its
+    family's checks); raise LossFileError naming the file and the problem."""
     path = Path(path)
+    where = f"loss file {path}"
     try:
         text = path.read_text()
-    except OSError as e:
-        raise LossFileError(f"cannot read loss file {path}: {e.strerror or e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise LossFileError(f"cannot read {where}: {getattr(e, 'strerror', None) or e}") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise LossFileError(f"loss file {path} is not valid JSON: {e}") from e
+        raise LossFileError(f"{where} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
-        raise LossFileError(f"loss file {path} must hold a JSON object, got {type(data).__name__}")
-    if data.get("format", FORMAT) != FORMAT:
-        raise LossFileError(f"loss file {path} has format {data['format']!r}, expected {FORMAT!r}")
-    missing = [k for k in ("family", "parameters") if k not in data]
-    if missing:
-        raise LossFileError(f"loss file {path} lacks the key(s) {missing}")
-    params = data["parameters"]
-    if not isinstance(params, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in params):
-        raise LossFileError(f"loss file {path}: 'parameters' must be a list of numbers, got {params!r}")
-    if not all(math.isfinite(v) for v in params):
-        raise LossFileError(f"loss file {path}: parameters must be finite, got {params}")
-    provenance = data.get("provenance", {})
-    if not isinstance(provenance, dict):
-        raise LossFileError(f"loss file {path}: 'provenance' must be an object, got {provenance!r}")
+        raise LossFileError(f"{where} must hold a JSON object, got {type(data).__name__}")
     try:
-        return LossSpec(data["family"], data.get("order"), params, provenance)
+        check_version(data, LOSS_VERSIONS, where)
+        loaded = check(LossFile, data, where)
+    except SchemaError as e:
+        raise LossFileError(str(e)) from None
+    try:
+        return LossSpec(loaded.family, loaded.order, list(loaded.parameters), dict(loaded.provenance))
     except ValueError as e:
-        raise LossFileError(f"loss file {path}: {e}") from e
+        raise LossFileError(f"{where}: {e}") from e
 
 
 def resolve_loss(name_or_path: str) -> LossSpec:

@@ -80,6 +80,16 @@ def check_taylor_params(omega: Sequence[float] | Tensor, order: int) -> None:
             f"a Taylor loss of order {order} has {expected} parameters, got {n}")
 
 
+def check_finite_taylor_params(omega: Sequence[float], order: int) -> None:
+    """Raise ValueError naming the first entry of `omega` that is not a finite number (a fixed
+    loss; the meta-learner's ω is checked by its family and the trainer)."""
+    check_taylor_params(omega, order)
+    for k, value in enumerate(omega):
+        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)) or not math.isfinite(value):
+            raise ValueError(f"omega{k} of a Taylor loss of order {order} must be a finite number, "
+                             f"got omega{k}={value!r}")
+
+
 def cross_entropy_taylor_init(order: int, num_classes: int) -> List[float]:
     """ω of the order-`order` Taylor expansion of cross-entropy, the default meta-learning start.
 
@@ -236,7 +246,8 @@ class TaylorLoss(torch.nn.Module):
     def __init__(self, parameters: Sequence[float] = ITL_PARAMETERS, order: int = 4,
                  backend: str = "auto"):
         super().__init__()
-        check_taylor_params(parameters, order)
+        _check_order(order)
+        check_finite_taylor_params(parameters, order)
         if backend not in self.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(self.BACKENDS)}, got {backend!r}")
         self.order, self.backend = order, backend

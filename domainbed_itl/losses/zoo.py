@@ -2,19 +2,31 @@
 
 Every loss takes (logits, target, ..., reduction="mean") with integer class targets, like
 F.cross_entropy, so any of them can replace cross-entropy in a training loop. Their parameters
-may be tensors (the loss families of families.py learn them); a Python number is range-checked
-here, a tensor by its family.
+may be tensors (the loss families of families.py learn them); a Python number is checked here
+(finite, and in the loss's range: ValueError naming it), a tensor by its family.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .taylor import _check_target, _reduce
+
+
+def _check_number(name: str, value: Any, ok: Callable[[float], bool] = lambda v: True,
+                  expected: str = "a finite number") -> None:
+    """ValueError naming `name` unless the Python number `value` is finite and `ok` (a tensor is
+    its family's to check)."""
+    if isinstance(value, Tensor):
+        return
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not ok(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -37,6 +49,7 @@ def focal(logits: Tensor, target: Tensor, gamma: float | Tensor = 2.0, reduction
     1-ŷ_t is floored at 1e-12 so that γ < 1 keeps a finite gradient when ŷ_t rounds to 1.
     """
     _check_target(logits, target)
+    _check_number("focal gamma", gamma, lambda g: g >= 0, "a finite number >= 0")
     log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
     return _reduce(-(1.0 - log_p.exp()).clamp_min(1e-12).pow(gamma) * log_p, reduction)
 
@@ -48,6 +61,8 @@ def sce(logits: Tensor, target: Tensor, alpha: float | Tensor = 0.1, beta: float
     With one-hot y, RCE = -A (1 - ŷ_t). α and β may be tensors (iSCE learns them).
     """
     _check_target(logits, target)
+    for name, value in (("sce alpha", alpha), ("sce beta", beta), ("sce log_zero", log_zero)):
+        _check_number(name, value)
     log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
     rce = -log_zero * (1.0 - log_p.exp())
     return _reduce(alpha * -log_p + beta * rce, reduction)
@@ -56,8 +71,7 @@ def sce(logits: Tensor, target: Tensor, alpha: float | Tensor = 0.1, beta: float
 def gce(logits: Tensor, target: Tensor, q: float | Tensor = 0.7, reduction: str = "mean") -> Tensor:
     """Generalised CE (1 - ŷ_t^q)/q (Zhang & Sabuncu, NeurIPS 2018); q -> 0 gives CE."""
     _check_target(logits, target)
-    if not isinstance(q, Tensor) and not 0.0 < q <= 1.0:
-        raise ValueError(f"GCE needs q in (0, 1], got {q!r}")
+    _check_number("GCE q", q, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
     log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
     return _reduce((1.0 - (q * log_p).exp()) / q, reduction)
 
@@ -67,8 +81,7 @@ def label_smoothing(logits: Tensor, target: Tensor, epsilon: float | Tensor = 0.
     """CE against (1-ε)·onehot + ε/C (Szegedy et al., CVPR 2016; Pereyra et al., ICLR 2017):
     (1-ε)(-log ŷ_t) + ε·mean_c(-log ŷ_c)."""
     _check_target(logits, target)
-    if not isinstance(epsilon, Tensor) and not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"label smoothing needs epsilon in [0, 1), got {epsilon!r}")
+    _check_number("label smoothing epsilon", epsilon, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     log_probs = F.log_softmax(logits, dim=1)
     log_p = log_probs.gather(1, target.long().unsqueeze(1)).squeeze(1)
     return _reduce(-(1 - epsilon) * log_p - epsilon * log_probs.mean(dim=1), reduction)
@@ -81,6 +94,9 @@ def poly(logits: Tensor, target: Tensor, epsilons: Sequence[float] | Tensor,
     CE's expansion -log ŷ_t = Σ_j (1-ŷ_t)^j / j with its first N coefficients moved by ε_j.
     """
     _check_target(logits, target)
+    if not isinstance(epsilons, Tensor):
+        for j, value in enumerate(epsilons, start=1):  # Leng et al.: 1/j + ε_j >= 0
+            _check_number(f"poly epsilon{j}", value, lambda v, j=j: v >= -1 / j, f"a number >= -1/{j}")
     eps = (epsilons.to(logits.dtype) if isinstance(epsilons, Tensor)
            else torch.tensor([float(e) for e in epsilons], dtype=logits.dtype, device=logits.device))
     log_p = F.log_softmax(logits, dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)

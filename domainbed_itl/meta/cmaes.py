@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..files.runfolder import RunFolder, RunKind, log_stderr, source_commit, using_run_folder
+from ..files.runfolder import (RunDirError, RunFolder, RunKind, log_stderr, source_commit,
+                               using_run_folder)
+from ..files.schemas import CMACheckpoint
 from ..losses.lossfile import LossSpec
 from .config import MetaConfig
 from .data import DomainData
@@ -165,16 +167,23 @@ class CMASearch:
                 "es": pickle.dumps(self.es)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue from `state_dict()`. The strategy is unpickled: load only your own files."""
-        es = pickle.loads(state["es"])
-        if not isinstance(es, cma.CMAEvolutionStrategy) or es.N != self.dimension:
-            raise ValueError(f"the state holds no CMA-ES of dimension {self.dimension}")
+        """Continue from `state_dict()`. The strategy is unpickled: load only your own files.
+        ValueError when the state holds no strategy of this search's dimension."""
+        try:
+            es = pickle.loads(state["es"])
+        except Exception as error:  # unpickling damaged bytes raises many types
+            raise ValueError(f"the state's CMA-ES strategy cannot be unpickled ({error})") from None
+        if not isinstance(es, cma.CMAEvolutionStrategy) or es.N != self.dimension or (
+                self.config.popsize is not None and es.popsize != self.config.popsize):
+            size = "" if self.config.popsize is None else f" and population {self.config.popsize}"
+            raise ValueError(f"the state holds no CMA-ES of dimension {self.dimension}{size}")
         self.es = es
         self.generations_done = int(state["generations_done"])
         self.best = state["best"]
 
 
-CMA_RUN = RunKind("CMA-ES search", "domainbed-itl-cmaes-checkpoint", "generations")
+CMA_RUN = RunKind("CMA-ES search", "domainbed-itl-cmaes-checkpoint", "generations",
+                  schema=CMACheckpoint)
 
 
 def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
@@ -201,7 +210,10 @@ def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
             ckpt = folder.checkpoint
             folder.refuse_changes(ckpt["cma_config"], config.to_dict(), ignore=("generations",))
             check_resumable(folder, "meta_config", meta_config, data, trainer.omega.tolist())
-            search.load_state_dict(ckpt["search"])
+            try:
+                search.load_state_dict(ckpt["search"])
+            except ValueError as error:
+                raise RunDirError(f"cannot resume {folder.checkpoint_path}: {error}") from None
             records.extend(ckpt["metrics"])
         folder.begin(config.generations, device, provenance)
         _search(folder, search, trainer, data, records, on_generation)

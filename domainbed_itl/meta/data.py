@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import Collection, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -39,6 +39,40 @@ def check_domains(domains: Sequence[Domain], num_classes: int) -> None:
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise ValueError(f"domain {i}: labels must lie in [0, {num_classes}), got "
                              f"[{int(y.min())}, {int(y.max())}]")
+
+
+# The sizes a run draws from its data: from a leave-one-domain-out split's source domains (with
+# replacement for the minibatches, a subset for the evaluation) or from its held-out domain.
+FROM_SOURCES = ("batch_size", "hvp_batch", "eval_size")
+FROM_HELDOUT = ("outer_batch",)
+REPEATING = ("batch_size", "hvp_batch")
+
+
+def size_problems(sizes: Sequence[int], wanted: Mapping[str, Optional[int]],
+                  explicit: Collection[str], name: str = "the data") -> List[str]:
+    """Notes on the `wanted` sizes (flag name -> value, None: whole domains) larger than what
+    domains of `sizes` examples hold; ValueError, naming the sizes, for those in `explicit`
+    (given by the user), where a smaller value is then what the user meant to ask. A
+    per_domain_cap above every domain ("at most") is only noted."""
+    source, heldout = sum(sizes) - max(sizes), min(sizes)
+    cap = wanted.get("per_domain_cap")
+    notes = ([] if cap is None or cap <= max(sizes) else [
+        f"--per_domain_cap {cap} is larger than every domain ({name}: domains of "
+        f"{', '.join(map(str, sizes))} examples); all their examples are used"])
+    for flag, value in wanted.items():
+        if value is None or flag not in (*FROM_SOURCES, *FROM_HELDOUT):
+            continue
+        available, what = ((source, "source examples of the smallest leave-one-domain-out split")
+                           if flag in FROM_SOURCES else (heldout, "examples of the smallest domain"))
+        if value <= available:
+            continue
+        text = (f"--{flag} {value} is larger than the {available} {what} ({name}: domains of "
+                f"{', '.join(map(str, sizes))} examples)")
+        if flag in explicit:
+            raise ValueError(f"{text}; expected at most {available}")
+        notes.append(text + ("; the batches repeat examples" if flag in REPEATING else
+                             f"; all {available} are used"))
+    return notes
 
 
 @dataclass

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..analysis.loss_evaluation import REPORT_JSON, REPORT_MD
 from ..files.runfolder import CHECKPOINT, RunDirError, RunFolder, RunKind
+from ..files.schemas import EvaluationCheckpoint
 from . import inner
 from .config import InnerSettings, check_bool, check_positive_int
 from .data import DomainData
@@ -79,7 +80,7 @@ class Protocol:
 
 
 EVALUATION_RUN = RunKind("loss evaluation", "domainbed-itl-evaluation-checkpoint", "units",
-                         (CHECKPOINT, REPORT_MD, REPORT_JSON))
+                         (CHECKPOINT, REPORT_MD, REPORT_JSON), EvaluationCheckpoint)
 
 
 @dataclass

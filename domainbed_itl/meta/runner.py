@@ -18,20 +18,24 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..files.runfolder import (RunFolder, RunKind, log_stderr, source_commit,
+from ..files.runfolder import (RunDirError, RunFolder, RunKind, log_stderr, source_commit,
                                using_run_folder)
+from ..files.schemas import MetaCheckpoint
 from ..losses.lossfile import LossSpec
 from .config import MetaConfig
 from .data import DomainData
+from .inner import mlp
 from .trainer import MetaTrainer, NonFiniteError
 
-META_RUN = RunKind("meta-training", "domainbed-itl-meta-checkpoint", "outer steps")
+META_RUN = RunKind("meta-training", "domainbed-itl-meta-checkpoint", "outer steps",
+                   schema=MetaCheckpoint)
 
 
 def data_fingerprint(data: DomainData) -> Dict[str, Any]:
@@ -57,15 +61,55 @@ def new_trainer(data: DomainData, config: MetaConfig, init: Optional[LossSpec],
 
 
 def saved_config(ckpt: Dict[str, Any], key: str = "config") -> Dict[str, Any]:
-    """A checkpoint's MetaConfig as a dict; settings added after it was written take their
-    default values, which were the behaviour then."""
-    return {**MetaConfig().to_dict(), **ckpt[key]}
+    """A checkpoint's MetaConfig as a dict, checked by MetaConfig; settings added after it was
+    written take their default values, which were the behaviour then. RunDirError for settings
+    that are unknown or whose values MetaConfig refuses."""
+    values = {**MetaConfig().to_dict(), **ckpt[key]}
+    unknown = sorted(set(values) - set(MetaConfig.__dataclass_fields__))
+    try:
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
+        return MetaConfig(**values).to_dict()
+    except ValueError as error:
+        raise RunDirError(f"the checkpoint's {key} cannot be used: {error}") from None
 
 
 def initial_loss(ckpt: Dict[str, Any], key: str = "config") -> LossSpec:
     """The loss a checkpointed run started from: its config's family and order, its initial ω."""
     config = saved_config(ckpt, key)
-    return LossSpec(config["family"], config["order"], list(ckpt["init_omega"]))
+    try:
+        return LossSpec(config["family"], config["order"], list(ckpt["init_omega"]))
+    except ValueError as error:
+        raise RunDirError(f"the checkpoint's initial loss cannot be used: {error}") from None
+
+
+def check_trainer_state(path: Path, state: Mapping[str, Any], trainer: MetaTrainer,
+                        data: DomainData) -> None:
+    """RunDirError naming the checkpoint at `path` unless its trainer `state` fits `trainer`:
+    ω's shape, the outer optimiser's settings and buffers, the warm-started networks' shapes."""
+    omega = tuple(trainer.omega.shape)
+    fresh = trainer.optimizer.state_dict()["param_groups"]
+    problems = [] if tuple(state["omega"].shape) == omega else [
+        f"trainer.omega has shape {tuple(state['omega'].shape)}, expected {omega}"]
+    saved = state["optimizer"]
+    groups = saved["param_groups"]
+    if len(groups) != 1 or any(groups[0][k] != v for k, v in fresh[0].items() if k in groups[0]):
+        problems.append(f"the outer optimiser's settings {groups} are not the configuration's {fresh}")
+    problems += [f"the outer optimiser's {name} of parameter {index} does not fit ω {omega}"
+                 for index, buffers in saved["state"].items() for name, value in buffers.items()
+                 if index != 0 or isinstance(value, torch.Tensor) and value.dim() and
+                 tuple(value.shape) != omega]
+    if state.get("inner") is not None:
+        n = trainer.num_domains
+        shapes = {name: (n, *p.shape) for name, p in
+                  mlp(data.domains[0][0].shape[1], trainer.config.hidden,
+                      data.num_classes).named_parameters()}
+        inner = state["inner"]
+        buffers = [v for v in inner["optimizer"].values() if isinstance(v, dict)]
+        if any({k: tuple(v.shape) for k, v in b.items()} != shapes for b in [inner["params"], *buffers]):
+            problems.append(f"the warm-started networks do not have the configuration's shapes {shapes}")
+    if problems:
+        raise RunDirError(f"cannot resume {path}: " + "; ".join(problems))
 
 
 def check_resumable(folder: RunFolder, config_key: str, config: MetaConfig, data: DomainData,
@@ -104,6 +148,7 @@ def run_meta_training(data: DomainData, config: MetaConfig,
         records: List[Dict[str, Any]] = []
         if folder.checkpoint is not None:
             check_resumable(folder, "config", config, data, init_omega, ignore=("outer_steps",))
+            check_trainer_state(folder.checkpoint_path, folder.checkpoint["trainer"], trainer, data)
             trainer.load_state_dict(folder.checkpoint["trainer"])
             records = list(folder.checkpoint["metrics"])
         folder.begin(config.outer_steps, device, provenance)

@@ -6,7 +6,8 @@ into one line and an exit status:
 
 - an expected error (a bad flag value, an unusable folder, a missing DomainBed, a bad loss file,
   a locked folder, ...): `error: <what, naming the value and what is expected>`, status 2;
-- a computation that failed (non-finite values, failed jobs): `error: ...`, status 1;
+- a computation that failed (non-finite values, failed jobs, out of memory): `error: ...`,
+  status 1;
 - Ctrl-C: `interrupted: <how to continue>`, status 130 (every run folder's checkpoint is whole,
   so the run resumes);
 - anything else is a bug: its traceback, then one line asking to report it, status 1.
@@ -17,6 +18,7 @@ argparse's own errors (a value of the wrong type) keep argparse's usage line and
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import shlex
@@ -30,7 +32,7 @@ from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..bridge.patching import PatchError
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
-from ..meta.data import DomainData, synthetic_dataset
+from ..meta.data import DomainData, size_problems, synthetic_dataset
 from ..meta.inner import INNER_OPTIMIZERS, SCHEDULES
 
 # Errors that a user's input or environment causes: one line and exit status 2.
@@ -39,6 +41,8 @@ BUG_REPORT = ("error: this is a bug in domainbed-itl (an unexpected {name}); ple
               "the command and this traceback")
 DEVICE_TYPES = ("cpu", "cuda")
 DATA_FLAGS = ("dataset", "data_dir", "domainbed_root", "per_domain_cap", "data_seed")
+INT64_LIMIT = 2 ** 63
+OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
 
 
 # ------------------------------------------------------------------------------ the boundary
@@ -55,15 +59,35 @@ def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lam
         print(f"\ninterrupted: {interrupted()}", file=sys.stderr, flush=True)
         return 130
     except (*expected, *EXPECTED_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except (*failures, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
-    except Exception as error:  # a bug: keep its traceback
-        traceback.print_exc()
-        print(BUG_REPORT.format(name=type(error).__name__), file=sys.stderr)
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(s in str(error) for s in OUT_OF_MEMORY):
+            return _bug(error)
+        print(f"error: out of memory ({_first_line(error)}); smaller settings (--hidden, "
+              "--batch_size, --inner_steps, --per_domain_cap, ...) need less", file=sys.stderr)
         return 1
+    except Exception as error:
+        return _bug(error)
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line (a library's message may span several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def _bug(error: Exception) -> int:
+    """A bug: its traceback, then the request to report it; status 1."""
+    traceback.print_exc()
+    print(BUG_REPORT.format(name=type(error).__name__), file=sys.stderr)
+    return 1
 
 
 def command_line(argv: Optional[Sequence[str]], command: str) -> str:
@@ -73,25 +97,39 @@ def command_line(argv: Optional[Sequence[str]], command: str) -> str:
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
-    """The destinations of the flags given on the command line `argv` (not left at a default)."""
+    """The destinations of the flags given on the command line `argv` (not left at a default),
+    subcommands' flags included."""
     unset = object()
-    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions
-                                      if a.dest != argparse.SUPPRESS})
-    parser.parse_args(argv, namespace=namespace)
+    probe = copy.deepcopy(parser)
+    _unset_defaults(probe, unset)
+    namespace = probe.parse_args(argv)
     return {dest for dest, value in vars(namespace).items() if value is not unset}
+
+
+def _unset_defaults(parser: argparse.ArgumentParser, unset: object) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _unset_defaults(sub, unset)
+        elif action.dest != argparse.SUPPRESS:
+            action.default = unset
+    parser._defaults.clear()
 
 
 # ----------------------------------------------------------------------------- argument types
 
 
 def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
-    """An argparse type accepting integers >= `minimum`, written plainly ('3', not '3.0')."""
+    """An argparse type accepting integers >= `minimum` that fit in 64 bits (torch's sizes and
+    seeds), written plainly ('3', not '3.0')."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
+        if value is not None and str(value) == text.strip() and not -INT64_LIMIT <= value < INT64_LIMIT:
+            raise argparse.ArgumentTypeError(f"expected {expected} that fits in 64 bits, got {text!r}")
         if value is None or value < minimum or str(value) != text.strip():
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
@@ -99,6 +137,7 @@ def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
     return parse
 
 
+integer = int_at_least(-INT64_LIMIT, "an integer")
 positive_int = int_at_least(1, "a positive integer")
 nonnegative_int = int_at_least(0, "an integer >= 0")
 
@@ -214,7 +253,7 @@ def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algorithms", nargs="+", default=None,
                         help="only runs of these algorithms (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--batch_size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--batch_size", type=positive_int, default=256, help="evaluation batch size")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -279,6 +318,16 @@ def check_data_flags(flags: Mapping[str, Any]) -> None:
     if not os.path.isdir(flags["data_dir"]):
         raise ValueError(f"--data_dir {flags['data_dir']!r} is not a folder")
     find_domainbed_root(flags["domainbed_root"])
+
+
+def check_data_sizes(data: DomainData, wanted: Mapping[str, Optional[int]],
+                     explicit: Set[str]) -> None:
+    """Refuse sizes given on the command line that `data` cannot hold (ValueError naming them);
+    a note on stderr for defaults that exceed it (meta.data.size_problems)."""
+    sizes = [len(y) for _, y in data.domains]
+    wanted = {**wanted, "per_domain_cap": data.info.get("per_domain_cap")}
+    for note in size_problems(sizes, wanted, explicit, data.name):
+        print(f"note: {note}", file=sys.stderr)
 
 
 def load_data(flags: Mapping[str, Any]) -> DomainData:

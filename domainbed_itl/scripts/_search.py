@@ -27,9 +27,9 @@ from ..meta.data import DomainData
 from ..meta.config import (META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, SOLVERS, MetaConfig,
                            preset_config)
 from ..meta.runner import initial_loss, saved_config
-from ._cli import (check_data_flags, command_line, data_flags, explicit_flags, flag_text,
-                   load_data, nonnegative_float, nonnegative_int, parse_device, positive_float,
-                   positive_int, run_command)
+from ._cli import (check_data_flags, check_data_sizes, command_line, data_flags, explicit_flags,
+                   flag_text, integer, load_data, nonnegative_float, nonnegative_int, parse_device,
+                   positive_float, positive_int, run_command)
 
 DEFAULT_PRESET = "paper_guarded"
 # Data flags a resume may change: where the same data and DomainBed are.
@@ -107,7 +107,7 @@ def add_search_flags(parser: argparse.ArgumentParser) -> None:
                            f"({', '.join(ordered)}) need --order or carry it in their name "
                            "(taylor4 is taylor with --order 4, poly1 is Poly-1); default: the "
                            "--init file's family, else the preset's")
-    loss.add_argument("--order", type=int, default=None,
+    loss.add_argument("--order", type=integer, default=None,
                       help=f"the order of a family with orders ({', '.join(ordered)})")
     loss.add_argument("--init", default=None,
                       help="start from this loss file or preset loss (e.g. ITL); default: the "
@@ -273,6 +273,7 @@ def search_main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
                        resumed_settings(args, explicit, flags, folder.checkpoint, config_key,
                                         folder.checkpoint_path, command, may_grow))
             data = load_data(run.data)  # slow: once the folder is checked and locked
+            check_data_sizes(data, {k: getattr(run.config, k) for k in flags}, explicit)
             return work(args, explicit, folder, run, data)
 
     return run_command(body, interrupted=lambda: resume_hint(args.output_dir))

@@ -20,8 +20,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..files.atomic import write_atomic
 from ..bridge.domainbed_env import optional_domainbed
+from ..files.outputs import plan_outputs
 from ..files.sweepfolder import load_runs, read_manifest
 from ..single_source.selection import summarise
 from ..single_source.tables import domainbed_labels, render_report
@@ -31,6 +31,7 @@ from ._cli import run_command
 def _run(args: argparse.Namespace) -> int:
     """The command's work; its exit status."""
     fmt = "latex" if args.latex else "markdown" if args.markdown else "text"
+    plan = plan_outputs([args.output] if args.output else [], args.overwrite)
     damaged: list = []
     results = summarise(load_runs(args.input_dir), read_manifest(args.input_dir, damaged),
                         damaged)
@@ -43,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     report = render_report(results, fmt, args.algorithms or algorithm_order,
                            args.datasets or dataset_order, env_names, source=args.input_dir)
     if args.output:
-        write_atomic(args.output, report, overwrite=args.overwrite)
+        plan.write(args.output, report)
     print(report, end="")
     return 0
 

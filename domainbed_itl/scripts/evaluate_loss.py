@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Set
 
 import torch
 
 from ..analysis.loss_evaluation import (CONVERGENCE_METRICS, DOMAINBED_METRICS, META_METRICS,
-                                        REPORT_JSON, REPORT_MD, tables, write_report)
+                                        REPORT_JSON, REPORT_MD, plan_report, tables, write_report)
 from ..bridge.loss_evaluation import (DomainBedProtocol, check_request, collect, domainbed_modules,
                                       launch, loss_definition, loss_function, parse_losses,
                                       plan_jobs, to_launch)
@@ -55,8 +55,9 @@ from ..files.runfolder import open_run_folder
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started
 from ..meta.evaluate import EVALUATION_RUN, Protocol, evaluate_in_folder
-from ._cli import (INNER_TRAINING, add_data_flags, add_flags, check_data_flags, command_line,
-                   data_flags, load_data, parse_device, positive_int, run_command)
+from ._cli import (INNER_TRAINING, add_data_flags, add_flags, check_data_flags, check_data_sizes,
+                   command_line, data_flags, explicit_flags, integer, load_data, nonnegative_int,
+                   parse_device, positive_int, run_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,21 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_meta_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     meta = sub.add_parser("meta", parents=[common], help="the inner loop of meta-training")
-    meta.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    meta.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2, 3, 4])
     meta.add_argument("--inner_steps", type=positive_int, nargs="+", default=[1000],
                       help="report after each of these numbers of inner steps")
     add_flags(meta, "inner training (default: meta_train's)", INNER_TRAINING)
     meta.add_argument("--eval_size", type=positive_int, default=2048,
                       help="source examples behind the source accuracy")
     meta.add_argument("--per_domain_cap", type=positive_int, default=None)
-    meta.add_argument("--data_seed", type=int, default=0)
+    meta.add_argument("--data_seed", type=nonnegative_int, default=0)
     meta.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     meta.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation")
 
 
 def _add_domainbed_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     db = sub.add_parser("domainbed", parents=[common], help="DomainBed's own train")
-    db.add_argument("--test_envs", type=int, nargs="+", required=True,
+    db.add_argument("--test_envs", type=integer, nargs="+", required=True,
                     help="one run per test environment (each alone)")
     db.add_argument("--n_trials", type=positive_int, default=2)
     db.add_argument("--steps", type=positive_int, default=None, help="default: the dataset's")
@@ -105,7 +106,8 @@ def _add_domainbed_parser(sub: argparse._SubParsersAction, common: argparse.Argu
     db.add_argument("--report_only", action="store_true", help="launch nothing, report only")
 
 
-def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, command: str) -> int:
+def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, command: str,
+             explicit: Set[str]) -> int:
     """The meta protocol, in this process, in a run folder that keeps its finished units."""
     protocol = Protocol(tuple(args.inner_steps), eval_size=args.eval_size, **{
         k: getattr(args, k) for k in INNER_TRAINING if getattr(args, k) is not None})
@@ -117,7 +119,10 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
         if done:
             raise OutputExists(f"{folder.path} already holds an evaluation ({', '.join(done)}); "
                                "pass --overwrite to replace it")
+        plan = plan_report(folder.path, "meta")
         data = load_data(flags)
+        check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
+                         explicit)
         functions = {label: (_on(loss_function(loss), device), loss_definition(loss))
                      for label, loss in losses.items()}
         records = evaluate_in_folder(folder, data, functions, args.seeds, protocol, device,
@@ -128,7 +133,7 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
         metrics = META_METRICS + (CONVERGENCE_METRICS if protocol.inner_stop_ratio is not None
                                   else [])
         body, stats = tables(records, metrics, reference, list(losses), ["inner_steps"])
-        write_report(folder.path, "Loss evaluation, meta protocol", settings, body,
+        write_report(plan, "Loss evaluation, meta protocol", settings, body,
                      {"settings": settings, "losses": losses, "reference": reference,
                       "statistics": stats, "records": records})
     print(body)
@@ -148,6 +153,7 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
     db = domainbed_modules(args.domainbed_root)
     check_request(db, protocol, losses, args.command_launcher)
     planned = plan_jobs(protocol, losses, db.misc.seed_hash)
+    plan = plan_report(args.output_dir, "domainbed")
     with folder_lock(args.output_dir, command=command):  # one writer: the launch and the report
         if not args.report_only:
             remove_never_started(args.output_dir)
@@ -163,7 +169,7 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
         if damaged:
             body += "\n\nDamaged records (skipped):\n\n" + "\n".join(f"- {d}" for d in damaged)
         settings = protocol.settings()
-        write_report(args.output_dir, "Loss evaluation, DomainBed protocol", settings, body,
+        write_report(plan, "Loss evaluation, DomainBed protocol", settings, body,
                      {"settings": settings, "losses": losses, "reference": reference,
                       "statistics": stats, "records": records, "missing": missing,
                       "damaged": damaged})
@@ -173,13 +179,15 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns the exit status (see the module docstring)."""
-    args = build_parser().parse_args(argv)
-    command = command_line(argv, "evaluate_loss")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command, explicit = command_line(argv, "evaluate_loss"), explicit_flags(parser, argv)
 
     def body() -> int:
         losses, reference = parse_losses(args.losses, args.reference, args.dataset)
-        run = run_meta if args.protocol == "meta" else run_domainbed
-        return run(args, losses, reference, command)
+        if args.protocol == "meta":
+            return run_meta(args, losses, reference, command, explicit)
+        return run_domainbed(args, losses, reference, command)
 
     return run_command(body, interrupted=lambda: "run the same command again to continue the "
                                                  f"evaluation in {args.output_dir}")

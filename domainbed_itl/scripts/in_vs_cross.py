@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.generalisation import accuracy_and_cross_entropy  # noqa: E402
-from ..analysis.output import write_outputs  # noqa: E402
+from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import describe_run, predict, RunError  # noqa: E402
 from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
 
@@ -90,6 +90,7 @@ def _figure(summary: Dict):
 
 def _run(args: argparse.Namespace) -> int:
     """The command's work; its exit status."""
+    plan = plan_analysis(args.output_dir, "in_vs_cross", args.overwrite, [".csv"])
     rows = []
     for run, model, splits in trained_models(args):
         row = describe_run(run, model)
@@ -112,9 +113,8 @@ def _run(args: argparse.Namespace) -> int:
     writer.writeheader()
     writer.writerows({**r, "test_envs": " ".join(map(str, r["test_envs"]))} for r in rows)
     fig = _figure(summary)
-    paths = write_outputs(args.output_dir, "in_vs_cross", fig,
-                          {"splits": SPLIT_NAMES, "measured_by": "cross-entropy", "runs": rows,
-                           "summary": summary}, {".csv": text.getvalue()}, overwrite=args.overwrite)
+    paths = write_outputs(plan, fig, {"splits": SPLIT_NAMES, "measured_by": "cross-entropy",
+                                      "runs": rows, "summary": summary}, {".csv": text.getvalue()})
     plt.close(fig)
     print("\n" + _table(summary))
     print("wrote " + ", ".join(str(p) for p in paths))

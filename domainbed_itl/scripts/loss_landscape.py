@@ -33,9 +33,9 @@ from torch.utils.data import ConcatDataset  # noqa: E402
 
 from ..analysis.hessian import (FlatParameters, hessian_vector_product, landscape_1d, lanczos,  # noqa: E402
                                 mean_loss, residual)
-from ..analysis.output import write_outputs  # noqa: E402
+from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import batches, describe_run, Predictor, RunError, subsample  # noqa: E402
-from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
+from ._cli import integer, add_trained_run_flags, run_command, trained_models  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_trained_run_flags(parser)
     parser.add_argument("--loss", choices=("ce", "own"), default="ce",
                         help="cross-entropy for every model, or each model's own training loss")
-    parser.add_argument("--examples", type=int, default=1024,
+    parser.add_argument("--examples", type=integer, default=1024,
                         help="samples of the source (and of the target) environments used")
-    parser.add_argument("--lanczos_steps", type=int, default=20)
+    parser.add_argument("--lanczos_steps", type=integer, default=20)
     parser.add_argument("--radius", type=float, default=1.0, help="t runs over [-radius, radius]")
-    parser.add_argument("--points", type=int, default=41, help="values of t")
-    parser.add_argument("--seed", type=int, default=0, help="sample choice and Lanczos start vector")
+    parser.add_argument("--points", type=integer, default=41, help="values of t")
+    parser.add_argument("--seed", type=integer, default=0, help="sample choice and Lanczos start vector")
     return parser
 
 
@@ -80,6 +80,7 @@ def _figure(results: List[Dict]):
 def _run(args: argparse.Namespace) -> int:
     """The command's work; its exit status."""
     _check(args)
+    plan = plan_analysis(args.output_dir, "loss_landscape", args.overwrite)
     results = []
     for run, model, splits in trained_models(args):
         loss = model.training_loss() if args.loss == "own" else F.cross_entropy
@@ -117,8 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     if not results:
         raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
     fig = _figure(results)
-    paths = write_outputs(args.output_dir, "loss_landscape", fig, {"models": results},
-                          overwrite=args.overwrite)
+    paths = write_outputs(plan, fig, {"models": results})
     plt.close(fig)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

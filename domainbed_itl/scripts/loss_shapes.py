@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 import torch  # noqa: E402
 
 from ..analysis.loss_shapes import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
-from ..analysis.output import write_outputs  # noqa: E402
-from ._cli import run_command  # noqa: E402
+from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
+from ._cli import integer, run_command  # noqa: E402
 
 PRINTED_P = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--losses", nargs="+", default=["CE", "SCE", "Focal", "ITL"],
                         help="zoo losses (with :k=v parameters), presets or loss files")
     parser.add_argument("--labels", nargs="+", default=None, help="a label per loss (default: as given)")
-    parser.add_argument("--num_classes", type=int, default=10, help="C (default 10, as MNIST)")
-    parser.add_argument("--points", type=int, default=199, help="probabilities on the grid")
+    parser.add_argument("--num_classes", type=integer, default=10, help="C (default 10, as MNIST)")
+    parser.add_argument("--points", type=integer, default=199, help="probabilities on the grid")
     parser.add_argument("--p_min", type=float, default=0.01)
     parser.add_argument("--p_max", type=float, default=0.99)
     parser.add_argument("--normalise", action="store_true", help="rescale each curve to [0, 1]")
@@ -54,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.points < 2 or not 0 < args.p_min < args.p_max < 1:
         raise ValueError(f"need --points >= 2 and 0 < --p_min < --p_max < 1, got {args.points}, "
                          f"{args.p_min}, {args.p_max}")
+    plan = plan_analysis(args.output_dir, "loss_shapes", args.overwrite)
     losses = [parse_loss(spec) for spec in args.losses]
     labels = args.labels or [loss.label for loss in losses]
     p = torch.linspace(args.p_min, args.p_max, args.points, dtype=torch.float64)
@@ -78,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     axes[1, 0].set_ylabel("d loss / d p_true")
     numbers = {"num_classes": args.num_classes, "p_true": p.tolist(), "normalised_plot": args.normalise,
                "path": "the other classes share 1 - p_true equally", "losses": curves}
-    paths = write_outputs(args.output_dir, "loss_shapes", fig, numbers, overwrite=args.overwrite)
+    paths = write_outputs(plan, fig, numbers)
     plt.close(fig)
     header = "loss".ljust(max(len(c["label"]) for c in curves) + 2)
     print(f"C = {args.num_classes}; loss (d loss / d p_true) at p_true =")

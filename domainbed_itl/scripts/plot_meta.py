@@ -8,7 +8,8 @@ step. Top right: the outer held-out loss M. Below, when the run recorded them, t
 whether its hypergradients can be trusted: stationarity of the inner networks (gradient norm at
 the returned θ over that at the start; the implicit function theorem assumes 0) and the
 relative residual of the linear solve (above 1: worse than no solve), with the cosine to the
-reference MINRES hypergradient where one was computed.
+reference MINRES hypergradient where one was computed. The figure's format is its extension's
+(.png, .pdf, .svg, ...); an existing file is not replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
+from ..analysis.output import figure_bytes  # noqa: E402
+from ..files.outputs import OutputPlan, plan_outputs  # noqa: E402
 from ..files.runfolder import read_metrics  # noqa: E402
 from ._cli import run_command  # noqa: E402
 
 
-def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path, title: str = "") -> Path:
-    """Save the Fig. 3-style learning curve of `records`, with its diagnostics, at `output`."""
+def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path | OutputPlan,
+              title: str = "") -> Path:
+    """Save the Fig. 3-style learning curve of `records`, with its diagnostics, at `output` (a
+    path, in the format its extension names, or the OutputPlan of one: its first path)."""
+    plan = output if isinstance(output, OutputPlan) else plan_outputs([output], figures=[output])
     steps = [r["step"] for r in records]
     diagnostics = all("solver_residual" in r and "inner_grad_norm_ratio" in r for r in records)
     fig, axes = plt.subplots(2 if diagnostics else 1, 2, figsize=(10, 7.2 if diagnostics else 3.8),
@@ -50,11 +56,9 @@ def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path, title: str 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
+    data = figure_bytes(fig, plan.paths[0], dpi=120)
     plt.close(fig)
-    return output
+    return plan.write(plan.paths[0], data)
 
 
 def _plot_diagnostics(records: Sequence[Dict[str, Any]], steps: List[int], ax_stat, ax_res) -> None:
@@ -77,9 +81,10 @@ def _plot_diagnostics(records: Sequence[Dict[str, Any]], steps: List[int], ax_st
 
 def _run(args: argparse.Namespace) -> int:
     """The command's work; its exit status."""
-    records = read_metrics(args.metrics)
     output = args.output or Path(args.metrics).with_name("curve.png")
-    print(plot_meta(records, output, args.title))
+    plan = plan_outputs([output], args.overwrite, figures=[output])
+    records = read_metrics(args.metrics)
+    print(plot_meta(records, plan, args.title))
     return 0
 
 
@@ -88,7 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.plot_meta",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("metrics", help="a run's metrics.jsonl")
-    p.add_argument("--output", default=None, help="image path (default: beside metrics, curve.png)")
+    p.add_argument("--output", default=None, help="figure path, its format named by its extension "
+                                                  "(.png, .pdf, .svg, ...; default: curve.png beside "
+                                                  "the metrics)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--title", default="", help="figure title")
     args = p.parse_args(argv)
     return run_command(lambda: _run(args))

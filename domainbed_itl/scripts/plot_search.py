@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-from ..analysis.output import write_outputs  # noqa: E402
+from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..analysis.search_curves import at_budget, search_curve  # noqa: E402
 from ..files.runfolder import read_metrics  # noqa: E402
 from ._cli import run_command  # noqa: E402
@@ -74,6 +74,7 @@ def _label(label: str, records: Sequence[dict]) -> str:
 def _run(args: argparse.Namespace) -> int:
     """The command's work; its exit status."""
     runs = parse_runs(args.runs)
+    plan = plan_analysis(args.output_dir, args.stem, args.overwrite)
     records: Dict[str, List[dict]] = {}
     curves = {}
     for label, path in runs:
@@ -110,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     numbers = {"budget_inner_trainings": budget["budget"], "cut_to_budget": not args.full,
                "runs": {label: str(path) for label, path in runs}, "summary": summary,
                "curves": shown}
-    paths = write_outputs(args.output_dir, args.stem, fig, numbers, overwrite=args.overwrite)
+    paths = write_outputs(plan, fig, numbers)
     plt.close(fig)
     print(f"{'run':<12} {'steps':>6} {'inner trainings':>16} {'wall (s)':>9} {'final M':>8} "
           f"{'best M':>8} {'final acc':>9}")

@@ -38,6 +38,7 @@ from typing import List, Optional, Sequence
 from ..bridge.domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
                              git_commit, import_domainbed, with_pythonpath, with_quiet_loaders)
 from ..experiments.paper import format_command
+from ..bridge.domainbed_data import mnist_instructions, no_new_folders_on_error, reason_of
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
 from ..bridge.launchers import SubmititJobsFailed
 from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, apply, import_check, status
@@ -45,11 +46,9 @@ from ..bridge.sweep_estimate import print_plan
 from ..files.job_progress import JobProgress, done_in
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started, unfinished_jobs
-from ._cli import run_command
+from ._cli import integer, run_command
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
 SHRINK_FLAGS = ("--steps", "--test_envs", "--algorithms", "--n_hparams", "--n_trials")
 
 
@@ -83,14 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DomainBed data sets (default: RotatedMNIST)")
     sweep.add_argument("--algorithms", nargs="+", default=["ERM", "ITL"],
                        help="DomainBed algorithms, ours included (default: ERM ITL)")
-    sweep.add_argument("--test_envs", nargs="+", type=int, default=None,
+    sweep.add_argument("--test_envs", nargs="+", type=integer, default=None,
                        help="the test environments to run, each alone (default: every environment "
                             "of each dataset, 6 for RotatedMNIST)")
-    sweep.add_argument("--steps", type=int, default=1000,
+    sweep.add_argument("--steps", type=integer, default=1000,
                        help="training steps per job (default: %(default)s)")
-    sweep.add_argument("--n_hparams", type=int, default=1,
+    sweep.add_argument("--n_hparams", type=integer, default=1,
                        help="hparams seeds; 1: DomainBed's defaults only (default: %(default)s)")
-    sweep.add_argument("--n_trials", type=int, default=1, help="trials (default: %(default)s)")
+    sweep.add_argument("--n_trials", type=integer, default=1, help="trials (default: %(default)s)")
     sweep.add_argument("--hparams", default=None,
                        help="JSON object of hparams to override, e.g. '{\"batch_size\": 32}' "
                             "(default: none)")
@@ -161,17 +160,12 @@ def mnist_problem(data_dir: Path, download: bool = True) -> Optional[str]:
     from torchvision.datasets import MNIST
 
     try:
-        for train in (True, False):
-            MNIST(str(data_dir), train=train, download=download)
+        with no_new_folders_on_error(data_dir):
+            for train in (True, False):
+                MNIST(str(data_dir), train=train, download=download)
         return None
     except Exception as error:  # no network, a proxy, a partial download...
-        raw = data_dir.resolve() / "MNIST" / "raw"
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        mirror = MNIST.mirrors[0]
-        return (f"MNIST is not in {data_dir} and torchvision could not download it ({reason}). "
-                f"Put these four files into {raw}/: {', '.join(MNIST_FILES)} (download "
-                f"{', '.join(f + '.gz' for f in MNIST_FILES)} from {mirror} on a machine with "
-                "internet access and gunzip them), then run this command again.")
+        return mnist_instructions(data_dir, reason_of(error))
 
 
 def sweep_commands(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> List[List[str]]:

@@ -28,10 +28,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..files.atomic import OutputExists, write_atomic
 from ..analysis.friedman_nemenyi import cd_diagram_png, format_result, friedman_nemenyi
 from ..analysis.multi_source import multi_source_blocks
 from ..bridge.domainbed_env import import_domainbed, optional_domainbed
+from ..files.outputs import plan_outputs
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import load_runs, read_manifest, records_of
 from ..single_source.selection import BLOCK_LEVELS, check_subset, summarise
@@ -119,6 +119,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("give --single_source_dir, --multi_source_dir or both")
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    stems = {name: Path(args.output_dir) / f"cd_{name}_{args.blocks}" for name, _, _ in settings}
+    plan = plan_outputs([stem.with_suffix(s) for stem in stems.values() for s in (".txt", ".png")],
+                        args.overwrite)
     outputs = []
     for name, directory, table_fn in settings:
         table, algorithms, notes = table_fn(directory, args.blocks, args.algorithms,
@@ -126,18 +129,12 @@ def _run(args: argparse.Namespace) -> int:
         result = friedman_nemenyi(table, algorithms, args.alpha)
         title = f"{name.replace('_', '-')} DG, blocks: {args.blocks} ({directory})"
         text = format_result(result, title) + "".join(f"Note: {n}\n" for n in notes)
-        stem = Path(args.output_dir) / f"cd_{name}_{args.blocks}"
-        outputs.append((stem, text, cd_diagram_png(result, f"{name.replace('_', '-')} DG, "
-                                                            f"blocks: {args.blocks}")))
+        outputs.append((stems[name], text, cd_diagram_png(result, f"{name.replace('_', '-')} DG, "
+                                                                  f"blocks: {args.blocks}")))
     with folder_lock(args.output_dir):
-        if not args.overwrite:
-            for stem, _, _ in outputs:
-                for path in (stem.with_suffix(".txt"), stem.with_suffix(".png")):
-                    if path.exists():
-                        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
         for stem, text, png in outputs:
-            write_atomic(stem.with_suffix(".txt"), text, overwrite=args.overwrite)
-            write_atomic(stem.with_suffix(".png"), png, overwrite=args.overwrite)
+            plan.write(stem.with_suffix(".txt"), text)
+            plan.write(stem.with_suffix(".png"), png)
             print(text)
             print(f"wrote {stem}.txt and {stem}.png\n")
     return 0

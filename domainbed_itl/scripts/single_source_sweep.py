@@ -73,7 +73,7 @@ from ..files.runlock import folder_lock
 from ..single_source.planning import single_source_args
 from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
 from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
-from ._cli import run_command
+from ._cli import integer, run_command
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
@@ -107,19 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: DomainBed's sweep datasets (all but Debug*)")
     parser.add_argument("--algorithms", nargs="+", default=None,
                         help="default: every algorithm DomainBed knows")
-    parser.add_argument("--n_hparams_from", type=int, default=0)
-    parser.add_argument("--n_hparams", type=int, default=20)
-    parser.add_argument("--n_trials", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--checkpoint_freq", type=int, default=None)
+    parser.add_argument("--n_hparams_from", type=integer, default=0)
+    parser.add_argument("--n_hparams", type=integer, default=20)
+    parser.add_argument("--n_trials", type=integer, default=3)
+    parser.add_argument("--steps", type=integer, default=None)
+    parser.add_argument("--checkpoint_freq", type=integer, default=None)
     parser.add_argument("--hparams", type=str, default=None, help="JSON dict of hparams to override")
     parser.add_argument("--holdout_fraction", type=float, default=0.2)
     parser.add_argument("--data_dir", type=str, required=True)
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--command_launcher", type=str, required=True)
-    parser.add_argument("--sources", type=int, nargs="+", default=None,
+    parser.add_argument("--sources", type=integer, nargs="+", default=None,
                         help="source domain indices to run (default: every domain)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled launch order")
+    parser.add_argument("--seed", type=integer, default=0, help="seed of the shuffled launch order")
     parser.add_argument("--skip_confirmation", action="store_true")
     parser.add_argument("--no_progress", action="store_true",
                         help="no timed estimate before the launch and no progress bar (for logs)")

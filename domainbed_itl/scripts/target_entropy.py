@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.entropy import entropy_by_correctness  # noqa: E402
-from ..analysis.output import write_outputs  # noqa: E402
+from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import describe_run, load_model, predict, RunError  # noqa: E402
 from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
 
@@ -73,6 +73,7 @@ def _figure(summary: Dict[str, List[Dict]]):
 
 def _run(args: argparse.Namespace) -> int:
     """The command's work; its exit status."""
+    plan = plan_analysis(args.output_dir, "target_entropy", args.overwrite)
     runs = []
     for run, model, splits in trained_models(args):
         targets = [splits.in_splits[i] for i in splits.test_envs]
@@ -91,10 +92,9 @@ def _run(args: argparse.Namespace) -> int:
         raise RunError(f"no run of the algorithms {args.algorithms} under {', '.join(args.inputs)}")
     summary = curves(runs)
     fig = _figure(summary)
-    paths = write_outputs(args.output_dir, "target_entropy", fig,
-                          {"entropy": "nats, of softmax predictions on the test environments' "
-                                      "in-splits", "runs": runs, "curves": summary},
-                          overwrite=args.overwrite)
+    paths = write_outputs(plan, fig, {"entropy": "nats, of softmax predictions on the test "
+                                                 "environments' in-splits", "runs": runs,
+                                      "curves": summary})
     plt.close(fig)
     print("\nlast step per algorithm: entropy of correct / misclassified target predictions (nats)")
     for label, points in summary.items():

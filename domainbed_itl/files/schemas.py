@@ -1,0 +1,565 @@
+"""The schema of every file format the package reads, in one place; every reader checks with it.
+
+    spec = check(LossFile, json.loads(text), f"loss file {path}")   # SchemaError, or the model
+
+Formats (each reader is named):
+
+- loss files, `LossFile` (losses/lossfile.py `load_loss`);
+- `metrics.jsonl` records, `MetricsRecord` (files/runfolder.py `read_metrics`, read by
+  plot_meta and plot_search);
+- run-folder checkpoints (files/runfolder.py `load_checkpoint`): the envelope every kind shares,
+  `Checkpoint`, and the state of each kind: `MetaCheckpoint` (meta-training),
+  `CMACheckpoint` (the CMA-ES search) and `EvaluationCheckpoint` (evaluate_loss meta);
+- single-source sweep manifests, `Manifest` and `ManifestJob` (files/sweepfolder.py
+  `read_manifest`);
+- the fields of DomainBed's `results.jsonl` records that the package reads, `DomainBedRecord`
+  (files/sweepfolder.py `record_problem`, behind `load_runs`).
+
+Why pydantic (v2, strict mode) rather than dataclasses with explicit checks: a format is one
+declaration (field types, ranges, finite numbers, the version as a `Literal`, nested objects),
+and a rejection names the field's location (`trainer.optimizer.param_groups.0.lr`) and the value
+without a hand-written test and message per field; strict mode coerces nothing ('3' is not 3,
+true is not 1, 2.0 is not an integer). Hand-written checks would repeat, field by field, what
+pydantic does and drift from the formats as fields are added.
+
+Rules: a format's version is checked first (an unknown one is refused, naming those this
+version of the package reads); numbers are finite unless a field is a measurement that can
+legitimately be NaN or infinite (`Measured`: a diverged loss's cross-entropy, a solve's
+residual); a reader passes on only checked values: fields it does not know are dropped
+(`extra="ignore"`), refused (`extra="forbid"`: loss files, manifests, the states of
+checkpoints), or, where they are carried on unread (a checkpoint's metrics records, DomainBed's
+records handed to DomainBed's own reporting), checked to be plain JSON values.
+Checks that need the package's registries (a loss family's parameter count, a configuration's
+values) are the readers' (LossSpec, MetaConfig), after the schema.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Type, TypeVar
+
+import torch
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      model_validator)
+
+LOSS_FORMAT = "domainbed-itl-loss"
+LOSS_VERSIONS = (1,)
+CHECKPOINT_VERSIONS = (1, 2)
+MANIFEST_FORMAT = "domainbed_itl single-source sweep"
+MANIFEST_VERSIONS = (1,)
+INT64 = 2 ** 63  # integers beyond 64 bits fit no tensor size, seed or step count
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class SchemaError(ValueError):
+    """A file, or a part of one, that does not follow its format; the message names where."""
+
+
+# ------------------------------------------------------------------------------ value types
+
+
+def _json_value(value: Any) -> Any:
+    """`value` if it is plain JSON (None, bool, number, string, list, object with string keys)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        raise ValueError(f"expected an integer that fits in 64 bits, got {value!r}")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _json_value(item)
+        return value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"an object key must be a string, got {key!r}")
+            _json_value(item)
+        return value
+    raise ValueError(f"expected a plain JSON value, got a {type(value).__name__}")
+
+
+def _measured(value: float) -> float:
+    if not (math.isnan(value) or value >= 0):
+        raise ValueError(f"expected a number >= 0 (or NaN, as measured), got {value!r}")
+    return value
+
+
+def _float_tensor(value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"expected a tensor, got a {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ValueError(f"expected a floating-point tensor, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"expected finite values, got a tensor holding {_first_bad(value)}")
+    return value
+
+
+def _first_bad(tensor: torch.Tensor) -> float:
+    return float(tensor.flatten()[~torch.isfinite(tensor.flatten())][0])
+
+
+def _state_value(value: Any) -> Any:
+    """An optimiser's state entry: a finite float tensor, a finite number, or None."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return value
+    return _float_tensor(value)
+
+
+def _setting(value: Any) -> Any:
+    """An optimiser's setting (lr, momentum, betas, flags): a finite number, a flag, None, a
+    string or a list of finite numbers."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _setting(item)
+        return value
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    raise ValueError(f"expected a finite number, a flag or a list of numbers, got {value!r}")
+
+
+def _plain_name(value: str) -> str:
+    if value in ("", ".", "..") or re.search(r"[/\\]", value):
+        raise ValueError(f"expected a folder name (no path), got {value!r}")
+    return value
+
+
+JsonValue = Annotated[Any, AfterValidator(_json_value)]
+Finite = float  # the models' allow_inf_nan=False makes every float finite
+Measured = Annotated[float, Field(allow_inf_nan=True), AfterValidator(_measured)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Int = Annotated[int, Field(ge=-INT64, lt=INT64)]
+Count = Annotated[int, Field(ge=0, lt=INT64)]
+Positive = Annotated[int, Field(ge=1, lt=INT64)]
+FloatTensor = Annotated[Any, AfterValidator(_float_tensor)]
+StateValue = Annotated[Any, AfterValidator(_state_value)]
+Setting = Annotated[Any, AfterValidator(_setting)]
+FolderName = Annotated[str, AfterValidator(_plain_name)]
+
+
+class Schema(BaseModel):
+    """A format: strict types, finite floats, unknown fields refused."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid", frozen=True)
+
+
+class Carried(Schema):
+    """A format whose unknown fields are carried on unread: they must be plain JSON."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: Dict[str, JsonValue] = Field(init=False)
+
+
+# --------------------------------------------------------------------------------- checking
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _location(parts: Tuple) -> str:
+    """A field's location as `a.b.0`, a key that is not a plain word quoted."""
+    return ".".join(str(p) if re.fullmatch(r"\w+", str(p)) else repr(p) for p in parts)
+
+
+def _message(error: Dict[str, Any]) -> str:
+    where = _location(error["loc"])
+    what = error["msg"].removeprefix("Value error, ")
+    if not where:  # a check of the whole object (a model validator): its message says it all
+        return what
+    if error["type"] == "extra_forbidden":
+        return f"{where}: not a field of this format"
+    what = what[0].lower() + what[1:]
+    return f"{where}: {what}" if "got " in what else f"{where}: {what} (got {_describe(error['input'])})"
+
+
+def check_version(data: Any, supported: Tuple[int, ...], where: str, default: int = 1) -> int:
+    """The format version of `data` (`default` when it names none); SchemaError naming the
+    versions this package reads unless it is one of `supported`."""
+    version = data.get("version", default) if isinstance(data, dict) else default
+    if type(version) is not int or version not in supported:
+        newer = type(version) is int and version > max(supported)
+        raise SchemaError(f"{where}: format version {_describe(version)} is not one this version of "
+                          f"domainbed-itl reads ({', '.join(map(str, supported))})"
+                          + ("; it was written by a newer domainbed-itl: upgrade to read it"
+                             if newer else ""))
+    return version
+
+
+def check(schema: Type[Model], data: Any, where: str) -> Model:
+    """`data` validated as `schema`; SchemaError with one line: `where`, the missing fields,
+    then per problem the field, what is wrong and the value (three problems at most; `and N
+    more` counts the others)."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        missing = [_location(e["loc"]) for e in error.errors() if e["type"] == "missing"]
+        problems = ([f"lacks {', '.join(missing)}"] if missing else []) + [
+            _message(e) for e in error.errors() if e["type"] != "missing"]
+        more = [f"and {len(problems) - 3} more"] if len(problems) > 3 else []
+        raise SchemaError(f"{where}: " + "; ".join(problems[:3] + more)) from None
+
+
+# -------------------------------------------------------------------------------- loss files
+
+
+class LossFile(Schema):
+    """A loss file: format and version (default 1, for files written by hand), family, order
+    (None for families without orders), parameters, provenance."""
+
+    format: Literal["domainbed-itl-loss"] = LOSS_FORMAT
+    version: Literal[1] = 1
+    family: str
+    order: Optional[Int] = None
+    parameters: List[Finite] = Field(min_length=1)
+    provenance: Dict[str, JsonValue] = {}
+
+
+# ------------------------------------------------------------------------ metrics records
+
+
+class Reference(Schema):
+    """The MINRES reference of a metrics record (the fields plot_meta reads)."""
+
+    model_config = ConfigDict(extra="ignore")
+    cosine: Annotated[float, Field(allow_inf_nan=True)]
+
+
+class PerDomain(Schema):
+    """A metrics record's per-domain values that the readers use."""
+
+    model_config = ConfigDict(extra="ignore")
+    heldout_acc: List[Fraction] = Field(min_length=1)
+
+
+class MetricsRecord(Schema):
+    """A line of metrics.jsonl as the plots read it: step, accuracies, M; the costs and
+    diagnostics when recorded. Other fields are dropped."""
+
+    model_config = ConfigDict(extra="ignore")
+    step: Positive
+    inner_source_acc: Fraction
+    outer_heldout_acc: Fraction
+    outer_heldout_loss: Annotated[float, Field(ge=0)]
+    time_step_s: Optional[Annotated[float, Field(ge=0)]] = None
+    inner_trainings: Optional[Positive] = None
+    popsize: Optional[Annotated[int, Field(ge=2, lt=INT64)]] = None
+    per_domain: Optional[PerDomain] = None
+    solver_residual: Optional[Measured] = None
+    inner_grad_norm_ratio: Optional[Measured] = None
+    reference: Optional[Reference] = None
+
+
+class CarriedPerDomain(Carried, PerDomain):
+    """PerDomain in a checkpoint's record: the other lists carried, as plain JSON."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class CarriedReference(Carried, Reference):
+    """Reference in a checkpoint's record: the other values carried, as plain JSON."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class CarriedRecord(Carried, MetricsRecord):
+    """A metrics record kept in a checkpoint: MetricsRecord's fields checked, the rest plain JSON
+    (a resume writes them to metrics.jsonl again)."""
+
+    model_config = ConfigDict(extra="allow")
+    per_domain: Optional[CarriedPerDomain] = None
+    reference: Optional[CarriedReference] = None
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoint(Schema):
+    """The envelope of every run-folder checkpoint (see files/runfolder.py). Version 1 had no
+    unit, done, device or provenance."""
+
+    model_config = ConfigDict(extra="allow")
+    format: str
+    version: Literal[1, 2] = 1
+    package_version: Optional[str] = None
+    unit: Optional[str] = None
+    done: Optional[Count] = None
+    device: Optional[Literal["cpu", "cuda"]] = None
+    provenance: Optional[Dict[str, JsonValue]] = None
+
+    @model_validator(mode="after")
+    def _version_2_fields(self) -> "Checkpoint":
+        missing = [k for k in ("unit", "done", "provenance") if getattr(self, k) is None]
+        if self.version == 2 and missing:
+            raise ValueError(f"a version 2 checkpoint needs {', '.join(missing)}")
+        if (self.unit is None) != (self.done is None):
+            raise ValueError("a checkpoint's progress needs both done and unit")
+        return self
+
+
+class DataFingerprint(Schema):
+    """The data a run was computed on (meta.runner.data_fingerprint)."""
+
+    dataset: str
+    environments: List[str] = Field(min_length=2)
+    num_classes: Annotated[int, Field(ge=2, lt=INT64)]
+    domain_sizes: List[Positive] = Field(min_length=2)
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ParamGroup(Schema):
+    """A torch optimiser's parameter group: its parameters' indices and its settings."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: Dict[str, Setting] = Field(init=False)
+    params: List[Count]
+    lr: Annotated[float, Field(gt=0)]
+
+
+class OptimizerState(Schema):
+    """A torch optimiser's state_dict: per parameter index, its buffers; its groups."""
+
+    state: Dict[int, Dict[str, StateValue]]
+    param_groups: List[ParamGroup] = Field(min_length=1)
+
+
+class InnerState(Schema):
+    """Warm-started inner networks: their stacked parameters and optimiser state."""
+
+    params: Dict[str, FloatTensor] = Field(min_length=1)
+    optimizer: Dict[str, Any]
+
+    @model_validator(mode="after")
+    def _buffers(self) -> "InnerState":
+        for key, value in self.optimizer.items():
+            if key == "step":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"optimizer.step must be an integer >= 0, got {value!r}")
+            elif not isinstance(value, dict) or set(value) != set(self.params):
+                raise ValueError(f"optimizer.{key} must hold a buffer per parameter "
+                                 f"({', '.join(self.params)})")
+            else:
+                for tensor in value.values():
+                    _float_tensor(tensor)
+        return self
+
+
+class TrainerState(Schema):
+    """MetaTrainer.state_dict()."""
+
+    steps_done: Count
+    omega: FloatTensor
+    optimizer: OptimizerState
+    inner: Optional[InnerState] = None
+
+
+class RunState(Checkpoint):
+    """What a search's checkpoint holds besides its state: data, initial ω, records."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: DataFingerprint
+    init_omega: List[Finite] = Field(min_length=1)
+    metrics: List[CarriedRecord]
+
+    @model_validator(mode="after")
+    def _records_in_order(self) -> "RunState":
+        steps = [record.step for record in self.metrics]
+        if steps != list(range(1, len(steps) + 1)):
+            raise ValueError(f"metrics records must be steps 1, 2, ..., got steps {steps[:10]}")
+        if self.done is not None and self.done != len(steps):
+            raise ValueError(f"done is {self.done} but the checkpoint holds {len(steps)} records")
+        return self
+
+
+class MetaCheckpoint(RunState):
+    """A meta-training checkpoint (meta/runner.py). `config` is checked by MetaConfig."""
+
+    config: Dict[str, JsonValue]
+    trainer: TrainerState
+
+    @model_validator(mode="after")
+    def _steps(self) -> "MetaCheckpoint":
+        if self.trainer.steps_done != len(self.metrics):
+            raise ValueError(f"trainer.steps_done is {self.trainer.steps_done} but the checkpoint "
+                             f"holds {len(self.metrics)} records")
+        return self
+
+
+class Incumbent(Schema):
+    """The best candidate of a CMA-ES search so far."""
+
+    omega: List[Finite] = Field(min_length=2)
+    generation: Positive
+    result: Dict[str, JsonValue]
+
+    @model_validator(mode="after")
+    def _fitness(self) -> "Incumbent":
+        loss = self.result.get("outer_heldout_loss")
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise ValueError(f"result.outer_heldout_loss must be a finite number, got {loss!r}")
+        return self
+
+
+class CMAState(Schema):
+    """CMASearch.state_dict(): generations done, the incumbent, the pickled strategy."""
+
+    generations_done: Count
+    best: Optional[Incumbent]
+    es: bytes
+
+
+class CMASettings(Schema):
+    """The CMA-ES settings of a search (meta/cmaes.py CMAConfig)."""
+
+    generations: Positive
+    popsize: Optional[Annotated[int, Field(ge=2, lt=INT64)]]
+    sigma0: Annotated[float, Field(gt=0)]
+    seed: Count
+
+
+class CMACheckpoint(RunState):
+    """A CMA-ES checkpoint (meta/cmaes.py); `meta_config` is checked by MetaConfig."""
+
+    cma_config: CMASettings
+    meta_config: Dict[str, JsonValue]
+    search: CMAState
+
+    @model_validator(mode="after")
+    def _generations(self) -> "CMACheckpoint":
+        if self.search.generations_done != len(self.metrics):
+            raise ValueError(f"search.generations_done is {self.search.generations_done} but the "
+                             f"checkpoint holds {len(self.metrics)} records")
+        if self.search.generations_done and self.search.best is None:
+            raise ValueError("search.best is missing after a generation")
+        return self
+
+
+class EvaluationRecord(Schema):
+    """One record of the loss evaluation's meta protocol (meta/evaluate.py)."""
+
+    loss: str
+    unit: Int
+    domain: str
+    domain_index: Count
+    inner_steps: Positive
+    heldout_acc: Fraction
+    heldout_ce: Measured
+    source_acc: Fraction
+    gap: Annotated[float, Field(ge=-1, le=1)]
+    final_train_loss: Annotated[float, Field(allow_inf_nan=True)]
+
+
+class EvaluationUnit(Schema):
+    """A finished unit of the evaluation: a loss on a seed, its definition and records."""
+
+    unit: Int
+    loss: str
+    definition: Dict[str, JsonValue]
+    records: List[EvaluationRecord] = Field(min_length=1)
+
+
+class EvaluationSettings(Schema):
+    """The settings a loss evaluation's units were computed with (compared on a resume)."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: Dict[str, JsonValue] = Field(init=False)
+    data: DataFingerprint
+
+
+class EvaluationCheckpoint(Checkpoint):
+    """A loss evaluation's checkpoint (meta/evaluate.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    settings: EvaluationSettings
+    units: List[EvaluationUnit]
+
+    @model_validator(mode="after")
+    def _units(self) -> "EvaluationCheckpoint":
+        keys = [(u.unit, u.loss) for u in self.units]
+        if len(set(keys)) != len(keys):
+            raise ValueError("units: a (seed, loss) unit appears twice")
+        if self.done is not None and self.done != len(keys):
+            raise ValueError(f"done is {self.done} but the checkpoint holds {len(keys)} units")
+        return self
+
+
+# ------------------------------------------------------------------ single-source manifests
+
+
+class ManifestJob(Schema):
+    """A job of the single-source sweep's manifest (files/sweepfolder.py PlannedJob)."""
+
+    folder: FolderName
+    dataset: str
+    algorithm: str
+    source: Count
+    trial_seed: Int
+    hparams_seed: Int
+    n_envs: Annotated[int, Field(ge=2, lt=INT64)]
+
+    @model_validator(mode="after")
+    def _source_in_range(self) -> "ManifestJob":
+        if self.source >= self.n_envs:
+            raise ValueError(f"source {self.source} is not one of the {self.n_envs} domains")
+        return self
+
+
+class Manifest(Schema):
+    """The manifest: format, version and the jobs (each checked on its own, as ManifestJob)."""
+
+    format: Literal["domainbed_itl single-source sweep"]
+    version: Literal[1] = 1
+    jobs: List[Dict[str, Any]]
+
+
+# ------------------------------------------------------------------- DomainBed's records
+
+
+class RecordArgs(Carried):
+    """The `args` of a DomainBed train record that the package reads (the rest is carried)."""
+
+    dataset: str
+    algorithm: str
+    test_envs: List[Count]
+    trial_seed: Int
+    hparams_seed: Int
+    output_dir: Optional[str] = None
+    task: Optional[str] = None
+
+
+class DomainBedRecord(Carried):
+    """A line of DomainBed's results.jsonl as the reports read it: step, args and the
+    env<i>_in_acc and env<i>_out_acc accuracies of 2 or more domains."""
+
+    step: Count
+    args: RecordArgs
+
+    @model_validator(mode="after")
+    def _accuracies(self) -> "DomainBedRecord":
+        extra = self.__pydantic_extra__ or {}
+        n = 0
+        while f"env{n}_out_acc" in extra:
+            n += 1
+        if n < 2:
+            raise ValueError("no env<i>_out_acc accuracies for 2 or more domains")
+        bad = [f"env{e}_{split}_acc" for e in range(n) for split in ("in", "out")
+               if not _is_fraction(extra.get(f"env{e}_{split}_acc"))]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} missing or not accuracies in [0, 1]")
+        if any(e >= n for e in self.args.test_envs):
+            raise ValueError(f"test_envs {self.args.test_envs} name domains beyond the {n} recorded")
+        return self
+
+
+def _is_fraction(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 <= value <= 1)
