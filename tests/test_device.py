@@ -18,6 +18,7 @@ import torch
 from device_standin import (DeviceMixError, HostReadError, cpu_values, is_on_device,
                             on_device)
 
+from domainbed_itl.analysis import hessian
 from domainbed_itl.losses import TaylorLoss, get_family, zoo
 from domainbed_itl.losses.families import family_names, family_orders
 from domainbed_itl.meta import inner
@@ -273,3 +274,31 @@ def test_our_algorithms_update_on_a_device_as_on_the_cpu(bridge):
             got = _algorithm_updates(bridge, name, device)
         assert all(isinstance(v, float) for r in got for v in r.values()), name
         _close(got, expected)
+
+
+# ------------------------------------------------------------------------------ the analyses
+
+
+def test_the_hessians_lanczos_on_a_device_equals_the_cpu():
+    """loss_landscape's spectrum: Lanczos, whose small tridiagonal problem is solved on the CPU
+    and whose Ritz vectors return to the device. (The stand-in cannot run its Hessian-vector
+    product, forward over reverse mode, which crashes PyTorch on tensor subclasses: a symmetric
+    matrix on the device stands in for the Hessian.)"""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    symmetric = q @ torch.diag(torch.linspace(-1.0, 3.0, 12)) @ q.T
+
+    def spectrum(device=None):
+        a, v0 = (symmetric, torch.ones(12)) if device is None else (symmetric.to(device),
+                                                                      torch.ones(12, device=device))
+        pairs = hessian.lanczos(lambda v: a @ v, v0, steps=12)
+        value, vector = pairs.top()
+        return value, vector, hessian.residual(lambda v: a @ v, value, vector)
+
+    expected = spectrum()
+    with on_device() as device:
+        got = spectrum(device)
+        assert is_on_device(got[1])
+    assert got[0] == pytest.approx(expected[0], rel=1e-5) and got[0] == pytest.approx(3.0, rel=1e-4)
+    torch.testing.assert_close(cpu_values(got[1]), expected[1])
+    assert got[2] == pytest.approx(expected[2], abs=1e-5)
