@@ -296,13 +296,14 @@ class InnerRun:
     final_norm: Optional[Tensor] = None
 
 
-def _rows(tree: Dict[str, object], rows: List[int]) -> Dict[str, object]:
-    """Copies of rows `rows` of every stacked tensor in a parameter or optimiser-state dict."""
+def _rows(tree: Dict[str, object], rows: Tensor) -> Dict[str, object]:
+    """Copies of rows `rows` (an index on the tensors' device) of every stacked tensor in a
+    parameter or optimiser-state dict."""
     return {k: (_rows(v, rows) if isinstance(v, dict) else v[rows] if isinstance(v, Tensor) else v)
             for k, v in tree.items()}
 
 
-def _put_rows(tree: Dict[str, object], rows: List[int], sub: Dict[str, object]) -> None:
+def _put_rows(tree: Dict[str, object], rows: Tensor, sub: Dict[str, object]) -> None:
     """Write `sub` (from `_rows(tree, rows)`) back into rows `rows` of `tree`'s tensors."""
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -333,18 +334,19 @@ def train_until_stationary(params: Params, loss: LossFn, optimizer: InnerOptimiz
         active, t = group, 0
         while active and t < cap:
             k = min(rule.every, cap - t)
-            sub, sub_state = _rows(params, active), _rows(state, active)
+            rows = torch.tensor(active, device=x.device)  # one index for every tensor of the check
+            sub, sub_state = _rows(params, rows), _rows(state, rows)
             sub_state["step"] = start + t
-            losses[active, t:t + k] = train(sub, loss, optimizer, sub_state, x, y,
-                                            batches[active, t:t + k], True,
-                                            None if lrs is None else lrs[t:t + k], weight_decay)
-            _put_rows(params, active, sub)
-            _put_rows(state, active, sub_state)
+            losses[rows, t:t + k] = train(sub, loss, optimizer, sub_state, x, y,
+                                          batches[rows, t:t + k], True,
+                                          None if lrs is None else lrs[t:t + k], weight_decay)
+            _put_rows(params, rows, sub)
+            _put_rows(state, rows, sub_state)
             t += k
-            norms = grad_norms(_rows(params, active), loss, x, y, [check[i] for i in active],
+            norms = grad_norms(_rows(params, rows), loss, x, y, [check[i] for i in active],
                                weight_decay)
-            final_norm[active] = norms
-            stopped = (norms <= rule.ratio * start_norm[active]).tolist()  # the host waits here
+            final_norm[rows] = norms
+            stopped = (norms <= rule.ratio * start_norm[rows]).tolist()  # the host waits here
             for i, s in zip(active, stopped):
                 used[i] = t if s else used[i]
             active = [i for i, s in zip(active, stopped) if not s]
