@@ -456,6 +456,8 @@ class EvaluationRecord(Schema):
     source_acc: Fraction
     gap: Annotated[float, Field(ge=-1, le=1)]
     final_train_loss: Annotated[float, Field(allow_inf_nan=True)]
+    inner_steps_used: Optional[Positive] = None  # absent in records written before the rule
+    stationarity: Optional[Measured] = None  # with a stopping rule only
 
 
 class EvaluationUnit(Schema):
