@@ -7,6 +7,7 @@ import statistics
 import pytest
 import torch
 
+from domainbed_itl.losses.families import get_family
 from domainbed_itl.losses.lossfile import LossSpec
 from domainbed_itl.losses.zoo import ZOO
 from domainbed_itl.meta import MetaConfig, MetaTrainer, preset_config
@@ -119,6 +120,19 @@ PLANTED_LOSS = LossSpec("sce", None, [0.0, 0.25])
 # Taylor expansion of CE (zero outer steps), holds 0.47 of it here: 0.8 asks the search to close
 # more than half of the rest, and fails a search that does not move.
 RECOVERED = 0.8
+
+
+def test_the_planted_loss_is_in_the_searched_taylor_family_up_to_a_constant():
+    """SCE with α = 0, β = 0.25 is 1 − ŷ_t; the order-4 Taylor loss with ω6 = 4 (the term
+    (ŷ_c − ω0)(y_c − ω1) at ω0 = ω1 = 0), every other ω 0, is −ŷ_t: the search can reach it."""
+    logits, target = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)), torch.arange(50) % 4
+    omega = torch.zeros(12)
+    omega[6] = 4.0
+    taylor = get_family("taylor", 4).module(omega.tolist())(logits, target, reduction="none")
+    planted = PLANTED_LOSS.module()(logits, target, reduction="none")
+    expected = 1 - torch.softmax(logits, 1)[torch.arange(50), target]
+    assert torch.allclose(planted, expected, atol=1e-6)
+    assert torch.allclose(taylor, planted - 1, atol=1e-6)
 
 
 def _held_out(records, seeds):
