@@ -3,9 +3,10 @@
 For every seed, one fresh base MLP per held-out domain is trained on the other domains with
 each loss, from the same initial weights and on the same minibatches (the seed draws both, the
 loss does not), then evaluated on its held-out domain (accuracy, cross-entropy) and on its
-source domains (accuracy). So every loss meets exactly the same networks and data, and the
-seeds pair the losses. Training can be read off at several lengths (`inner_steps`), which shows
-whether a loss only trains faster or also generalises better.
+source domains (accuracy, on the labels it trained on). A held-out domain is judged on
+`DomainData.heldout_targets()` (the planted task's clean labels). So every loss meets exactly
+the same networks and data, and the seeds pair the losses. Training can be read off at several
+lengths (`inner_steps`), which shows whether a loss only trains faster or also generalises better.
 
 The inner training takes meta-training's options (`InnerSettings`): a learning rate annealed to
 0 over the steps, weight decay, and a stopping rule on the gradient norm, so that a loss can be
@@ -93,6 +94,7 @@ class _Setup:
     device: torch.device
     x: torch.Tensor
     y: torch.Tensor
+    y_heldout: torch.Tensor
     model: torch.nn.Module
     optimizer: inner.InnerOptimizer
 
@@ -101,8 +103,9 @@ def _setup(data: DomainData, protocol: Protocol, device: str | torch.device) -> 
     device = torch.device(device)
     x = torch.cat([d[0] for d in data.domains]).to(device, torch.float32)
     y = torch.cat([d[1] for d in data.domains]).to(device)
-    return _Setup(data, protocol, device, x, y, inner.mlp(x.shape[1], protocol.hidden, data.num_classes),
-                  protocol.inner.optimizer())
+    y_heldout = torch.cat(data.heldout_targets()).to(device)
+    model = inner.mlp(x.shape[1], protocol.hidden, data.num_classes)
+    return _Setup(data, protocol, device, x, y, y_heldout, model, protocol.inner.optimizer())
 
 
 def _draws(data: DomainData, seed: int, protocol: Protocol) -> StepDraws:
@@ -151,7 +154,7 @@ def _records(setup: _Setup, draws: StepDraws, params: inner.Params, name: str, s
     records, tail = [], inner.tail_loss(run.losses, run.steps_used)
     for i, env in enumerate(setup.data.environments):
         idx, src = draws.heldout[i].to(setup.device), draws.source_eval[i].to(setup.device)
-        acc, ce = _accuracy_and_ce(params, i, setup.x[idx], setup.y[idx])
+        acc, ce = _accuracy_and_ce(params, i, setup.x[idx], setup.y_heldout[idx])
         source_acc, _ = _accuracy_and_ce(params, i, setup.x[src], setup.y[src])
         record = {
             "loss": name, "unit": seed, "domain": env, "domain_index": i, "inner_steps": steps,

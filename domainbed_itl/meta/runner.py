@@ -41,9 +41,8 @@ META_RUN = RunKind("meta-training", "domainbed-itl-meta-checkpoint", "outer step
 def data_fingerprint(data: DomainData) -> Dict[str, Any]:
     """Dataset name, environments, domain sizes and a SHA-256 of every tensor's bytes."""
     digest = hashlib.sha256()
-    for x, y in data.domains:
-        for t in (x, y):
-            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for t in [t for domain in data.domains for t in domain] + list(data.heldout_labels or []):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     return {"dataset": data.name, "environments": list(data.environments),
             "num_classes": data.num_classes, "domain_sizes": [len(y) for _, y in data.domains],
             "sha256": digest.hexdigest()}
@@ -57,7 +56,8 @@ def new_trainer(data: DomainData, config: MetaConfig, init: Optional[LossSpec],
         raise ValueError(f"the initial loss is a {init.family} loss of order {init.order}, but the "
                          f"config searches {config.family} (order {config.order})")
     return MetaTrainer(data.domains, data.num_classes, config,
-                       None if init is None else init.parameters, device=device)
+                       None if init is None else init.parameters, device=device,
+                       heldout_labels=data.heldout_labels)
 
 
 def saved_config(ckpt: Dict[str, Any], key: str = "config") -> Dict[str, Any]:

@@ -72,11 +72,14 @@ class MetaTrainer:
     omega: the initial loss parameters; None gives the family's default (for Taylor losses the
     Taylor expansion of cross-entropy). device: where every tensor lives ('cpu', 'cuda', ...).
     solve: a linear solver `solve(matvec, b)` replacing the configured one (e.g. instrumented).
+    heldout_labels: per domain, the labels M and held-out accuracy use when it is held out (the
+    planted task's clean labels); None: the training labels.
     """
 
     def __init__(self, domains: Sequence[Domain], num_classes: int, config: MetaConfig,
                  omega: Optional[Sequence[float] | Tensor] = None,
-                 device: str | torch.device = "cpu", solve: Optional[Solver] = None):
+                 device: str | torch.device = "cpu", solve: Optional[Solver] = None,
+                 heldout_labels: Optional[Sequence[Tensor]] = None):
         check_domains(domains, num_classes)
         self.config = config
         self.device = torch.device(device)
@@ -100,6 +103,11 @@ class MetaTrainer:
 
         self.x = torch.cat([x for x, _ in domains]).to(self.device, torch.float32)
         self.y = torch.cat([y for _, y in domains]).to(self.device)
+        self.y_heldout = (self.y if heldout_labels is None
+                          else torch.cat(list(heldout_labels)).to(self.device))
+        if self.y_heldout.shape != self.y.shape:
+            raise ValueError(f"held-out labels of shape {tuple(self.y_heldout.shape)} for "
+                             f"training labels of shape {tuple(self.y.shape)}")
         self._domain_index, self._source_index = domain_indices([len(y) for _, y in domains])
         self._init_model = mlp(self.x.shape[1], config.hidden, num_classes)
         self._model = copy.deepcopy(self._init_model).to(self.device)
@@ -202,10 +210,10 @@ class MetaTrainer:
         for i in range(self.num_domains):
             idx = draws.heldout[i]
             v, (loss, logits) = grad_and_value(self._heldout_loss, has_aux=True)(
-                thetas[i], self.x[idx], self.y[idx])
+                thetas[i], self.x[idx], self.y_heldout[idx])
             vs.append(v)
             heldout_loss.append(loss.detach())
-            heldout_acc.append((logits.argmax(1) == self.y[idx]).float().mean())
+            heldout_acc.append((logits.argmax(1) == self.y_heldout[idx]).float().mean())
         return torch.stack(vs), torch.stack(heldout_loss), torch.stack(heldout_acc)
 
     def _hypergradients(self, thetas: Tensor, vs: Tensor, draws: StepDraws,

@@ -32,7 +32,7 @@ from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..bridge.patching import PatchError
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
-from ..meta.data import DomainData, size_problems, synthetic_dataset
+from ..meta.data import DomainData, planted_dataset, size_problems, synthetic_dataset
 from ..meta.inner import INNER_OPTIMIZERS, SCHEDULES
 
 # Errors that a user's input or environment causes: one line and exit status 2.
@@ -227,10 +227,12 @@ def add_data_flags(parser: argparse.ArgumentParser, synthetic: bool = True,
     `sampling`, --per_domain_cap and --data_seed."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="RotatedMNIST",
-                      help="a DomainBed dataset name" + (", or 'synthetic'" if synthetic else "")
+                      help="a DomainBed dataset name" + (", or 'synthetic' or 'planted' (built "
+                                                         "in, docs/meta_learning.md)"
+                                                         if synthetic else "")
                            + " (default RotatedMNIST)")
     data.add_argument("--data_dir", default=None,
-                      help="DomainBed's --data_dir" + (" (needed for every dataset but 'synthetic')"
+                      help="DomainBed's --data_dir" + (" (needed for every dataset but the built-in ones)"
                                                        if synthetic else ""))
     data.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
                       help="DomainBed checkout, taken from $DOMAINBED_ROOT when that is set; "
@@ -303,6 +305,10 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
+# --dataset names built into the package: (maker, examples per domain without --per_domain_cap).
+BUILT_IN_DATASETS = {"synthetic": (synthetic_dataset, 500), "planted": (planted_dataset, 200)}
+
+
 def data_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The data flags' values (see `add_data_flags`), as `load_data` and provenance take them."""
     return {name: getattr(args, name, None) for name in DATA_FLAGS}
@@ -310,7 +316,7 @@ def data_flags(args: argparse.Namespace) -> Dict[str, Any]:
 
 def check_data_flags(flags: Mapping[str, Any]) -> None:
     """Raise ValueError or DomainBedNotFound for data flags that cannot load (cheap checks only)."""
-    if flags["dataset"] == "synthetic":
+    if flags["dataset"] in BUILT_IN_DATASETS:
         return
     if flags["data_dir"] is None:
         raise ValueError(f"--dataset {flags['dataset']} needs --data_dir, the folder DomainBed "
@@ -331,9 +337,11 @@ def check_data_sizes(data: DomainData, wanted: Mapping[str, Optional[int]],
 
 
 def load_data(flags: Mapping[str, Any]) -> DomainData:
-    """The per-domain tensors the data flags name: synthetic domains, or DomainBed's dataset."""
-    if flags["dataset"] == "synthetic":
-        return synthetic_dataset(per_domain=flags["per_domain_cap"] or 500, seed=flags["data_seed"])
+    """The per-domain tensors the data flags name: a built-in data set (synthetic domains, the
+    planted task), or DomainBed's dataset."""
+    if flags["dataset"] in BUILT_IN_DATASETS:
+        make, per_domain = BUILT_IN_DATASETS[flags["dataset"]]
+        return make(per_domain=flags["per_domain_cap"] or per_domain, seed=flags["data_seed"])
     check_data_flags(flags)
     from ..bridge.domainbed_data import load_domainbed_domains
     return load_domainbed_domains(flags["dataset"], flags["data_dir"], flags["domainbed_root"],
