@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from domainbed_itl.analysis import comparison
-from domainbed_itl.bridge.loss_evaluation import DomainBedProtocol, parse_losses, plan_jobs
+from domainbed_itl.bridge.loss_evaluation import (DomainBedProtocol, parse_losses, plan_jobs,
+                                                   training_domain_validation)
 from domainbed_itl.losses import ITL_PARAMETERS, LossSpec, TaylorLoss, save_loss
 from domainbed_itl.meta import synthetic_domains
 from domainbed_itl.meta.evaluate import Protocol, evaluate_losses
@@ -348,3 +349,60 @@ def test_seeds_pair_losses_in_the_domainbed_plan(tmp_path):
         assert train_args["steps"] == 100 and train_args["hparams_seed"] == 0
         assert (train_args["algorithm"], label) in {("ERM", "CE"), ("ITL", "ITL")}
     assert all(len(s) == 1 for s in seeds.values()) and len(seeds) == 4
+
+
+def _seed_hash(*args):
+    return hash(args) % 1000
+
+
+def test_test_envs_together_plan_one_job_per_loss_and_trial_holding_out_all(tmp_path):
+    parser = evaluate_loss.build_parser()
+    argv = ["domainbed", "--losses", "CE", "ITL", "--test_envs", "0", "5", "--n_trials", "3",
+            "--data_dir", str(tmp_path), "--output_dir", str(tmp_path)]
+    plans = {}
+    for together in (False, True):
+        args = parser.parse_args(argv + ["--test_envs_together"] * together)
+        losses, _ = parse_losses(args.losses, args.reference, args.dataset)
+        protocol = DomainBedProtocol(args.dataset, args.data_dir, tuple(args.test_envs), args.n_trials,
+                                     together=args.test_envs_together)
+        plans[together] = plan_jobs(protocol, losses, _seed_hash)
+    assert len(plans[True]) == 2 * 3 and len(plans[False]) == 2 * 2 * 3
+    for train_args, _, envs, trial in plans[True]:
+        assert envs == (0, 5) and train_args["test_envs"] == [0, 5]
+        assert train_args["seed"] == _seed_hash("evaluate_loss", "RotatedMNIST", 0, 5, trial)
+    for train_args, _, envs, trial in plans[False]:  # each alone: the seeds of earlier evaluations
+        assert train_args["test_envs"] == list(envs) and len(envs) == 1
+        assert train_args["seed"] == _seed_hash("evaluate_loss", "RotatedMNIST", envs[0], trial)
+
+
+def _checkpoint(step, out_acc, in_acc):
+    return {"step": step, **{f"env{i}_out_acc": a for i, a in enumerate(out_acc)},
+            **{f"env{i}_in_acc": a for i, a in enumerate(in_acc)}}
+
+
+def test_training_domain_validation_counts_only_the_training_environments():
+    checkpoints = [_checkpoint(0, [0.1, 0.5, 0.5, 0.9], [0.2, 0.3, 0.4, 0.5]),
+                   _checkpoint(1, [0.9, 0.6, 0.6, 0.1], [0.6, 0.7, 0.8, 0.9]),
+                   _checkpoint(2, [0.2, 0.6, 0.6, 0.2], [0.1, 0.1, 0.1, 0.1])]
+    chosen, val = training_domain_validation(checkpoints, (0, 3))
+    assert chosen["step"] == 1 and val == pytest.approx(0.6)  # ties: the first best
+    chosen, val = training_domain_validation(checkpoints, (3,))
+    assert chosen["step"] == 1 and val == pytest.approx((0.9 + 0.6 + 0.6) / 3)
+    chosen, val = training_domain_validation(checkpoints, (0,))
+    assert chosen["step"] == 0 and val == pytest.approx((0.5 + 0.5 + 0.9) / 3)
+
+
+@pytest.mark.domainbed
+def test_training_domain_validation_is_domainbeds_with_one_test_environment(domainbed_root,
+                                                                             isolated_imports):
+    from domainbed.lib.query import Q
+    from domainbed.model_selection import IIDAccuracySelectionMethod
+
+    generator = torch.Generator().manual_seed(0)
+    for test_env in range(4):
+        checkpoints = [{**_checkpoint(step, *torch.rand(2, 4, generator=generator).tolist()),
+                        "args": {"test_envs": [test_env]}} for step in range(6)]
+        chosen, val = training_domain_validation(checkpoints, (test_env,))
+        theirs = IIDAccuracySelectionMethod.run_acc(Q(checkpoints))
+        assert (chosen[f"env{test_env}_in_acc"], val) == pytest.approx(
+            (theirs["test_acc"], theirs["val_acc"]))
