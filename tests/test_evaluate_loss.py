@@ -406,3 +406,30 @@ def test_training_domain_validation_is_domainbeds_with_one_test_environment(doma
         theirs = IIDAccuracySelectionMethod.run_acc(Q(checkpoints))
         assert (chosen[f"env{test_env}_in_acc"], val) == pytest.approx(
             (theirs["test_acc"], theirs["val_acc"]))
+
+
+@pytest.mark.domainbed
+@pytest.mark.slow
+def test_test_envs_together_runs_one_job_per_loss_and_reports_each_test_env(patched_domainbed, tmp_path):
+    out = tmp_path / "eval"
+    argv = [sys.executable, "-m", "domainbed_itl.scripts.evaluate_loss", "domainbed",
+            "--dataset", "Debug28", "--data_dir", str(tmp_path), "--domainbed_root",
+            str(patched_domainbed), "--losses", "CE", "ITL", "--test_envs", "0", "1",
+            "--test_envs_together", "--n_trials", "1", "--steps", "3", "--checkpoint_freq", "1",
+            "--hparams", '{"batch_size": 8}', "--output_dir", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, env=domainbed_env(patched_domainbed),
+                         timeout=900)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "evaluation.json").read_text())
+    assert not report["missing"] and report["settings"]["test_envs_together"] is True
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 2 and len(report["records"]) == 4
+    for folder in folders:
+        checkpoints = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        assert checkpoints[0]["args"]["test_envs"] == [0, 1]
+        chosen, val = training_domain_validation(checkpoints, (0, 1))
+        mine = [r for r in report["records"] if r["folder"] == folder.name]
+        assert sorted(r["domain"] for r in mine) == ["env0", "env1"]
+        for record in mine:
+            assert record["test_acc"] == chosen[f"{record['domain']}_in_acc"]
+            assert record["val_acc"] == pytest.approx(val) == chosen["env2_out_acc"]
