@@ -133,6 +133,25 @@ def test_itl_reports_its_own_loss_value(bridge):
     assert algorithm.update(minibatches)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("preset", [name for name in LOSS_PRESETS if name != "ITL"])
+def test_itl_trains_with_a_shipped_learned_loss(bridge, preset):
+    """A learned preset as itl_loss: the algorithm holds its ω, reports its value on the batch
+    and moves the network."""
+    spec = LOSS_PRESETS[preset]
+    hparams = {**bridge.hparams_registry.default_hparams("ITL", "Debug28"), "itl_loss": preset}
+    algorithm = _algorithm(bridge, "ITL", hparams)
+    assert algorithm.supervised_loss.omega.tolist() == spec.parameters
+    minibatches = _minibatches()
+    x = torch.cat([x for x, _ in minibatches])
+    y = torch.cat([y for _, y in minibatches])
+    with torch.no_grad():
+        before = algorithm.predict(x)
+    expected = TaylorLoss(spec.parameters, spec.order)(before, y).item()
+    assert algorithm.update(minibatches)["loss"] == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        assert not torch.equal(algorithm.predict(x), before)
+
+
 def test_the_constructors_loss_check_never_loads_the_cpu_kernel(bridge, monkeypatch):
     """With DOMAINBED_ITL_CPU_KERNEL=1 inherited, a GPU job's constructor must not build the C++
     kernel (about 30 s, or forever on a stale build lock) to check its loss on CPU logits; a CPU
@@ -183,7 +202,8 @@ def _loss_file(tmp_path, name, family, order, parameters):
     ("ERM_Poly1", "poly_epsilon", -1.5, r"hparam poly_epsilon=-1.5: expected a number >= -1"),
     ("ERM_Poly1", "poly_epsilon", float("inf"), r"hparam poly_epsilon=inf: expected a number >= -1"),
     ("ITL", "itl_loss", 3,
-     r"hparam itl_loss=3: expected a preset loss \(ITL, learned-RotatedMNIST\) or the path"),
+     r"hparam itl_loss=3: expected a preset loss \(ITL, learned-RotatedMNIST, "
+     r"stationary-RotatedMNIST\) or the path"),
     ("ITL", "itl_loss", "absurd", r"the ITL loss of hparams itl_loss='.*absurd.json' is not finite"),
     ("ITL", "itl_loss", "upside_down", r"the ITL loss of hparams itl_loss='.*upside_down.json' "
                                        r"would be maximised"),

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from domainbed_itl.analysis import comparison
-from domainbed_itl.bridge.loss_evaluation import DomainBedProtocol, parse_losses, plan_jobs
+from domainbed_itl.bridge.loss_evaluation import (DomainBedProtocol, parse_losses, plan_jobs,
+                                                   training_domain_validation)
 from domainbed_itl.losses import ITL_PARAMETERS, LossSpec, TaylorLoss, save_loss
 from domainbed_itl.meta import synthetic_domains
 from domainbed_itl.meta.evaluate import Protocol, evaluate_losses
@@ -348,3 +349,87 @@ def test_seeds_pair_losses_in_the_domainbed_plan(tmp_path):
         assert train_args["steps"] == 100 and train_args["hparams_seed"] == 0
         assert (train_args["algorithm"], label) in {("ERM", "CE"), ("ITL", "ITL")}
     assert all(len(s) == 1 for s in seeds.values()) and len(seeds) == 4
+
+
+def _seed_hash(*args):
+    return hash(args) % 1000
+
+
+def test_test_envs_together_plan_one_job_per_loss_and_trial_holding_out_all(tmp_path):
+    parser = evaluate_loss.build_parser()
+    argv = ["domainbed", "--losses", "CE", "ITL", "--test_envs", "0", "5", "--n_trials", "3",
+            "--data_dir", str(tmp_path), "--output_dir", str(tmp_path)]
+    plans = {}
+    for together in (False, True):
+        args = parser.parse_args(argv + ["--test_envs_together"] * together)
+        losses, _ = parse_losses(args.losses, args.reference, args.dataset)
+        protocol = DomainBedProtocol(args.dataset, args.data_dir, tuple(args.test_envs), args.n_trials,
+                                     together=args.test_envs_together)
+        plans[together] = plan_jobs(protocol, losses, _seed_hash)
+    assert len(plans[True]) == 2 * 3 and len(plans[False]) == 2 * 2 * 3
+    for train_args, _, envs, trial in plans[True]:
+        assert envs == (0, 5) and train_args["test_envs"] == [0, 5]
+        assert train_args["seed"] == _seed_hash("evaluate_loss", "RotatedMNIST", 0, 5, trial)
+    for train_args, _, envs, trial in plans[False]:  # each alone: the seeds of earlier evaluations
+        assert train_args["test_envs"] == list(envs) and len(envs) == 1
+        assert train_args["seed"] == _seed_hash("evaluate_loss", "RotatedMNIST", envs[0], trial)
+
+
+def _checkpoint(step, out_acc, in_acc):
+    return {"step": step, **{f"env{i}_out_acc": a for i, a in enumerate(out_acc)},
+            **{f"env{i}_in_acc": a for i, a in enumerate(in_acc)}}
+
+
+def test_training_domain_validation_counts_only_the_training_environments():
+    checkpoints = [_checkpoint(0, [0.1, 0.5, 0.5, 0.9], [0.2, 0.3, 0.4, 0.5]),
+                   _checkpoint(1, [0.9, 0.6, 0.6, 0.1], [0.6, 0.7, 0.8, 0.9]),
+                   _checkpoint(2, [0.2, 0.6, 0.6, 0.2], [0.1, 0.1, 0.1, 0.1])]
+    chosen, val = training_domain_validation(checkpoints, (0, 3))
+    assert chosen["step"] == 1 and val == pytest.approx(0.6)  # ties: the first best
+    chosen, val = training_domain_validation(checkpoints, (3,))
+    assert chosen["step"] == 1 and val == pytest.approx((0.9 + 0.6 + 0.6) / 3)
+    chosen, val = training_domain_validation(checkpoints, (0,))
+    assert chosen["step"] == 0 and val == pytest.approx((0.5 + 0.5 + 0.9) / 3)
+
+
+@pytest.mark.domainbed
+def test_training_domain_validation_is_domainbeds_with_one_test_environment(domainbed_root,
+                                                                             isolated_imports):
+    from domainbed.lib.query import Q
+    from domainbed.model_selection import IIDAccuracySelectionMethod
+
+    generator = torch.Generator().manual_seed(0)
+    for test_env in range(4):
+        checkpoints = [{**_checkpoint(step, *torch.rand(2, 4, generator=generator).tolist()),
+                        "args": {"test_envs": [test_env]}} for step in range(6)]
+        chosen, val = training_domain_validation(checkpoints, (test_env,))
+        theirs = IIDAccuracySelectionMethod.run_acc(Q(checkpoints))
+        assert (chosen[f"env{test_env}_in_acc"], val) == pytest.approx(
+            (theirs["test_acc"], theirs["val_acc"]))
+
+
+@pytest.mark.domainbed
+@pytest.mark.slow
+def test_test_envs_together_runs_one_job_per_loss_and_reports_each_test_env(patched_domainbed, tmp_path):
+    out = tmp_path / "eval"
+    argv = [sys.executable, "-m", "domainbed_itl.scripts.evaluate_loss", "domainbed",
+            "--dataset", "Debug28", "--data_dir", str(tmp_path), "--domainbed_root",
+            str(patched_domainbed), "--losses", "CE", "ITL", "--test_envs", "0", "1",
+            "--test_envs_together", "--n_trials", "1", "--steps", "3", "--checkpoint_freq", "1",
+            "--hparams", '{"batch_size": 8}', "--output_dir", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, env=domainbed_env(patched_domainbed),
+                         timeout=900)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "evaluation.json").read_text())
+    assert not report["missing"] and report["settings"]["test_envs_together"] is True
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 2 and len(report["records"]) == 4
+    for folder in folders:
+        checkpoints = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        assert checkpoints[0]["args"]["test_envs"] == [0, 1]
+        chosen, val = training_domain_validation(checkpoints, (0, 1))
+        mine = [r for r in report["records"] if r["folder"] == folder.name]
+        assert sorted(r["domain"] for r in mine) == ["env0", "env1"]
+        for record in mine:
+            assert record["test_acc"] == chosen[f"{record['domain']}_in_acc"]
+            assert record["val_acc"] == pytest.approx(val) == chosen["env2_out_acc"]

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import torch
 from domainbed_itl import __version__
 from domainbed_itl.losses import (ITL_PARAMETERS, LOSS_PRESETS, LossFileError, LossSpec, TaylorLoss,
                                   load_loss, resolve_loss, save_loss)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_round_trip(tmp_path):
@@ -123,3 +128,41 @@ def test_the_shipped_losss_command_is_one_meta_train_accepts(tmp_path):
     assert tokens[:3] == ["python", "-m", "domainbed_itl.scripts.meta_train"]
     args = build_parser().parse_args(tokens[3:])
     assert (args.preset, args.outer_steps, args.seed) == ("paper", 52, None)
+
+
+# The stationary search's run folder (loss.json, metrics.jsonl), when this machine has it.
+STATIONARY_RUN = os.environ.get("DOMAINBED_ITL_TEST_STATIONARY_RUN")
+
+
+def test_the_stationary_preset_says_how_it_was_found_and_its_command_reproduces_it(tmp_path):
+    from domainbed_itl.scripts.meta_train import build_parser
+
+    spec = resolve_loss("stationary-RotatedMNIST")
+    assert (spec.family, spec.order, len(spec.parameters)) == ("taylor", 4, 12)
+    for key in ("command", "source_commit", "selection", "hardware", "date", "evaluation"):
+        assert spec.provenance[key]
+    command = spec.provenance["command"]
+    for placeholder, value in (("<MNIST folder>", tmp_path), ("<DomainBed>", tmp_path / "db"),
+                               ("<run folder>", tmp_path / "run")):
+        command = command.replace(placeholder, str(value))
+    assert "<" not in command, "a placeholder the test does not know"
+    tokens = shlex.split(command)
+    assert tokens[:3] == ["python", "-m", "domainbed_itl.scripts.meta_train"]
+    args = build_parser().parse_args(tokens[3:])
+    assert (args.preset, args.outer_steps, args.per_domain_cap) == (
+        spec.provenance["preset"], spec.provenance["steps"], spec.provenance["per_domain_cap"])
+    assert args.seed in (None, spec.provenance["seed"]) and args.data_seed == spec.provenance["data_seed"]
+    assert (REPO / spec.provenance["evaluation"]).is_file()
+
+
+@pytest.mark.skipif(STATIONARY_RUN is None, reason="needs the stationary search's run folder "
+                    "(set DOMAINBED_ITL_TEST_STATIONARY_RUN)")
+def test_the_stationary_preset_holds_its_runs_last_step():
+    run = Path(STATIONARY_RUN)
+    spec, saved = resolve_loss("stationary-RotatedMNIST"), load_loss(run / "loss.json")
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert spec.parameters == saved.parameters == last["omega"]
+    assert last["step"] == spec.provenance["steps"] == saved.provenance["steps"]
+    for key in ("seed", "source_commit", "preset"):
+        assert spec.provenance[key] == saved.provenance[key], key
+    assert saved.provenance["data"]["per_domain_cap"] == spec.provenance["per_domain_cap"]

@@ -6,8 +6,10 @@ hparams), a preset (ITL) or a loss file of any registered family (both trained a
 `itl_loss`), optionally
 labelled `label=...`; one that cannot train for the dataset's classes is refused by name.
 
-The DomainBed protocol plans one DomainBed `train` job per (loss, test environment, trial);
-every loss of a (test environment, trial) gets the same seed, so the losses share initial
+The DomainBed protocol plans one DomainBed `train` job per (loss, test environment, trial), or
+with `together` one per (loss, trial) holding out every test environment at once (the training
+domains are then the others, and each test environment is reported from the same job);
+every loss of a (test environments, trial) gets the same seed, so the losses share initial
 weights and minibatch order. The jobs are DomainBed's `Job`s, launched a (test environment,
 trial) at a time through its command launchers; a rerun launches only the jobs without a
 folder (the empty folders of jobs that never started are removed first) and reports every
@@ -33,8 +35,8 @@ from .algorithms import ZOO_ALGORITHMS, LossHparamError, check_loss_hparams
 from .domainbed_env import import_domainbed, with_pythonpath
 from .patching import APPLIED, status
 
-# (train args, loss label, test env, trial) of one planned job.
-PlannedJob = Tuple[Dict[str, Any], str, int, int]
+# (train args, loss label, its test envs, trial) of one planned job.
+PlannedJob = Tuple[Dict[str, Any], str, Tuple[int, ...], int]
 
 
 class EvaluationInputError(ValueError):
@@ -96,8 +98,8 @@ def loss_definition(loss: str) -> Dict[str, Any]:
 @dataclass(frozen=True)
 class DomainBedProtocol:
     """The DomainBed protocol's settings: dataset and its --data_dir, the test environments
-    (each alone), trials, steps, checkpoint frequency, --hparams (a JSON object) and the
-    holdout fraction."""
+    (each alone, or all in one job when `together`), trials, steps, checkpoint frequency,
+    --hparams (a JSON object) and the holdout fraction."""
 
     dataset: str
     data_dir: str
@@ -107,6 +109,11 @@ class DomainBedProtocol:
     checkpoint_freq: Optional[int] = None
     hparams: Optional[str] = None
     holdout_fraction: float = 0.2
+    together: bool = False
+
+    def groups(self) -> List[Tuple[int, ...]]:
+        """The test environments of each job: one group of all, or each alone."""
+        return [tuple(self.test_envs)] if self.together else [(e,) for e in self.test_envs]
 
     def extra_hparams(self) -> Dict[str, Any]:
         """--hparams as a dict; EvaluationInputError unless it is a JSON object."""
@@ -121,7 +128,8 @@ class DomainBedProtocol:
     def settings(self) -> Dict[str, Any]:
         """The settings as the report states them."""
         return {"protocol": "domainbed", "dataset": self.dataset, "test_envs": list(self.test_envs),
-                "n_trials": self.n_trials, "steps": self.steps, "hparams": self.hparams,
+                "test_envs_together": self.together, "n_trials": self.n_trials,
+                "steps": self.steps, "hparams": self.hparams,
                 "holdout_fraction": self.holdout_fraction, "hparams_seed": 0}
 
 
@@ -165,23 +173,23 @@ def check_request(db: SimpleNamespace, protocol: DomainBedProtocol, losses: Dict
 
 def plan_jobs(protocol: DomainBedProtocol, losses: Dict[str, str],
               seed_hash: Callable[..., int]) -> List[PlannedJob]:
-    """(train args, loss label, test env, trial) of every DomainBed job, without output_dir.
+    """(train args, loss label, test envs, trial) of every DomainBed job, without output_dir.
 
-    Every loss of a (test env, trial) gets the same seed, so the losses share initial weights
+    Every loss of a (test envs, trial) gets the same seed, so the losses share initial weights
     and minibatch order; the trial seed fixes DomainBed's data splits.
     """
     extra, jobs = protocol.extra_hparams(), []
-    for test_env in protocol.test_envs:
+    for group in protocol.groups():
         for trial in range(protocol.n_trials):
-            seed = seed_hash("evaluate_loss", protocol.dataset, test_env, trial)
+            seed = seed_hash("evaluate_loss", protocol.dataset, *group, trial)
             for label, loss in losses.items():
-                jobs.append((_train_args(protocol, loss, extra, test_env, trial, seed), label,
-                             test_env, trial))
+                jobs.append((_train_args(protocol, loss, extra, group, trial, seed), label,
+                             group, trial))
     return jobs
 
 
-def _train_args(protocol: DomainBedProtocol, loss: str, extra: Dict[str, Any], test_env: int,
-                trial: int, seed: int) -> Dict[str, Any]:
+def _train_args(protocol: DomainBedProtocol, loss: str, extra: Dict[str, Any],
+                test_envs: Tuple[int, ...], trial: int, seed: int) -> Dict[str, Any]:
     """DomainBed train's arguments for one job: ERM_<loss> for a zoo loss, else ITL."""
     hparams = dict(extra)
     if loss in ZOO_ALGORITHMS:
@@ -189,7 +197,7 @@ def _train_args(protocol: DomainBedProtocol, loss: str, extra: Dict[str, Any], t
     else:
         algorithm = "ITL"
         hparams["itl_loss"] = loss if loss in LOSS_PRESETS else str(Path(loss).resolve())
-    train_args = {"dataset": protocol.dataset, "algorithm": algorithm, "test_envs": [test_env],
+    train_args = {"dataset": protocol.dataset, "algorithm": algorithm, "test_envs": list(test_envs),
                   "hparams_seed": 0, "trial_seed": trial, "seed": seed,
                   "data_dir": protocol.data_dir, "holdout_fraction": protocol.holdout_fraction,
                   "task": "domain_generalization"}
@@ -202,21 +210,21 @@ def _train_args(protocol: DomainBedProtocol, loss: str, extra: Dict[str, Any], t
 
 
 def jobs_of(db: SimpleNamespace, planned: Sequence[PlannedJob], output_dir: str) -> List[tuple]:
-    """(DomainBed Job, label, test env, trial) of the planned jobs, their states read now."""
-    return [(db.sweep.Job(a, output_dir), label, env, trial) for a, label, env, trial in planned]
+    """(DomainBed Job, label, test envs, trial) of the planned jobs, their states read now."""
+    return [(db.sweep.Job(a, output_dir), label, envs, trial) for a, label, envs, trial in planned]
 
 
 def to_launch(db: SimpleNamespace, planned: Sequence[PlannedJob], output_dir: str) -> List[list]:
-    """The jobs not launched yet, grouped by (test env, trial): the units of the evaluation."""
-    units: Dict[Tuple[int, int], list] = {}
-    for job, _, test_env, trial in jobs_of(db, planned, output_dir):
+    """The jobs not launched yet, grouped by (test envs, trial): the units of the evaluation."""
+    units: Dict[Tuple[Tuple[int, ...], int], list] = {}
+    for job, _, test_envs, trial in jobs_of(db, planned, output_dir):
         if job.state == db.sweep.Job.NOT_LAUNCHED:
-            units.setdefault((test_env, trial), []).append(job)
+            units.setdefault((test_envs, trial), []).append(job)
     return list(units.values())
 
 
 def launch(db: SimpleNamespace, units: Sequence[list], launcher: str, progress: bool) -> None:
-    """Launch the units one (test env, trial) at a time, with a progress bar: DomainBed's launch
+    """Launch the units one (test envs, trial) at a time, with a progress bar: DomainBed's launch
     shuffles the jobs it is given, and an interrupted evaluation should leave whole pairs."""
     os.environ["PYTHONPATH"] = with_pythonpath(db.checkout)["PYTHONPATH"]  # the jobs inherit it
     for unit in tqdm(units, desc="evaluate", unit="unit", disable=not progress):
@@ -225,24 +233,42 @@ def launch(db: SimpleNamespace, units: Sequence[list], launcher: str, progress: 
 
 def collect(db: SimpleNamespace, planned: Sequence[PlannedJob],
             output_dir: str) -> Tuple[List[Dict[str, Any]], List[str], List[str]]:
-    """(one record per finished job, the jobs not finished, the damaged records skipped).
+    """(one record per finished job and test env, the jobs not finished, the damaged records
+    skipped).
 
     A record: loss, unit (the trial), domain (the test env), the test and validation accuracy
-    DomainBed's training-domain validation selects, and the last checkpoint's test accuracy.
-    DomainBed's reporting.load_records stops at the first damaged line; this skips and lists it.
+    of the checkpoint training-domain validation selects, and the last checkpoint's test
+    accuracy. DomainBed's reporting.load_records stops at the first damaged line; this skips
+    and lists it.
     """
     found, damaged = records_of(load_runs(output_dir))
     results, records, missing = db.query.Q(found), [], []
-    for job, label, test_env, trial in jobs_of(db, planned, output_dir):
+    for job, label, test_envs, trial in jobs_of(db, planned, output_dir):
         folder = Path(job.output_dir)
         runs = results.filter(lambda r, name=folder.name: Path(r["args"]["output_dir"]).name == name)
         if not (folder / "done").exists() or not len(runs):
-            missing.append(f"{label}, test env {test_env}, trial {trial}: {folder} ({job.state})")
+            envs = " ".join(map(str, test_envs))
+            missing.append(f"{label}, test env {envs}, trial {trial}: {folder} ({job.state})")
             continue
-        chosen = db.model_selection.IIDAccuracySelectionMethod.run_acc(runs)
-        last = runs.sorted(lambda r: r["step"])[-1]
-        records.append({"loss": label, "unit": trial, "domain": f"env{test_env}",
-                        "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"],
-                        "last_test_acc": last[f"env{test_env}_in_acc"], "steps": last["step"] + 1,
-                        "folder": folder.name})
+        chosen, val_acc = training_domain_validation(list(runs), test_envs)
+        last = max(runs, key=lambda r: r["step"])
+        records += [{"loss": label, "unit": trial, "domain": f"env{e}",
+                     "test_acc": chosen[f"env{e}_in_acc"], "val_acc": val_acc,
+                     "last_test_acc": last[f"env{e}_in_acc"], "steps": last["step"] + 1,
+                     "folder": folder.name} for e in test_envs]
     return records, missing, damaged
+
+
+def training_domain_validation(checkpoints: Sequence[Dict[str, Any]],
+                               test_envs: Sequence[int]) -> Tuple[Dict[str, Any], float]:
+    """(the checkpoint record with the best mean out-split accuracy over the training
+    environments, that accuracy): DomainBed's IIDAccuracySelectionMethod, which with one test
+    environment picks the same checkpoint, and which with several would count the other test
+    environments as validation; the first best on ties, as its argmax."""
+    def val_acc(record: Dict[str, Any]) -> float:
+        keys = [k for k in record if k.startswith("env") and k.endswith("_out_acc")
+                and int(k[3:-len("_out_acc")]) not in test_envs]
+        return sum(record[k] for k in keys) / len(keys)
+
+    chosen = max(checkpoints, key=val_acc)
+    return chosen, val_acc(chosen)

@@ -21,12 +21,14 @@ loss on a seed) in --output_dir/checkpoint.pt as it finishes: running the same c
 continues an interrupted evaluation, and refuses, naming them, units computed with other
 settings, data or loss parameters; a finished evaluation is replaced only with --overwrite.
 `domainbed` (domainbed_itl.bridge.loss_evaluation) plans one DomainBed `train` job per (loss, test
-environment, trial), every loss of a (test environment, trial) with the same --seed, so the
-losses share initial weights and minibatch order; ERM for CE, ERM_<name> for zoo losses, ITL
-with `itl_loss` for presets and loss files, hparams at their defaults (hparams seed 0). The jobs
-are DomainBed's `Job`s, launched through its command launchers; running the command again
-launches only jobs without a folder, then reports every finished one (model selection:
-DomainBed's training-domain validation, and the last checkpoint). `--report_only` launches
+environment, trial), or with --test_envs_together per (loss, trial) holding out all the test
+environments at once (fewer jobs, each training on the other domains); every loss of a (test
+environments, trial) gets the same --seed, so the losses share initial weights and minibatch
+order; ERM for CE, ERM_<name> for zoo losses, ITL with `itl_loss` for presets and loss files,
+hparams at their defaults (hparams seed 0). The jobs are DomainBed's `Job`s, launched through
+its command launchers; running the command again launches only jobs without a folder, then
+reports every finished one (model selection: training-domain validation, the checkpoint with
+the best accuracy on the training environments' out splits, and the last checkpoint). `--report_only` launches
 nothing. The report files are rewritten from the job folders each time; job folders are never
 replaced, and records that cannot be read are listed in the report and skipped.
 
@@ -96,7 +98,9 @@ def _add_meta_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 def _add_domainbed_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     db = sub.add_parser("domainbed", parents=[common], help="DomainBed's own train")
     db.add_argument("--test_envs", type=integer, nargs="+", required=True,
-                    help="one run per test environment (each alone)")
+                    help="one run per test environment (each alone), or see --test_envs_together")
+    db.add_argument("--test_envs_together", action="store_true",
+                    help="one run per loss and trial holding out all --test_envs at once")
     db.add_argument("--n_trials", type=positive_int, default=2)
     db.add_argument("--steps", type=positive_int, default=None, help="default: the dataset's")
     db.add_argument("--checkpoint_freq", type=positive_int, default=None)
@@ -149,7 +153,7 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
     """The DomainBed protocol: launch DomainBed's train jobs, then report the finished ones."""
     protocol = DomainBedProtocol(args.dataset, args.data_dir, tuple(args.test_envs), args.n_trials,
                                  args.steps, args.checkpoint_freq, args.hparams,
-                                 args.holdout_fraction)
+                                 args.holdout_fraction, args.test_envs_together)
     db = domainbed_modules(args.domainbed_root)
     check_request(db, protocol, losses, args.command_launcher)
     planned = plan_jobs(protocol, losses, db.misc.seed_hash)
