@@ -40,6 +40,7 @@ from ..bridge.loss_evaluation import EvaluationInputError, parse_losses
 from ..datasets import num_classes
 from ..files.runfolder import RunKind, open_run_folder
 from ..losses.grid import parse_grid
+from ..losses.lossfile import LossSpec
 from ..meta.evaluate import EVALUATION_RUN
 from ._cli import (add_data_flags, check_data_flags, command_line, data_flags, load_data,
                    parse_device, run_command)
@@ -80,8 +81,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     classes = num_classes(args.dataset)
     data = None if classes is not None else load_data(flags)
     grid = parse_grid(args.grid, classes or data.num_classes)
-    members: Dict[str, object] = {label: spec for family in grid.values()
-                                  for label, spec in family.items()}
+    members: Dict[str, LossSpec] = {label: spec for family in grid.values()
+                                    for label, spec in family.items()}
     taken = sorted(set(members) & set(extras))
     if taken:
         raise EvaluationInputError(f"--losses label {taken[0]!r} is also a grid member's; label "
