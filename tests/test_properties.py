@@ -49,10 +49,10 @@ from domainbed_itl.losses.taylor import ITL_PARAMETERS
 from domainbed_itl.meta.cmaes import CMA_RUN
 from domainbed_itl.meta.evaluate import EVALUATION_RUN
 from domainbed_itl.meta.runner import META_RUN
-from domainbed_itl.scripts import (cma_search, collect_single_source, evaluate_loss, in_vs_cross,
-                                   loss_landscape, loss_shapes, meta_train, paper_sweep, patch,
-                                   plot_meta, plot_search, quickstart, significance,
-                                   single_source_sweep, target_entropy)
+from domainbed_itl.scripts import (cma_search, collect_single_source, evaluate_loss, grid_search,
+                                   in_vs_cross, loss_landscape, loss_shapes, meta_train,
+                                   paper_sweep, patch, plot_meta, plot_search, quickstart,
+                                   significance, single_source_sweep, target_entropy)
 
 FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
 # DOMAINBED_ITL_EXAMPLES=10 runs ten times the examples, with fresh random draws each time.
@@ -433,6 +433,9 @@ COMMANDS = {
     "evaluate_loss": (evaluate_loss.main, EVALUATION,
                       ["batch_size", "eval_size", "per_domain_cap", "data_seed", "inner_lr",
                        "hidden", "reference", "device", "inner_steps", "seeds", "losses"]),
+    "grid_search": (grid_search.main, ["--grid", "label_smoothing=0.1", "--seeds", "0", *DATA, *INNER],
+                    ["grid", "losses", "reference", "seeds", "inner_steps", "batch_size",
+                     "eval_size", "per_domain_cap", "inner_lr", "hidden", "device"]),
     "loss_shapes": (loss_shapes.main, ["--losses", "CE", "ITL", "--points", "5"],
                     ["num_classes", "points", "p_min", "p_max", "labels", "losses"]),
     "significance": (significance.main, ["--single_source_dir", FIXTURE],
@@ -453,7 +456,8 @@ COMMANDS = {
     "in_vs_cross": (in_vs_cross.main, ["."], ["batch_size", "device", "data_dir"]),
     "loss_landscape": (loss_landscape.main, ["."], ["examples", "radius", "points", "batch_size"]),
 }
-RUN_KINDS = {"meta_train": META_RUN, "cma_search": CMA_RUN, "evaluate_loss": EVALUATION_RUN}
+RUN_KINDS = {"meta_train": META_RUN, "cma_search": CMA_RUN, "evaluate_loss": EVALUATION_RUN,
+             "grid_search": grid_search.GRID_RUN}
 OUTPUT_FLAG = {"collect_single_source": None, "quickstart": "--workdir", "paper_sweep": None,
                "patch": None}
 

@@ -91,8 +91,7 @@ def loss_definition(loss: str) -> Dict[str, Any]:
     finished units are kept only for the same definition."""
     if loss in ZOO_ALGORITHMS:
         return {"zoo": loss}
-    spec = resolve_loss(loss)
-    return {"family": spec.family, "order": spec.order, "parameters": list(spec.parameters)}
+    return resolve_loss(loss).definition()
 
 
 @dataclass(frozen=True)

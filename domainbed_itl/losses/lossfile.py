@@ -55,6 +55,10 @@ class LossSpec:
         """The loss as a module called like F.cross_entropy(logits, target, reduction=...)."""
         return get_family(self.family, self.order).module(self.parameters)
 
+    def definition(self) -> Dict[str, Any]:
+        """What the loss computes (family, order, parameters), without its provenance."""
+        return {"family": self.family, "order": self.order, "parameters": list(self.parameters)}
+
     def to_dict(self) -> Dict[str, Any]:
         """The loss-file JSON object (see the module docstring)."""
         return {"format": FORMAT, "version": VERSION, "family": self.family, "order": self.order,

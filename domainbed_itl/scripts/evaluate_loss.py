@@ -45,21 +45,19 @@ import argparse
 import sys
 from typing import Dict, Optional, Sequence, Set
 
-import torch
-
-from ..analysis.loss_evaluation import (CONVERGENCE_METRICS, DOMAINBED_METRICS, META_METRICS,
-                                        REPORT_JSON, REPORT_MD, plan_report, tables, write_report)
+from ..analysis.loss_evaluation import (DOMAINBED_METRICS, REPORT_JSON, REPORT_MD, plan_report,
+                                        tables, write_report)
 from ..bridge.loss_evaluation import (DomainBedProtocol, check_request, collect, domainbed_modules,
-                                      launch, loss_definition, loss_function, parse_losses,
-                                      plan_jobs, to_launch)
+                                      launch, parse_losses, plan_jobs, to_launch)
 from ..files.atomic import OutputExists
 from ..files.runfolder import open_run_folder
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started
-from ..meta.evaluate import EVALUATION_RUN, Protocol, evaluate_in_folder
-from ._cli import (INNER_TRAINING, add_data_flags, add_flags, check_data_flags, check_data_sizes,
-                   command_line, data_flags, explicit_flags, integer, load_data, nonnegative_int,
-                   parse_device, positive_int, run_command)
+from ..meta.evaluate import EVALUATION_RUN
+from ._cli import (add_data_flags, check_data_flags, check_data_sizes, command_line, data_flags,
+                   explicit_flags, integer, load_data, parse_device, positive_int, run_command)
+from ._evaluation import (add_meta_protocol_flags, evaluate_meta, meta_losses, meta_metrics,
+                          meta_protocol, meta_settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,15 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_meta_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     meta = sub.add_parser("meta", parents=[common], help="the inner loop of meta-training")
-    meta.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2, 3, 4])
-    meta.add_argument("--inner_steps", type=positive_int, nargs="+", default=[1000],
-                      help="report after each of these numbers of inner steps")
-    add_flags(meta, "inner training (default: meta_train's)", INNER_TRAINING)
-    meta.add_argument("--eval_size", type=positive_int, default=2048,
-                      help="source examples behind the source accuracy")
-    meta.add_argument("--per_domain_cap", type=positive_int, default=None)
-    meta.add_argument("--data_seed", type=nonnegative_int, default=0)
-    meta.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_meta_protocol_flags(meta)
     meta.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation")
 
 
@@ -113,9 +103,7 @@ def _add_domainbed_parser(sub: argparse._SubParsersAction, common: argparse.Argu
 def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, command: str,
              explicit: Set[str]) -> int:
     """The meta protocol, in this process, in a run folder that keeps its finished units."""
-    protocol = Protocol(tuple(args.inner_steps), eval_size=args.eval_size, **{
-        k: getattr(args, k) for k in INNER_TRAINING if getattr(args, k) is not None})
-    device, flags = parse_device(args.device), data_flags(args)
+    protocol, device, flags = meta_protocol(args), parse_device(args.device), data_flags(args)
     check_data_flags(flags)
     with open_run_folder(args.output_dir, EVALUATION_RUN, resume=not args.overwrite,
                          overwrite=args.overwrite, command=command) as folder:
@@ -127,25 +115,16 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
         data = load_data(flags)
         check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
                          explicit)
-        functions = {label: (_on(loss_function(loss), device), loss_definition(loss))
-                     for label, loss in losses.items()}
-        records = evaluate_in_folder(folder, data, functions, args.seeds, protocol, device,
-                                     provenance={"command": command}, progress=not args.no_progress)
-        settings = {"protocol": "meta", "dataset": args.dataset, "seeds": args.seeds,
-                    "per_domain_cap": args.per_domain_cap, "data_seed": args.data_seed,
-                    **protocol.to_dict()}
-        metrics = META_METRICS + (CONVERGENCE_METRICS if protocol.inner_stop_ratio is not None
-                                  else [])
-        body, stats = tables(records, metrics, reference, list(losses), ["inner_steps"])
+        records = evaluate_meta(folder, data, meta_losses(losses, device), args, protocol, device,
+                                command)
+        settings = meta_settings(args, protocol)
+        body, stats = tables(records, meta_metrics(protocol), reference, list(losses),
+                             ["inner_steps"])
         write_report(plan, "Loss evaluation, meta protocol", settings, body,
                      {"settings": settings, "losses": losses, "reference": reference,
                       "statistics": stats, "records": records})
     print(body)
     return 0
-
-
-def _on(loss, device: torch.device):
-    return loss.to(device) if isinstance(loss, torch.nn.Module) else loss
 
 
 def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: str,
