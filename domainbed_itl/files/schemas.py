@@ -130,7 +130,18 @@ def _plain_name(value: str) -> str:
     return value
 
 
+def _device_type(value: str) -> str:
+    try:
+        known = torch.device(value).type == value
+    except RuntimeError:
+        known = False
+    if not known:
+        raise ValueError(f"expected a torch device type such as 'cpu' or 'cuda', got {value!r}")
+    return value
+
+
 JsonValue = Annotated[Any, AfterValidator(_json_value)]
+DeviceType = Annotated[str, AfterValidator(_device_type)]
 Finite = float  # the models' allow_inf_nan=False makes every float finite
 Measured = Annotated[float, Field(allow_inf_nan=True), AfterValidator(_measured)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -293,7 +304,7 @@ class Checkpoint(Schema):
     package_version: Optional[str] = None
     unit: Optional[str] = None
     done: Optional[Count] = None
-    device: Optional[Literal["cpu", "cuda"]] = None
+    device: Optional[DeviceType] = None  # the library runs on any torch device; commands on cpu, cuda
     provenance: Optional[Dict[str, JsonValue]] = None
 
     @model_validator(mode="after")
