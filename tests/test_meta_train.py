@@ -103,6 +103,21 @@ def test_config_rejects_bad_values_by_name(kwargs, message):
         _config(**kwargs)
 
 
+def _spy_on_heldout(trainer):
+    """A dict that each outer step of `trainer` fills with the inner networks ("thetas"), the
+    step's draws and what the held-out objective returned ("out")."""
+    captured = {}
+    original = trainer._heldout
+
+    def spy(thetas, draws):
+        captured["thetas"], captured["draws"] = thetas, draws
+        captured["out"] = original(thetas, draws)
+        return captured["out"]
+
+    trainer._heldout = spy
+    return captured
+
+
 def test_step_randomness_depends_only_on_seed_and_step():
     def draw(seed, step):
         return torch.randint(1000, (5,), generator=step_generator(seed, step)).tolist()
@@ -197,15 +212,7 @@ def test_diagnostics_are_what_they_say():
     config = _config(reference_every=2)
     trainer = MetaTrainer(data.domains, data.num_classes, config)
     omega = trainer.omega.clone()
-    captured = {}
-    original = trainer._heldout
-
-    def spy(thetas, draws):
-        captured["thetas"], captured["draws"] = thetas, draws
-        captured["out"] = original(thetas, draws)
-        return captured["out"]
-
-    trainer._heldout = spy
+    captured = _spy_on_heldout(trainer)
     first = trainer.outer_step()
     thetas, draws, vs = captured["thetas"], captured["draws"], captured["out"][0]
     for i, idx in enumerate(draws.source_eval):
@@ -408,15 +415,7 @@ def test_weight_decay_is_in_the_objective_the_implicit_gradient_differentiates()
     decay = 0.05
     trainer = MetaTrainer(data.domains, data.num_classes, _config(inner_weight_decay=decay),
                           solve=solvers.dense)
-    captured = {}
-    original = trainer._heldout
-
-    def spy(thetas, draws):
-        captured["thetas"], captured["draws"] = thetas, draws
-        captured["out"] = original(thetas, draws)
-        return captured["out"]
-
-    trainer._heldout = spy
+    captured = _spy_on_heldout(trainer)
     omega = trainer.omega.clone()
     trainer.outer_step()
     theta, v = captured["thetas"][0].double(), captured["out"][0][0].double()
@@ -450,14 +449,7 @@ def test_a_stationary_run_records_how_close_each_network_came_and_the_spectrum()
     data = _data()
     config = MetaConfig(**{**STATIONARY, "spectrum_iters": 200})
     trainer = MetaTrainer(data.domains, data.num_classes, config)
-    captured = {}
-    original = trainer._heldout
-
-    def spy(thetas, draws):
-        captured["thetas"], captured["draws"] = thetas, draws
-        return original(thetas, draws)
-
-    trainer._heldout = spy
+    captured = _spy_on_heldout(trainer)
     omega = trainer.omega.clone()
     record = trainer.outer_step()
     d = record["per_domain"]
