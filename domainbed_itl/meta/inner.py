@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import zoo
-
-Params = Dict[str, Tensor]
+from .network import BatchedMLP, Params, batched_view, view_of
+from .network import mlp as mlp  # the base network, defined in network.py
 LossFn = Callable[..., Tensor]
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -43,20 +43,11 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-def mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
-    """The base network: Linear-ReLU blocks of widths `hidden`, then a linear classifier."""
-    widths = [in_features, *hidden]
-    layers: List[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(widths[-1], num_classes))
-
-
 def init_params(model: nn.Sequential, seeds: Sequence[int], device: torch.device) -> Params:
     """Fresh weights for one network per seed (Algorithm 1, line 9), stacked along dim 0.
 
     Each network gets the model's own initialisation drawn on the CPU from its seed, so the
-    same seed gives the same network on every device.
+    same seed gives the same network on every device. The model must be a base network `mlp`.
     """
     stacked: Dict[str, List[Tensor]] = {name: [] for name, _ in model.named_parameters()}
     with torch.random.fork_rng(devices=[]):
@@ -67,24 +58,20 @@ def init_params(model: nn.Sequential, seeds: Sequence[int], device: torch.device
                     module.reset_parameters()
             for name, p in model.named_parameters():
                 stacked[name].append(p.detach().clone())
-    return {name: torch.stack(ps).to(device) for name, ps in stacked.items()}
+    params = {name: torch.stack(ps).to(device) for name, ps in stacked.items()}
+    if view_of(params) != batched_view(model):
+        raise ValueError(f"the inner loop trains the base network mlp(...), not {model}")
+    return params
 
 
 def mlp_forward(params: Params, x: Tensor) -> Tensor:
     """Logits (n, batch, classes) of the n stacked MLPs of `mlp` on inputs x (n, batch, features)."""
-    names = list(params)
-    h = x
-    for k in range(0, len(names), 2):
-        weight, bias = params[names[k]], params[names[k + 1]]
-        h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-        if k + 2 < len(names):
-            h = h.relu()
-    return h
+    return view_of(params).activations(params, x)[-1]
 
 
 def flat(params: Params) -> Tensor:
     """The stacked parameters as rows θ_i, in `flatten_module`'s order (n, parameters)."""
-    return torch.cat([p.reshape(p.shape[0], -1) for p in params.values()], dim=1)
+    return view_of(params).flat(params)
 
 
 class InnerOptimizer:
@@ -183,43 +170,25 @@ def loss_and_grad(loss: LossFn) -> LossAndGrad:
 
 
 
-def _step(params: Params, loss: LossAndGrad, optimizer: InnerOptimizer, state: Dict[str, object],
-          x: Tensor, y: Tensor, lr: Optional[float] = None, weight_decay: float = 0.0) -> Tensor:
-    """One optimiser step of every stacked MLP on x (n, batch, features), y (n·batch,); returns
-    the per-example losses (n, batch). Backpropagation is written out: one batched product per
-    layer forward, two backward (one for the first layer); for SGD the update is fused into the
-    weight-gradient product.
+def _step(view: BatchedMLP, params: Params, loss: LossAndGrad, optimizer: InnerOptimizer,
+          state: Dict[str, object], x: Tensor, y: Tensor, lr: Optional[float] = None,
+          weight_decay: float = 0.0) -> Tensor:
+    """One optimiser step of every stacked network on x (n, batch, features), y (n·batch,);
+    returns the per-example losses (n, batch). Forward and backward are `view`'s batched
+    products; for SGD the update is fused into the weight-gradient product.
 
     lr: this step's learning rate (None: the optimiser's); weight_decay λ adds λθ, the gradient
     of λ/2‖θ‖², to every parameter's gradient."""
     n, batch = x.shape[:2]
     lr = optimizer.lr if lr is None else lr
-    names = list(params)
-    inputs = [x]
-    for k in range(0, len(names), 2):
-        z = torch.baddbmm(params[names[k + 1]].unsqueeze(1), inputs[-1], params[names[k]].transpose(1, 2))
-        inputs.append(z.relu_() if k + 2 < len(names) else z)
-    values, dz = loss(inputs.pop().view(n * batch, -1), y)
+    outs = view.activations(params, x)
+    values, dz = loss(outs[-1].view(n * batch, -1), y)
     dz = dz.view(n, batch, -1).div_(batch)  # ∂(mean loss)/∂logits
-    fused = optimizer.name == "sgd"
-    grads: Params = {}
-    for k in reversed(range(len(inputs))):
-        w, b = params[names[2 * k]], params[names[2 * k + 1]]
-        dh = torch.bmm(dz, w) if k else None  # before w changes
-        if fused:  # Algorithm 1, line 11: θ ← θ − η ∂L/∂θ
-            if weight_decay:  # θ − η(∂L/∂θ + λθ) = (1 − ηλ)θ − η ∂L/∂θ
-                w.mul_(1 - lr * weight_decay)
-                b.mul_(1 - lr * weight_decay)
-            w.baddbmm_(dz.transpose(1, 2), inputs[k], alpha=-lr)
-            b.sub_(dz.sum(1), alpha=lr)
-        else:
-            grads[names[2 * k]] = torch.bmm(dz.transpose(1, 2), inputs[k])
-            grads[names[2 * k + 1]] = dz.sum(1)
-        if k:
-            dz = torch.ops.aten.threshold_backward(dh, inputs[k], 0)  # ReLU's backward
-    if fused:
+    if optimizer.name == "sgd":
+        view.backward(params, outs, dz, lr, weight_decay)
         state["step"] = int(state["step"]) + 1
     else:
+        grads = view.backward(params, outs, dz)
         if weight_decay:
             grads = {name: g.add(params[name], alpha=weight_decay) for name, g in grads.items()}
         optimizer.step(params, grads, state, lr)
@@ -241,7 +210,7 @@ def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[s
     losses = torch.empty(n, steps, device=x.device, dtype=x.dtype)
     start = int(state["step"])
     groups = [slice(0, n)] if batched else [slice(i, i + 1) for i in range(n)]
-    closed = loss_and_grad(loss)
+    closed, view = loss_and_grad(loss), view_of(params)
     with torch.no_grad():
         for group in groups:
             sub = {name: p[group] for name, p in params.items()}  # views: updated in place
@@ -250,7 +219,7 @@ def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[s
             sub_state["step"] = start
             order = batches[group].transpose(0, 1).contiguous()  # (steps, networks, batch)
             targets = y[order]
-            per_step = [_step(sub, closed, optimizer, sub_state,
+            per_step = [_step(view, sub, closed, optimizer, sub_state,
                               x.index_select(0, order[t].view(-1)).view(*order[t].shape, -1),
                               targets[t].view(-1), None if lrs is None else lrs[t], weight_decay)
                         for t in range(steps)]
