@@ -1,8 +1,9 @@
 """The implicit hypergradient dM/dω at an inner optimum θ*(ω) (Sec. 3.2, Eq. 4-5, Algorithm 2).
 
-Like JAXopt's root_vjp: only vector-Jacobian products of the inner gradient are taken (with
-torch.func), never a dense Hessian. `flatten_module` turns any nn.Module into a flat parameter
-vector and a pure function apply(θ, x), so the same code serves every base model.
+As JAXopt's root_vjp: vector-Jacobian products of the inner gradient (torch.func), never a
+dense Hessian. `flatten_module` gives any nn.Module as a flat θ and a pure apply(θ, x); the
+inner loop's batched view of the base network is checked against it (network.py).
+Docs: docs/meta_learning.md.
 """
 
 from __future__ import annotations

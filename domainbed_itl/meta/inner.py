@@ -1,26 +1,10 @@
-"""The inner loop (Algorithm 1, lines 9-11): n base MLPs trained at once on a fixed loss.
+"""The inner loop (Algorithm 1, lines 9-11): n base networks trained at once on a fixed loss.
 
-The n networks of one outer step are independent, so their parameters are stacked along a
-leading dimension and trained together: every layer is one batched matrix product
-(torch.baddbmm), and backpropagation, written out for the MLP, is two more per layer. No step
-calls autograd when the loss gives its logit gradient in closed form (TaylorLoss's
-`loss_and_grad`, cross-entropy); any other loss `loss(logits, target, reduction="none")`,
-called like F.cross_entropy on the n minibatches flattened to (n·batch, classes), gets it from
-autograd. With plain SGD the update is fused into the weight-gradient product. For the paper's
-two-layer MLP a step is about twenty kernels: the gather of its minibatch, two products forward
-and three backward, the Taylor loss's eight, ReLU and its backward, and the bias updates.
-
-Optimisers update the stacked tensors in place: SGD (Algorithm 1's inner loop, Sec. 4.1),
-heavy-ball momentum and Adam, written out so that their state can be checkpointed and resumed
-bit for bit (warm-started inner networks carry it across outer steps).
-
-Training to a stationary point (`fit`): the implicit function theorem assumes ∂L/∂θ = 0 at the
-returned θ, which a fixed number of SGD steps does not give. Three options bring the networks
-there and say how close they came: a learning rate annealed to 0 over the step cap
-(`learning_rates`), an L2 term λ/2‖θ‖² in the inner objective (a stationary point at a finite
-θ, and a Hessian lifted by λI), and a stopping rule (`StopRule`) on each network's gradient norm
-on a fixed batch, relative to its value at the start, checked every K steps; a network that
-meets it stops changing while the others go on.
+Their parameters are stacked along dim 0 and trained with the batched forward and backward of
+network.py, without autograd when the loss gives its logit gradient in closed form; SGD,
+momentum and Adam update the stacks in place with checkpointable state. `fit` trains towards a
+stationary point (annealed learning rate, an L2 term, a stopping rule on gradient norms).
+Docs: docs/meta_learning.md ("Training the inner networks to a stationary point").
 """
 
 from __future__ import annotations
@@ -49,6 +33,7 @@ def init_params(model: nn.Sequential, seeds: Sequence[int], device: torch.device
     Each network gets the model's own initialisation drawn on the CPU from its seed, so the
     same seed gives the same network on every device. The model must be a base network `mlp`.
     """
+    view = batched_view(model)  # fails on a layer the batched loop has no rule for
     stacked: Dict[str, List[Tensor]] = {name: [] for name, _ in model.named_parameters()}
     with torch.random.fork_rng(devices=[]):
         for seed in seeds:
@@ -59,7 +44,7 @@ def init_params(model: nn.Sequential, seeds: Sequence[int], device: torch.device
             for name, p in model.named_parameters():
                 stacked[name].append(p.detach().clone())
     params = {name: torch.stack(ps).to(device) for name, ps in stacked.items()}
-    if view_of(params) != batched_view(model):
+    if view_of(params) != view:
         raise ValueError(f"the inner loop trains the base network mlp(...), not {model}")
     return params
 

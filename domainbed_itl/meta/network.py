@@ -3,8 +3,8 @@
 The inner loop trains n networks as one stack (`BatchedMLP`, batched matrix products); the
 hypergradient computes one network as `flatten_module`'s pure function of a flat θ. The batched
 view is derived from the module's layers and checked against the functional one (parameter
-order, logits, gradients) the first time each architecture is used. See
-[meta-learning](../../docs/meta_learning.md#the-base-network).
+order, logits, gradients) the first time each architecture is used. Docs: docs/meta_learning.md
+("The base network").
 """
 
 from __future__ import annotations
