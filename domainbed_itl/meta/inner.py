@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..losses import zoo
 from .network import BatchedMLP, Params, batched_view, view_of
 from .network import mlp as mlp  # the base network, defined in network.py
+
 LossFn = Callable[..., Tensor]
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "linear")
