@@ -80,5 +80,6 @@ def test_ranges_and_minimisability():
     assert [p.interval for p in FAMILY.parameters[:4]] == ["[0, inf)", "[0, inf)", "[0, 1)", "[-1, inf)"]
     assert FAMILY.num_params == 16
     check_minimisable(FAMILY.module(FAMILY.default_parameters(CLASSES)), CLASSES)
-    with pytest.raises(ValueError, match=r"smoothing_epsilon .* must be finite and in \[0, 1\), got smoothing_epsilon=1.0"):
+    with pytest.raises(ValueError, match=r"smoothing_epsilon .* must be finite and in \[0, 1\), "
+                                         r"got smoothing_epsilon=1.0"):
         FAMILY.check(_omega(smoothing=1.0))

@@ -40,7 +40,8 @@ def test_noise_is_deterministic_in_the_generator():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda y: symmetric_label_noise(y, 1.5, 10, torch.Generator()), r"rate must be a number in \[0, 1\], got 1.5"),
+    (lambda y: symmetric_label_noise(y, 1.5, 10, torch.Generator()),
+     r"rate must be a number in \[0, 1\], got 1.5"),
     (lambda y: symmetric_label_noise(y, True, 10, torch.Generator()), r"got True"),
     (lambda y: symmetric_label_noise(y, 0.1, 1, torch.Generator()), r"num_classes >= 2, got 1"),
     (lambda y: symmetric_label_noise(y.float(), 0.1, 10, torch.Generator()), r"int64 of shape \(n,\)"),
@@ -60,7 +61,8 @@ def test_source_domains_get_noise_and_held_out_labels_stay_clean():
         assert int((y != clean[k]).sum()) == 80
         assert x is data.domains[k][0]
     assert all(torch.equal(y, c) for (_, y), c in zip(data.domains, clean))  # data unchanged
-    assert noisy.info["training_label_noise"] == 0.4 and noisy.info["training_label_noise_domains"] == [0, 1, 2, 3]
+    assert noisy.info["training_label_noise"] == 0.4
+    assert noisy.info["training_label_noise_domains"] == [0, 1, 2, 3]
 
 
 def test_chosen_domains_only_and_a_domains_noise_ignores_the_others():

@@ -92,7 +92,8 @@ def _composite_taylor(index: int, num_classes: int) -> float:
 
 
 COMPOSITE = LossFamily("composite", (
-    Parameter("ce_weight", 1.0, "[0, inf)", "weight of the (focal, smoothed) CE term; 0 leaves Poly and Taylor"),
+    Parameter("ce_weight", 1.0, "[0, inf)",
+              "weight of the (focal, smoothed) CE term; 0 leaves Poly-1 and Taylor"),
     Parameter("focal_gamma", 0.0, "[0, inf)", "focal exponent of the CE term; 0 is CE"),
     Parameter("smoothing_epsilon", 0.0, "[0, 1)", "label smoothing of the CE term; 0 is none"),
     Parameter("poly1_epsilon", 0.0, "[-1, inf)", "weight of (1 - p_t), Poly-1's epsilon"),
