@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,8 @@ def test_objectives_run_under_torch_func_grad_and_vmap(name):
     z = logits.clone().requires_grad_()
     objective(z, labels).backward()
     torch.testing.assert_close(grad(objective)(logits, labels), z.grad)
+    torch.testing.assert_close(vmap(grad(objective))(stacked, stacked_labels),
+                               torch.stack([grad(objective)(z, y) for z, y in zip(stacked, stacked_labels)]))
     _, (value, acc) = grad_and_value(lambda t: objective_and_accuracy(objective, t, labels),
                                      has_aux=True)(logits)
     torch.testing.assert_close(value, objective(logits, labels))
@@ -159,3 +162,10 @@ def test_plugin_modules_register_their_objectives(registry, tmp_path, monkeypatc
     with pytest.raises(ValueError, match="names the module 'no_such_module_here'"):
         objective_names()
     sys.modules.pop("my_objectives", None)
+
+
+def test_every_built_in_objective_is_documented():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "objectives.md").read_text()
+    for objective in objectives.BUILT_IN:
+        assert f"| `{objective.name}` |" in page, objective.name
+        assert objective.rewards and objective.fn.__doc__

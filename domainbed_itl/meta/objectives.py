@@ -101,7 +101,7 @@ def soft_error(logits: Tensor, labels: Tensor, tau: float = 0.25) -> Tensor:
     rate; the value and its gradient ignore each example's logit scale and shift, so it rewards
     putting the true class on top by a clear margin, not confidence, and examples far from the
     decision boundary contribute little."""
-    onehot = F.one_hot(labels.long(), logits.shape[1]).bool()
+    onehot = torch.arange(logits.shape[1], device=logits.device) == labels.long().unsqueeze(1)
     true = logits.gather(1, labels.long().unsqueeze(1)).squeeze(1)
     other = torch.where(onehot, torch.full_like(logits, -math.inf), logits).max(dim=1).values
     spread = (logits.var(dim=1, unbiased=False) + 1e-12).sqrt()
