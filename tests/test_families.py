@@ -25,7 +25,7 @@ from domainbed_itl.losses.checks import check_minimisable
 from conftest import docs_family_example
 
 REPO = Path(__file__).resolve().parents[1]
-BUILT_IN = ("focal", "gce", "label_smoothing", "poly", "sce", "taylor")
+BUILT_IN = ("composite", "focal", "gce", "label_smoothing", "poly", "sce", "taylor")
 
 
 @pytest.fixture

@@ -6,9 +6,11 @@
     focal                focal loss with γ (Lin et al., ICCV 2017)
     label_smoothing      CE against smoothed labels with ε (Szegedy et al., CVPR 2016)
     gce                  generalised CE with q (Zhang & Sabuncu, NeurIPS 2018)
+    composite            CE, focal, label smoothing, Poly-1 and the order-4 Taylor terms in one family
 
 Defaults, where meta-learning starts: Taylor, the Taylor expansion of cross-entropy; Poly-N, ε = 0
-(cross-entropy itself); the others, their papers' published settings (the zoo's defaults).
+(cross-entropy itself); composite, cross-entropy exactly; the others, their papers' published
+settings (the zoo's defaults).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 from fractions import Fraction
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import zoo
@@ -70,6 +73,36 @@ def _gce(logits: Tensor, target: Tensor, omega: Tensor) -> Tensor:
     return zoo.gce(logits, target, q=omega[0], reduction="none")
 
 
+COMPOSITE_TAYLOR_ORDER = 4
+
+
+def _composite(logits: Tensor, target: Tensor, omega: Tensor) -> Tensor:
+    # w[(1−ε)(−(1−p_t)^γ log p_t) + ε·mean_c(−log p_c)] + α(1−p_t) + Taylor_ω(ŷ, y)   (Eq. 8-10)
+    log_probs = F.log_softmax(logits, dim=1)
+    log_p = log_probs.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    focal_ce = -(1.0 - log_p.exp()).clamp_min(1e-12).pow(omega[1]) * log_p  # as zoo.focal
+    smoothed = (1 - omega[2]) * focal_ce - omega[2] * log_probs.mean(dim=1)
+    taylor = taylor_loss(logits, target, omega[4:], order=COMPOSITE_TAYLOR_ORDER, reduction="none")
+    return omega[0] * smoothed + omega[3] * (1.0 - log_p.exp()) + taylor
+
+
+def _composite_taylor(index: int, num_classes: int) -> float:
+    """The Taylor centres of CE's expansion (ω0 = 1, ω1 = 0) and zero weights: no Taylor term."""
+    return cross_entropy_taylor_init(COMPOSITE_TAYLOR_ORDER, num_classes)[index] if index < 2 else 0.0
+
+
+COMPOSITE = LossFamily("composite", (
+    Parameter("ce_weight", 1.0, "[0, inf)",
+              "weight of the (focal, smoothed) CE term; 0 leaves Poly-1 and Taylor"),
+    Parameter("focal_gamma", 0.0, "[0, inf)", "focal exponent of the CE term; 0 is CE"),
+    Parameter("smoothing_epsilon", 0.0, "[0, 1)", "label smoothing of the CE term; 0 is none"),
+    Parameter("poly1_epsilon", 0.0, "[-1, inf)", "weight of (1 - p_t), Poly-1's epsilon"),
+    *(Parameter(f"taylor_omega{k}", functools.partial(_composite_taylor, k),
+                doc="Taylor centre" if k < 2 else "Taylor weight (0: no term)")
+      for k in range(2 + len(taylor_terms(COMPOSITE_TAYLOR_ORDER))))),
+    _composite, doc="CE, focal, label smoothing, Poly-1 and order-4 Taylor terms; default CE")
+
+
 TAYLOR = OrderedFamily("taylor", range(MIN_ORDER, MAX_ORDER + 1), _taylor,
                        doc="Taylor polynomials of Eq. 7-10; order 4 is ITL's family")
 SCE = LossFamily("sce", (Parameter("alpha", 0.1, doc="CE weight"), Parameter("beta", 1.0, doc="RCE weight")),
@@ -83,5 +116,5 @@ LABEL_SMOOTHING = LossFamily(
 GCE = LossFamily("gce", (Parameter("q", 0.7, "(0, 1]", "q -> 0 is CE, 1 is MAE"),), _gce,
                  doc="generalised cross-entropy (Zhang & Sabuncu, NeurIPS 2018)")
 
-for _family in (TAYLOR, SCE, POLY, FOCAL, LABEL_SMOOTHING, GCE):
+for _family in (TAYLOR, SCE, POLY, FOCAL, LABEL_SMOOTHING, GCE, COMPOSITE):
     register_family(_family)

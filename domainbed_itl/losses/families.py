@@ -38,6 +38,7 @@ PLUGINS_ENV = "DOMAINBED_ITL_FAMILIES"
 PerSampleLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
 _INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?<![0-9])")
+PROJECTION_MARGIN = 1e-6  # how far inside an open end `project` puts a value
 
 
 class ParameterRangeError(ValueError):
@@ -80,6 +81,16 @@ class Parameter:
         low, high, low_closed, high_closed = self._bounds
         return ((low < value or (low_closed and value == low))
                 and (value < high or (high_closed and value == high)))
+
+    def nearest(self, value: float, margin: float = PROJECTION_MARGIN) -> float:
+        """The value of the interval nearest `value`: `value` itself inside it, a closed end, or
+        an open end moved inside by `margin` (relative to the end's size, at least absolute)."""
+        low, high, low_closed, high_closed = self._bounds
+        if self.contains(value):
+            return value
+        if value <= low:
+            return low if low_closed else low + margin * max(1.0, abs(low))
+        return high if high_closed else high - margin * max(1.0, abs(high))
 
 
 def _as_floats(parameters: Sequence[float] | Tensor, what: str) -> List[float]:
@@ -300,3 +311,21 @@ def split_spelling(text: str) -> Tuple[str, Optional[int]]:
     if match and isinstance(_REGISTRY.get(match[1]), OrderedFamily):
         return match[1], int(match[2])
     return text, None
+
+
+def project(family: LossFamily, omega: Sequence[float] | Tensor,
+            margin: float = PROJECTION_MARGIN) -> Tuple[List[float] | Tensor, Tuple[str, ...]]:
+    """(ω', moved): ω with every entry put back into its parameter's interval (`Parameter.nearest`:
+    the nearest closed end, or `margin` inside an open one), and the names of the entries that
+    moved (empty if ω was inside). A tensor comes back as a tensor of its dtype and device, a
+    sequence as floats. ParameterRangeError for an entry that is not finite: no nearest value."""
+    values = family._values(omega)
+    for p, value in zip(family.parameters, values):
+        if not math.isfinite(value):
+            raise ParameterRangeError(f"{p.name} of a {family.describe()} must be finite to be "
+                                      f"projected into {p.interval}, got {p.name}={value!r}")
+    projected = [p.nearest(v, margin) for p, v in zip(family.parameters, values)]
+    moved = tuple(p.name for p, a, b in zip(family.parameters, values, projected) if a != b)
+    if isinstance(omega, Tensor):
+        return torch.tensor(projected, dtype=omega.dtype, device=omega.device).view_as(omega), moved
+    return projected, moved

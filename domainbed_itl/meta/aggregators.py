@@ -4,16 +4,26 @@ Every aggregator takes the stacked gradients (n, d), a torch.Generator and a red
 returns a (d,) tensor, so they are interchangeable. `reduction="sum"` is Yu et al.'s PCGrad
 (Algorithm 1 of their paper sums the projected gradients) and the paper's setting; `"mean"`
 divides by n, so that the outer learning rate does not scale with the number of domains.
+
+`aggregate` is the call with a report: it says how much of the plain (unprojected) update an
+aggregator removed and applies one explicit rule where it removed all of it. PCGrad does that
+whenever every domain conflicts with another: with one parameter, any two domains whose
+hypergradients differ in sign project each other to exactly 0, and the search stalls. The rule:
+**an aggregator that removes the whole update (‖update‖ <= STALL_TOL·‖plain‖) is replaced, for
+that step, by the plain mean (or sum), and the report says so.** `aggregator_note` warns, before
+a run, when PCGrad meets fewer parameters than domains, where such steps are likely.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 REDUCTIONS = ("mean", "sum")
+STALL_TOL = 1e-6  # an update below this fraction of the plain one's norm counts as removed whole
 
 
 def _check(grads: Tensor, reduction: str) -> None:
@@ -59,3 +69,60 @@ def pcgrad(grads: Tensor, generator: Optional[torch.Generator] = None,
 
 
 AGGREGATORS = {"pcgrad": pcgrad, "mean": mean}
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One step's aggregated hypergradient and what the aggregator did to the plain update.
+
+    removed: 1 − ⟨update, plain⟩/‖plain‖², the fraction of the plain update's component along
+    itself that the aggregator took away (0: kept whole, 1: none left; negative where it
+    lengthened it); None when the plain update is 0. norm_ratio: ‖update‖/‖plain‖. fallback: why
+    the plain update replaced the aggregator's (the rule above), None where it did not."""
+
+    update: Tensor
+    removed: Optional[float]
+    norm_ratio: Optional[float]
+    fallback: Optional[str] = None
+
+    def record(self) -> Dict[str, Any]:
+        """The report as JSON-ready fields for a metrics record."""
+        return {"aggregator_removed": self.removed, "aggregator_norm_ratio": self.norm_ratio,
+                "aggregator_fallback": self.fallback}
+
+
+def _measure(update: Tensor, plain: Tensor) -> Tuple[Optional[float], Optional[float]]:
+    plain_sq = float(plain @ plain)
+    if plain_sq == 0.0:
+        return None, None
+    return 1.0 - float(update @ plain) / plain_sq, float(update.norm()) / plain_sq ** 0.5
+
+
+def aggregate(name: str, grads: Tensor, generator: Optional[torch.Generator] = None,
+              reduction: str = "mean", stall_tol: float = STALL_TOL) -> Aggregate:
+    """AGGREGATORS[name](grads, generator, reduction) with its report (Aggregate); where it removed
+    the whole update (‖update‖ <= stall_tol·‖plain‖, plain ≠ 0) the plain reduction is used
+    instead and `fallback` says why. The generator's draws are those of the aggregator alone."""
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; expected one of {', '.join(AGGREGATORS)}")
+    update = AGGREGATORS[name](grads, generator, reduction)
+    plain = _reduce(grads, reduction)
+    removed, ratio = _measure(update, plain)
+    if ratio is None or ratio > stall_tol:
+        return Aggregate(update, removed, ratio)
+    n, d = grads.shape
+    note = (f"{name} removed the whole update (norm {ratio:.3g} of the plain {reduction}'s) for {n} "
+            f"domains and {d} parameter{'s' if d != 1 else ''}; the plain {reduction} was used")
+    return Aggregate(plain, 0.0, 1.0, note)
+
+
+def aggregator_note(name: str, num_params: int, num_domains: int) -> Optional[str]:
+    """A warning for a run whose PCGrad has fewer parameters than domains (None otherwise): there
+    any two domains whose hypergradients point apart can cancel each other, and with one
+    parameter every step where the domains disagree in sign is cancelled whole."""
+    if name != "pcgrad" or num_params >= num_domains:
+        return None
+    return (f"PCGrad with {num_params} parameter{'s' if num_params != 1 else ''} and {num_domains} "
+            "domains: domains whose hypergradients point apart cancel each other, and a step where "
+            "they cancel the whole update uses the plain mean instead (recorded as "
+            "aggregator_fallback); the mean aggregator makes no projections")
