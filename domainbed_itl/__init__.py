@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def register(domainbed_root: "str | None" = None) -> None:
     """Register ITL, the robust-loss algorithms and launchers into an unpatched DomainBed."""
-    from .bridge.registry import register as _register
+    from .bridge.registration import register as _register
 
     _register(domainbed_root)

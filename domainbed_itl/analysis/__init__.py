@@ -8,7 +8,7 @@ Sweep statistics (Table 2, Fig. 3):
 
 The paper's Sec. 4.3-4.4 and Appendix A.2:
 
-- `loss_shapes`: a loss and its gradient against the true-class probability (Fig. 5);
+- `loss_profiles`: a loss and its gradient against the true-class probability (Fig. 5);
 - `entropy`: entropy of predictions, split by correctness (Fig. 7);
 - `hessian`: Hessian-vector products with torch.func, Lanczos, 1-D landscapes (Fig. 8);
 - `generalisation`: accuracy and cross-entropy of predictions (Table 7);
@@ -16,7 +16,7 @@ The paper's Sec. 4.3-4.4 and Appendix A.2:
   deviation's convention as an argument); `output`: writing a figure and its numbers.
 
 The loss evaluation (`scripts/evaluate_loss`): `comparison`, the paired statistics, and
-`loss_evaluation`, its tables and report files.
+`evaluation_report`, its tables and report files; `table_rows`: the rows a table shows.
 
 The scripts in domainbed_itl.scripts (`significance`, `loss_shapes`, `target_entropy`,
 `loss_landscape`, `in_vs_cross`) read sweep folders, loss files and DomainBed checkpoints and call

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from ..files.sweepfolder import count_envs
-from ..single_source.selection import check_subset
+from .table_rows import check_subset
 from .friedman_nemenyi import mean_over_trials
 
 Table = Dict[str, Dict[str, float]]

@@ -2,7 +2,7 @@
 
 - `domainbed_env`: finding, cloning and importing a DomainBed checkout;
 - `patching`: the hooks our patches add to DomainBed (check, apply, revert);
-- `registry`: what the hooks call, and `register()` for an unpatched DomainBed in process;
+- `registration`: what the hooks call, and `register()` for an unpatched DomainBed in process;
 - `algorithms`, `hparams`: the loss-replaced algorithms and their hparams;
 - `single_source_mixup`: DomainBed's Mixup for one training domain;
 - `launchers`: the `submitit` command launcher for DomainBed's sweeps;

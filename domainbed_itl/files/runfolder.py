@@ -48,13 +48,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type,
-                    Union)
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple,
+                    Type, Union)
 
 import torch
 
 from .. import __version__
-from ..losses.lossfile import LossSpec, save_loss
 from .atomic import write_atomic
 from .runlock import CONTROL_PREFIX, folder_lock, is_control_entry
 from .schemas import (CHECKPOINT_VERSIONS, Checkpoint, MetricsRecord, SchemaError, check,
@@ -70,6 +69,14 @@ CHECKPOINT_VERSION = max(CHECKPOINT_VERSIONS)
 REQUIRED = tuple(name for name, field in MetricsRecord.model_fields.items() if field.is_required())
 
 Log = Callable[[str], None]
+
+
+class SavesItself(Protocol):
+    """A view written beside the checkpoint that saves itself, such as a loss
+    (`domainbed_itl.losses.lossfile.LossSpec`)."""
+
+    def save(self, path: Path, overwrite: bool = False) -> Path:
+        """Write the view to `path` (atomically)."""
 
 
 class RunDirError(RuntimeError):
@@ -307,7 +314,7 @@ class RunFolder:
 
     def save_checkpoint(self, state: Mapping[str, Any], done: int,
                         records: Optional[Sequence[Mapping[str, Any]]] = None,
-                        loss: Optional[LossSpec] = None) -> None:
+                        loss: Optional[SavesItself] = None) -> None:
         """Replace the checkpoint by `state` (after `begin`), `done` units in, then its views
         (`write_views`, when `records` are given). The first one of an --overwrite run deletes
         the run it replaced."""
@@ -324,12 +331,12 @@ class RunFolder:
             self.log(f"--overwrite: replaced the previous run in {self.path} ({self.replaced})")
             self.replaced = None
 
-    def write_views(self, records: Sequence[Mapping[str, Any]], loss: Optional[LossSpec]) -> None:
+    def write_views(self, records: Sequence[Mapping[str, Any]], loss: Optional[SavesItself]) -> None:
         """Replace metrics.jsonl by `records` (one line each) and loss.json by `loss` (if any)."""
         write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records),
                      overwrite=True)
         if loss is not None:
-            save_loss(self.path / LOSS, loss, overwrite=True)
+            loss.save(self.path / LOSS, overwrite=True)
 
     def _move_aside(self) -> None:
         """--overwrite: move the previous run's outputs into REPLACED."""

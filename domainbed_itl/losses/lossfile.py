@@ -59,6 +59,10 @@ class LossSpec:
         """What the loss computes (family, order, parameters), without its provenance."""
         return {"family": self.family, "order": self.order, "parameters": list(self.parameters)}
 
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Save the loss as a loss file (`save_loss`)."""
+        return save_loss(path, self, overwrite)
+
     def to_dict(self) -> Dict[str, Any]:
         """The loss-file JSON object (see the module docstring)."""
         return {"format": FORMAT, "version": VERSION, "family": self.family, "order": self.order,

@@ -45,7 +45,7 @@ import argparse
 import sys
 from typing import Dict, Optional, Sequence, Set
 
-from ..analysis.loss_evaluation import (DOMAINBED_METRICS, REPORT_JSON, REPORT_MD, plan_report,
+from ..analysis.evaluation_report import (DOMAINBED_METRICS, REPORT_JSON, REPORT_MD, plan_report,
                                         tables, write_report)
 from ..bridge.loss_evaluation import (DomainBedProtocol, check_request, collect, domainbed_modules,
                                       launch, parse_losses, plan_jobs, to_launch)

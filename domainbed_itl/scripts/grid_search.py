@@ -35,7 +35,7 @@ from typing import Dict, Optional, Sequence, Set
 
 from ..analysis import comparison
 from ..analysis.grid_report import GRID_OUTPUTS, grid_rows, write_grid_report
-from ..analysis.loss_evaluation import tables
+from ..analysis.evaluation_report import tables
 from ..bridge.loss_evaluation import EvaluationInputError, parse_losses
 from ..datasets import num_classes
 from ..files.runfolder import RunKind, open_run_folder

@@ -5,7 +5,7 @@
 
 Each loss is a zoo loss (CE, BCE, Focal, SCE, GCE, LS; parameters as in `Focal:gamma=1`), a
 preset (ITL) or a loss file. The other classes share 1 - p_true equally (see
-domainbed_itl.analysis.loss_shapes). Writes loss_shapes.png (top row: the loss, bottom row:
+domainbed_itl.analysis.loss_profiles). Writes loss_shapes.png (top row: the loss, bottom row:
 d loss / d p_true, one column per loss) and loss_shapes.json (the curves), and prints the values
 at a few probabilities. `--normalise` rescales every curve to [0, 1], as Fig. 5 draws ITL.
 Exit status: 0 done, 2 bad input or an existing output.
@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 import torch  # noqa: E402
 
-from ..analysis.loss_shapes import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
+from ..analysis.loss_profiles import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ._cli import integer, run_command  # noqa: E402
 

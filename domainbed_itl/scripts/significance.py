@@ -34,7 +34,8 @@ from ..bridge.domainbed_env import import_domainbed, optional_domainbed
 from ..files.outputs import plan_outputs
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import load_runs, read_manifest, records_of
-from ..single_source.selection import BLOCK_LEVELS, check_subset, summarise
+from ..analysis.table_rows import check_subset
+from ..single_source.selection import BLOCK_LEVELS, summarise
 from ..single_source.tables import domainbed_labels
 from ._cli import run_command
 

@@ -297,14 +297,3 @@ def env_names_of(dataset: str, n: int, env_names: Optional[Mapping[str, Sequence
     if len(names) != n:
         raise ValueError(f"{dataset} has {n} domains in the records but {len(names)} names: {names}")
     return names
-
-
-def check_subset(kind: str, wanted: Optional[Sequence[str]], present: Sequence[str]) -> List[str]:
-    """`wanted` (all of `present` when None), refusing names absent from `present`."""
-    if wanted is None:
-        return list(present)
-    unknown = [w for w in wanted if w not in present]
-    if unknown:
-        raise ValueError(f"{kind} {', '.join(map(repr, unknown))} not in the results; they hold "
-                         f"{', '.join(present) or 'none'}")
-    return list(wanted)

@@ -11,7 +11,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .selection import Cell, SingleSourceResults, check_subset, env_names_of, mean_and_error
+from ..analysis.table_rows import check_subset
+from .selection import Cell, SingleSourceResults, env_names_of, mean_and_error
 
 FORMATS = ("text", "latex", "markdown")
 
