@@ -27,8 +27,8 @@ from ..losses.families import get_family
 from ..meta.cmaes import CMA_RUN, CMAConfig, run_cma_search
 from ..meta.config import MetaConfig
 from ..meta.data import DomainData
-from ._cli import (INNER_TRAINING, add_data_flags, add_device_flag, add_flags, add_output_flags, int_at_least,
-                   positive_float, positive_int)
+from ._cli import (INNER_TRAINING, CommandParser, add_data_flags, add_device_flag, add_flags,
+                   add_output_flags, int_at_least, positive_float, positive_int)
 from ._search import (BATCHED, INNER_STEPS, OBJECTIVE, SEED, SearchSettings,
                       add_search_flags, refuse_contradictions, search_main, value_text)
 
@@ -44,8 +44,7 @@ SEARCH = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface. Inner-loop settings left out come from --preset."""
-    p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.cma_search",
-                                description=__doc__.split("\n\n")[0])
+    p = CommandParser("cma_search", description=__doc__.split("\n\n")[0])
     add_search_flags(p)
     add_data_flags(p)
     add_output_flags(p)

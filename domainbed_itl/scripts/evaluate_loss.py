@@ -54,16 +54,16 @@ from ..files.runfolder import open_run_folder
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started
 from ..meta.evaluate import EVALUATION_RUN
-from ._cli import (add_data_flags, check_data_flags, check_data_sizes, command_line, data_flags,
-                   explicit_flags, integer, load_data, parse_device, positive_int, run_command)
+from ._cli import (CommandParser, add_data_flags, check_data_flags, check_data_sizes, command_line,
+                   data_flags, explicit_flags, integer, load_data, parse_device, positive_int,
+                   run_command)
 from ._evaluation import (add_meta_protocol_flags, evaluate_meta, meta_losses, meta_metrics,
                           meta_protocol, meta_settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: a subcommand per protocol."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.evaluate_loss",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("evaluate_loss", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="protocol", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--losses", nargs="+", required=True,

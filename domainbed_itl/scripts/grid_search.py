@@ -42,8 +42,8 @@ from ..files.runfolder import RunKind, open_run_folder
 from ..losses.grid import parse_grid
 from ..losses.lossfile import LossSpec
 from ..meta.evaluate import EVALUATION_RUN
-from ._cli import (add_data_flags, check_data_flags, check_data_sizes, command_line, data_flags,
-                   explicit_flags, load_data, parse_device, run_command)
+from ._cli import (CommandParser, add_data_flags, check_data_flags, check_data_sizes, command_line,
+                   data_flags, explicit_flags, load_data, parse_device, run_command)
 from ._evaluation import (add_meta_protocol_flags, evaluate_meta, meta_losses, meta_metrics,
                           meta_protocol, meta_settings)
 
@@ -54,8 +54,7 @@ GRID_RUN = RunKind(EVALUATION_RUN.name, EVALUATION_RUN.format, EVALUATION_RUN.un
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.grid_search",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("grid_search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", nargs="+", required=True,
                         help="NAME=V1,V2,... (a family of one parameter, e.g. label_smoothing, "
                              "poly1, focal, gce) or NAME.PARAM=V1,V2,... (e.g. sce.alpha)")

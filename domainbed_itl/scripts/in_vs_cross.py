@@ -32,7 +32,7 @@ from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.generalisation import accuracy_and_cross_entropy  # noqa: E402
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import describe_run, predict, RunError  # noqa: E402
-from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
+from ._cli import CommandParser, add_trained_run_flags, command_main, trained_models  # noqa: E402
 
 SPLITS = ("train", "in_test", "cross_test")
 SPLIT_NAMES = {"train": "train (source in-splits)", "in_test": "in-distribution test (source out-splits)",
@@ -41,8 +41,7 @@ SPLIT_NAMES = {"train": "train (source in-splits)", "in_test": "in-distribution 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.in_vs_cross",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("in_vs_cross", description=__doc__.split("\n\n")[0])
     add_trained_run_flags(parser)
     return parser
 
@@ -123,8 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,12 @@ from ..analysis.hessian import (FlatParameters, hessian_vector_product, landscap
                                 mean_loss, residual)
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import batches, describe_run, Predictor, RunError, subsample  # noqa: E402
-from ._cli import integer, add_trained_run_flags, run_command, trained_models  # noqa: E402
+from ._cli import CommandParser, add_trained_run_flags, command_main, integer, trained_models  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.loss_landscape",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("loss_landscape", description=__doc__.split("\n\n")[0])
     add_trained_run_flags(parser)
     parser.add_argument("--loss", choices=("ce", "own"), default="ce",
                         help="cross-entropy for every model, or each model's own training loss")
@@ -126,8 +125,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,14 @@ import torch  # noqa: E402
 
 from ..analysis.loss_profiles import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
-from ._cli import integer, run_command  # noqa: E402
+from ._cli import CommandParser, command_main, integer  # noqa: E402
 
 PRINTED_P = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.loss_shapes",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("loss_shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", nargs="+", default=["CE", "SCE", "Focal", "ITL"],
                         help="zoo losses (with :k=v parameters), presets or loss files")
     parser.add_argument("--labels", nargs="+", default=None, help="a label per loss (default: as given)")
@@ -94,8 +93,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from ..bridge.sweep_estimate import print_plan
 from ..files.job_progress import JobProgress, done_under
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import unfinished_jobs
-from ._cli import run_command
+from ._cli import CommandParser, command_main
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
 # Launchers that return once every job has ended, so that a job folder without `done` failed.
@@ -74,8 +74,7 @@ class PaperSweepError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.paper_sweep",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("paper_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweeps_dir", default=None, type=Path,
                         help="folder of the *.toml definitions (default: the sweeps/ shipped with "
                              "domainbed-itl)")
@@ -334,10 +333,9 @@ def _run_commands(stage: Stage, given: Placeholders, folder: str, commands: List
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _main(args), expected=(PaperSweepError,),
-                       interrupted=lambda: "run the same command again to continue: finished "
-                                           "stages and jobs are kept")
+    return command_main(argv, build_parser, _main, expected=(PaperSweepError,),
+                        interrupted=lambda args: "run the same command again to continue: finished "
+                                                 "stages and jobs are kept")
 
 
 def _main(args: argparse.Namespace) -> int:

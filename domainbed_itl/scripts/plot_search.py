@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..analysis.search_curves import at_budget, search_curve  # noqa: E402
 from ..files.runfolder import read_metrics  # noqa: E402
-from ._cli import run_command  # noqa: E402
+from ._cli import CommandParser, command_main  # noqa: E402
 
 # (metric, label, y scale): M on a log scale, so that a diverging run does not flatten the others.
 ROWS = (("outer_heldout_loss", "held-out loss M", "log"),
@@ -40,8 +40,7 @@ COLUMNS = (("step", "outer step (CMA-ES: generation)"), ("inner_trainings", "inn
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.plot_search",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("plot_search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, metavar="LABEL=METRICS",
                         help="labelled metrics.jsonl files, e.g. IFT=runs/ift/metrics.jsonl")
     parser.add_argument("--output_dir", required=True)
@@ -125,8 +124,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

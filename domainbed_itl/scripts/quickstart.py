@@ -46,7 +46,7 @@ from ..bridge.sweep_estimate import print_plan
 from ..files.job_progress import JobProgress, done_in
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started, unfinished_jobs
-from ._cli import integer, run_command
+from ._cli import CommandParser, command_main, integer
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
 SHRINK_FLAGS = ("--steps", "--test_envs", "--algorithms", "--n_hparams", "--n_trials")
@@ -62,8 +62,7 @@ class QuickstartInputError(QuickstartError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.quickstart",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, type=Path,
                         help="folder for the DomainBed clone, the data (by default) and the sweep")
     parser.add_argument("--data_dir", type=Path, default=None,
@@ -297,10 +296,9 @@ def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pat
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), expected=(QuickstartInputError,),
-                       failures=(QuickstartError,),
-                       interrupted=lambda: "run the same command again to finish the sweep")
+    return command_main(argv, build_parser, run, expected=(QuickstartInputError,),
+                        failures=(QuickstartError,),
+                        interrupted=lambda args: "run the same command again to finish the sweep")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from ..files.sweepfolder import load_runs, read_manifest, records_of
 from ..analysis.table_rows import check_subset
 from ..single_source.selection import BLOCK_LEVELS, summarise
 from ..single_source.tables import domainbed_labels
-from ._cli import run_command
+from ._cli import CommandParser, command_main
 
 Table = Dict[str, Dict[str, float]]
 
@@ -98,7 +98,7 @@ def _damaged_note(setting: str, damaged: Sequence[str]) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser("significance", description=__doc__.split("\n\n")[0])
     parser.add_argument("--single_source_dir", default=None)
     parser.add_argument("--multi_source_dir", default=None)
     parser.add_argument("--output_dir", required=True)
@@ -143,8 +143,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Write the diagrams and reports; 2 on bad input."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

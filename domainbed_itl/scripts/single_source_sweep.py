@@ -73,7 +73,7 @@ from ..files.runlock import folder_lock
 from ..single_source.planning import single_source_args
 from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
 from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
-from ._cli import integer, run_command
+from ._cli import CommandParser, command_main, integer
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
@@ -100,7 +100,8 @@ class SweepInputError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: DomainBed's sweep flags plus ours (see the module docstring)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
+        "single_source_sweep",
         description="Single-source DG sweep: DomainBed train runs with one training domain each.")
     parser.add_argument("command", choices=["launch", "delete_incomplete"])
     parser.add_argument("--datasets", nargs="+", default=None,
@@ -216,9 +217,8 @@ def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> La
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; 1 when launched jobs failed, 2 on bad input."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _main(args), interrupted=lambda: "run the same command again to "
-                       "launch the jobs that have no folder yet")
+    return command_main(argv, build_parser, _main, interrupted=lambda args: "run the same command "
+                        "again to launch the jobs that have no folder yet")
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -30,15 +30,14 @@ from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.entropy import entropy_by_correctness  # noqa: E402
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import describe_run, load_model, predict, RunError  # noqa: E402
-from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
+from ._cli import CommandParser, add_trained_run_flags, command_main, trained_models  # noqa: E402
 
 KINDS = {"entropy_correct": "correctly classified", "entropy_incorrect": "misclassified"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.target_entropy",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("target_entropy", description=__doc__.split("\n\n")[0])
     add_trained_run_flags(parser)
     return parser
 
@@ -109,8 +108,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":
