@@ -1,4 +1,7 @@
-"""domainbed-itl: ITL, the learned Taylor loss of Gao et al. (ICML 2022), as a DomainBed plugin."""
+"""domainbed-itl: ITL, the learned Taylor loss of Gao et al. (ICML 2022), as a DomainBed plugin.
+
+See docs/domainbed.md.
+"""
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,8 @@ the import path of the hooks in DomainBed checkouts patched by any release.
 import ast
 import configparser
 import graphlib
+import shutil
+import subprocess
 from collections import defaultdict
 
 import pytest
@@ -160,3 +162,25 @@ def test_no_function_is_longer_than_sixty_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+# What the repository's root may hold: source, docs, data and configuration.
+ROOT_ENTRIES = {
+    "source": {"domainbed_itl", "tests", "bench"},
+    "docs": {"README.md", "docs", "LICENSE"},
+    "data": {"sweeps", "patches"},
+    "config": {"setup.cfg", "pyproject.toml", ".gitignore", ".ci", ".github"},
+}
+
+
+def test_the_root_tracks_only_source_docs_data_and_config():
+    """A stray log or scratch file committed at the root is refused (git ls-files)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode != 0 or not listed.stdout:
+        pytest.skip(f"{REPO} is not a git checkout")
+    top = {line.split("/", 1)[0] for line in listed.stdout.splitlines()}
+    allowed = set().union(*ROOT_ENTRIES.values())
+    assert sorted(top - allowed) == []
+    assert {"domainbed_itl", "README.md", "setup.cfg"} <= top

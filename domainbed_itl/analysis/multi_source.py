@@ -1,8 +1,6 @@
 """DomainBed multi-source sweep accuracies as blocks for the Friedman/Nemenyi comparison.
 
-Nothing here imports DomainBed: the caller hands in DomainBed's grouped records
-(`reporting.get_grouped_records`) and its selection (`IIDAccuracySelectionMethod.sweep_acc`,
-as `collect_results` uses it).
+See docs/single_source.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """Search a loss with CMA-ES instead of implicit gradients (the paper's Fig. 4 baseline).
 
-    python -m domainbed_itl.scripts.cma_search --dataset RotatedMNIST --data_dir ./data \\
+    python -m domainbed_itl.scripts.cma_search --dataset RotatedMNIST --data_dir ./data \
         --domainbed_root ../DomainBed --output_dir runs/cma --generations 20
 
-The same harness as meta_train: the same --preset (default paper_guarded), data flags, loss family and
-inner training, and the same held-out objective M (cross-entropy on the left-out domain, mean
-over the leave-one-domain-out splits), minimised by pycma's CMA-ES (domainbed_itl.meta.cmaes).
-Writes loss.json (the best loss found), metrics.jsonl (one line per generation, with
-meta_train's keys: "step" is the generation, plus "inner_trainings") and checkpoint.pt (after
-every generation). `--resume` continues from the folder alone, as meta_train's (--generations
-may grow). Draw it beside an implicit-gradient run with domainbed_itl.scripts.plot_search. Exit
-status: 0 done, 1 every candidate of a generation diverged, 2 bad input, 130 interrupted.
+See docs/cma_search.md.
 """
 
 from __future__ import annotations
@@ -99,7 +92,7 @@ def _search(args: argparse.Namespace, explicit: Set[str], folder: RunFolder, run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; returns the exit status (see the module docstring)."""
+    """Run the command; returns the exit status (docs/cma_search.md)."""
     return search_main(build_parser(), argv, "cma_search", CMA_RUN, CONFIG_FLAGS, "meta_config",
                        (), _search, check=_check_searchable)
 

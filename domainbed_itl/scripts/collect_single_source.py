@@ -3,15 +3,7 @@
     python -m domainbed_itl.scripts.collect_single_source --input_dir ./sweeps/single_source
     python -m domainbed_itl.scripts.collect_single_source --input_dir ... --latex --output results.tex
 
-Prints, like DomainBed's collect_results: per dataset, Table 10 (rows: algorithms; columns:
-source domains; cell: the accuracy on every target, '/'-separated, then their mean +/- standard
-error over trials), then Table 4 (rows: algorithms; columns: datasets; the mean over sources and
-targets). Model selection is source-domain validation; see domainbed_itl.single_source.selection for the
-protocol. Runs that are missing, unfinished or unreadable are listed by dataset, algorithm,
-source, trial and hparams seed, and cells without all their trials say so; damaged records and
-manifest entries are listed with their file and line and skipped. DomainBed is not
-needed; when it is importable (or --domainbed_root is given) its domain names label the columns
-and its algorithm and dataset order is used.
+See docs/single_source.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """Table 7: in-distribution against cross-distribution accuracy and cross-entropy of trained models.
 
-    python -m domainbed_itl.scripts.in_vs_cross ./sweep_output --data_dir ./data \\
+    python -m domainbed_itl.scripts.in_vs_cross ./sweep_output --data_dir ./data \
         --domainbed_root ../DomainBed --output_dir analyses [--algorithms ERM ITL]
 
-For each DomainBed run (its final model.pkl), with every model measured by cross-entropy
-whatever loss it was trained with:
-  train       the in-splits of the source (training) environments, which it was trained on;
-  in-dist.    the out-splits of the source environments: held-out data of the training domains;
-  cross-dist. the in-splits of the test environments (DomainBed's test accuracy).
-The paper's Table 7 puts the cross-distribution value in parentheses beside the in-distribution
-one. Writes in_vs_cross.csv (one row per run), in_vs_cross.json (the rows and, per algorithm,
-mean ± standard error over runs) and in_vs_cross.png, and prints the table.
-Exit status: 0 done, 2 bad input or an existing output.
+See docs/analyses.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Fig. 5: losses and their gradients against the probability of the true class.
 
-    python -m domainbed_itl.scripts.loss_shapes --losses CE SCE Focal ITL runs/meta/loss.json \\
+    python -m domainbed_itl.scripts.loss_shapes --losses CE SCE Focal ITL runs/meta/loss.json \
         --num_classes 10 --output_dir figures [--normalise]
 
-Each loss is a zoo loss (CE, BCE, Focal, SCE, GCE, LS; parameters as in `Focal:gamma=1`), a
-preset (ITL) or a loss file. The other classes share 1 - p_true equally (see
-domainbed_itl.analysis.loss_profiles). Writes loss_shapes.png (top row: the loss, bottom row:
-d loss / d p_true, one column per loss) and loss_shapes.json (the curves), and prints the values
-at a few probabilities. `--normalise` rescales every curve to [0, 1], as Fig. 5 draws ITL.
-Exit status: 0 done, 2 bad input or an existing output.
+See docs/analyses.md.
 """
 
 from __future__ import annotations

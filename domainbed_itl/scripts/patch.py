@@ -4,11 +4,7 @@
     python -m domainbed_itl.scripts.patch apply  --domainbed_root /path/to/DomainBed
     python -m domainbed_itl.scripts.patch revert --domainbed_root /path/to/DomainBed
 
-The hooks are appended to three DomainBed modules; the checkout need not be a git repository,
-and later DomainBed commits work as long as those modules still define what the hooks use.
-Applying twice, or reverting an unpatched checkout, changes nothing. `check --import` also
-imports the checkout's DomainBed in a fresh interpreter to see the hooks register ITL.
-Exit status: 0 done (check: no conflict), 1 check found a conflict or a failed import, 2 refused.
+See docs/domainbed.md.
 """
 
 from __future__ import annotations

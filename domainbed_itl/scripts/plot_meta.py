@@ -2,14 +2,7 @@
 
     python -m domainbed_itl.scripts.plot_meta runs/meta/metrics.jsonl --output runs/meta/curve.png
 
-Top left: the inner source accuracy (mean over the n inner trainings of their source-domain
-accuracy) and the outer held-out accuracy (mean over the held-out domains) against the outer
-step. Top right: the outer held-out loss M. Below, when the run recorded them, the diagnostics of
-whether its hypergradients can be trusted: stationarity of the inner networks (gradient norm at
-the returned θ over that at the start; the implicit function theorem assumes 0) and the
-relative residual of the linear solve (above 1: worse than no solve), with the cosine to the
-reference MINRES hypergradient where one was computed. The figure's format is its extension's
-(.png, .pdf, .svg, ...); an existing file is not replaced without --overwrite.
+See docs/meta_learning.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """Fig. 4 (and Fig. 6): loss-search runs side by side against outer steps, inner trainings and time.
 
-    python -m domainbed_itl.scripts.plot_search --runs IFT=runs/ift/metrics.jsonl \\
+    python -m domainbed_itl.scripts.plot_search --runs IFT=runs/ift/metrics.jsonl \
         CMA-ES=runs/cma/metrics.jsonl --output_dir figures
 
-Each run is a metrics.jsonl of meta_train (implicit gradients, one record per outer step) or of
-cma_search (CMA-ES, one record per generation: its best candidate), labelled `label=path`.
-Writes <stem>.png: rows held-out loss M (log scale), held-out accuracy and inner source
-accuracy; columns against outer steps (a CMA-ES generation is one step), against inner
-trainings and against wall-clock time (the runs' own time_step_s, summed). Every run is cut to
-the smallest run's budget of inner trainings unless --full. <stem>.json holds the plotted
-numbers and the budget. For Fig. 6 pass the meta_train runs of Taylor orders 2-5. Exit status:
-0 done, 2 bad input or an existing output.
+See docs/cma_search.md.
 """
 
 from __future__ import annotations

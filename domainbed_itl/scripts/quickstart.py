@@ -2,28 +2,7 @@
 
     python -m domainbed_itl.scripts.quickstart --workdir ./itl_quickstart [--data_dir ./data]
 
-1. DomainBed: takes `--domainbed_root`, an existing checkout, or else clones `--domainbed_url`
-   (default: GitHub) at `--domainbed_commit` (default: the commit the patches were made against)
-   into WORKDIR/DomainBed, or reuses that clone on a second run.
-2. Patches it (`domainbed_itl.bridge.patching`) and verifies the hooks by importing it in a fresh
-   interpreter.
-3. Data: MNIST for RotatedMNIST and ColoredMNIST goes into --data_dir (default WORKDIR/data);
-   where torchvision cannot download it, says which files to put where.
-4. Runs the jobs of DomainBed's own sweep (`domainbed.scripts.sweep launch`) of ERM and ITL on
-   RotatedMNIST: each test environment once (`--single_test_envs`; `--test_envs` keeps some of
-   them), DomainBed's default hparams (`--n_hparams 1`), one trial, `--steps` steps (12 jobs,
-   one after the other with the `local` launcher), into WORKDIR/sweep, with DomainBed's `Job`s
-   and launchers. Before they start it prints the plan and, without a GPU, an estimate of the
-   time they take from a few timed training steps (domainbed_itl.bridge.sweep_estimate); while
-   they run, a progress bar with the time left (`--no_progress`: neither).
-5. Prints DomainBed's `collect_results` table.
-
-Run it again to finish an interrupted sweep: DomainBed launches only jobs without a folder, so
-the empty folders of jobs that never started are removed first; a job that started and did not
-finish (failed, or killed) is listed with DomainBed's command that clears it.
-The losses of our algorithms under --hparams are checked before any step, and the sweep folder
-has one writer at a time (domainbed_itl.files.runlock). `--setup_only` stops after step 3; `--dry_run`
-prints what would run. Exit status: 0 done, 1 a step or a job failed, 2 bad input.
+See docs/quickstart.md.
 """
 
 from __future__ import annotations

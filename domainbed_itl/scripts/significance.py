@@ -1,24 +1,10 @@
 """Friedman + Nemenyi tests and critical-difference diagrams (Fig. 2 of Gao et al., ICML 2022).
 
-    python -m domainbed_itl.scripts.significance --output_dir ./significance \\
-        --single_source_dir ./sweeps/single_source --multi_source_dir ./sweeps/domainbed \\
+    python -m domainbed_itl.scripts.significance --output_dir ./significance \
+        --single_source_dir ./sweeps/single_source --multi_source_dir ./sweeps/domainbed \
         --algorithms ERM CORAL SagNet Mixup ITL --domainbed_root ../DomainBed
 
-For each given sweep, ranks the algorithms within each block and writes
-`cd_<setting>_<blocks>.png` (Demšar's critical-difference diagram) and `.txt` (Friedman and
-Iman-Davenport statistics, average ranks, Nemenyi critical difference, groups and pairwise
-p-values) into --output_dir; existing files are not replaced without --overwrite.
-
-* single-source (`--single_source_dir`, a sweep of domainbed_itl.scripts.single_source_sweep):
-  accuracies as collect_single_source selects them, only cells with all their trials.
-* multi-source (`--multi_source_dir`, a sweep of DomainBed's own sweep.py): DomainBed's
-  training-domain validation sweep accuracy per dataset and test env (its
-  IIDAccuracySelectionMethod.sweep_acc, as collect_results computes it), averaged over trials;
-  needs DomainBed (--domainbed_root, or importable).
-
---blocks: `domain` (default; a block per dataset and source domain, or per dataset and test
-env), `dataset` (a block per dataset: Table 4's and Table 2's values) or `pair` (single-source
-only: a block per source -> target pair). Blocks lacking an algorithm are dropped and listed.
+See docs/single_source.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Fig. 7: entropy of the predictions on the target domains during training, per algorithm.
 
     python -m domainbed.scripts.train ... --save_model_every_checkpoint   # DomainBed, per run
-    python -m domainbed_itl.scripts.target_entropy ./sweep_output --data_dir ./data \\
+    python -m domainbed_itl.scripts.target_entropy ./sweep_output --data_dir ./data \
         --domainbed_root ../DomainBed --output_dir analyses [--algorithms ERM ERM_Focal ERM_SCE ITL]
 
-For every checkpoint of every run (model_step<N>.pkl, written by DomainBed's train with
---save_model_every_checkpoint; a run without them contributes its final model.pkl only), the
-predictive entropy H(softmax(z)) in nats of each sample of the run's test environments (their
-in-splits, on which DomainBed reports test accuracy), averaged separately over the correctly
-and the wrongly classified samples. Per algorithm and step: mean ± standard error over runs.
-Writes target_entropy.png (left: correct, right: misclassified, as Fig. 7), target_entropy.json
-(per run and step, and the per-algorithm curves) and prints the last step's values.
-Exit status: 0 done, 2 bad input or an existing output.
+See docs/analyses.md.
 """
 
 from __future__ import annotations

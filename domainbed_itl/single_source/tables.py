@@ -1,6 +1,8 @@
 """Tables 4 and 10 of Gao et al. (ICML 2022) as text, LaTeX or Markdown, from `selection.summarise`.
 
 Nothing here imports DomainBed: `domainbed_labels` is handed DomainBed's modules by the caller.
+
+See docs/single_source.md.
 """
 
 from __future__ import annotations
