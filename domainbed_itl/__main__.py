@@ -1,4 +1,7 @@
-"""`python -m domainbed_itl <command> ...`: the `domainbed-itl` console command (console.py)."""
+"""`python -m domainbed_itl <command> ...`: the `domainbed-itl` console command (console.py).
+
+See docs/testing.md.
+"""
 
 import sys
 

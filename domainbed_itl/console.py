@@ -1,7 +1,7 @@
 """The `domainbed-itl` console command: one sub-command per command of domainbed_itl/scripts/.
 
-`domainbed-itl meta-train ...` runs `python -m domainbed_itl.scripts.meta_train ...`; see the
-command table of docs/testing.md.
+`domainbed-itl meta-train ...` runs `python -m domainbed_itl.scripts.meta_train ...`. See
+docs/testing.md.
 """
 
 from __future__ import annotations

@@ -3,13 +3,7 @@
     python -m domainbed_itl.scripts.meta_train --dataset RotatedMNIST --data_dir ./data \\
         --domainbed_root ../DomainBed --output_dir runs/meta
 
-writes runs/meta/loss.json (the learned loss, usable as --hparams '{"itl_loss": ".../loss.json"}'),
-metrics.jsonl (one line per outer step) and checkpoint.pt (after every step). `--resume`
-continues the run from its folder alone: the settings are the checkpoint's, and a flag given
-with it must agree with them (--outer_steps may grow). `--dataset synthetic` uses built-in
-Gaussian domains instead of DomainBed (smoke tests, benchmarks); `--dataset planted` the planted
-task, noisy training labels on which a known robust loss beats CE (docs/results/planted.md).
-Exit status: 0 done, 1 a non-finite stop, 2 bad input, 130 interrupted (resume with --resume).
+See docs/meta_learning.md.
 """
 
 from __future__ import annotations
