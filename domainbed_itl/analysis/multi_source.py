@@ -10,8 +10,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from ..files.sweepfolder import count_envs
-from .table_rows import check_subset
 from .friedman_nemenyi import mean_over_trials
+from .table_rows import check_subset
 
 Table = Dict[str, Dict[str, float]]
 

@@ -16,11 +16,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..analysis.friedman_nemenyi import cd_diagram_png, format_result, friedman_nemenyi
 from ..analysis.multi_source import multi_source_blocks
+from ..analysis.table_rows import check_subset
 from ..bridge.domainbed_env import import_domainbed, optional_domainbed
 from ..files.outputs import plan_outputs
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import load_runs, read_manifest, records_of
-from ..analysis.table_rows import check_subset
 from ..single_source.selection import BLOCK_LEVELS, summarise
 from ..single_source.tables import domainbed_labels
 from ._cli import CommandParser, command_main
