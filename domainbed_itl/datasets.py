@@ -1,10 +1,6 @@
 """DomainBed's datasets as facts, in one table: classes and environments per dataset.
 
-DomainBed knows a dataset's classes only once it is loaded, and our checks need them before any
-job loads one (a loss must be minimisable for the dataset's classes; a sweep's job count
-depends on its environments). This module does not import DomainBed, so that sweep definitions
-(domainbed_itl.experiments) and the bridge read the same table; the DomainBed tests check it
-against DomainBed (its `num_environments`, and the classes of the datasets they can load).
+See docs/paper_experiments.md.
 """
 
 from __future__ import annotations

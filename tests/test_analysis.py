@@ -14,7 +14,7 @@ from domainbed_itl.analysis.entropy import entropy_by_correctness, prediction_en
 from domainbed_itl.analysis.generalisation import accuracy_and_cross_entropy
 from domainbed_itl.analysis.hessian import (FlatParameters, hessian_vector_product, landscape_1d,
                                             lanczos, mean_loss, residual, ritz_pairs)
-from domainbed_itl.analysis.loss_shapes import (logits_for_p_true, loss_against_p_true,
+from domainbed_itl.analysis.loss_profiles import (logits_for_p_true, loss_against_p_true,
                                                 min_max_normalise, parse_loss)
 from domainbed_itl.analysis.output import plan_analysis, write_outputs
 from domainbed_itl.files.atomic import OutputExists

@@ -1,16 +1,21 @@
 """The commands' shared module: the error boundary, explicit flags, devices, and that no command
-imports another."""
+imports another; the `domainbed-itl` console command and `python -m` of every command."""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from domainbed_itl.scripts._cli import explicit_flags, integer, parse_device, positive_int, run_command
+from domainbed_itl import console
+from domainbed_itl.scripts._cli import (CommandParser, explicit_flags, integer, parse_device, positive_int,
+                                        run_command)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "domainbed_itl" / "scripts"
 
@@ -88,6 +93,23 @@ def test_explicit_flags_are_those_on_the_command_line():
     assert explicit_flags(parser, []) == set()
 
 
+def test_explicit_flags_of_a_sub_command():
+    """A sub-command's flags count when given (even at their default), its defaults and its
+    parent's defaults do not, and the parent's flags given before it are kept."""
+    parser = CommandParser("demo")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="protocol", required=True)
+    meta = sub.add_parser("meta")
+    meta.add_argument("--batch_size", type=int, default=64)
+    meta.add_argument("--hidden", default="256")
+    meta.set_defaults(kind="inner")
+    assert explicit_flags(parser, ["--device", "cpu", "meta", "--batch_size", "64"]) == {
+        "device", "protocol", "batch_size"}
+    assert explicit_flags(parser, ["meta"]) == {"protocol"}
+    assert parser.parse_args(["meta"]).hidden == "256"  # the parser itself is left as it was
+
+
 @pytest.mark.parametrize("text,message", [("gpu0", "'gpu0' is not a device"),
                                           ("meta", "only cpu and cuda devices are supported"),
                                           ("mps", "only cpu and cuda devices are supported")])
@@ -117,3 +139,70 @@ def test_no_command_imports_another():
                 if (node.module or "").startswith("domainbed_itl.scripts."):
                     offenders.append((path.name, [node.module]))
     assert offenders == []
+
+
+COMMANDS = sorted(p.stem for p in SCRIPTS.glob("*.py") if not p.stem.startswith("_"))
+
+
+def test_the_console_command_lists_every_command_with_one_line(capsys):
+    assert console.main(["--help"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed == [name.replace("_", "-") for name in COMMANDS]
+    assert list(console.commands().values()) == COMMANDS
+    assert all(console.summary(name).endswith(".") for name in COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_sub_command_shows_its_own_help_under_its_console_name(capsys, name):
+    with pytest.raises(SystemExit) as stop:
+        console.main([name.replace("_", "-"), "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.split()[:3] == ["usage:", "domainbed-itl", name.replace("_", "-")]
+    assert "show this help message and exit" in out
+
+
+@pytest.mark.parametrize("argv,message", [([], "a command is required"),
+                                          (["meta-tran"], "unknown command 'meta-tran'")])
+def test_a_missing_or_unknown_sub_command_is_refused_with_the_list(capsys, argv, message):
+    assert console.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"domainbed-itl: error: {message}; expected one of cma-search, " in err
+    assert err.startswith("usage: domainbed-itl <command>")
+
+
+# `python -m X --help` for every command in one child interpreter (runpy runs a module as
+# `python -m` does): the status, the usage line and whether the help was printed.
+_RUN_AS_MAIN = """
+import contextlib, io, json, runpy, sys
+results = []
+for module, args in json.loads(sys.argv[1]):
+    sys.argv = [module, *args]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = None
+        except SystemExit as stop:
+            code = stop.code
+    results.append([code, out.getvalue().splitlines()[0] if out.getvalue() else ""])
+print(json.dumps(results))
+"""
+
+
+def test_python_dash_m_runs_every_command_both_ways():
+    """`python -m domainbed_itl.scripts.X --help` and `python -m domainbed_itl x --help` for
+    every command, each as `python -m` runs it; then one real child of each kind."""
+    runs = [(f"domainbed_itl.scripts.{name}", ["--help"]) for name in COMMANDS]
+    runs += [("domainbed_itl", [name.replace("_", "-"), "--help"]) for name in COMMANDS]
+    result = subprocess.run([sys.executable, "-c", _RUN_AS_MAIN, json.dumps(runs)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    usages = [f"usage: python -m domainbed_itl.scripts.{name}" for name in COMMANDS]
+    usages += [f"usage: python -m domainbed_itl {name.replace('_', '-')}" for name in COMMANDS]
+    shown = [[code, " ".join(line.split()[:len(usage.split())])]
+             for (code, line), usage in zip(json.loads(result.stdout), usages)]
+    assert shown == [[0, usage] for usage in usages]
+    for child in (["domainbed_itl", "--help"], ["domainbed_itl.scripts.patch", "--help"]):
+        shown = subprocess.run([sys.executable, "-m", *child], capture_output=True, text=True, timeout=300)
+        assert shown.returncode == 0 and shown.stdout.startswith(f"usage: python -m {child[0]} "), shown

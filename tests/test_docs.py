@@ -115,3 +115,27 @@ def test_how_to_pages_carry_no_dated_measurements(page):
 def test_results_pages_carry_dates_and_are_listed(page):
     assert DATE.search(page.read_text()), f"{page.name} has no date"
     assert f"]({page.name})" in (RESULTS / "README.md").read_text(), f"{page.name} is not listed"
+
+
+MAX_DOCSTRING_LINES = 8
+# Modules whose docstrings still carry their depth: meta/ and the settings' modules are being
+# reshaped (the settings tree), and _cli's docstring is the commands' error-boundary contract.
+DOCSTRING_PENDING = {"meta", "experiments/paper.py", "scripts/_search.py", "scripts/_evaluation.py",
+                     "files/schemas.py", "scripts/_cli.py"}
+
+
+def _modules_with_short_docstrings():
+    for path in sorted((REPO / "domainbed_itl").rglob("*.py")):
+        rel = path.relative_to(REPO / "domainbed_itl").as_posix()
+        if rel.split("/")[0] not in DOCSTRING_PENDING and rel not in DOCSTRING_PENDING:
+            yield path
+
+
+@pytest.mark.parametrize("path", list(_modules_with_short_docstrings()),
+                         ids=lambda p: p.relative_to(REPO).as_posix())
+def test_a_module_docstring_is_a_summary_and_a_link_to_its_docs_page(path):
+    """A few lines for a reader of the code; the depth lives in docs/, which the docstring names."""
+    docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert 0 < len(docstring.splitlines()) <= MAX_DOCSTRING_LINES, docstring
+    pages = re.findall(r"docs/[\w/]+\.md", docstring)
+    assert pages and all((REPO / page).exists() for page in pages), pages

@@ -63,7 +63,7 @@ def test_register_is_idempotent(bridge):
 
 
 def test_an_algorithm_whose_base_is_missing_is_left_out():
-    from domainbed_itl.bridge.registry import register_algorithms
+    from domainbed_itl.bridge.registration import register_algorithms
 
     class ERM:
         pass

@@ -1,5 +1,6 @@
 """Non-editable installs: a built wheel, and `pip install .`, each into a fresh virtual environment,
-run `patch`, `paper_sweep list` and an ITL run in DomainBed from the installed package data.
+run `patch`, `paper_sweep list`, the `domainbed-itl` console command and an ITL run in DomainBed
+from the installed package data.
 
 The venvs see the site-packages of the interpreter running the tests (torch and the rest are
 not downloaded again) through a .pth file naming them: `venv --system-site-packages` would give
@@ -124,6 +125,11 @@ def test_installed_package_runs_from_its_package_data(tmp_path, how):
     shown = _run([python, "-m", "domainbed_itl.scripts.paper_sweep", "show", "table2_multi_source"],
                  tmp_path, env)
     assert f"definition: {venv}" in shown, shown
+
+    command = venv / ("Scripts" if os.name == "nt" else "bin") / "domainbed-itl"  # the entry point
+    assert _run([str(command), "paper-sweep", "list"], tmp_path, env) == listed
+    assert "\n  meta-train " in _run([str(command), "--help"], tmp_path, env)
+    assert "usage: domainbed-itl patch " in _run([str(command), "patch", "--help"], tmp_path, env)
 
     checkout = tmp_path / "DomainBed"
     shutil.copytree(DOMAINBED_ROOT or STANDIN, checkout,

@@ -194,7 +194,7 @@ def test_a_folder_that_is_no_checkout_is_named(tmp_path):
 def test_the_hooks_import_path_survives_the_bridge_move(source, tmp_path):
     """Checkouts patched by earlier releases call `from domainbed_itl import registry`: that path
     stays a public interface after the bridge moved to domainbed_itl.bridge."""
-    import domainbed_itl.bridge.registry as bridge_registry
+    import domainbed_itl.bridge.registration as bridge_registry
     import domainbed_itl.registry as hooks_path
 
     for name in ("register_algorithms", "wrap_hparams", "register_command_launchers"):

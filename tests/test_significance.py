@@ -78,7 +78,7 @@ def test_tie_corrected_friedman_equals_scipy():
 
 
 def test_nemenyi_pvalues_equal_scikit_posthocs():
-    """Where scikit-posthocs is installed (not a dependency: see the module docstring), its
+    """Where scikit-posthocs is installed (not a dependency: see docs/single_source.md), its
     posthoc_nemenyi_friedman gives our p-values."""
     posthocs = pytest.importorskip("scikit_posthocs")
     rng = np.random.default_rng(0)

@@ -1,14 +1,6 @@
 """Mean ± standard error over runs: the one function behind every table's mean ± SE.
 
-The standard error is the standard deviation over √n, and tables differ in which standard
-deviation they use, so `ddof` names it:
-
-- ddof=0, the population standard deviation: DomainBed's `format_mean` convention, used by the
-  tables that sit beside DomainBed's `collect_results` (the single-source tables, the analyses
-  of trained models);
-- ddof=1, the sample standard deviation: the textbook standard error of a mean, used by the
-  paired comparisons of the loss evaluation (analysis/comparison.py; undefined, NaN, for one
-  value).
+See docs/analyses.md.
 """
 
 from __future__ import annotations
@@ -20,7 +12,7 @@ import numpy as np
 
 
 def mean_se(values: Sequence[float], ddof: int = 0, finite_only: bool = True) -> Dict[str, float]:
-    """{mean, se, min, max, n} of `values`; se = std(ddof) / √n (see the module docstring).
+    """{mean, se, min, max, n} of `values`; se = std(ddof) / √n (docs/analyses.md).
 
     With `finite_only`, NaN and infinite entries (e.g. no sample) are dropped first. With no
     value left every statistic is NaN and n is 0; se is NaN also when n <= ddof.

@@ -1,18 +1,6 @@
 """Paired comparison of losses: the statistics and tables behind `scripts/evaluate_loss`.
 
-The input is a list of records, one per (loss, pairing unit, domain): the pairing unit is the
-seed (meta protocol) or the trial (DomainBed protocol), shared by every loss, so that all losses
-meet the same initialisations, data and minibatches. For each loss and unit the metric is
-averaged over the domains; the losses are then compared unit by unit:
-
-- per loss: mean ± standard error (sample standard deviation / √n) over units, and the spread
-  (minimum and maximum);
-- per loss against the reference: the paired differences, their mean ± SE, the number of units
-  the loss wins (a higher value, or a lower one for a metric where lower is better), a paired
-  t-test (scipy.stats.ttest_rel) and a Wilcoxon signed-rank test
-  (scipy.stats.wilcoxon, exact for small n; with 5 pairs its smallest two-sided p is 0.0625).
-
-Pure Python, numpy and scipy: no DomainBed.
+See docs/loss_search.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Entropy of predictive distributions, split by correctness (Fig. 7, Appendix A.2)."""
+"""Entropy of predictive distributions, split by correctness (Fig. 7, Appendix A.2).
+
+See docs/analyses.md.
+"""
 
 from __future__ import annotations
 

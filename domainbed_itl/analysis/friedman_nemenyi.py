@@ -1,20 +1,6 @@
 """Friedman test, Nemenyi post-hoc test and critical-difference diagrams (Demšar, JMLR 2006).
 
-The comparison behind Fig. 2 of Gao et al. (ICML 2022): k algorithms are ranked within each of N
-blocks (a dataset, a dataset's domain, ...; rank 1 = the highest accuracy, ties get the average
-rank). The Friedman test asks whether the average ranks differ more than chance allows; the
-Nemenyi test calls two algorithms different when their average ranks differ by at least the
-critical difference CD = q_alpha * sqrt(k (k + 1) / (6 N)), where q_alpha is the studentized
-range quantile for k groups and infinite degrees of freedom divided by sqrt(2) (computed with
-scipy, not read from a table). Pure numpy/scipy/matplotlib: no DomainBed import.
-
-Why not scikit-posthocs: its `posthoc_nemenyi_friedman` gives exactly these p-values (both call
-scipy's studentized range; tests/test_significance.py compares them where it is installed), but
-it would add statsmodels, seaborn and patsy to the dependencies for those few lines, and its
-`critical_difference_diagram` draws groups from pairwise p-values without Demšar's CD scale.
-The Friedman statistic is computed here rather than by scipy.stats.friedmanchisquare because
-scipy refuses two algorithms (ERM against ITL is the common case); the tests check the two
-agree for three and more.
+See docs/single_source.md.
 """
 
 from __future__ import annotations

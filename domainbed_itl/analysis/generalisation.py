@@ -1,4 +1,7 @@
-"""Accuracy and cross-entropy of a model's predictions on a split (Table 7)."""
+"""Accuracy and cross-entropy of a model's predictions on a split (Table 7).
+
+See docs/analyses.md.
+"""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
 """The grid search's report (scripts/grid_search): the best member of each family, its rows, files.
 
-The input is comparison.py's `compare` of held-out accuracy, grouped by the number of inner
-steps, over every grid member and extra loss against the reference (CE). For each family and
-length, the best member is the one with the highest mean paired difference to the reference
-(the same seeds, so this is also the highest mean accuracy over the seeds both have; ties go to
-the higher mean). One row per (loss, length) holds the family (None for an extra loss), the
-member's parameters, held-out accuracy mean ± SE and range, the paired difference mean ± SE,
-seeds won, the paired t-test's p and whether it is its family's best. The rows are written as
-`grid.json` (with settings and whatever the caller adds), `grid.csv` and `grid.md`, each
-replaced atomically.
+See docs/losses.md.
 """
 
 from __future__ import annotations
@@ -38,7 +30,7 @@ def _rank(entry: Mapping[str, Any]) -> Tuple[float, float]:
 
 
 def best_members(result: Comparison, grid: Grid) -> Dict[Tuple[str, Any], str]:
-    """{(family, length): its best member's label} (see the module docstring); `result` keyed
+    """{(family, length): its best member's label} (docs/losses.md); `result` keyed
     by (loss, length). A family with no member at a length has no entry there."""
     best: Dict[Tuple[str, Any], str] = {}
     for family, members in grid.items():

@@ -1,12 +1,6 @@
 """The top Hessian eigenvector of a training loss and the 1-D landscape along it (Fig. 8).
 
-The Hessian is never formed: `hessian_vector_product` gives v -> Hv by forward-over-reverse
-differentiation with torch.func (jvp of grad), one minibatch at a time, and `lanczos` finds the
-extreme eigenpairs from those products (Lanczos with full reorthogonalisation; the small
-tridiagonal problem is solved densely). `landscape_1d` evaluates the loss at θ + t·v.
-
-Parameters are handled as one flat vector θ (`FlatParameters`), so a module's loss is a plain
-function of a tensor.
+See docs/analyses.md.
 """
 
 from __future__ import annotations

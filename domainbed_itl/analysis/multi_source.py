@@ -1,8 +1,6 @@
 """DomainBed multi-source sweep accuracies as blocks for the Friedman/Nemenyi comparison.
 
-Nothing here imports DomainBed: the caller hands in DomainBed's grouped records
-(`reporting.get_grouped_records`) and its selection (`IIDAccuracySelectionMethod.sweep_acc`,
-as `collect_results` uses it).
+See docs/single_source.md.
 """
 
 from __future__ import annotations
@@ -12,8 +10,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from ..files.sweepfolder import count_envs
-from ..single_source.selection import check_subset
 from .friedman_nemenyi import mean_over_trials
+from .table_rows import check_subset
 
 Table = Dict[str, Dict[str, float]]
 

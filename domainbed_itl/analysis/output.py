@@ -1,4 +1,7 @@
-"""Writing an analysis' figure and the numbers behind it: all files or, on refusal, none."""
+"""Writing an analysis' figure and the numbers behind it: all files or, on refusal, none.
+
+See docs/files.md.
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
 """Loss-search runs as curves against three costs: outer steps, inner trainings and wall-clock.
 
-A run is the records of its metrics.jsonl: one per outer step of meta_train (implicit
-gradients) or per generation of cma_search (CMA-ES). Both carry "step", "outer_heldout_loss"
-(M), "outer_heldout_acc", "inner_source_acc" and "time_step_s". An implicit-gradient step
-trains one network per held-out domain (the length of its per_domain lists); a CMA-ES record
-counts its inner trainings itself ("inner_trainings", cumulative). Fig. 4 compares the two at an
-equal budget of inner trainings: `at_budget` cuts every run to the smallest run's total.
+See docs/cma_search.md.
 """
 
 from __future__ import annotations

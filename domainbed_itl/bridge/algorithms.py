@@ -1,21 +1,6 @@
 """DomainBed algorithms whose supervised cross-entropy is replaced by another loss.
 
-`make_loss_algorithm(Base, loss)` subclasses any CE-based DomainBed algorithm without copying
-its code: while the base class's own `update` runs, the name `F` in the base's module (DomainBed
-writes `F.cross_entropy(...)`) resolves to torch.nn.functional with `cross_entropy` replaced by
-the chosen loss. `update`'s signature and returned dict are the base's, unchanged. Only bases
-whose every `F.cross_entropy` call is the supervised class loss may be wrapped (DANN's
-discriminator loss, for example, is not), which is why `LOSSES` lists them explicitly.
-The swap is module-global for the duration of `update`: code calling `domainbed.algorithms.F`
-from another thread meanwhile would see it too (DomainBed's training loop is single-threaded).
-
-Every algorithm checks its loss before it builds its networks (`check_loss_hparams`): each
-loss hparam must lie in its range, `itl_loss` must name a readable loss, and the loss must be
-finite and minimisable for the dataset's number of classes (losses.checks); launchers run the
-same check when they plan a sweep. A training step whose returned values are not finite stops
-the run (`NonFiniteTrainingError`), so DomainBed's train never marks a run of NaNs `done`.
-
-This module does not import DomainBed: the registry hands it DomainBed's classes.
+See docs/domainbed.md.
 """
 
 from __future__ import annotations

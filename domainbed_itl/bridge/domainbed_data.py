@@ -2,6 +2,8 @@
 
 Any dataset in domainbed.datasets works by name (default RotatedMNIST, the paper's meta-training
 set). Every environment becomes one domain of flattened float images and long labels.
+
+See docs/meta_learning.md.
 """
 
 from __future__ import annotations

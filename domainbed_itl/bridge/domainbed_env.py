@@ -1,11 +1,6 @@
 """Locating the user's DomainBed checkout (DomainBed is not on PyPI, so it is never a dependency).
 
-Everything that finds, imports or exports a DomainBed checkout goes through this module:
-`clone_domainbed` (a checkout at a given commit), `find_domainbed_root` (the checkout given,
-or the one `import domainbed` would load), `import_domainbed` (a DomainBed module from it),
-`optional_domainbed` (the same, or None where DomainBed is optional and absent),
-`with_pythonpath` (an environment whose subprocesses import it first) and `with_quiet_loaders`
-(an environment whose DomainBed jobs do not warn about their data loaders' worker count).
+See docs/domainbed.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
 """Hyperparameters of the loss-replaced algorithms, in DomainBed's hparam registry.
 
-`wrap_hparams` wraps DomainBed's `_hparams(algorithm, dataset, random_seed)`: for our
-algorithms it returns the base algorithm's hparams plus the loss's own, each defined with
-DomainBed's `_hparam(name, default, random_fn)` pattern and seed hashing, so
-`default_hparams`, `random_hparams` and the sweep's random search work unchanged. The loss
-hparams are those of `algorithms.LOSSES`. Algorithms in `SAME_HPARAMS_AS` (SingleSourceMixup)
-take another DomainBed algorithm's hparams unchanged.
-
-`check_sweep_losses` checks, in the process that plans a sweep, the losses its jobs would train
-with, so that a bad one stops the launch instead of failing every job.
+See docs/domainbed.md.
 """
 
 from __future__ import annotations

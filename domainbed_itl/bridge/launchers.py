@@ -1,21 +1,6 @@
 """Command launchers for DomainBed's sweeps beyond `local`, `dummy` and `multi_gpu`.
 
-A DomainBed launcher is a function `launcher(commands: list[str]) -> None`; the patches add
-`LAUNCHERS` to DomainBed's `command_launchers.REGISTRY`, so
-`python -m domainbed.scripts.sweep launch --command_launcher submitit ...` uses them.
-
-`submitit`: each command is one submitit job, run through a shell. On Slurm the commands go
-out as job arrays (at most `max_array_size` tasks per array, `array_parallelism` of each
-array running at once); where there is no Slurm, submitit's local executor runs them on this
-machine, `array_parallelism` at a time, queued by the launcher. DomainBed's sweep passes
-launchers the commands alone, so the cluster settings come from `SubmititConfig`: our
-single-source sweep takes them as flags; DomainBed's own sweep reads them from
-DOMAINBED_SUBMITIT_* environment variables (`SubmititConfig.ENV`), and the launcher prints
-the settings it uses.
-
-A command that exits non-zero fails its job. Local jobs are always waited for; Slurm jobs only
-with DOMAINBED_SUBMITIT_WAIT=1. Once waited for, failed jobs raise `SubmititJobsFailed`,
-which names each failed command, its exit status, the last lines of its stderr and its logs.
+See docs/launchers.md.
 """
 
 from __future__ import annotations

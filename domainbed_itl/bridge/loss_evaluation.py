@@ -1,19 +1,7 @@
 """The loss evaluation's DomainBed side (scripts/evaluate_loss): the losses it takes, and its
 DomainBed protocol.
 
-A loss is `CE`, a zoo loss (trained by DomainBed as ZOO_ALGORITHMS says, at its default
-hparams), a preset (ITL) or a loss file of any registered family (both trained as ITL with
-`itl_loss`), optionally
-labelled `label=...`; one that cannot train for the dataset's classes is refused by name.
-
-The DomainBed protocol plans one DomainBed `train` job per (loss, test environment, trial), or
-with `together` one per (loss, trial) holding out every test environment at once (the training
-domains are then the others, and each test environment is reported from the same job);
-every loss of a (test environments, trial) gets the same seed, so the losses share initial
-weights and minibatch order. The jobs are DomainBed's `Job`s, launched a (test environment,
-trial) at a time through its command launchers; a rerun launches only the jobs without a
-folder (the empty folders of jobs that never started are removed first) and reports every
-finished one (DomainBed's training-domain validation, and the last checkpoint).
+See docs/loss_search.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """domainbed-itl's hooks in a DomainBed checkout: check, apply and revert them by reading the files.
 
-Each patch of the series (`patches/`, shipped as `domainbed_itl.patches`) adds one hook, a block
-of lines at the end of one DomainBed module, that calls `domainbed_itl.registry` when the package
-is installed and does nothing when it is not. The patches are made against upstream DomainBed
-`UPSTREAM_COMMIT`, where `git apply patches/*.patch` works as well. This module does not use git:
-it reads each target file and
-
-* calls a patch "applied" when the file holds its hook block exactly once;
-* calls it "applicable" when the file lacks the hook and any other domainbed-itl hook, parses as
-  Python, and defines at its top level the names the hook uses (`HOOK_NEEDS`): the hook is then
-  appended to the file, whatever else upstream appended to it since `UPSTREAM_COMMIT`;
-* calls anything else a "conflict", with the reason (a missing file, a different or repeated
-  domainbed-itl hook, a missing name, a syntax error).
-
-Apply and revert change nothing unless every patch is applied or applicable, write each file
-atomically, and read every file back afterwards: they report what the files hold, never what a
-tool's exit status claims. `import_check` goes one step further and imports the checkout's
-DomainBed in a subprocess to see the hooks register our algorithms, hparams and launchers.
+See docs/domainbed.md.
 """
 
 from __future__ import annotations

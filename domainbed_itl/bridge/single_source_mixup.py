@@ -1,21 +1,6 @@
 """Mixup that still mixes with one training domain: DomainBed's Mixup, pairing within the domain.
 
-DomainBed's `Mixup` (inter-domain mixup: Xu et al. 2020, Yan et al. 2020) mixes the minibatch of
-one training domain with the minibatch of another: `random_pairs_of_minibatches` pairs domain
-i with domain i + 1 of a random order. With a single training domain it pairs the only
-minibatch with itself, so x~ = λx + (1 - λ)x = x and the objective λ·CE(f(x), y) +
-(1 - λ)·CE(f(x), y) is plain cross-entropy: single-source Mixup is ERM.
-
-`SingleSourceMixup` pairs a lone minibatch with a random permutation of itself, the mixup of
-Zhang et al. (ICLR 2018): x~ = λx + (1 - λ)x[π], objective λ·CE(f(x~), y) + (1 - λ)·CE(f(x~), y[π]),
-λ ~ Beta(mixup_alpha, mixup_alpha). With two or more training domains it is DomainBed's Mixup
-unchanged: the same pairs, the same random draws, the same updates. Its hparams are Mixup's.
-
-The class is DomainBed's own `Mixup` with its pairing function swapped while its `update` runs
-(as algorithms.py swaps `F`), so the mixing and the objective are DomainBed's code. The swap is
-module-global for the duration of `update`, like the loss swap of algorithms.py.
-
-This module does not import DomainBed: the registry hands it DomainBed's Mixup class.
+See docs/single_source_mixup.md.
 """
 
 from __future__ import annotations

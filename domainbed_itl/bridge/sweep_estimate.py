@@ -1,17 +1,6 @@
 """How long a DomainBed sweep will take on this machine, from a few timed training steps.
 
-Before a sweep starts, `time_job` builds its first job as DomainBed's `train` builds it (the
-job's dataset, splits, hparams and algorithm, with DomainBed's own classes; `rebuild_splits`
-makes the splits) and times, on this machine: loading the data and building the model, a few
-`update` steps on minibatches drawn by DomainBed's `InfiniteDataLoader`, and DomainBed's
-`misc.accuracy` on part of the data, scaled to an evaluation of every split. A job then takes
-about: loading + steps x seconds a step + evaluations x seconds an evaluation, where `train`
-evaluates at step 0, every `checkpoint_freq` steps and at the last step. `describe_estimate`
-says so for the whole sweep, one job after the other.
-
-It is an estimate: the minibatches are loaded in this process (a job uses the dataset's
-`N_WORKERS` loader processes), without data augmentation (image data sets augment their
-training images), and for the first job's algorithm and dataset only.
+See docs/paper_experiments.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """Trained DomainBed models for the analyses: run folders, their checkpoints, and their data.
 
-A DomainBed run folder (`domainbed.scripts.train --output_dir`) holds `results.jsonl`,
-`model.pkl` (the final model, unless `--skip_model_save`) and, with
-`--save_model_every_checkpoint`, `model_step{N}.pkl` at every checkpoint. `load_model` rebuilds
-the algorithm from such a file with DomainBed's own classes (our algorithms registered), and
-`rebuild_splits` rebuilds the data splits the run trained and was evaluated on: the same
-dataset construction (seeded with the run's `--seed`, as train.py seeds it) and the same
-`misc.split_dataset` calls, so the accuracies computed here are those of `results.jsonl`.
-
-One deliberate difference: the splits are built with `data_augmentation` off, so every split is
-evaluated on clean images (DomainBed evaluates the source splits of image datasets through its
-training augmentation; MNIST datasets have none, and there the numbers agree exactly).
-
-This is the bridge between DomainBed and domainbed_itl.analysis; it imports DomainBed lazily.
+See docs/analyses.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,4 @@
 """Files on disk: writing outputs, folder locks, the shipped data, run folders and sweep folders.
 
-- `atomic`: writing a file atomically, never replacing what it was not told to;
-- `outputs`: the one way a command writes an output file: every path checked before any work
-  (existing files, parent folder, figure format), then written atomically;
-- `runlock`: one writer per output folder;
-- `runfolder`: a long run's folder (lock, resume and overwrite rules, checkpoint, provenance,
-  metrics), shared by meta-training, the CMA-ES search and the loss evaluation;
-- `resources`: the shipped `sweeps/` and `patches/` folders;
-- `sweepfolder`: DomainBed's sweep folders (job folders, `results.jsonl` records, manifests,
-  the empty folders of jobs that never started);
-- `job_progress`: a progress bar over a sweep's jobs, from their `done` markers.
-
-Nothing here imports DomainBed.
+See docs/files.md.
 """

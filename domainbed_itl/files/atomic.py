@@ -1,4 +1,7 @@
-"""Writing result files atomically: a reader sees the old file, or the whole new one, never half."""
+"""Writing result files atomically: a reader sees the old file, or the whole new one, never half.
+
+See docs/files.md.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """A progress bar over a sweep's jobs that advances as they finish, with the time left.
 
-DomainBed's launchers run a sweep's jobs in subprocesses (or on a cluster) and report nothing
-until every job has ended. `JobProgress` watches from a thread instead: every `interval` seconds
-it counts the finished jobs (for DomainBed, the job folders holding its `done` marker) and
-advances a tqdm bar, whose rate, the mean time per job finished in this run, gives the time
-left. Nothing here imports DomainBed.
+See docs/files.md.
 """
 
 from __future__ import annotations

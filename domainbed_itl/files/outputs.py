@@ -1,27 +1,6 @@
 """The one way a command writes an output file: planned before any work, then written atomically.
 
-    plan = plan_outputs([out / "curve.png", out / "curve.json"], overwrite=args.overwrite,
-                        figures=[out / "curve.png"])     # first, before any work
-    ...                                                   # the work
-    plan.write(out / "curve.png", png_bytes)              # atomic (domainbed_itl.files.atomic)
-
-`plan_outputs` checks every output path before the command starts its work, so that a refusal
-costs nothing and leaves nothing behind, with one line naming the path and what is wrong:
-
-- a file that exists is not replaced unless `overwrite` (`--overwrite`): a file that existed
-  before the command started is not the command's own; every path is checked, so a command
-  writing `name.png` and `name.json` refuses before writing either;
-- the parent folder must exist or be creatable: the nearest existing ancestor is a folder, and
-  one this process may write in; the path itself is not a folder;
-- a figure's format is named by its extension, one that matplotlib writes (`.png`, `.pdf`,
-  `.svg`, ...): a path without an extension, or with another one, is refused (matplotlib would
-  otherwise add `.png` and write beside the path given).
-
-`OutputPlan.write` writes only planned paths (another path is a bug), each atomically; once it
-wrote a path, the path is the command's own and a later write replaces it (a report rewritten as
-results come in). Without `overwrite`, a file that appears at a planned path while the command
-works is still not replaced (`OutputExists`). Run folders (domainbed_itl.files.runfolder) keep
-their own rules for the files of a run they resume.
+See docs/files.md.
 """
 
 from __future__ import annotations
@@ -90,7 +69,7 @@ class OutputPlan:
         self._own: Set[Path] = set()
 
     def write(self, path: PathLike, data: Union[bytes, str]) -> Path:
-        """Write `data` to the planned `path` atomically (see the module docstring)."""
+        """Write `data` to the planned `path` atomically (docs/files.md)."""
         path = Path(path)
         if path not in self.paths:
             raise RuntimeError(f"{path} is not among the planned outputs {list(map(str, self.paths))}")
@@ -102,7 +81,7 @@ class OutputPlan:
 def plan_outputs(paths: Iterable[PathLike], overwrite: bool = False,
                  figures: Iterable[PathLike] = ()) -> OutputPlan:
     """Check the output `paths` (and the formats of `figures`, some of them) before any work;
-    OutputError or OutputExists naming the first problem (see the module docstring)."""
+    OutputError or OutputExists naming the first problem (docs/files.md)."""
     paths = [Path(p) for p in paths]
     for path in paths:
         check_output_path(path)

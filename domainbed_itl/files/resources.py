@@ -1,12 +1,6 @@
 """The data shipped with the package: the paper's sweep definitions and the DomainBed patches.
 
-They live in the repository's `sweeps/` and `patches/` folders, where users look for them, and
-are installed as the data packages `domainbed_itl.sweeps` and `domainbed_itl.patches`
-(setup.cfg's `package_dir`), which `importlib.resources` reads from a wheel or a `pip install .`.
-Run from a source checkout (the folder holding this `domainbed_itl` also holds domainbed-itl's
-`setup.cfg`: an editable install, or PYTHONPATH), the checkout's own folders are read; there
-setuptools' editable finder could not import them anyway (it maps only folders with an
-`__init__.py`), and an edit needs no reinstall.
+See docs/files.md.
 """
 
 from __future__ import annotations

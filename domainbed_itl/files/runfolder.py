@@ -1,39 +1,6 @@
 """A run folder: a long computation's outputs, safe across crashes, resumes and overwrites.
 
-    with open_run_folder("runs/meta", META_RUN, resume=True, overwrite=False) as folder:
-        ...                                  # folder.checkpoint: the one resumed from, or None
-        folder.begin(target, device, provenance)
-        while ...:
-            folder.save_checkpoint(state, done, records, loss)  # then metrics.jsonl, loss.json
-
-Every kind of run (meta-training, a CMA-ES search, a loss evaluation: a `RunKind`) follows the
-same rules, implemented here once:
-
-- One writer: the folder's lock (domainbed_itl.files.runlock) is held from the opening to the
-  end of the run; a second writer is refused, naming the holder.
-- A non-empty folder needs `resume` (and must then hold a checkpoint) or `overwrite`; `resume`
-  in an empty or missing folder starts the run.
-- `overwrite` loses nothing before the new run has something to show: the previous run's files
-  are moved aside into `.domainbed_itl.replaced/` and deleted only once the new run has written
-  its first checkpoint; a new run that stops before that moves them back. A run killed in
-  between leaves them aside, and the next opening finishes the job (deletes them if the new
-  checkpoint exists, else moves them back) before anything else.
-- Every file is replaced atomically (domainbed_itl.files.atomic): the checkpoint first, then its
-  views, which a resume rewrites from the checkpoint.
-- A resume continues from the checkpoint alone: `begin` refuses one on another device type or
-  towards fewer units than are done; the kind of run refuses changed settings (`refuse_changes`,
-  `refuse_other`).
-
-The checkpoint is a dict saved by torch.save with every tensor on the CPU (a GPU run's
-checkpoint loads with a plain torch.load on any machine). Besides what the kind of run stores
-(settings, state, records) it holds: format and version, package_version, unit and done (the
-progress, e.g. 3 outer steps), device (the device type it was written on) and provenance (the
-original command and date, and a `resumed` entry per resume: command, date, from_step).
-A checkpoint is checked against its kind's schema (domainbed_itl.files.schemas) when read: a
-damaged one is refused, naming the file and the field, and never resumed from.
-Version 1 checkpoints, written before device, provenance, unit and done existed, still resume:
-their device is unknown (not checked, as it was not then), their provenance is the resuming
-command's (what was written then) and their progress is the number of records.
+See docs/files.md.
 """
 
 from __future__ import annotations
@@ -48,13 +15,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type,
-                    Union)
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple,
+                    Type, Union)
 
 import torch
 
 from .. import __version__
-from ..losses.lossfile import LossSpec, save_loss
 from .atomic import write_atomic
 from .runlock import CONTROL_PREFIX, folder_lock, is_control_entry
 from .schemas import (CHECKPOINT_VERSIONS, Checkpoint, MetricsRecord, SchemaError, check,
@@ -70,6 +36,14 @@ CHECKPOINT_VERSION = max(CHECKPOINT_VERSIONS)
 REQUIRED = tuple(name for name, field in MetricsRecord.model_fields.items() if field.is_required())
 
 Log = Callable[[str], None]
+
+
+class SavesItself(Protocol):
+    """A view written beside the checkpoint that saves itself, such as a loss
+    (`domainbed_itl.losses.lossfile.LossSpec`)."""
+
+    def save(self, path: Path, overwrite: bool = False) -> Path:
+        """Write the view to `path` (atomically)."""
 
 
 class RunDirError(RuntimeError):
@@ -298,7 +272,7 @@ class RunFolder:
         if self.checkpoint is None:
             return {**given, "date": now()}
         saved = self.checkpoint.get("provenance")
-        if saved is None:  # version 1: the resuming command's, as then
+        if saved is None:  # version 1 holds none: the resuming command's
             return given
         if target == self.done:
             return dict(saved)
@@ -307,7 +281,7 @@ class RunFolder:
 
     def save_checkpoint(self, state: Mapping[str, Any], done: int,
                         records: Optional[Sequence[Mapping[str, Any]]] = None,
-                        loss: Optional[LossSpec] = None) -> None:
+                        loss: Optional[SavesItself] = None) -> None:
         """Replace the checkpoint by `state` (after `begin`), `done` units in, then its views
         (`write_views`, when `records` are given). The first one of an --overwrite run deletes
         the run it replaced."""
@@ -324,12 +298,12 @@ class RunFolder:
             self.log(f"--overwrite: replaced the previous run in {self.path} ({self.replaced})")
             self.replaced = None
 
-    def write_views(self, records: Sequence[Mapping[str, Any]], loss: Optional[LossSpec]) -> None:
+    def write_views(self, records: Sequence[Mapping[str, Any]], loss: Optional[SavesItself]) -> None:
         """Replace metrics.jsonl by `records` (one line each) and loss.json by `loss` (if any)."""
         write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records),
                      overwrite=True)
         if loss is not None:
-            save_loss(self.path / LOSS, loss, overwrite=True)
+            loss.save(self.path / LOSS, overwrite=True)
 
     def _move_aside(self) -> None:
         """--overwrite: move the previous run's outputs into REPLACED."""

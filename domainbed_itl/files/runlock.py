@@ -1,20 +1,6 @@
 """One writer per output folder: an operating-system lock, released by the kernel when its holder dies.
 
-    with folder_lock("runs/meta", command="python -m domainbed_itl.scripts.meta_train ..."):
-        ...  # write into runs/meta
-
-The lock is `filelock`'s (flock on POSIX, LockFileEx on Windows) on `<folder>/.domainbed_itl.lock`,
-taken without waiting: a second writer gets `FolderLocked`, whose message names the holder
-(process id, host, start time, command) from `<folder>/.domainbed_itl.lock.json`, which the
-holder writes once it has the lock. A killed holder leaves no stale lock, since the kernel
-releases it; the lock file itself stays (removing it could let two writers lock two different
-files), except in a folder the lock itself created and that holds nothing else when the block
-ends (a command refused after taking the lock): the lock file, the folder and the parents the
-lock made are removed, so that a refused command leaves nothing behind. The lock is not
-re-entrant: a second `folder_lock` on the folder is refused even in the holding process, so
-each command takes its folder's lock once (a run folder's through domainbed_itl.files.runfolder).
-Names starting with `CONTROL_PREFIX` are this package's bookkeeping, not results; folder checks
-ignore them (`is_control_entry`).
+See docs/files.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
 """Single-source sweep folders: DomainBed's job folders, their records, and the sweep manifest.
 
-A single-source run is a DomainBed `train` run whose `test_envs` are every domain but one, the
-source. Its folder holds `results.jsonl` (plain dicts, exactly as DomainBed's train writes them)
-and, once finished, `done`. The launcher (`domainbed_itl.scripts.single_source_sweep`) also keeps
-a manifest of the planned jobs (`MANIFEST_NAME`), so that the report can name runs whose folders
-are missing or empty. Nothing here imports DomainBed.
-
-Damaged input never stops a report: a record that is not JSON or does not hold what the reports
-read (`record_problem`), and a manifest or manifest entry that cannot be read, are described with
-their file and line (or entry) and skipped. Records and manifests are checked against their
-schemas (domainbed_itl.files.schemas: DomainBedRecord, Manifest, ManifestJob).
+See docs/single_source.md.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 and loss files.
 
 Nothing here imports DomainBed.
+
+See docs/losses.md.
 """
 
 from . import builtin_families  # noqa: F401  (registers the built-in families before any look-up)

@@ -1,16 +1,6 @@
 """The built-in loss families, registered when domainbed_itl.losses is imported.
 
-    taylor (order 2..5)  Taylor polynomials of Eq. 7-10 (order 4: ITL's 12 parameters)
-    sce                  symmetric CE α·CE + β·RCE (Table 1's iSCE)
-    poly (order N 1..10) PolyLoss Poly-N, CE + Σ_j ε_j (1-ŷ_t)^j (Leng et al., ICLR 2022); poly1 is Poly-1
-    focal                focal loss with γ (Lin et al., ICCV 2017)
-    label_smoothing      CE against smoothed labels with ε (Szegedy et al., CVPR 2016)
-    gce                  generalised CE with q (Zhang & Sabuncu, NeurIPS 2018)
-    composite            CE, focal, label smoothing, Poly-1 and the order-4 Taylor terms in one family
-
-Defaults, where meta-learning starts: Taylor, the Taylor expansion of cross-entropy; Poly-N, ε = 0
-(cross-entropy itself); composite, cross-entropy exactly; the others, their papers' published
-settings (the zoo's defaults).
+See docs/losses.md.
 """
 
 from __future__ import annotations

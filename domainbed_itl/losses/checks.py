@@ -1,13 +1,6 @@
 """Is a supervised loss one to minimise? Finite, and lower for a more probable true class somewhere.
 
-A classification loss `loss(logits, target, reduction="none")` is looked at along p_true, the
-softmax probability of the true class, with the rest of the probability spread evenly over the
-other classes, at `GRID` points of p_true in [P_MIN, 1 - P_MIN] (the ends themselves are left
-out: cross-entropy is infinite at p_true = 0), in float32 as training computes it. The loss is
-refused when a value or its slope d loss / d p_true is not finite there (a Taylor loss with
-absurd parameters overflows), or when the slope is >= 0 at every point: such a loss would be
-maximised, not minimised, by gradient descent (e.g. a Taylor loss in the orientation of
-Table 8's polynomial, which grows with p_true; the loss minimised is its negation).
+See docs/losses.md.
 """
 
 from __future__ import annotations
@@ -43,7 +36,7 @@ def loss_along_p_true(loss: Callable[..., Tensor], num_classes: int, points: int
 
 def check_minimisable(loss: Callable[..., Tensor], num_classes: int, what: str = "the loss") -> None:
     """Raise LossCheckError, naming `what`, unless `loss` is finite along p_true and decreases
-    somewhere (see the module docstring)."""
+    somewhere (docs/losses.md)."""
     p, values, slopes = loss_along_p_true(loss, num_classes)
     for name, tensor in (("value", values), ("slope d loss/d p_true", slopes)):
         bad = ~torch.isfinite(tensor)

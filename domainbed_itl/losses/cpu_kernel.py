@@ -1,21 +1,6 @@
 """The fused C++ CPU kernel of the fixed-ω Taylor loss: opt-in, compiled on first use.
 
-By default nothing is compiled: `TaylorLoss` runs its fused pure-torch path, which on DomainBed's
-MNIST CNN step measured as fast as the kernel (bench/loss_speed.py), and GPUs never use the
-kernel. Opt in with the environment variable `DOMAINBED_ITL_CPU_KERNEL=1` (inherited by
-DomainBed's training subprocesses) or `TaylorLoss(backend="cpp")`.
-
-torch.utils.cpp_extension then builds `taylor_kernel.cpp` once per source version into torch's
-extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions; about 30 s, needing
-a C++ compiler and ninja: `pip install domainbed-itl[cpu_kernel]`), which later processes load in
-milliseconds. Where the build fails, `load()` returns None, the reason is kept in
-`load_error()`, and "auto" falls back to the pure-torch path with a one-time warning.
-
-Cluster hazard: the jobs of a cluster usually share one extension cache, and the build holds a
-lock file there. A job killed while building leaves the lock behind, and every later job that
-wants the kernel waits on it forever. Build it once before launching (`python -c "from
-domainbed_itl.losses import cpu_kernel; print(cpu_kernel.load())"`), or give each job its own
-TORCH_EXTENSIONS_DIR; a stale `lock` file in the cache folder can be deleted by hand.
+See docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
 """Loss families, parametric losses whose parameters ω can be meta-learned (Sec. 3.4, Table 1's
 iSCE), in a registry that users extend with their own.
 
-A `LossFamily` is a name, its parameters (name, default, which may depend on the number of
-classes, and the interval a value must lie in) and a per-sample loss
-`per_sample(logits, target, omega) -> (batch,)`, differentiable in the logits and in the 1-D
-tensor ω with plain torch ops and no Python branch on tensor values, so that torch.func can
-vmap it and take its mixed second derivatives. `loss` reduces it; `module(ω)` is the fixed loss
-for training, called like F.cross_entropy(logits, target, reduction=...). An `OrderedFamily` is
-a family per order (the Taylor polynomials of order 2..5, Poly-N): `get_family(name, order)`.
-
-`register_family` is explicit and idempotent: registering the same family again does nothing, a
-different family under a taken name is refused. The built-in families are registered by
-builtin_families.py when this package is imported. A family of your own exists in the process
-that registers it; for other processes (DomainBed's jobs, a launcher's workers) register it at
-the import of a module of yours and name that module in the environment variable
-DOMAINBED_ITL_FAMILIES (comma-separated module names), which every look-up imports first.
+See docs/losses.md.
 """
 
 from __future__ import annotations
@@ -106,7 +93,7 @@ def _as_floats(parameters: Sequence[float] | Tensor, what: str) -> List[float]:
 
 @dataclass(frozen=True)
 class LossFamily:
-    """A family of losses L_ω (see the module docstring). `fixed`, when given, builds the fixed
+    """A family of losses L_ω (docs/losses.md). `fixed`, when given, builds the fixed
     loss of `module` instead of `FixedLoss` (Taylor losses: a fused closed-form gradient)."""
 
     name: str

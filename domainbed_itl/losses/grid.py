@@ -1,15 +1,6 @@
 """A grid of loss-family members: the points of `--grid NAME=V1,V2,...` (scripts/grid_search).
 
-    label_smoothing=0.05,0.1,0.2    a family of one parameter: its values
-    poly1=-1,1,2,4                  an ordered family's spelling (Poly-1)
-    sce.alpha=0.1,1 sce.beta=0.5,1  a family of two parameters: each one's values (the grid is
-                                    their product; a parameter not given keeps its default)
-
-A member is a LossSpec labelled `NAME:V` (`sce:0.1,1` for two parameters, in the family's
-order). Families of more than two parameters are refused (a grid over them is a search), as is
-a value outside its parameter's interval (the family's check), a value given twice, and a member
-that could not train for the problem's classes (losses.checks), each in one line naming the
-value.
+See docs/losses.md.
 """
 
 from __future__ import annotations

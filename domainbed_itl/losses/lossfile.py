@@ -1,14 +1,6 @@
 """Loss files: a learned loss saved as JSON (family, order, parameters, provenance).
 
-    {"format": "domainbed-itl-loss", "version": 1, "family": "taylor", "order": 4,
-     "parameters": [12 floats], "provenance": {"meta_train_dataset": ..., "steps": ...,
-     "seed": ..., "package_version": ...}}
-
-`family` is any registered family (families.py), `order` its order for families with orders
-(taylor, poly) and null otherwise; `format` and `version` may be left out of a file written by
-hand (version 1). `load_loss` validates (the schema domainbed_itl.files.schemas.LossFile: the
-version, the types, finite parameters; then the family's count and intervals) and raises
-LossFileError naming the file and the problem.
+See docs/losses.md.
 """
 
 from __future__ import annotations
@@ -59,8 +51,12 @@ class LossSpec:
         """What the loss computes (family, order, parameters), without its provenance."""
         return {"family": self.family, "order": self.order, "parameters": list(self.parameters)}
 
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Save the loss as a loss file (`save_loss`)."""
+        return save_loss(path, self, overwrite)
+
     def to_dict(self) -> Dict[str, Any]:
-        """The loss-file JSON object (see the module docstring)."""
+        """The loss-file JSON object (docs/losses.md)."""
         return {"format": FORMAT, "version": VERSION, "family": self.family, "order": self.order,
                 "parameters": self.parameters, "provenance": self.provenance}
 

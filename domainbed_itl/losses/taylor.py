@@ -1,24 +1,6 @@
 """The Taylor-polynomial loss family of Gao et al. (2022), Sec. 3.4 and Appendix A.1.
 
-A loss of order β is the bivariate Taylor polynomial of Eq. 9 in (ŷ_c, y_c) around the learnable
-point (ω0, ω1), with the terms in y alone dropped (they give no gradient), averaged over the C
-classes (Eq. 8). ŷ = softmax probabilities, y = one-hot labels.
-
-Orientation. With Table 8's twelve numbers read as ω0..ω11 of Eq. 10, the polynomial ℓ *grows*
-with the true-class probability: it is a score, not a penalty. The minimised loss is therefore
-
-    loss = -(1/C) Σ_c ℓ_ω(ŷ_c, y_c)          (the TaylorGLO convention, Gonzalez & Miikkulainen)
-
-and every function here returns that minimised loss. Minimising +mean(ℓ) instead drives a
-network to chance or below (tests/test_taylor.py trains both signs).
-
-Three implementations, one definition:
-- `taylor_loss_reference`: Eq. 10 term by term (the test oracle, slow).
-- `taylor_loss`: Horner's scheme with plain torch ops, differentiable in the logits *and* in ω,
-  torch.func friendly; the meta-learner uses it.
-- `TaylorLoss`: a module for fixed ω whose custom autograd function computes the loss and its
-  closed-form gradient in one pass; DomainBed training uses it (on CPUs, optionally through a
-  compiled C++ kernel: cpu_kernel.py).
+See docs/losses.md.
 """
 
 from __future__ import annotations

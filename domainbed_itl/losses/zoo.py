@@ -1,9 +1,6 @@
 """Hand-designed robust losses compared with ITL in Tables 1 and 3 of the paper, and PolyLoss.
 
-Every loss takes (logits, target, ..., reduction="mean") with integer class targets, like
-F.cross_entropy, so any of them can replace cross-entropy in a training loop. Their parameters
-may be tensors (the loss families of families.py learn them); a Python number is checked here
-(finite, and in the loss's range: ValueError naming it), a tensor by its family.
+See docs/losses.md.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..analysis.loss_evaluation import REPORT_JSON, REPORT_MD
+from ..analysis.evaluation_report import REPORT_JSON, REPORT_MD
 from ..files.runfolder import CHECKPOINT, RunDirError, RunFolder, RunKind
 from ..files.schemas import EvaluationCheckpoint
 from . import inner

@@ -18,12 +18,13 @@ argparse's own errors (a value of the wrong type) keep argparse's usage line and
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import math
 import os
 import shlex
 import sys
 import traceback
+from contextvars import ContextVar
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
@@ -98,22 +99,91 @@ def command_line(argv: Optional[Sequence[str]], command: str) -> str:
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
     """The destinations of the flags given on the command line `argv` (not left at a default),
-    subcommands' flags included."""
-    unset = object()
-    probe = copy.deepcopy(parser)
-    _unset_defaults(probe, unset)
-    namespace = probe.parse_args(argv)
-    return {dest for dest, value in vars(namespace).items() if value is not unset}
+    the flags of a sub-command made by a `CommandParser` included.
+
+    `argv` is parsed twice: once as usual, for the destinations; then into a namespace that
+    already holds every destination, unset, so that argparse fills in no default and only the
+    flags given replace their entry."""
+    dests = set(vars(parser.parse_args(argv)))
+    token = _PROBED.set(dests)
+    try:
+        probe = parser.parse_args(argv, _Probe.unset(dests))
+    finally:
+        _PROBED.reset(token)
+    return {dest for dest, value in vars(probe).items() if value is not _UNSET}
 
 
-def _unset_defaults(parser: argparse.ArgumentParser, unset: object) -> None:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _unset_defaults(sub, unset)
-        elif action.dest != argparse.SUPPRESS:
-            action.default = unset
-    parser._defaults.clear()
+_UNSET = object()
+# While `explicit_flags` parses: every destination, for the namespaces of sub-commands.
+_PROBED: ContextVar[Optional[Set[str]]] = ContextVar("probed_destinations", default=None)
+
+
+class _Probe(argparse.Namespace):
+    """A namespace whose unset entries never replace set ones (a sub-command's namespace is
+    copied into its parent's, unset entries included)."""
+
+    @classmethod
+    def unset(cls, dests: Set[str]) -> "_Probe":
+        return cls(**{dest: _UNSET for dest in dests})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if value is not _UNSET or getattr(self, name, _UNSET) is _UNSET:
+            super().__setattr__(name, value)
+
+
+# --------------------------------------------------------------------------- a command's parser
+
+# How the running command was invoked, when not as `python -m domainbed_itl.scripts.<command>`
+# (the console command `domainbed-itl <command>` sets it).
+_INVOKED_AS: ContextVar[Optional[str]] = ContextVar("invoked_as", default=None)
+
+
+def program(command: str) -> str:
+    """The name a command's usage line shows: how it was invoked (`invoked_as`), by default
+    `python -m domainbed_itl.scripts.<command>`."""
+    return _INVOKED_AS.get() or f"python -m domainbed_itl.scripts.{command}"
+
+
+@contextlib.contextmanager
+def invoked_as(name: str) -> Iterator[None]:
+    """Within the block, commands show `name` as their program (e.g. `domainbed-itl meta-train`)."""
+    token = _INVOKED_AS.set(name)
+    try:
+        yield
+    finally:
+        _INVOKED_AS.reset(token)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's ArgumentParser: `command` (its module's name) gives its program (`program`),
+    and its sub-commands' parsers are CommandParsers too, so `explicit_flags` sees their flags."""
+
+    def __init__(self, command: Optional[str] = None, **kwargs: Any) -> None:
+        if command is not None:
+            kwargs.setdefault("prog", program(command))
+        super().__init__(**kwargs)
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None,
+                         namespace: Optional[argparse.Namespace] = None):
+        """argparse's, except that a sub-command parsed by `explicit_flags` starts unset."""
+        probed = _PROBED.get()
+        if namespace is None and probed is not None:
+            namespace = _Probe.unset(probed)
+        return super().parse_known_args(args, namespace)
+
+
+def command_main(argv: Optional[Sequence[str]], build_parser: Callable[[], argparse.ArgumentParser],
+                 run: Callable[[argparse.Namespace], int], *,
+                 interrupted: Optional[Callable[[argparse.Namespace], str]] = None,
+                 expected: Tuple[type, ...] = (), failures: Tuple[type, ...] = ()) -> int:
+    """A command's `main`: parse `argv` (sys.argv's when None) with `build_parser()`, then
+    `run(args)` inside the error boundary (`run_command`); `interrupted(args)` says how to
+    continue after Ctrl-C. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    boundary: Dict[str, Any] = {"expected": expected, "failures": failures}
+    if interrupted is not None:
+        boundary["interrupted"] = lambda: interrupted(args)
+    return run_command(lambda: run(args), **boundary)
 
 
 # ----------------------------------------------------------------------------- argument types

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 
-from ..analysis.loss_evaluation import CONVERGENCE_METRICS, META_METRICS, Metric
+from ..analysis.evaluation_report import CONVERGENCE_METRICS, META_METRICS, Metric
 from ..bridge.loss_evaluation import loss_definition, loss_function
 from ..files.runfolder import RunFolder
 from ..meta.data import DomainData

@@ -1,16 +1,9 @@
 """Search a loss with CMA-ES instead of implicit gradients (the paper's Fig. 4 baseline).
 
-    python -m domainbed_itl.scripts.cma_search --dataset RotatedMNIST --data_dir ./data \\
+    python -m domainbed_itl.scripts.cma_search --dataset RotatedMNIST --data_dir ./data \
         --domainbed_root ../DomainBed --output_dir runs/cma --generations 20
 
-The same harness as meta_train: the same --preset (default paper_guarded), data flags, loss family and
-inner training, and the same held-out objective M (cross-entropy on the left-out domain, mean
-over the leave-one-domain-out splits), minimised by pycma's CMA-ES (domainbed_itl.meta.cmaes).
-Writes loss.json (the best loss found), metrics.jsonl (one line per generation, with
-meta_train's keys: "step" is the generation, plus "inner_trainings") and checkpoint.pt (after
-every generation). `--resume` continues from the folder alone, as meta_train's (--generations
-may grow). Draw it beside an implicit-gradient run with domainbed_itl.scripts.plot_search. Exit
-status: 0 done, 1 every candidate of a generation diverged, 2 bad input, 130 interrupted.
+See docs/cma_search.md.
 """
 
 from __future__ import annotations
@@ -27,8 +20,8 @@ from ..losses.families import get_family
 from ..meta.cmaes import CMA_RUN, CMAConfig, run_cma_search
 from ..meta.config import MetaConfig
 from ..meta.data import DomainData
-from ._cli import (INNER_TRAINING, add_data_flags, add_device_flag, add_flags, add_output_flags, int_at_least,
-                   positive_float, positive_int)
+from ._cli import (INNER_TRAINING, CommandParser, add_data_flags, add_device_flag, add_flags,
+                   add_output_flags, int_at_least, positive_float, positive_int)
 from ._search import (BATCHED, INNER_STEPS, OBJECTIVE, SEED, SearchSettings,
                       add_search_flags, refuse_contradictions, search_main, value_text)
 
@@ -44,8 +37,7 @@ SEARCH = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface. Inner-loop settings left out come from --preset."""
-    p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.cma_search",
-                                description=__doc__.split("\n\n")[0])
+    p = CommandParser("cma_search", description=__doc__.split("\n\n")[0])
     add_search_flags(p)
     add_data_flags(p)
     add_output_flags(p)
@@ -100,7 +92,7 @@ def _search(args: argparse.Namespace, explicit: Set[str], folder: RunFolder, run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; returns the exit status (see the module docstring)."""
+    """Run the command; returns the exit status (docs/cma_search.md)."""
     return search_main(build_parser(), argv, "cma_search", CMA_RUN, CONFIG_FLAGS, "meta_config",
                        (), _search, check=_check_searchable)
 

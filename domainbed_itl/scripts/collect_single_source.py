@@ -3,15 +3,7 @@
     python -m domainbed_itl.scripts.collect_single_source --input_dir ./sweeps/single_source
     python -m domainbed_itl.scripts.collect_single_source --input_dir ... --latex --output results.tex
 
-Prints, like DomainBed's collect_results: per dataset, Table 10 (rows: algorithms; columns:
-source domains; cell: the accuracy on every target, '/'-separated, then their mean +/- standard
-error over trials), then Table 4 (rows: algorithms; columns: datasets; the mean over sources and
-targets). Model selection is source-domain validation; see domainbed_itl.single_source.selection for the
-protocol. Runs that are missing, unfinished or unreadable are listed by dataset, algorithm,
-source, trial and hparams seed, and cells without all their trials say so; damaged records and
-manifest entries are listed with their file and line and skipped. DomainBed is not
-needed; when it is importable (or --domainbed_root is given) its domain names label the columns
-and its algorithm and dataset order is used.
+See docs/single_source.md.
 """
 
 from __future__ import annotations
@@ -25,7 +17,7 @@ from ..files.outputs import plan_outputs
 from ..files.sweepfolder import load_runs, read_manifest
 from ..single_source.selection import summarise
 from ..single_source.tables import domainbed_labels, render_report
-from ._cli import run_command
+from ._cli import CommandParser, command_main
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -49,9 +41,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print (and with --output, write) the report; 2 on bad input."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = CommandParser("collect_single_source", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input_dir", required=True, help="the sweep's output folder")
     style = parser.add_mutually_exclusive_group()
     style.add_argument("--latex", action="store_true")
@@ -62,8 +54,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="DomainBed checkout for domain names (optional)")
     parser.add_argument("--output", default=None, help="also write the report to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    args = parser.parse_args(argv)
-    return run_command(lambda: _run(args))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print (and with --output, write) the report; 2 on bad input."""
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

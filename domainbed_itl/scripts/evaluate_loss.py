@@ -1,42 +1,6 @@
 """Compare losses against cross-entropy out of domain, paired by seed, under one of two protocols.
 
-    # the meta protocol: fresh MLPs trained on the source domains, tested on the held-out one
-    python -m domainbed_itl.scripts.evaluate_loss meta --data_dir ./data \\
-        --losses CE ITL learned=runs/meta/loss.json --seeds 0 1 2 3 4 --inner_steps 1000 3000 \\
-        --output_dir runs/eval_meta
-
-    # the DomainBed protocol: DomainBed's own train (its MNIST CNN for RotatedMNIST)
-    python -m domainbed_itl.scripts.evaluate_loss domainbed --data_dir ./data \\
-        --domainbed_root ../DomainBed --losses CE ITL learned=runs/meta/loss.json \\
-        --test_envs 0 5 --n_trials 2 --output_dir runs/eval_domainbed --command_launcher local
-
-A loss is `CE`, a zoo loss (BCE, Focal, SCE, GCE, LS, with their default parameters), a preset
-(ITL) or a loss file, optionally labelled `label=...`. Both protocols write `evaluation.md` (the
-tables) and `evaluation.json` (settings, every record and the statistics) to --output_dir:
-per loss, held-out accuracy mean ± SE and range over the seeds (trials), and against
---reference (default CE) the paired differences, wins, a paired t-test and a Wilcoxon test.
-
-`meta` trains in this process (domainbed_itl.meta.evaluate) and keeps each finished unit (a
-loss on a seed) in --output_dir/checkpoint.pt as it finishes: running the same command again
-continues an interrupted evaluation, and refuses, naming them, units computed with other
-settings, data or loss parameters; a finished evaluation is replaced only with --overwrite.
-`domainbed` (domainbed_itl.bridge.loss_evaluation) plans one DomainBed `train` job per (loss, test
-environment, trial), or with --test_envs_together per (loss, trial) holding out all the test
-environments at once (fewer jobs, each training on the other domains); every loss of a (test
-environments, trial) gets the same --seed, so the losses share initial weights and minibatch
-order; ERM for CE, ERM_<name> for zoo losses, ITL with `itl_loss` for presets and loss files,
-hparams at their defaults (hparams seed 0). The jobs are DomainBed's `Job`s, launched through
-its command launchers; running the command again launches only jobs without a folder, then
-reports every finished one (model selection: training-domain validation, the checkpoint with
-the best accuracy on the training environments' out splits, and the last checkpoint). `--report_only` launches
-nothing. The report files are rewritten from the job folders each time; job folders are never
-replaced, and records that cannot be read are listed in the report and skipped.
-
-A loss that cannot train (an unreadable file, SCE weights below 0, values that are not finite or
-a loss that would be maximised for the dataset's classes: domainbed_itl.losses.checks) is
-refused before anything runs. The output folder has one writer (domainbed_itl.files.runlock).
-Both protocols show a progress bar over their units with the time left (--no_progress: none).
-Exit status: 0 done, 2 bad input, 130 interrupted (run the same command again to continue).
+See docs/loss_search.md.
 """
 
 from __future__ import annotations
@@ -45,7 +9,7 @@ import argparse
 import sys
 from typing import Dict, Optional, Sequence, Set
 
-from ..analysis.loss_evaluation import (DOMAINBED_METRICS, REPORT_JSON, REPORT_MD, plan_report,
+from ..analysis.evaluation_report import (DOMAINBED_METRICS, REPORT_JSON, REPORT_MD, plan_report,
                                         tables, write_report)
 from ..bridge.loss_evaluation import (DomainBedProtocol, check_request, collect, domainbed_modules,
                                       launch, parse_losses, plan_jobs, to_launch)
@@ -54,16 +18,16 @@ from ..files.runfolder import open_run_folder
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started
 from ..meta.evaluate import EVALUATION_RUN
-from ._cli import (add_data_flags, check_data_flags, check_data_sizes, command_line, data_flags,
-                   explicit_flags, integer, load_data, parse_device, positive_int, run_command)
+from ._cli import (CommandParser, add_data_flags, check_data_flags, check_data_sizes, command_line,
+                   data_flags, explicit_flags, integer, load_data, parse_device, positive_int,
+                   run_command)
 from ._evaluation import (add_meta_protocol_flags, evaluate_meta, meta_losses, meta_metrics,
                           meta_protocol, meta_settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: a subcommand per protocol."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.evaluate_loss",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("evaluate_loss", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="protocol", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--losses", nargs="+", required=True,
@@ -161,7 +125,7 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; returns the exit status (see the module docstring)."""
+    """Run the command; returns the exit status (docs/loss_search.md)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command, explicit = command_line(argv, "evaluate_loss"), explicit_flags(parser, argv)

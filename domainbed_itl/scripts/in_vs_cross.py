@@ -1,17 +1,9 @@
 """Table 7: in-distribution against cross-distribution accuracy and cross-entropy of trained models.
 
-    python -m domainbed_itl.scripts.in_vs_cross ./sweep_output --data_dir ./data \\
+    python -m domainbed_itl.scripts.in_vs_cross ./sweep_output --data_dir ./data \
         --domainbed_root ../DomainBed --output_dir analyses [--algorithms ERM ITL]
 
-For each DomainBed run (its final model.pkl), with every model measured by cross-entropy
-whatever loss it was trained with:
-  train       the in-splits of the source (training) environments, which it was trained on;
-  in-dist.    the out-splits of the source environments: held-out data of the training domains;
-  cross-dist. the in-splits of the test environments (DomainBed's test accuracy).
-The paper's Table 7 puts the cross-distribution value in parentheses beside the in-distribution
-one. Writes in_vs_cross.csv (one row per run), in_vs_cross.json (the rows and, per algorithm,
-mean ± standard error over runs) and in_vs_cross.png, and prints the table.
-Exit status: 0 done, 2 bad input or an existing output.
+See docs/analyses.md.
 """
 
 from __future__ import annotations
@@ -32,7 +24,7 @@ from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.generalisation import accuracy_and_cross_entropy  # noqa: E402
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import describe_run, predict, RunError  # noqa: E402
-from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
+from ._cli import CommandParser, add_trained_run_flags, command_main, trained_models  # noqa: E402
 
 SPLITS = ("train", "in_test", "cross_test")
 SPLIT_NAMES = {"train": "train (source in-splits)", "in_test": "in-distribution test (source out-splits)",
@@ -41,8 +33,7 @@ SPLIT_NAMES = {"train": "train (source in-splits)", "in_test": "in-distribution 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.in_vs_cross",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("in_vs_cross", description=__doc__.split("\n\n")[0])
     add_trained_run_flags(parser)
     return parser
 
@@ -123,8 +114,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

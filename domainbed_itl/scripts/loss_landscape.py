@@ -1,19 +1,9 @@
 """Fig. 8: the 1-D landscape of the training loss along the top Hessian eigenvector.
 
-    python -m domainbed_itl.scripts.loss_landscape runs/ERM_env0 runs/ITL_env0 --data_dir ./data \\
+    python -m domainbed_itl.scripts.loss_landscape runs/ERM_env0 runs/ITL_env0 --data_dir ./data \
         --domainbed_root ../DomainBed --output_dir analyses [--loss ce|own] [--radius 1]
 
-For each DomainBed run (its final model.pkl): the Hessian H of the training loss at the trained
-parameters θ, on `--examples` samples of the source (training) environments' in-splits, is
-never formed; Lanczos (`--lanczos_steps`) on Hessian-vector products (torch.func, jvp of grad)
-gives its top eigenpair (λ, v), reported with the residual ‖Hv - λv‖/|λ|. The loss is then
-evaluated at θ + t·v, t in [-radius, radius] (v has unit norm), on the same source samples
-(Fig. 8, top row) and on `--examples` samples of the test environments' in-splits (bottom row).
-`--loss ce` (default) measures every model by cross-entropy; `--loss own` uses the supervised
-loss the model was trained with (ITL's Taylor loss for ITL; cross-entropy for DomainBed's own
-algorithms, without their penalty terms). The model is in eval mode (BatchNorm statistics fixed).
-Writes loss_landscape.png and loss_landscape.json; prints λ, the residual and the loss at 0 and
-±radius. Exit status: 0 done, 2 bad input or an existing output.
+See docs/analyses.md.
 """
 
 from __future__ import annotations
@@ -35,13 +25,12 @@ from ..analysis.hessian import (FlatParameters, hessian_vector_product, landscap
                                 mean_loss, residual)
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import batches, describe_run, Predictor, RunError, subsample  # noqa: E402
-from ._cli import integer, add_trained_run_flags, run_command, trained_models  # noqa: E402
+from ._cli import CommandParser, add_trained_run_flags, command_main, integer, trained_models  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.loss_landscape",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("loss_landscape", description=__doc__.split("\n\n")[0])
     add_trained_run_flags(parser)
     parser.add_argument("--loss", choices=("ce", "own"), default="ce",
                         help="cross-entropy for every model, or each model's own training loss")
@@ -126,8 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,9 @@
 """Fig. 5: losses and their gradients against the probability of the true class.
 
-    python -m domainbed_itl.scripts.loss_shapes --losses CE SCE Focal ITL runs/meta/loss.json \\
+    python -m domainbed_itl.scripts.loss_shapes --losses CE SCE Focal ITL runs/meta/loss.json \
         --num_classes 10 --output_dir figures [--normalise]
 
-Each loss is a zoo loss (CE, BCE, Focal, SCE, GCE, LS; parameters as in `Focal:gamma=1`), a
-preset (ITL) or a loss file. The other classes share 1 - p_true equally (see
-domainbed_itl.analysis.loss_shapes). Writes loss_shapes.png (top row: the loss, bottom row:
-d loss / d p_true, one column per loss) and loss_shapes.json (the curves), and prints the values
-at a few probabilities. `--normalise` rescales every curve to [0, 1], as Fig. 5 draws ITL.
-Exit status: 0 done, 2 bad input or an existing output.
+See docs/analyses.md.
 """
 
 from __future__ import annotations
@@ -23,17 +18,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 import torch  # noqa: E402
 
-from ..analysis.loss_shapes import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
+from ..analysis.loss_profiles import loss_against_p_true, min_max_normalise, parse_loss  # noqa: E402
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
-from ._cli import integer, run_command  # noqa: E402
+from ._cli import CommandParser, command_main, integer  # noqa: E402
 
 PRINTED_P = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.loss_shapes",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("loss_shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", nargs="+", default=["CE", "SCE", "Focal", "ITL"],
                         help="zoo losses (with :k=v parameters), presets or loss files")
     parser.add_argument("--labels", nargs="+", default=None, help="a label per loss (default: as given)")
@@ -94,8 +88,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,7 @@
     python -m domainbed_itl.scripts.meta_train --dataset RotatedMNIST --data_dir ./data \\
         --domainbed_root ../DomainBed --output_dir runs/meta
 
-writes runs/meta/loss.json (the learned loss, usable as --hparams '{"itl_loss": ".../loss.json"}'),
-metrics.jsonl (one line per outer step) and checkpoint.pt (after every step). `--resume`
-continues the run from its folder alone: the settings are the checkpoint's, and a flag given
-with it must agree with them (--outer_steps may grow). `--dataset synthetic` uses built-in
-Gaussian domains instead of DomainBed (smoke tests, benchmarks); `--dataset planted` the planted
-task, noisy training labels on which a known robust loss beats CE (docs/results/planted.md).
-Exit status: 0 done, 1 a non-finite stop, 2 bad input, 130 interrupted (resume with --resume).
+See docs/meta_learning.md.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ from ..files.runfolder import LOSS, RunFolder
 from ..meta.config import GUESSES, META_PRESETS, MetaConfig
 from ..meta.data import DomainData
 from ..meta.runner import META_RUN, run_meta_training
-from ._cli import INNER_TRAINING, add_data_flags, add_device_flag, add_flags, add_output_flags
+from ._cli import INNER_TRAINING, CommandParser, add_data_flags, add_device_flag, add_flags, add_output_flags
 from ._search import (BATCHED, DEFAULT_PRESET, DIAGNOSTICS, HYPERGRADIENT, INNER_STEPS,
                       OBJECTIVE, OUTER, SEED, WARM_START, SearchSettings, add_search_flags,
                       search_main)
@@ -36,9 +30,8 @@ CONFIG_FLAGS = tuple({**OUTER, **OBJECTIVE, **INNER_STEPS, **INNER_TRAINING, **W
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface. Settings left out come from --preset, then MetaConfig."""
-    p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.meta_train",
-                                description=__doc__.split("\n\n")[0], epilog=_presets_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser("meta_train", description=__doc__.split("\n\n")[0], epilog=_presets_help(),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_search_flags(p)
     add_data_flags(p)
     add_output_flags(p)

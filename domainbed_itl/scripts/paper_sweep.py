@@ -1,36 +1,6 @@
 """List, show and run the paper's experiments (sweeps/, see domainbed_itl.experiments.paper).
 
-    python -m domainbed_itl.scripts.paper_sweep list
-    python -m domainbed_itl.scripts.paper_sweep show table2_multi_source [--reduced]
-    python -m domainbed_itl.scripts.paper_sweep run table2_multi_source --reduced \\
-        --data_dir ./data --output_dir ./runs/table2 --domainbed_root ../DomainBed [--dry_run]
-
-`show` prints the commands (with <placeholders> for what is not given), the number of jobs per
-dataset and the cost estimate with its basis. `run` runs the commands one after the other, with
-the DomainBed checkout on PYTHONPATH: the sweep (DomainBed's, or ours for single-source), then
-the collection of its results; an experiment of several stages (e.g. meta-training, then a
-sweep with the learned loss) runs them in order, each in <output_dir>/<stage>, and stops at the
-first that fails; `--dry_run` prints them only. The command launcher defaults to
-`submitit` (configured by DOMAINBED_SUBMITIT_* variables, see domainbed_itl.bridge.launchers)
-for the paper scale, and to DomainBed's serial `local` for the reduced variant. Exit status:
-0 done, 1 a command or a job failed, 2 bad input.
-
-`run` checks the losses of the definition's algorithms under its `hparams` before anything
-starts (domainbed_itl.bridge.hparams.check_sweep_losses); a loss file that an earlier stage writes
-(`{stage}`) is checked when its stage starts. DomainBed's own sweep exits 0 when its jobs
-fail, so after a DomainBed sweep with a launcher that waits for its jobs (`local`,
-`multi_gpu`) the job folders without DomainBed's `done` marker are listed with the last line
-of their `err.txt`; the collection still runs, then `run` exits with status 1 (later stages do
-not start). While it runs a DomainBed sweep, `run` holds that sweep's folder lock
-(domainbed_itl.files.runlock); our own runners take it themselves.
-
-While it runs, `run` shows a progress bar over the experiment's jobs with the time left (a
-sweep's job counts as done once its folder holds DomainBed's `done` marker, a meta-training or
-evaluation once its command succeeded), and before each sweep stage the plan (jobs x steps)
-and, with the `local` launcher on a machine without a GPU, an estimate of the stage's duration
-from a few training steps of its first job timed here (domainbed_itl.bridge.sweep_estimate).
-`--no_progress` shows neither. The jobs run with a warning filter for torch's note on
-DomainBed's 8 data-loader workers per loader.
+See docs/paper_experiments.md.
 """
 
 from __future__ import annotations
@@ -56,7 +26,7 @@ from ..bridge.sweep_estimate import print_plan
 from ..files.job_progress import JobProgress, done_under
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import unfinished_jobs
-from ._cli import run_command
+from ._cli import CommandParser, command_main
 
 SWEEP_LAUNCHERS = ("local", "dummy", "multi_gpu", "submitit")
 # Launchers that return once every job has ended, so that a job folder without `done` failed.
@@ -74,8 +44,7 @@ class PaperSweepError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.paper_sweep",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("paper_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweeps_dir", default=None, type=Path,
                         help="folder of the *.toml definitions (default: the sweeps/ shipped with "
                              "domainbed-itl)")
@@ -334,10 +303,9 @@ def _run_commands(stage: Stage, given: Placeholders, folder: str, commands: List
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _main(args), expected=(PaperSweepError,),
-                       interrupted=lambda: "run the same command again to continue: finished "
-                                           "stages and jobs are kept")
+    return command_main(argv, build_parser, _main, expected=(PaperSweepError,),
+                        interrupted=lambda args: "run the same command again to continue: finished "
+                                                 "stages and jobs are kept")
 
 
 def _main(args: argparse.Namespace) -> int:

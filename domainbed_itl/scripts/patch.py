@@ -4,11 +4,7 @@
     python -m domainbed_itl.scripts.patch apply  --domainbed_root /path/to/DomainBed
     python -m domainbed_itl.scripts.patch revert --domainbed_root /path/to/DomainBed
 
-The hooks are appended to three DomainBed modules; the checkout need not be a git repository,
-and later DomainBed commits work as long as those modules still define what the hooks use.
-Applying twice, or reverting an unpatched checkout, changes nothing. `check --import` also
-imports the checkout's DomainBed in a fresh interpreter to see the hooks register ITL.
-Exit status: 0 done (check: no conflict), 1 check found a conflict or a failed import, 2 refused.
+See docs/domainbed.md.
 """
 
 from __future__ import annotations
@@ -20,13 +16,12 @@ from typing import Optional, Sequence
 
 from ..bridge.domainbed_env import check_domainbed_root
 from ..bridge.patching import CONFLICT, apply, import_check, load_hooks, revert, status
-from ._cli import run_command
+from ._cli import CommandParser, command_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.patch",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("patch", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["check", "apply", "revert"])
     parser.add_argument("--domainbed_root", required=True, help="DomainBed checkout folder")
     parser.add_argument("--patches_dir", default=None, type=Path,
@@ -59,8 +54,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,7 @@
 
     python -m domainbed_itl.scripts.plot_meta runs/meta/metrics.jsonl --output runs/meta/curve.png
 
-Top left: the inner source accuracy (mean over the n inner trainings of their source-domain
-accuracy) and the outer held-out accuracy (mean over the held-out domains) against the outer
-step. Top right: the outer held-out loss M. Below, when the run recorded them, the diagnostics of
-whether its hypergradients can be trusted: stationarity of the inner networks (gradient norm at
-the returned θ over that at the start; the implicit function theorem assumes 0) and the
-relative residual of the linear solve (above 1: worse than no solve), with the cosine to the
-reference MINRES hypergradient where one was computed. The figure's format is its extension's
-(.png, .pdf, .svg, ...); an existing file is not replaced without --overwrite.
+See docs/meta_learning.md.
 """
 
 from __future__ import annotations
@@ -27,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 from ..analysis.output import figure_bytes  # noqa: E402
 from ..files.outputs import OutputPlan, plan_outputs  # noqa: E402
 from ..files.runfolder import read_metrics  # noqa: E402
-from ._cli import run_command  # noqa: E402
+from ._cli import CommandParser, command_main  # noqa: E402
 
 
 def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path | OutputPlan,
@@ -88,18 +81,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: metrics.jsonl in, PNG out."""
-    p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.plot_meta",
-                                description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = CommandParser("plot_meta", description=__doc__.split("\n\n")[0])
     p.add_argument("metrics", help="a run's metrics.jsonl")
     p.add_argument("--output", default=None, help="figure path, its format named by its extension "
                                                   "(.png, .pdf, .svg, ...; default: curve.png beside "
                                                   "the metrics)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--title", default="", help="figure title")
-    args = p.parse_args(argv)
-    return run_command(lambda: _run(args))
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: metrics.jsonl in, PNG out."""
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,9 @@
 """Fig. 4 (and Fig. 6): loss-search runs side by side against outer steps, inner trainings and time.
 
-    python -m domainbed_itl.scripts.plot_search --runs IFT=runs/ift/metrics.jsonl \\
+    python -m domainbed_itl.scripts.plot_search --runs IFT=runs/ift/metrics.jsonl \
         CMA-ES=runs/cma/metrics.jsonl --output_dir figures
 
-Each run is a metrics.jsonl of meta_train (implicit gradients, one record per outer step) or of
-cma_search (CMA-ES, one record per generation: its best candidate), labelled `label=path`.
-Writes <stem>.png: rows held-out loss M (log scale), held-out accuracy and inner source
-accuracy; columns against outer steps (a CMA-ES generation is one step), against inner
-trainings and against wall-clock time (the runs' own time_step_s, summed). Every run is cut to
-the smallest run's budget of inner trainings unless --full. <stem>.json holds the plotted
-numbers and the budget. For Fig. 6 pass the meta_train runs of Taylor orders 2-5. Exit status:
-0 done, 2 bad input or an existing output.
+See docs/cma_search.md.
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..analysis.search_curves import at_budget, search_curve  # noqa: E402
 from ..files.runfolder import read_metrics  # noqa: E402
-from ._cli import run_command  # noqa: E402
+from ._cli import CommandParser, command_main  # noqa: E402
 
 # (metric, label, y scale): M on a log scale, so that a diverging run does not flatten the others.
 ROWS = (("outer_heldout_loss", "held-out loss M", "log"),
@@ -40,8 +33,7 @@ COLUMNS = (("step", "outer step (CMA-ES: generation)"), ("inner_trainings", "inn
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.plot_search",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("plot_search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, metavar="LABEL=METRICS",
                         help="labelled metrics.jsonl files, e.g. IFT=runs/ift/metrics.jsonl")
     parser.add_argument("--output_dir", required=True)
@@ -125,8 +117,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -2,28 +2,7 @@
 
     python -m domainbed_itl.scripts.quickstart --workdir ./itl_quickstart [--data_dir ./data]
 
-1. DomainBed: takes `--domainbed_root`, an existing checkout, or else clones `--domainbed_url`
-   (default: GitHub) at `--domainbed_commit` (default: the commit the patches were made against)
-   into WORKDIR/DomainBed, or reuses that clone on a second run.
-2. Patches it (`domainbed_itl.bridge.patching`) and verifies the hooks by importing it in a fresh
-   interpreter.
-3. Data: MNIST for RotatedMNIST and ColoredMNIST goes into --data_dir (default WORKDIR/data);
-   where torchvision cannot download it, says which files to put where.
-4. Runs the jobs of DomainBed's own sweep (`domainbed.scripts.sweep launch`) of ERM and ITL on
-   RotatedMNIST: each test environment once (`--single_test_envs`; `--test_envs` keeps some of
-   them), DomainBed's default hparams (`--n_hparams 1`), one trial, `--steps` steps (12 jobs,
-   one after the other with the `local` launcher), into WORKDIR/sweep, with DomainBed's `Job`s
-   and launchers. Before they start it prints the plan and, without a GPU, an estimate of the
-   time they take from a few timed training steps (domainbed_itl.bridge.sweep_estimate); while
-   they run, a progress bar with the time left (`--no_progress`: neither).
-5. Prints DomainBed's `collect_results` table.
-
-Run it again to finish an interrupted sweep: DomainBed launches only jobs without a folder, so
-the empty folders of jobs that never started are removed first; a job that started and did not
-finish (failed, or killed) is listed with DomainBed's command that clears it.
-The losses of our algorithms under --hparams are checked before any step, and the sweep folder
-has one writer at a time (domainbed_itl.files.runlock). `--setup_only` stops after step 3; `--dry_run`
-prints what would run. Exit status: 0 done, 1 a step or a job failed, 2 bad input.
+See docs/quickstart.md.
 """
 
 from __future__ import annotations
@@ -46,7 +25,7 @@ from ..bridge.sweep_estimate import print_plan
 from ..files.job_progress import JobProgress, done_in
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started, unfinished_jobs
-from ._cli import integer, run_command
+from ._cli import CommandParser, command_main, integer
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
 SHRINK_FLAGS = ("--steps", "--test_envs", "--algorithms", "--n_hparams", "--n_trials")
@@ -62,8 +41,7 @@ class QuickstartInputError(QuickstartError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.quickstart",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, type=Path,
                         help="folder for the DomainBed clone, the data (by default) and the sweep")
     parser.add_argument("--data_dir", type=Path, default=None,
@@ -297,10 +275,9 @@ def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pat
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), expected=(QuickstartInputError,),
-                       failures=(QuickstartError,),
-                       interrupted=lambda: "run the same command again to finish the sweep")
+    return command_main(argv, build_parser, run, expected=(QuickstartInputError,),
+                        failures=(QuickstartError,),
+                        interrupted=lambda args: "run the same command again to finish the sweep")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,10 @@
 """Friedman + Nemenyi tests and critical-difference diagrams (Fig. 2 of Gao et al., ICML 2022).
 
-    python -m domainbed_itl.scripts.significance --output_dir ./significance \\
-        --single_source_dir ./sweeps/single_source --multi_source_dir ./sweeps/domainbed \\
+    python -m domainbed_itl.scripts.significance --output_dir ./significance \
+        --single_source_dir ./sweeps/single_source --multi_source_dir ./sweeps/domainbed \
         --algorithms ERM CORAL SagNet Mixup ITL --domainbed_root ../DomainBed
 
-For each given sweep, ranks the algorithms within each block and writes
-`cd_<setting>_<blocks>.png` (Demšar's critical-difference diagram) and `.txt` (Friedman and
-Iman-Davenport statistics, average ranks, Nemenyi critical difference, groups and pairwise
-p-values) into --output_dir; existing files are not replaced without --overwrite.
-
-* single-source (`--single_source_dir`, a sweep of domainbed_itl.scripts.single_source_sweep):
-  accuracies as collect_single_source selects them, only cells with all their trials.
-* multi-source (`--multi_source_dir`, a sweep of DomainBed's own sweep.py): DomainBed's
-  training-domain validation sweep accuracy per dataset and test env (its
-  IIDAccuracySelectionMethod.sweep_acc, as collect_results computes it), averaged over trials;
-  needs DomainBed (--domainbed_root, or importable).
-
---blocks: `domain` (default; a block per dataset and source domain, or per dataset and test
-env), `dataset` (a block per dataset: Table 4's and Table 2's values) or `pair` (single-source
-only: a block per source -> target pair). Blocks lacking an algorithm are dropped and listed.
+See docs/single_source.md.
 """
 
 from __future__ import annotations
@@ -30,13 +16,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..analysis.friedman_nemenyi import cd_diagram_png, format_result, friedman_nemenyi
 from ..analysis.multi_source import multi_source_blocks
+from ..analysis.table_rows import check_subset
 from ..bridge.domainbed_env import import_domainbed, optional_domainbed
 from ..files.outputs import plan_outputs
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import load_runs, read_manifest, records_of
-from ..single_source.selection import BLOCK_LEVELS, check_subset, summarise
+from ..single_source.selection import BLOCK_LEVELS, summarise
 from ..single_source.tables import domainbed_labels
-from ._cli import run_command
+from ._cli import CommandParser, command_main
 
 Table = Dict[str, Dict[str, float]]
 
@@ -97,7 +84,7 @@ def _damaged_note(setting: str, damaged: Sequence[str]) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser("significance", description=__doc__.split("\n\n")[0])
     parser.add_argument("--single_source_dir", default=None)
     parser.add_argument("--multi_source_dir", default=None)
     parser.add_argument("--output_dir", required=True)
@@ -142,8 +129,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Write the diagrams and reports; 2 on bad input."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -1,50 +1,6 @@
 """Launch a single-source domain generalisation sweep (Gao et al., ICML 2022, Sec. 4.2).
 
-    python -m domainbed_itl.scripts.single_source_sweep launch \\
-        --domainbed_root ../DomainBed --datasets PACS VLCS --algorithms ERM ITL \\
-        --data_dir ./domainbed/data --output_dir ./sweeps/single_source \\
-        --command_launcher local
-    python -m domainbed_itl.scripts.single_source_sweep delete_incomplete ...same flags...
-
-For every dataset, algorithm, trial, hparams seed and source domain s, one run of DomainBed's own
-`train` with `--test_envs` = every domain except s. The sweep is DomainBed's: the arguments come
-from its `make_args_list(..., single_test_envs=True)` with each test env [s] replaced by its
-complement (and the seed re-derived from the new test envs with DomainBed's `seed_hash`), the jobs
-are its `Job`s (same hashed folders, same `done` markers), launched by `Job.launch` through
-`command_launchers.REGISTRY`. So DomainBed's tools read the outputs, and running the same command
-again launches only the jobs that have no folder yet; `delete_incomplete` removes the folders of
-jobs that started but never wrote `done`, after which `launch` re-runs them.
-
-The flags are those of DomainBed's sweep, plus:
-
-* `--domainbed_root`: the DomainBed checkout to import (else `domainbed` must be importable).
-  The jobs run `python -m domainbed.scripts.train`; this launcher puts the checkout it imported
-  first on PYTHONPATH in its own environment, which the jobs inherit (local and multi_gpu
-  launchers, submitit's local executor, and Slurm, which exports the submitting environment by
-  default). DomainBed itself is not changed. For our algorithms (ITL, ERM_Focal, ...) the
-  checkout must carry our patches: `python -m domainbed_itl.scripts.patch apply`.
-* `--sources`: only these source domains (default: all of them).
-* `--checkpoint_freq`: passed to train (changes the job hashes; by default it is not passed).
-* `--submitit_*`: the settings of `--command_launcher submitit` (see domainbed_itl.bridge.launchers;
-  a flag overrides the matching DOMAINBED_SUBMITIT_* variable).
-* `--seed`: seeds the shuffled launch order (DomainBed's sweep accepts `--seed` and ignores it).
-* `--no_progress`: no timed estimate and no progress bar (below).
-
-Before it launches, `launch` prints the plan (jobs x steps) and, with the `local` launcher on a
-machine without a GPU, an estimate of how long the jobs take from a few training steps of the
-first one timed here (domainbed_itl.bridge.sweep_estimate); while they run, a progress bar counts
-the jobs that wrote DomainBed's `done` marker and shows the time left. The jobs run with a
-warning filter for torch's note on DomainBed's 8 data-loader workers per loader.
-
-Besides DomainBed's folders, `launch` keeps `single_source_sweep.json` in the output folder: the
-planned jobs, so that `collect_single_source` can name runs whose folders are missing or empty.
-
-Nothing starts on input that cannot work: the losses of our algorithms under `--hparams` are
-checked before anything is launched (domainbed_itl.bridge.hparams.check_sweep_losses), and the output
-folder has one writer (domainbed_itl.files.runlock): a second `launch` or `delete_incomplete` on it is
-refused while the first runs. With a launcher that waits for its jobs (`local`, `multi_gpu`,
-`submitit` unless it leaves Slurm jobs queued), jobs that end without DomainBed's `done` marker
-are listed with the last line of their `err.txt`, and the command exits with status 1.
+See docs/single_source.md.
 """
 
 from __future__ import annotations
@@ -73,7 +29,7 @@ from ..files.runlock import folder_lock
 from ..single_source.planning import single_source_args
 from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
 from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
-from ._cli import integer, run_command
+from ._cli import CommandParser, command_main, integer
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
@@ -99,8 +55,9 @@ class SweepInputError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: DomainBed's sweep flags plus ours (see the module docstring)."""
-    parser = argparse.ArgumentParser(
+    """The command line: DomainBed's sweep flags plus ours (docs/single_source.md)."""
+    parser = CommandParser(
+        "single_source_sweep",
         description="Single-source DG sweep: DomainBed train runs with one training domain each.")
     parser.add_argument("command", choices=["launch", "delete_incomplete"])
     parser.add_argument("--datasets", nargs="+", default=None,
@@ -216,9 +173,8 @@ def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> La
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; 1 when launched jobs failed, 2 on bad input."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _main(args), interrupted=lambda: "run the same command again to "
-                       "launch the jobs that have no folder yet")
+    return command_main(argv, build_parser, _main, interrupted=lambda args: "run the same command "
+                        "again to launch the jobs that have no folder yet")
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -1,17 +1,10 @@
 """Fig. 7: entropy of the predictions on the target domains during training, per algorithm.
 
     python -m domainbed.scripts.train ... --save_model_every_checkpoint   # DomainBed, per run
-    python -m domainbed_itl.scripts.target_entropy ./sweep_output --data_dir ./data \\
+    python -m domainbed_itl.scripts.target_entropy ./sweep_output --data_dir ./data \
         --domainbed_root ../DomainBed --output_dir analyses [--algorithms ERM ERM_Focal ERM_SCE ITL]
 
-For every checkpoint of every run (model_step<N>.pkl, written by DomainBed's train with
---save_model_every_checkpoint; a run without them contributes its final model.pkl only), the
-predictive entropy H(softmax(z)) in nats of each sample of the run's test environments (their
-in-splits, on which DomainBed reports test accuracy), averaged separately over the correctly
-and the wrongly classified samples. Per algorithm and step: mean ± standard error over runs.
-Writes target_entropy.png (left: correct, right: misclassified, as Fig. 7), target_entropy.json
-(per run and step, and the per-algorithm curves) and prints the last step's values.
-Exit status: 0 done, 2 bad input or an existing output.
+See docs/analyses.md.
 """
 
 from __future__ import annotations
@@ -30,15 +23,14 @@ from ..analysis.aggregate import mean_se  # noqa: E402
 from ..analysis.entropy import entropy_by_correctness  # noqa: E402
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..bridge.trained_models import describe_run, load_model, predict, RunError  # noqa: E402
-from ._cli import add_trained_run_flags, run_command, trained_models  # noqa: E402
+from ._cli import CommandParser, add_trained_run_flags, command_main, trained_models  # noqa: E402
 
 KINDS = {"entropy_correct": "correctly classified", "entropy_incorrect": "misclassified"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.target_entropy",
-                                     description=__doc__.split("\n\n")[0])
+    parser = CommandParser("target_entropy", description=__doc__.split("\n\n")[0])
     add_trained_run_flags(parser)
     return parser
 
@@ -109,8 +101,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args))
+    return command_main(argv, build_parser, _run)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Nothing here imports DomainBed: the caller passes DomainBed's `make_args_list` output and its
 `num_environments` and `seed_hash`.
+
+See docs/single_source.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
 """Single-source model selection and aggregation (Gao et al., ICML 2022, Sec. 4.2, Tables 4 and 10).
 
-The records come from `runs.load_runs`; nothing here imports DomainBed. Protocol:
-
-* Model selection is DomainBed's training-domain validation applied to the one training domain:
-  for every (dataset, algorithm, source, trial) the chosen model is the argmax, over hparams
-  seeds and checkpoints, of the source's held-out accuracy `env{source}_out_acc` (ties: the
-  earliest checkpoint, then the lowest hparams seed). Its accuracy on target t is
-  `env{t}_in_acc`, as DomainBed reports test environments.
-* A (dataset, algorithm, source, trial) is used only when every expected hparams seed has a
-  finished run (a `done` marker and records); otherwise the trial is left out of that cell and
-  the cell says how many trials it holds. What is expected comes from the launcher's manifest
-  (`runs.MANIFEST_NAME`) and from the records: for every (dataset, algorithm) present, every
-  source domain, and every trial and hparams seed seen for that pair.
-* Means are over trials with DomainBed's standard error (`format_mean`: population standard
-  deviation over sqrt(number of trials)), in percent.
-* Records with more than one training domain (multi-source runs sharing the folder) are counted
-  and ignored.
+See docs/single_source.md.
 """
 
 from __future__ import annotations
@@ -297,14 +282,3 @@ def env_names_of(dataset: str, n: int, env_names: Optional[Mapping[str, Sequence
     if len(names) != n:
         raise ValueError(f"{dataset} has {n} domains in the records but {len(names)} names: {names}")
     return names
-
-
-def check_subset(kind: str, wanted: Optional[Sequence[str]], present: Sequence[str]) -> List[str]:
-    """`wanted` (all of `present` when None), refusing names absent from `present`."""
-    if wanted is None:
-        return list(present)
-    unknown = [w for w in wanted if w not in present]
-    if unknown:
-        raise ValueError(f"{kind} {', '.join(map(repr, unknown))} not in the results; they hold "
-                         f"{', '.join(present) or 'none'}")
-    return list(wanted)

@@ -1,6 +1,8 @@
 """Tables 4 and 10 of Gao et al. (ICML 2022) as text, LaTeX or Markdown, from `selection.summarise`.
 
 Nothing here imports DomainBed: `domainbed_labels` is handed DomainBed's modules by the caller.
+
+See docs/single_source.md.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .selection import Cell, SingleSourceResults, check_subset, env_names_of, mean_and_error
+from ..analysis.table_rows import check_subset
+from .selection import Cell, SingleSourceResults, env_names_of, mean_and_error
 
 FORMATS = ("text", "latex", "markdown")
 

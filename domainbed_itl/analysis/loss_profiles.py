@@ -1,13 +1,6 @@
 """A loss and its gradient as functions of the true-class probability (Fig. 5).
 
-A loss of C-class logits is a function of the whole predicted distribution; Fig. 5 draws it
-against the probability p of the true class alone. Here the other C - 1 classes share the
-remaining mass equally, (1 - p)/(C - 1) each, so the curve is loss(p) along that path and the
-gradient is its total derivative d loss / d p along it.
-
-Losses are named as on the command line: a zoo loss (`CE`, `BCE`, `Focal`, `SCE`, `GCE`, `LS`)
-with optional parameters (`Focal:gamma=1`, `SCE:alpha=0.1,beta=1`), a preset (`ITL`), or the
-path of a loss file (a learned Taylor or iSCE loss).
+See docs/analyses.md.
 """
 
 from __future__ import annotations

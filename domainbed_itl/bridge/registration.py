@@ -1,9 +1,6 @@
 """Registration into DomainBed: the hooks its patched modules call, and in-process `register()`.
 
-The patches in `patches/` add to three DomainBed modules a few lines that call
-`register_algorithms(globals())`, `_hparams = wrap_hparams(_hparams)` and
-`register_command_launchers(REGISTRY)`. Users who drive DomainBed from Python without patching
-call `register()` instead. Every function is idempotent.
+See docs/domainbed.md.
 """
 
 from __future__ import annotations

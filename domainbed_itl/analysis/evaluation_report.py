@@ -1,10 +1,6 @@
 """The loss evaluation's report (scripts/evaluate_loss): its metrics, tables and two files.
 
-Both protocols write `evaluation.md` (a title, the settings, a table per metric and one per
-domain for the first metric) and `evaluation.json` (settings, losses, statistics, records and
-whatever the protocol adds), each written atomically; an earlier report of the same protocol
-in the folder is rewritten, any other file of those names is refused (`plan_report`). The
-statistics are comparison.py's.
+See docs/loss_search.md.
 """
 
 from __future__ import annotations
