@@ -9,9 +9,10 @@ trains on noisy labels and judges the held-out domain on its clean ones.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Collection, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -198,3 +199,13 @@ def planted_domains(per_domain: int = 200, seed: int = 0, num_domains: int = 4,
 def planted_dataset(per_domain: int = 200, seed: int = 0) -> DomainData:
     """The data set named `planted` on the command line (PLANTED_DATASET)."""
     return planted_domains(per_domain=per_domain, seed=seed, **PLANTED_DATASET)
+
+
+def data_fingerprint(data: DomainData) -> Dict[str, Any]:
+    """Dataset name, environments, domain sizes and a SHA-256 of every tensor's bytes."""
+    digest = hashlib.sha256()
+    for t in [t for domain in data.domains for t in domain] + list(data.heldout_labels or []):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {"dataset": data.name, "environments": list(data.environments),
+            "num_classes": data.num_classes, "domain_sizes": [len(y) for _, y in data.domains],
+            "sha256": digest.hexdigest()}

@@ -165,7 +165,7 @@ class MetaTrainer:
         inner_grad = functools.partial(self._inner_grad, x=x, y=y)
         h, u = implicit_grad(inner_grad, theta, omega, v, self._solve, return_adjoint=True)  # Alg. 2
         out = {"h": h, "residual": adjoint_residual(inner_grad, theta, omega, v,
-                                                    self.config.solution_scale * u)}
+                                                    self.config.hypergradient.solution_scale * u)}
         if self.config.spectrum_iters:
             out["lambda_max"], out["lambda_min"] = diagnostics.hessian_extremes(
                 inner_grad, theta, omega, v, self.config.spectrum_iters)
