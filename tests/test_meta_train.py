@@ -375,8 +375,8 @@ def test_with_the_new_settings_at_their_defaults_a_step_is_the_functions_of_befo
     inner.train(params, trainer.family.module(omega.tolist()), optimizer,
                 optimizer.init_state(params), x, y, draws.batches, batched=False)
     thetas = inner.flat(params)
-    solve = functools.partial(solvers.neumann, steps=config.neumann_steps,
-                              alpha=config.neumann_alpha, scale=False)
+    solve = functools.partial(solvers.neumann, steps=config.neumann_steps, alpha=config.neumann_alpha)
+    scale = config.hypergradient.hypergradient_scale  # Algorithm 2 as printed: 1/α
     hypergradients = []
     for i in range(trainer.num_domains):
         held, hvp = draws.heldout[i], draws.hvp[i]
@@ -385,7 +385,7 @@ def test_with_the_new_settings_at_their_defaults_a_step_is_the_functions_of_befo
         def inner_grad(t, o, hvp=hvp):
             return grad(lambda u: trainer.family.loss(trainer.apply(u, x[hvp]), y[hvp], o))(t)
 
-        hypergradients.append(implicit_grad(inner_grad, thetas[i], omega, v, solve))
+        hypergradients.append(scale * implicit_grad(inner_grad, thetas[i], omega, v, solve))
     h = aggregators.pcgrad(torch.stack(hypergradients), draws.surgery, reduction="sum")
     record = trainer.outer_step()
     assert torch.equal(trainer.omega, omega.add(h, alpha=-config.outer_lr))

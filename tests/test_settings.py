@@ -10,14 +10,17 @@ import sys
 
 import pytest
 import torch
+from torch.func import grad, vjp
 
 from conftest import REPO
 from domainbed_itl.files.runfolder import RunDirError
 from domainbed_itl.meta.config import InnerSettings, MetaConfig, SolverSettings, preset_config
 from domainbed_itl.meta.data import synthetic_domains
+from domainbed_itl.meta import aggregators
 from domainbed_itl.meta.evaluate import Protocol
 from domainbed_itl.meta.runner import run_meta_training
 from domainbed_itl.meta.settings import SettingsError, leaf_names
+from domainbed_itl.meta.trainer import MetaTrainer
 
 TINY = dict(inner_steps=8, hidden=(8,), hvp_batch=32, eval_size=None, batch_size=16)
 
@@ -62,10 +65,45 @@ def test_a_checkpoint_in_the_flat_layout_resumes_and_is_rewritten_nested(tmp_pat
                           resume=True, progress=False)
 
 
-def test_the_paper_scale_is_a_named_setting_of_the_solver():
-    assert SolverSettings().solution_scale == 1.0
+def test_the_paper_scale_is_a_named_scale_on_the_outer_update():
+    assert SolverSettings().hypergradient_scale == 1.0
     paper = preset_config("paper")
-    assert paper.hypergradient.solution_scale == paper.neumann_alpha
+    assert paper.hypergradient.hypergradient_scale == 1 / paper.neumann_alpha
+
+
+def test_a_paper_step_updates_omega_by_algorithm_2_as_printed():
+    """The paper preset's update is the one of the series summed without α (Algorithm 2 as
+    printed, computed here by its own loop), aggregated by PCGrad's sum: the 1/α now sits on
+    the outer update, and the step is the same as when the solver returned the sum."""
+    data = synthetic_domains(3, 40, 12, 3, seed=1)
+    config = preset_config("paper", {**TINY, "outer_steps": 1})
+    trainer = MetaTrainer(data.domains, data.num_classes, config)
+    omega, captured = trainer.omega.clone(), {}
+    original = trainer._hypergradients
+
+    def spy(thetas, vs, draws, omega_):
+        captured.update(thetas=thetas, vs=vs, draws=draws)
+        return original(thetas, vs, draws, omega_)
+
+    trainer._hypergradients = spy
+    trainer.outer_step()
+    thetas, vs, draws = captured["thetas"], captured["vs"], captured["draws"]
+    printed = []
+    for i in range(trainer.num_domains):
+        x, y = trainer.x[draws.hvp[i]], trainer.y[draws.hvp[i]]
+
+        def inner_grad(t, o, x=x, y=y):
+            return grad(lambda u: trainer.family.loss(trainer.apply(u, x), y, o))(t)
+
+        _, hvp = vjp(lambda t: inner_grad(t, omega), thetas[i])
+        w = p = -vs[i]
+        for _ in range(config.neumann_steps):  # v -= α H v; p += v, no α in front
+            w = w - config.neumann_alpha * hvp(w)[0]
+            p = p + w
+        _, mixed = vjp(lambda o, theta=thetas[i]: inner_grad(theta, o), omega)
+        printed.append(mixed(p)[0])
+    h = aggregators.pcgrad(torch.stack(printed), draws.surgery, reduction="sum")
+    torch.testing.assert_close(trainer.omega, omega - config.outer_lr * h, rtol=1e-4, atol=1e-7)
 
 
 DUMMY = '''    inner_dummy: int = setting(3, "a setting added by a test", kind="int", low=0)

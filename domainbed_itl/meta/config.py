@@ -146,8 +146,7 @@ class SolverSettings(Settings):
         """The configured linear solver as a `solve(matvec, b)` callable."""
         if self.solver == "neumann":
             solve = functools.partial(solvers.neumann, steps=self.neumann_steps,
-                                      alpha=self.neumann_alpha, scale=self.neumann_form == "inverse",
-                                      power_iters=self.neumann_power_iters,
+                                      alpha=self.neumann_alpha, power_iters=self.neumann_power_iters,
                                       early_stop=self.neumann_early_stop)
         else:
             solve = functools.partial(solvers.cg, maxiter=self.cg_maxiter, tol=self.cg_tol)
@@ -156,9 +155,12 @@ class SolverSettings(Settings):
         return solve
 
     @property
-    def solution_scale(self) -> float:
-        """c such that c·solve(H, b) estimates H⁻¹ b: α for Algorithm 2 as printed, else 1."""
-        return self.neumann_alpha if self.solver == "neumann" and self.neumann_form == "algorithm2" else 1.0
+    def hypergradient_scale(self) -> float:
+        """The scale of every hypergradient in the outer update: 1/α with neumann_form
+        "algorithm2" (Algorithm 2 as printed sums the series without α, so its hypergradients
+        are 1/α times dM/dω), else 1 (dM/dω itself). Every solver returns A⁻¹b."""
+        printed = self.solver == "neumann" and self.neumann_form == "algorithm2"
+        return 1 / self.neumann_alpha if printed else 1.0
 
 
 @dataclass(frozen=True)

@@ -68,12 +68,12 @@ def extreme_eigenvalues(matvec: MatVec, v0: Tensor, iters: int) -> Tuple[Tensor,
 
 
 def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01,
-            scale: bool = True, power_iters: int = 0, early_stop: bool = False) -> Tensor:
+            power_iters: int = 0, early_stop: bool = False) -> Tensor:
     """Truncated Neumann series α Σ_{j=0..steps} (I − αA)^j b ≈ A⁻¹ b (Eq. 6, Algorithm 2).
 
-    Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α). `scale=False`
-    returns Σ_{j=0..steps} (I − αA)^j b without the factor α, as Algorithm 2 is printed: an
-    estimate of A⁻¹ b / α, which makes every hypergradient 1/α times larger.
+    Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α). (Algorithm 2 as
+    printed returns the sum without the factor α; that 1/α is a scale on the outer update,
+    config.SolverSettings.hypergradient_scale, not the solver's.)
 
     power_iters > 0: α is `alpha`/λ̂ with λ̂ the largest |eigenvalue| of A from that many power
     iterations started at b (alpha 1: α = 1/λ̂; below 2 the series converges on the positive
@@ -93,16 +93,15 @@ def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01,
         _, radius, _ = power_iteration(matvec, b, power_iters)
         alpha = alpha / radius.clamp_min(torch.finfo(b.dtype).tiny)
     if early_stop:
-        return _neumann_best(matvec, b, steps, alpha, scale)
+        return _neumann_best(matvec, b, steps, alpha)
     v, p = b, b
     for _ in range(steps):  # Algorithm 2: v -= α A v; p += v
         v = v - alpha * matvec(v)
         p = p + v
-    return alpha * p if scale else p
+    return alpha * p
 
 
-def _neumann_best(matvec: MatVec, b: Tensor, steps: int, alpha: float | Tensor,
-                  scale: bool) -> Tensor:
+def _neumann_best(matvec: MatVec, b: Tensor, steps: int, alpha: float | Tensor) -> Tensor:
     """The Neumann partial sum of smallest residual; the residual of α·p_j is v_{j+1}."""
     v, p = b, b
     best, best_residual = b, torch.full((), torch.inf, dtype=b.dtype, device=b.device)
@@ -114,7 +113,7 @@ def _neumann_best(matvec: MatVec, b: Tensor, steps: int, alpha: float | Tensor,
         best_residual = torch.where(better, residual, best_residual)
         if j < steps:
             p = p + v
-    return alpha * best if scale else best
+    return alpha * best
 
 
 def damped(matvec: MatVec, b: Tensor, solve: Solver, damping: float) -> Tensor:
@@ -182,5 +181,3 @@ def dense(matvec: MatVec, b: Tensor) -> Tensor:
     a = torch.stack([matvec(e) for e in eye], dim=1)
     return torch.linalg.solve(a, b)
 
-
-SOLVERS = {"neumann": neumann, "cg": cg, "minres": minres, "dense": dense}

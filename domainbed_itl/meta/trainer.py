@@ -159,13 +159,14 @@ class MetaTrainer:
 
     def _hypergradient(self, theta: Tensor, v: Tensor, x: Tensor, y: Tensor,
                        omega: Tensor) -> Dict[str, Tensor]:
-        """dM/dω ("h"), the relative residual ‖H(c·u) + v‖/‖v‖ of its solve ("residual") and,
-        with spectrum_iters, estimates of the Hessian's extreme eigenvalues ("lambda_max",
-        "lambda_min") on the Krylov space of v, the part of the spectrum the solve sees."""
+        """dM/dω times the configured hypergradient_scale ("h"), the relative residual
+        ‖Hu + v‖/‖v‖ of its solve ("residual") and, with spectrum_iters, estimates of the
+        Hessian's extreme eigenvalues ("lambda_max", "lambda_min") on the Krylov space of v, the
+        part of the spectrum the solve sees."""
         inner_grad = functools.partial(self._inner_grad, x=x, y=y)
         h, u = implicit_grad(inner_grad, theta, omega, v, self._solve, return_adjoint=True)  # Alg. 2
-        out = {"h": h, "residual": adjoint_residual(inner_grad, theta, omega, v,
-                                                    self.config.hypergradient.solution_scale * u)}
+        out = {"h": self.config.hypergradient.hypergradient_scale * h,
+               "residual": adjoint_residual(inner_grad, theta, omega, v, u)}
         if self.config.spectrum_iters:
             out["lambda_max"], out["lambda_min"] = diagnostics.hessian_extremes(
                 inner_grad, theta, omega, v, self.config.spectrum_iters)
