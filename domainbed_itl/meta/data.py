@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .settings import SettingsError
 
 Domain = Tuple[Tensor, Tensor]
 
@@ -53,28 +55,30 @@ REPEATING = ("batch_size", "hvp_batch")
 
 
 def size_problems(sizes: Sequence[int], wanted: Mapping[str, Optional[int]],
-                  explicit: Collection[str], name: str = "the data") -> List[str]:
-    """Notes on the `wanted` sizes (flag name -> value, None: whole domains) larger than what
-    domains of `sizes` examples hold; ValueError, naming the sizes, for those in `explicit`
-    (given by the user), where a smaller value is then what the user meant to ask. A
-    per_domain_cap above every domain ("at most") is only noted."""
+                  explicit: Collection[str], name: str = "the data",
+                  spell: Callable[[str], str] = str) -> List[str]:
+    """Notes on the `wanted` sizes (setting name -> value, None: whole domains) larger than what
+    domains of `sizes` examples hold; SettingsError, naming the setting and the sizes, for those
+    in `explicit` (given by the user), where a smaller value is then what the user meant to ask.
+    A per_domain_cap above every domain ("at most") is only noted. spell: how a setting's name
+    is written (a command writes its flag)."""
     source, heldout = sum(sizes) - max(sizes), min(sizes)
     cap = wanted.get("per_domain_cap")
     notes = ([] if cap is None or cap <= max(sizes) else [
-        f"--per_domain_cap {cap} is larger than every domain ({name}: domains of "
+        f"{spell('per_domain_cap')} {cap} is larger than every domain ({name}: domains of "
         f"{', '.join(map(str, sizes))} examples); all their examples are used"])
-    for flag, value in wanted.items():
-        if value is None or flag not in (*FROM_SOURCES, *FROM_HELDOUT):
+    for setting, value in wanted.items():
+        if value is None or setting not in (*FROM_SOURCES, *FROM_HELDOUT):
             continue
         available, what = ((source, "source examples of the smallest leave-one-domain-out split")
-                           if flag in FROM_SOURCES else (heldout, "examples of the smallest domain"))
+                           if setting in FROM_SOURCES else (heldout, "examples of the smallest domain"))
         if value <= available:
             continue
-        text = (f"--{flag} {value} is larger than the {available} {what} ({name}: domains of "
-                f"{', '.join(map(str, sizes))} examples)")
-        if flag in explicit:
-            raise ValueError(f"{text}; expected at most {available}")
-        notes.append(text + ("; the batches repeat examples" if flag in REPEATING else
+        text = (f"{spell(setting)} {value} is larger than the {available} {what} ({name}: domains "
+                f"of {', '.join(map(str, sizes))} examples)")
+        if setting in explicit:
+            raise SettingsError(setting, f"{text}; expected at most {available}")
+        notes.append(text + ("; the batches repeat examples" if setting in REPEATING else
                              f"; all {available} are used"))
     return notes
 

@@ -210,7 +210,7 @@ def _finished_units(folder: RunFolder, settings: Mapping[str, Any],
         if now != unit["definition"]:
             raise RunDirError(f"cannot continue the evaluation in {folder.path}: its finished units "
                               f"of loss {unit['loss']!r} were computed with {unit['definition']}, "
-                              f"that loss is now {now}; pass --overwrite to start again")
+                              f"that loss is now {now}; overwrite the evaluation to start it again")
     return units
 
 

@@ -15,15 +15,17 @@ from ..losses.lossfile import LossSpec
 from .config import MetaConfig
 from .data import DomainData, data_fingerprint
 from .inner import mlp
+from .settings import SettingsError
 from .trainer import MetaTrainer
 
 
 def new_trainer(data: DomainData, config: MetaConfig, init: Optional[LossSpec],
                 device: torch.device | str) -> MetaTrainer:
     """A MetaTrainer on `data` starting from the loss `init` (default: the family's own start);
-    ValueError when `init` is not of the config's family and order."""
+    SettingsError (a ValueError) when `init` is not of the config's family and order."""
     if init is not None and (init.family, init.order) != (config.family, config.order):
-        raise ValueError(f"the initial loss is a {init.family} loss of order {init.order}, but the "
+        raise SettingsError("family", f"the initial loss is a {init.family} loss of order "
+                            f"{init.order}, but the "
                          f"config searches {config.family} (order {config.order})")
     return MetaTrainer(data.domains, data.num_classes, config,
                        None if init is None else init.parameters, device=device,
@@ -87,4 +89,4 @@ def check_resumable(folder: RunFolder, config_key: str, config: MetaConfig, data
     folder.refuse_changes(saved_config(ckpt, config_key), config.flat(), ignore)
     folder.refuse_other("the data", ckpt["data"], data_fingerprint(data))
     folder.refuse_other("the initial loss parameters", ckpt["init_omega"], init_omega,
-                        "; start from the same --init as the interrupted run")
+                        "; start from the same initial loss as the interrupted run")

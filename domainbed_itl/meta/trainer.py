@@ -129,6 +129,16 @@ class MetaTrainer:
                               "optimizer": _clone_state(inner_state, torch.device("cpu"))}
         return state
 
+    def _outer_snapshot(self) -> Tuple[Tensor, Dict[str, Any]]:
+        """ω and the outer optimiser's state: what an update changes, for a rollback (the inner
+        networks are not touched by an update, so not copied)."""
+        return self.omega.detach().clone(), copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore_outer(self, snapshot: Tuple[Tensor, Dict[str, Any]]) -> None:
+        with torch.no_grad():
+            self.omega.copy_(snapshot[0])
+        self.optimizer.load_state_dict(snapshot[1])
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore ω, the outer optimiser and any warm-started networks from `state_dict()`."""
         self.family.check(state["omega"])
@@ -244,20 +254,20 @@ class MetaTrainer:
         its family's intervals, is undone."""
         if not torch.isfinite(h).all():
             raise NonFiniteError(f"outer step {step}: non-finite aggregated hypergradient")
-        previous = self.state_dict()
+        previous = self._outer_snapshot()
         if trusted.any():
             self.omega.grad = h
             self.optimizer.step()
             self.omega.grad = None
         if not torch.isfinite(self.omega).all():
             bad_omega = self.omega.tolist()
-            self.load_state_dict(previous)
+            self._restore_outer(previous)
             raise NonFiniteError(f"outer step {step}: non-finite loss parameters ω after the update: "
                                  f"{bad_omega}")
         try:
             self.family.check(self.omega)
         except ParameterRangeError as error:
-            self.load_state_dict(previous)
+            self._restore_outer(previous)
             raise NonFiniteError(f"outer step {step}: the update took ω out of its family's range "
                                  f"and is undone: {error}") from None
 

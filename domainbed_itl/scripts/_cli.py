@@ -175,6 +175,11 @@ def widths(text: str) -> Tuple[int, ...]:
         ) from None
 
 
+def flag_name(setting: str) -> str:
+    """The flag of a setting, as a command line writes it."""
+    return f"--{setting}"
+
+
 def flag_text(name: str, value: Any) -> str:
     """How the flag `name` with `value` is written on a command line."""
     if isinstance(value, bool):
@@ -345,7 +350,7 @@ def check_data_sizes(data: DomainData, wanted: Mapping[str, Optional[int]],
     a note on stderr for defaults that exceed it (meta.data.size_problems)."""
     sizes = [len(y) for _, y in data.domains]
     wanted = {**wanted, "per_domain_cap": data.info.get("per_domain_cap")}
-    for note in size_problems(sizes, wanted, explicit, data.name):
+    for note in size_problems(sizes, wanted, explicit, data.name, spell=flag_name):
         print(f"note: {note}", file=sys.stderr)
 
 
