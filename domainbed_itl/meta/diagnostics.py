@@ -66,6 +66,24 @@ def reference_comparison(inner_grad: InnerGrad, theta: Tensor, omega: Tensor, v:
             "reference_residual": float(residual), "reference_maxiter": maxiter}
 
 
+# A record's averages over the domains: its name -> the per-domain value it averages (a record
+# holds those whose per-domain value it has; files.schemas.MetricsRecord reads them back).
+MEANS = {
+    "inner_source_acc": "inner_source_acc", "outer_heldout_acc": "heldout_acc",
+    "outer_heldout_loss": "heldout_loss", "source_heldout_gap": "source_heldout_gap",
+    "inner_loss": "inner_loss", "inner_grad_norm": "inner_grad_norm",
+    "inner_grad_norm_ratio": "stationarity", "inner_steps_used": "inner_steps_used",
+    "solver_residual": "solver_residual", "hessian_lambda_max": "hessian_lambda_max",
+    "hessian_lambda_min": "hessian_lambda_min",
+}
+
+
+def means(per_domain: Dict[str, Tensor]) -> Dict[str, float]:
+    """The averages (MEANS) of the per-domain tensors `per_domain` holds, in MEANS' order."""
+    return {name: float(per_domain[key].float().mean()) for name, key in MEANS.items()
+            if key in per_domain}
+
+
 def step_record(step: int, omega: Tensor, h: Tensor, per_domain: Dict[str, Tensor],
                 trusted: Tensor, times: Sequence[float]) -> Dict[str, Any]:
     """The metrics record of one outer step (a line of metrics.jsonl).
@@ -73,29 +91,22 @@ def step_record(step: int, omega: Tensor, h: Tensor, per_domain: Dict[str, Tenso
     per_domain: tensors of one value per domain, keyed inner_source_acc, heldout_acc,
     heldout_loss, source_heldout_gap, inner_loss, inner_grad_norm, inner_grad_norm_start,
     stationarity (their ratio), inner_steps_used, solver_residual, hypergradient_norm and
-    optionally hessian_lambda_max and hessian_lambda_min (each also averaged at the top
-    level); times: the clock after the start, the inner training, the hypergradients, the
+    optionally hessian_lambda_max and hessian_lambda_min (averaged at the top level as MEANS
+    says); times: the clock after the start, the inner training, the hypergradients, the
     update and evaluation, and the diagnostics.
     """
-    d = per_domain
     t0, t1, t2, t3, t4 = times
-    spectrum = {k: float(d[k].mean()) for k in ("hessian_lambda_max", "hessian_lambda_min") if k in d}
+    averaged = means(per_domain)
+    head = ("inner_source_acc", "outer_heldout_acc", "outer_heldout_loss", "source_heldout_gap",
+            "inner_loss")
     return {
         "step": step,
-        "inner_source_acc": float(d["inner_source_acc"].mean()),
-        "outer_heldout_acc": float(d["heldout_acc"].mean()),
-        "outer_heldout_loss": float(d["heldout_loss"].mean()),
-        "source_heldout_gap": float(d["source_heldout_gap"].mean()),
-        "inner_loss": float(d["inner_loss"].mean()),
+        **{k: averaged[k] for k in head},
         "hypergradient_norm": float(h.norm()),
-        "inner_grad_norm": float(d["inner_grad_norm"].mean()),
-        "inner_grad_norm_ratio": float((d["inner_grad_norm"] / d["inner_grad_norm_start"]).mean()),
-        "inner_steps_used": float(d["inner_steps_used"].float().mean()),
-        "solver_residual": float(d["solver_residual"].mean()),
-        **spectrum,
+        **{k: v for k, v in averaged.items() if k not in head},
         "trusted_domains": int(trusted.sum()),
         "omega": omega.tolist(),
-        "per_domain": {k: v.tolist() for k, v in d.items()},
+        "per_domain": {k: v.tolist() for k, v in per_domain.items()},
         "time_inner_s": t1 - t0,
         "time_hypergradient_s": t2 - t1,
         "time_eval_s": t3 - t2,

@@ -288,15 +288,14 @@ class MetaTrainer:
         thetas = inner.flat(params)
         _, heldout_loss, heldout_acc = self._heldout(thetas, draws)
         source_acc = diagnostics.accuracies(self.apply, thetas, self.x, self.y, draws.source_eval)
-        record = {"outer_heldout_loss": float(heldout_loss.mean()),
-                  "outer_heldout_acc": float(heldout_acc.mean()),
-                  "inner_source_acc": float(source_acc.mean()),
-                  "inner_loss": float(inner.tail_loss(run.losses, run.steps_used).mean()),
-                  "source_heldout_gap": float((source_acc - heldout_acc).mean()),
-                  "inner_steps_used": sum(run.steps_used) / len(run.steps_used),
-                  "per_domain": {"heldout_loss": heldout_loss.tolist(),
-                                 "heldout_acc": heldout_acc.tolist(),
-                                 "inner_steps_used": run.steps_used}}
+        averaged = diagnostics.means({
+            "heldout_loss": heldout_loss, "heldout_acc": heldout_acc, "inner_source_acc": source_acc,
+            "inner_loss": inner.tail_loss(run.losses, run.steps_used),
+            "source_heldout_gap": source_acc - heldout_acc,
+            "inner_steps_used": torch.tensor(run.steps_used)})
+        record = {**averaged, "per_domain": {"heldout_loss": heldout_loss.tolist(),
+                                             "heldout_acc": heldout_acc.tolist(),
+                                             "inner_steps_used": run.steps_used}}
         if run.start_norm is not None:
             record["per_domain"]["stationarity"] = (run.final_norm / run.start_norm).tolist()
         return record
