@@ -1,9 +1,6 @@
-"""Aggregating the per-domain hypergradients of one outer step (Sec. 3.3, Algorithm 1 line 15).
-
-Every aggregator takes the stacked gradients (n, d), a torch.Generator and a reduction, and
-returns a (d,) tensor, so they are interchangeable. `reduction="sum"` is Yu et al.'s PCGrad
-(Algorithm 1 of their paper sums the projected gradients) and the paper's setting; `"mean"`
-divides by n, so that the outer learning rate does not scale with the number of domains.
+"""Aggregating the per-domain hypergradients of one outer step (Sec. 3.3, Algorithm 1 line 15):
+interchangeable (n, d) -> (d,) functions; reduction "sum" is Yu et al.'s PCGrad, "mean" divides
+by n. See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations

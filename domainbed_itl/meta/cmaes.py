@@ -1,21 +1,6 @@
-"""CMA-ES search for the loss parameters ω: the evolutionary baseline of the paper's Fig. 4.
-
-TaylorGLO (Gonzalez & Miikkulainen) searches Taylor losses with CMA-ES (Hansen & Ostermeier,
-1996); the paper compares it with implicit gradients "in the meta-train stage". `CMASearch` runs
-pycma's `CMAEvolutionStrategy` on any objective f(ω, generation) -> {"outer_heldout_loss": M,
-...}; with `MetaTrainer.heldout_objective` as f it searches the same family, on the same data,
-with the same inner training and the same held-out objective M as Algorithm 1. Every candidate
-of generation g is scored with the randomness of outer step g (the same inner initialisations
-and minibatches), so the candidates of a generation are compared on common random numbers, and
-generation g of CMA-ES sees what outer step g of the implicit-gradient run sees.
-
-One candidate costs one inner training per held-out domain (no hypergradient), so a generation
-of λ candidates costs λ outer steps' worth of inner trainings: the budget the Fig. 4 plot
-compares at. pycma draws its samples from a `numpy.random.RandomState` seeded with `seed` (never
-the global one), and the whole strategy is pickled into the state, so a search resumed from
-`state_dict()` repeats the uninterrupted search exactly. `run_cma_search` keeps a search in a run
-folder (domainbed_itl.files.runfolder) laid out as meta_train's: checkpoint.pt, metrics.jsonl
-and loss.json.
+"""CMA-ES search for the loss parameters ω (the evolutionary baseline of the paper's Fig. 4),
+scored by `MetaTrainer.heldout_objective` with the randomness of outer step g for generation g,
+in a run folder laid out as meta_train's. See docs/cma_search.md.
 """
 
 from __future__ import annotations

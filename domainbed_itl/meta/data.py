@@ -1,10 +1,6 @@
-"""Per-domain data for meta-training: a container, its validation, synthetic domains and the
-planted task.
-
-Meta-training sees a dataset only as a list of (x, y) per domain: x float of shape (n, features)
-(images flattened), y long class indices of shape (n,), the labels networks train on. A domain
-may carry other labels for when it is held out (`DomainData.heldout_labels`): the planted task
-trains on noisy labels and judges the held-out domain on its clean ones.
+"""Per-domain data for meta-training (`DomainData`: one (x, y) per domain, and the labels a
+held-out domain is judged on), its checks, the synthetic and planted data sets and their
+fingerprint. See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Whether an outer step's hypergradients can be trusted, and the step's metrics record.
-
-The implicit function theorem assumes that every inner network ends at a stationary point of
-its training loss (∂L_ω/∂θ = 0) and the linear solve of Algorithm 2 approximates H⁻¹v. So each
-step records the inner gradient norm at the returned θ and at the start (stationarity: their
-ratio) and the inner steps taken, the relative residual of every solve, optionally the Hessian's
-extreme eigenvalues (a Neumann series needs them in (0, 2/α)) and, every `reference_every`
-steps, how one domain's hypergradient compares with a long MINRES solve of the same system
-(MINRES, not CG: away from a minimum the Hessian is indefinite). Beside M it records held-out
-accuracy and the source − held-out accuracy gap, which a loss that only trains faster widens.
-Pure functions of tensors and callables; no state.
+"""Whether an outer step's hypergradients can be trusted (stationarity, solve residuals,
+Hessian extremes, a MINRES reference), and the step's metrics record. Pure functions.
+See docs/meta_learning.md#training-the-inner-networks-to-a-stationary-point.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
-"""The meta protocol of `scripts/evaluate_loss`: losses compared through the inner loop.
-
-For every seed, one fresh base MLP per held-out domain is trained on the other domains with
-each loss, from the same initial weights and on the same minibatches (the seed draws both, the
-loss does not), then evaluated on its held-out domain (accuracy, cross-entropy) and on its
-source domains (accuracy, on the labels it trained on). A held-out domain is judged on
-`DomainData.heldout_targets()` (the planted task's clean labels). So every loss meets exactly
-the same networks and data, and the seeds pair the losses. Training can be read off at several
-lengths (`inner_steps`), which shows whether a loss only trains faster or also generalises better.
-
-The inner training takes meta-training's options (`InnerSettings`): a learning rate annealed to
-0 over the steps, weight decay, and a stopping rule on the gradient norm, so that a loss can be
-judged at convergence, where a loss that only trains faster has no edge. With an annealed rate
-or a stopping rule each length of `inner_steps` is its own training (a cap, from the same
-initial weights and minibatches); with neither, one training is read off at every length.
-
-`evaluate_in_folder` keeps an evaluation in a run folder (domainbed_itl.files.runfolder): each
-unit (a loss on a seed) is saved in the checkpoint as it finishes, and running the evaluation
-again computes only the units it lacks, refusing units computed with other settings, data or
-loss parameters.
+"""The meta protocol of `scripts/evaluate_loss`: losses compared through the inner loop, every
+loss meeting the same networks and data on each seed, kept unit by unit in a run folder.
+See docs/meta_learning.md#how-the-meta-learner-is-built and docs/loss_search.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
-"""A meta-training run in a run folder (domainbed_itl.files.runfolder): checkpoint, metrics, loss.
-
-The run folder holds three files, all replaced atomically after every outer step:
-
-- checkpoint.pt  config, data fingerprint, initial ω, trainer state and every metrics record
-                 (with the run folder's device and provenance); the source of truth, written first;
-- metrics.jsonl  one JSON line per outer step (rewritten from the checkpoint's records);
-- loss.json      the current ω as a loss file (domainbed_itl.losses.save_loss).
-
-A crash between two of these writes is repaired on resume, which rewrites metrics.jsonl and
-loss.json from the checkpoint. A resumed run repeats the uninterrupted run exactly (bitwise on
-the same device) because the trainer's randomness depends only on (seed, step). The folder's
-rules (one writer, --resume and --overwrite) are the run folder's.
+"""A meta-training run in a run folder (domainbed_itl.files.runfolder): checkpoint.pt,
+metrics.jsonl and loss.json, all replaced atomically after every outer step; a resume repeats
+the uninterrupted run exactly. See docs/meta_learning.md#what-a-run-writes.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
-"""Linear solvers for the implicit gradient: interchangeable callables `solve(matvec, b) -> x`.
-
-Each solver approximates x = A⁻¹ b using only products `matvec(v) = A v` on flat 1-D tensors,
-so A (the inner Hessian) is never formed. Configure one with functools.partial, as torchopt's
-LinearSolver does:
-
-    solve = functools.partial(neumann, steps=15, alpha=0.01)
-    x = solve(matvec, b)
-
-`neumann` and `cg` run a fixed number of products with no data-dependent Python control flow,
-so they also work under torch.func.vmap (the batched meta-learner vmaps its hypergradients).
-
-Solves that cannot diverge: a Neumann series converges only when every eigenvalue of αA lies in
-(0, 2). `neumann(..., power_iters=k)` takes α relative to 1/λ̂_max, with λ̂_max the largest
-|eigenvalue| of A estimated by k power iterations (`power_iteration`), so the step follows the
-curvature of each system; `early_stop=True` returns the iterate of smallest residual; and
-`damped` solves (A + μI)x = b instead (ridge damping, as torchopt's and JAXopt's `ridge`),
-which lifts the negative eigenvalues of a Hessian away from a minimum, along which no α
-converges. All of these keep a fixed number of products, so they work under vmap.
+"""Linear solvers for the implicit gradient: interchangeable callables `solve(matvec, b) -> x`
+with x ≈ A⁻¹ b from products with A only (configure one with functools.partial, as torchopt's
+LinearSolver). See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations

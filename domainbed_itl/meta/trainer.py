@@ -1,22 +1,7 @@
 """Algorithm 1: meta-learning the loss parameters ω by leave-one-domain-out implicit gradients.
 
-One outer step (Sec. 3.3): for every domain i, train a base network on the other domains with
-the current loss L_ω (inner.py: SGD as in the paper, or momentum or Adam; freshly initialised,
-or warm-started from the previous step's network; for a fixed number of steps or, with a
-stopping rule, until it is near a stationary point), compute the implicit hypergradient of
-M = cross-entropy on the held-out domain i (Algorithm 2, hypergradient.py), aggregate the n
-hypergradients (PCGrad or mean, aggregators.py) and update ω with the outer optimiser. Each
-step also records whether its hypergradients can be trusted (diagnostics.py).
-
-Works on plain tensors, one (x, y) per domain (data.py); it never imports DomainBed. The
-configuration is config.py's MetaConfig; all the randomness of outer step k comes from
-draws.py's generator seeded by (seed, k), so a run resumed from the state after step k repeats
-the uninterrupted run exactly. `batched=True` trains the n independent inner networks as one
-stack and computes their hypergradients under torch.func.vmap.
-
-Base model: an MLP with ReLU whose default widths features → 256 → classes are two weight
-layers as in Sec. 4.1. The paper's "1024-256-10" used 32×32 inputs; here the input is DomainBed's
-image flattened as it is (28×28 = 784 for RotatedMNIST, 2×28×28 = 1568 for ColoredMNIST).
+`MetaTrainer.outer_step` trains one inner network per held-out domain, computes and aggregates
+their implicit hypergradients and updates ω. See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations
