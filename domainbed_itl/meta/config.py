@@ -16,8 +16,9 @@ from ..losses.families import get_family
 from . import aggregators, solvers
 from .inner import INNER_OPTIMIZERS, SCHEDULES, InnerOptimizer, StopRule, learning_rates
 from .settings import Composed, Settings, SettingsError, part, setting
+from .state import OUTER_OPTIMIZERS as OUTER_STATE_OPTIMIZERS
 
-OUTER_OPTIMIZERS = ("sgd", "adam")
+OUTER_OPTIMIZERS = tuple(OUTER_STATE_OPTIMIZERS)
 NEUMANN_FORMS = ("inverse", "algorithm2")
 SOLVERS = ("neumann", "cg")
 POSITIVE_INT = dict(kind="int", low=1)

@@ -24,6 +24,7 @@ from .draws import StepDraws, domain_indices, draw_step, step_generator
 from .hypergradient import adjoint_residual, flatten_module, implicit_grad
 from .inner import Params, init_params, mlp
 from .solvers import Solver
+from .state import OuterState
 
 __all__ = ["MetaConfig", "MetaTrainer", "NonFiniteError", "mlp", "step_generator"]
 
@@ -36,11 +37,6 @@ class NonFiniteError(FloatingPointError):
 def _first_nonfinite(values: Tensor) -> Optional[int]:
     bad = (~torch.isfinite(values)).nonzero()
     return None if bad.numel() == 0 else int(bad[0, 0])
-
-
-def _clone_state(state: Dict[str, Any], device: Optional[torch.device] = None) -> Dict[str, Any]:
-    return {k: ({n: t.detach().to(device, copy=True) for n, t in v.items()} if isinstance(v, dict)
-                else v) for k, v in state.items()}
 
 
 def clock(device: torch.device) -> float:
@@ -73,18 +69,12 @@ class MetaTrainer:
         if omega is None:
             omega = self.family.default_parameters(num_classes)
         self.family.check(omega)
-        self.omega = torch.as_tensor(omega, dtype=torch.float32).detach().clone().to(self.device)
-        if not torch.isfinite(self.omega).all():
-            raise ValueError(f"initial loss parameters must be finite, got {self.omega.tolist()}")
-        optimizer = torch.optim.SGD if config.outer_optimizer == "sgd" else torch.optim.Adam
-        self.optimizer = optimizer([self.omega], lr=config.outer_lr)  # Algorithm 1, line 16
-        self.steps_done = 0
+        # ω, the outer optimiser, the steps done and (online IFT) the warm-started networks.
+        self.state = OuterState(omega, config.outer_optimizer, config.outer_lr, self.device)
         self._solve = config.solve() if solve is None else solve
         self._aggregate = functools.partial(aggregators.AGGREGATORS[config.aggregate],
                                             reduction=config.aggregate_reduction)
         self._inner_optimizer = config.inner.optimizer()
-        # Warm start (online IFT): the inner networks and their optimiser state, kept between steps.
-        self._warm: Optional[Tuple[Params, Dict[str, Any]]] = None
 
         self.x = torch.cat([x for x, _ in domains]).to(self.device, torch.float32)
         self.y = torch.cat([y for _, y in domains]).to(self.device)
@@ -103,40 +93,31 @@ class MetaTrainer:
         """How many domains (and so inner trainings) each outer step has."""
         return len(self._domain_index)
 
+    @property
+    def omega(self) -> Tensor:
+        """The loss parameters ω (the state's)."""
+        return self.state.omega
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The outer optimiser (the state's)."""
+        return self.state.optimizer
+
+    @property
+    def steps_done(self) -> int:
+        """Outer steps done."""
+        return self.state.steps_done
+
     def state_dict(self) -> Dict[str, Any]:
-        """What `load_state_dict` needs to continue exactly: steps done, ω, optimiser state and,
-        with warm starts, the inner networks and their optimiser state."""
-        state = {"steps_done": self.steps_done, "omega": self.omega.detach().cpu().clone(),
-                 "optimizer": copy.deepcopy(self.optimizer.state_dict())}
-        if self._warm is not None:
-            params, inner_state = self._warm
-            state["inner"] = {"params": {k: v.detach().cpu().clone() for k, v in params.items()},
-                              "optimizer": _clone_state(inner_state, torch.device("cpu"))}
-        return state
-
-    def _outer_snapshot(self) -> Tuple[Tensor, Dict[str, Any]]:
-        """ω and the outer optimiser's state: what an update changes, for a rollback (the inner
-        networks are not touched by an update, so not copied)."""
-        return self.omega.detach().clone(), copy.deepcopy(self.optimizer.state_dict())
-
-    def _restore_outer(self, snapshot: Tuple[Tensor, Dict[str, Any]]) -> None:
-        with torch.no_grad():
-            self.omega.copy_(snapshot[0])
-        self.optimizer.load_state_dict(snapshot[1])
+        """What `load_state_dict` needs to continue exactly (OuterState.state_dict)."""
+        return self.state.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore ω, the outer optimiser and any warm-started networks from `state_dict()`."""
         self.family.check(state["omega"])
         if self.config.warm_start and state["steps_done"] > 0 and "inner" not in state:
             raise ValueError("the state has no inner networks to warm-start from")
-        with torch.no_grad():
-            self.omega.copy_(state["omega"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_done = int(state["steps_done"])
-        self._warm = None
-        if "inner" in state:
-            params = {k: v.to(self.device, copy=True) for k, v in state["inner"]["params"].items()}
-            self._warm = (params, _clone_state(state["inner"]["optimizer"], self.device))
+        self.state.load_state_dict(state)
 
     # The loss functions, pure in (θ, ω, data) for torch.func.
 
@@ -179,8 +160,8 @@ class MetaTrainer:
     def _start(self, draws: StepDraws, warm: bool) -> Tuple[Params, Dict[str, Any]]:
         """Algorithm 1, line 9: fresh networks from the step's seeds, or copies of the
         warm-started ones, with their inner-optimiser state."""
-        if warm and self._warm is not None:
-            return {k: v.clone() for k, v in self._warm[0].items()}, _clone_state(self._warm[1])
+        if warm and self.state.warm is not None:
+            return self.state.warm_copy()
         params = init_params(self._init_model, draws.init_seeds, self.device)
         return params, self._inner_optimizer.init_state(params)
 
@@ -239,20 +220,18 @@ class MetaTrainer:
         its family's intervals, is undone."""
         if not torch.isfinite(h).all():
             raise NonFiniteError(f"outer step {step}: non-finite aggregated hypergradient")
-        previous = self._outer_snapshot()
+        previous = self.state.snapshot()
         if trusted.any():
-            self.omega.grad = h
-            self.optimizer.step()
-            self.omega.grad = None
+            self.state.update(h)
         if not torch.isfinite(self.omega).all():
             bad_omega = self.omega.tolist()
-            self._restore_outer(previous)
+            self.state.restore(previous)
             raise NonFiniteError(f"outer step {step}: non-finite loss parameters ω after the update: "
                                  f"{bad_omega}")
         try:
             self.family.check(self.omega)
         except ParameterRangeError as error:
-            self._restore_outer(previous)
+            self.state.restore(previous)
             raise NonFiniteError(f"outer step {step}: the update took ω out of its family's range "
                                  f"and is undone: {error}") from None
 
@@ -326,8 +305,8 @@ class MetaTrainer:
                      if c.reference_every and step % c.reference_every == 0 else None)
         t4 = clock(self.device)
         if c.warm_start:
-            self._warm = (params, inner_state)
-        self.steps_done = step
+            self.state.warm = (params, inner_state)
+        self.state.steps_done = step
         per_domain = {
             "inner_source_acc": source_acc, "heldout_acc": heldout_acc, "heldout_loss": heldout_loss,
             "source_heldout_gap": source_acc - heldout_acc,
