@@ -193,7 +193,7 @@ def test_cli_writes_a_loss_file_and_metrics_with_meta_trains_keys(tmp_path, caps
     assert "CMA-ES done: 2 generations of 3" in capsys.readouterr().out
     loss = load_loss(out / "loss.json")
     assert (loss.family, loss.order, loss.provenance["preset"]) == ("taylor", 4, meta_train.DEFAULT_PRESET)
-    assert loss.provenance["meta_config"]["inner_lr"] == 0.01  # the default preset's inner loop
+    assert loss.provenance["meta_config"]["inner"]["inner_lr"] == 0.01  # the default preset's inner loop
     records = read_metrics(out / "metrics.jsonl")
     assert len(records) == 2 and records[-1]["inner_trainings"] == 2 * 3 * 6
     assert cma_search.main(CLI_TINY + ["--generations", "3", "--popsize", "3", "--sigma0", "0.2",

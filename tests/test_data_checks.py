@@ -13,6 +13,7 @@ from conftest import domainbed_env
 from domainbed_itl.bridge.domainbed_data import MNIST_FILES
 from domainbed_itl.meta.data import size_problems
 from domainbed_itl.scripts import cma_search, evaluate_loss, meta_train
+from domainbed_itl.scripts._cli import flag_name
 from domainbed_itl.scripts.quickstart import mnist_problem
 
 # Every download fails at once, as on a machine without internet access.
@@ -51,7 +52,7 @@ def test_meta_train_offline_names_the_mnist_files_and_creates_nothing(tmp_path, 
 def test_sizes_larger_than_the_data_are_refused_when_asked_and_noted_otherwise():
     sizes = [40, 40, 30]  # sources of the smallest split: 70; smallest domain: 30
     wanted = {"batch_size": 64, "hvp_batch": 71, "eval_size": 100, "outer_batch": 31, "hidden": 9}
-    notes = size_problems(sizes, wanted, explicit=set(), name="D")
+    notes = size_problems(sizes, wanted, explicit=set(), name="D", spell=flag_name)
     assert notes == [
         "--hvp_batch 71 is larger than the 70 source examples of the smallest leave-one-domain-out "
         "split (D: domains of 40, 40, 30 examples); the batches repeat examples",
@@ -61,7 +62,7 @@ def test_sizes_larger_than_the_data_are_refused_when_asked_and_noted_otherwise()
         "40, 30 examples); all 30 are used"]
     with pytest.raises(ValueError, match="--outer_batch 31 is larger than the 30 examples of the "
                                          "smallest domain .*; expected at most 30"):
-        size_problems(sizes, wanted, explicit={"outer_batch"})
+        size_problems(sizes, wanted, explicit={"outer_batch"}, spell=flag_name)
     assert size_problems(sizes, {"batch_size": 70, "outer_batch": None}, explicit={"batch_size"}) == []
 
 

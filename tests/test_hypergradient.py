@@ -18,6 +18,7 @@ from torch.func import grad, hessian, jacrev
 from domainbed_itl.losses import cross_entropy_taylor_init, taylor_loss
 from domainbed_itl.meta.hypergradient import adjoint_residual, flatten_module, implicit_grad
 from domainbed_itl.meta.solvers import cg, dense, minres, neumann
+from domainbed_itl.meta.config import SolverSettings
 
 DT = torch.float64
 
@@ -159,7 +160,8 @@ def test_algorithm_2_as_printed_is_the_series_without_alpha():
     alpha, eye = 0.01, torch.eye(p.theta.numel(), dtype=DT)
     series = sum(torch.linalg.matrix_power(eye - alpha * p.hess, j) for j in range(16))
     mixed = jacrev(grad(p.inner), argnums=1)(p.theta, p.omega)
-    got = p.implicit(functools.partial(neumann, steps=15, alpha=alpha, scale=False))
+    scale = SolverSettings(neumann_form="algorithm2", neumann_alpha=alpha).hypergradient_scale
+    got = scale * p.implicit(functools.partial(neumann, steps=15, alpha=alpha))
     torch.testing.assert_close(got, -(series @ p.v) @ mixed, rtol=1e-9, atol=1e-12)
 
 

@@ -339,7 +339,7 @@ def test_the_guarded_preset_is_the_paper_preset_with_a_residual_guard_and_the_de
     from domainbed_itl.meta.config import preset_config
     from domainbed_itl.scripts.meta_train import DEFAULT_PRESET, build_parser
 
-    paper, guarded = preset_config("paper").to_dict(), preset_config("paper_guarded").to_dict()
+    paper, guarded = preset_config("paper").flat(), preset_config("paper_guarded").flat()
     assert {k for k in paper if paper[k] != guarded[k]} == {"max_solver_residual"}
     assert (paper["max_solver_residual"], guarded["max_solver_residual"]) == (None, 1.0)
     assert DEFAULT_PRESET == "paper_guarded" == build_parser().get_default("preset")
@@ -375,8 +375,8 @@ def test_with_the_new_settings_at_their_defaults_a_step_is_the_functions_of_befo
     inner.train(params, trainer.family.module(omega.tolist()), optimizer,
                 optimizer.init_state(params), x, y, draws.batches, batched=False)
     thetas = inner.flat(params)
-    solve = functools.partial(solvers.neumann, steps=config.neumann_steps,
-                              alpha=config.neumann_alpha, scale=False)
+    solve = functools.partial(solvers.neumann, steps=config.neumann_steps, alpha=config.neumann_alpha)
+    scale = config.hypergradient.hypergradient_scale  # Algorithm 2 as printed: 1/α
     hypergradients = []
     for i in range(trainer.num_domains):
         held, hvp = draws.heldout[i], draws.hvp[i]
@@ -385,7 +385,7 @@ def test_with_the_new_settings_at_their_defaults_a_step_is_the_functions_of_befo
         def inner_grad(t, o, hvp=hvp):
             return grad(lambda u: trainer.family.loss(trainer.apply(u, x[hvp]), y[hvp], o))(t)
 
-        hypergradients.append(implicit_grad(inner_grad, thetas[i], omega, v, solve))
+        hypergradients.append(scale * implicit_grad(inner_grad, thetas[i], omega, v, solve))
     h = aggregators.pcgrad(torch.stack(hypergradients), draws.surgery, reduction="sum")
     record = trainer.outer_step()
     assert torch.equal(trainer.omega, omega.add(h, alpha=-config.outer_lr))
@@ -396,7 +396,7 @@ def test_the_stationary_preset_documents_its_values_and_uses_every_new_setting()
     from domainbed_itl.meta.config import GUESSES, META_PRESETS, preset_config
 
     config, paper = preset_config("stationary"), preset_config("paper_guarded")
-    changed = {k for k, v in config.to_dict().items() if paper.to_dict()[k] != v}
+    changed = {k for k, v in config.flat().items() if paper.flat()[k] != v}
     assert {"inner_schedule", "inner_weight_decay", "inner_stop_ratio", "neumann_power_iters",
             "neumann_early_stop", "solver_damping"} <= changed
     assert changed <= set(GUESSES["stationary"]), "every value the preset changes has a reason"
@@ -499,7 +499,8 @@ def test_checkpoints_written_before_a_setting_existed_resume_with_its_default(tm
     run_meta_training(data, _config(outer_steps=1), tmp_path, progress=False)
     path = tmp_path / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["config"]["warm_start"], ckpt["config"]["max_solver_residual"]
+    flat = MetaConfig.from_dict(ckpt["config"]).flat()  # the layout before the settings tree
+    ckpt["config"] = {k: v for k, v in flat.items() if k not in ("warm_start", "max_solver_residual")}
     torch.save(ckpt, path)
     assert run_meta_training(data, _config(outer_steps=2), tmp_path, resume=True,
                              progress=False).steps_done == 2
@@ -715,7 +716,7 @@ def test_cli_rejects_bad_arguments_by_name(tmp_path, capsys, argv, message):
 
 
 def test_every_setting_has_a_flag():
-    assert set(MetaConfig.__dataclass_fields__) - set(meta_train.CONFIG_FLAGS) == {"family", "order"}
+    assert set(MetaConfig().flat()) - set(meta_train.CONFIG_FLAGS) == {"family", "order"}
 
 
 def test_cli_runs_the_stationary_preset_and_records_convergence(tmp_path):
@@ -727,7 +728,7 @@ def test_cli_runs_the_stationary_preset_and_records_convergence(tmp_path):
     assert meta_train.main(argv) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2
-    config = _checkpoint(tmp_path / "checkpoint.pt")["config"]
+    config = MetaConfig.from_dict(_checkpoint(tmp_path / "checkpoint.pt")["config"]).flat()
     assert (config["inner_schedule"], config["inner_stop_ratio"], config["neumann_power_iters"],
             config["inner_steps"]) == ("cosine", 0.3, 20, 200)
     for r in records:
@@ -919,7 +920,7 @@ def _version1_run(folder, data, config, steps):
     records = [trainer.outer_step() for _ in range(steps)]
     folder.mkdir()
     torch.save({"format": META_RUN.format, "version": 1, "package_version": "0.1.0",
-                "config": config.to_dict(), "data": data_fingerprint(data), "init_omega": init_omega,
+                "config": config.flat(), "data": data_fingerprint(data), "init_omega": init_omega,
                 "trainer": trainer.state_dict(), "metrics": records}, folder / "checkpoint.pt")
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     save_loss(folder / "loss.json", LossSpec(config.family, config.order, trainer.omega.tolist(),

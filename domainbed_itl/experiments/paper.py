@@ -58,6 +58,8 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tupl
 
 from ..datasets import DATASETS
 from ..files.resources import Traversable, shipped
+from ..meta.config import InnerSettings, MetaConfig
+from ..meta.settings import leaf_names
 
 try:
     import tomllib
@@ -74,7 +76,7 @@ BUILD_TIME_FLAGS = frozenset({"data_dir", "output_dir", "command_launcher", "dom
                               "skip_confirmation"})
 
 # The flags a definition may set, per runner, as spelled on its command line (less the build-time
-# ones). Explicit lists: tests/test_paper_sweep.py checks each against its runner's parser.
+# ones); tests/test_paper_sweep.py checks each against its runner's parser.
 # DomainBed's sweep (domainbed/scripts/sweep.py).
 DOMAINBED_SWEEP_FLAGS = frozenset({
     "datasets", "algorithms", "task", "n_hparams_from", "n_hparams", "seed", "n_trials", "steps",
@@ -86,23 +88,15 @@ SINGLE_SOURCE_SWEEP_FLAGS = frozenset({
     "submitit_partition", "submitit_gpus_per_node", "submitit_cpus_per_task", "submitit_mem_gb",
     "submitit_timeout_min", "submitit_array_parallelism", "submitit_max_array_size",
     "submitit_wait", "submitit_name", "submitit_extra", "no_progress"})
-# domainbed_itl.scripts.meta_train.
+# domainbed_itl.scripts.meta_train: its own flags and every setting of the settings tree.
 META_TRAIN_FLAGS = frozenset({
-    "preset", "dataset", "per_domain_cap", "data_seed", "family", "order", "init", "outer_steps",
-    "outer_lr", "outer_optimizer", "aggregate", "aggregate_reduction", "inner_steps",
-    "inner_optimizer", "inner_lr", "inner_momentum", "warm_start", "batch_size", "hidden",
-    "inner_schedule", "inner_weight_decay", "inner_stop_ratio", "inner_stop_every",
-    "solver", "neumann_steps", "neumann_alpha", "neumann_form", "neumann_power_iters",
-    "neumann_early_stop", "solver_damping", "cg_maxiter", "cg_tol",
-    "hvp_batch", "outer_batch", "eval_size", "max_solver_residual", "reference_every",
-    "reference_maxiter", "spectrum_iters", "batched", "device", "seed", "no_progress", "resume",
-    "overwrite"})
-# domainbed_itl.scripts.evaluate_loss meta: losses against cross-entropy with fresh MLPs.
+    "preset", "dataset", "per_domain_cap", "data_seed", "family", "order", "init", "device",
+    "no_progress", "resume", "overwrite", *leaf_names(MetaConfig)})
+# domainbed_itl.scripts.evaluate_loss meta: losses against cross-entropy with fresh MLPs, trained
+# with every inner-training setting.
 EVALUATE_LOSS_FLAGS = frozenset({
-    "losses", "reference", "dataset", "seeds", "inner_steps", "inner_optimizer", "inner_lr",
-    "inner_momentum", "batch_size", "hidden", "inner_schedule", "inner_weight_decay",
-    "inner_stop_ratio", "inner_stop_every", "eval_size", "per_domain_cap", "data_seed", "device",
-    "overwrite", "no_progress"})
+    "losses", "reference", "dataset", "seeds", "eval_size", "per_domain_cap", "data_seed",
+    "device", "overwrite", "no_progress", *leaf_names(InnerSettings)})
 
 
 class SweepDefinitionError(ValueError):

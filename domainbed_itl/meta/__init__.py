@@ -10,12 +10,14 @@ from .runner import run_meta_training
 from .solvers import cg, dense, neumann
 from .aggregators import mean, pcgrad
 from .config import InnerSettings, MetaConfig, preset_config
+from .settings import SettingsError
 from .draws import step_generator
 from .inner import mlp
 from .trainer import MetaTrainer, NonFiniteError
 
 __all__ = [
-    "DomainData", "InnerSettings", "MetaConfig", "MetaTrainer", "NonFiniteError", "RunDirError", "cg",
+    "DomainData", "InnerSettings", "MetaConfig", "MetaTrainer", "NonFiniteError", "RunDirError",
+    "SettingsError", "cg",
     "check_domains", "dense", "flatten_module", "implicit_grad", "mean", "mlp", "neumann",
     "pcgrad", "preset_config", "run_meta_training", "step_generator", "synthetic_dataset",
     "synthetic_domains",

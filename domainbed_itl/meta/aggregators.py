@@ -1,17 +1,8 @@
-"""Aggregating the per-domain hypergradients of one outer step (Sec. 3.3, Algorithm 1 line 15).
-
-Every aggregator takes the stacked gradients (n, d), a torch.Generator and a reduction, and
-returns a (d,) tensor, so they are interchangeable. `reduction="sum"` is Yu et al.'s PCGrad
-(Algorithm 1 of their paper sums the projected gradients) and the paper's setting; `"mean"`
-divides by n, so that the outer learning rate does not scale with the number of domains.
-
-`aggregate` is the call with a report: it says how much of the plain (unprojected) update an
-aggregator removed and applies one explicit rule where it removed all of it. PCGrad does that
-whenever every domain conflicts with another: with one parameter, any two domains whose
-hypergradients differ in sign project each other to exactly 0, and the search stalls. The rule:
-**an aggregator that removes the whole update (‖update‖ <= STALL_TOL·‖plain‖) is replaced, for
-that step, by the plain mean (or sum), and the report says so.** `aggregator_note` warns, before
-a run, when PCGrad meets fewer parameters than domains, where such steps are likely.
+"""Aggregating the per-domain hypergradients of one outer step (Sec. 3.3, Algorithm 1 line 15):
+interchangeable (n, d) -> (d,) functions; reduction "sum" is Yu et al.'s PCGrad, "mean" divides
+by n. `aggregate` also reports how much of the plain update an aggregator removed, and where it
+removed all of it uses the plain update for that step. See docs/objectives.md and
+docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
-"""CMA-ES search for the loss parameters ω: the evolutionary baseline of the paper's Fig. 4.
-
-TaylorGLO (Gonzalez & Miikkulainen) searches Taylor losses with CMA-ES (Hansen & Ostermeier,
-1996); the paper compares it with implicit gradients "in the meta-train stage". `CMASearch` runs
-pycma's `CMAEvolutionStrategy` on any objective f(ω, generation) -> {"outer_heldout_loss": M,
-...}; with `MetaTrainer.heldout_objective` as f it searches the same family, on the same data,
-with the same inner training and the same held-out objective M as Algorithm 1. Every candidate
-of generation g is scored with the randomness of outer step g (the same inner initialisations
-and minibatches), so the candidates of a generation are compared on common random numbers, and
-generation g of CMA-ES sees what outer step g of the implicit-gradient run sees.
-
-One candidate costs one inner training per held-out domain (no hypergradient), so a generation
-of λ candidates costs λ outer steps' worth of inner trainings: the budget the Fig. 4 plot
-compares at. pycma draws its samples from a `numpy.random.RandomState` seeded with `seed` (never
-the global one), and the whole strategy is pickled into the state, so a search resumed from
-`state_dict()` repeats the uninterrupted search exactly. `run_cma_search` keeps a search in a run
-folder (domainbed_itl.files.runfolder) laid out as meta_train's: checkpoint.pt, metrics.jsonl
-and loss.json.
+"""CMA-ES search for the loss parameters ω (the evolutionary baseline of the paper's Fig. 4),
+scored by `MetaTrainer.heldout_objective` with the randomness of outer step g for generation g,
+in a run folder laid out as meta_train's. See docs/cma_search.md.
 """
 
 from __future__ import annotations
@@ -24,7 +9,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import cma
@@ -37,8 +22,9 @@ from ..files.runfolder import (RunDirError, RunFolder, RunKind, log_stderr, sour
 from ..files.schemas import CMACheckpoint
 from ..losses.lossfile import LossSpec
 from .config import MetaConfig
-from .data import DomainData
-from .runner import check_resumable, data_fingerprint, new_trainer
+from .data import DomainData, data_fingerprint
+from .settings import Settings, setting
+from .resume import check_resumable, new_trainer
 from .trainer import MetaTrainer
 
 # An objective: ω and the generation (1, 2, ...) -> a dict holding at least `FITNESS`.
@@ -49,34 +35,17 @@ FITNESS = "outer_heldout_loss"
 CandidateFailure = FloatingPointError
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
-class CMAConfig:
+class CMAConfig(Settings):
     """The search's settings. popsize None is pycma's default λ = 4 + ⌊3 ln n⌋ for n parameters."""
 
-    generations: int = 20
-    popsize: Optional[int] = None
-    sigma0: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.generations) or self.generations < 1:
-            raise ValueError(f"generations must be a positive integer, got {self.generations!r}")
-        if self.popsize is not None and (not _is_int(self.popsize) or self.popsize < 2):
-            raise ValueError(f"popsize must be an integer >= 2 (or None for pycma's default), "
-                             f"got {self.popsize!r}")
-        if (not isinstance(self.sigma0, (int, float)) or isinstance(self.sigma0, bool)
-                or not 0 < self.sigma0 < math.inf):
-            raise ValueError(f"sigma0 must be a positive finite number, got {self.sigma0!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The settings as a plain dict (stored in checkpoints and provenance)."""
-        return asdict(self)
+    generations: int = setting(20, "CMA-ES generations", kind="int", low=1)
+    popsize: Optional[int] = setting(None, "candidates per generation", kind="int", low=2,
+                                     optional=True,
+                                     expected="an integer >= 2 (or None for pycma's default)")
+    sigma0: float = setting(1.0, "initial step size", kind="float", low=0, low_open=True,
+                            expected="a positive finite number")
+    seed: int = setting(0, "seed of CMA-ES's samples", kind="int", low=0)
 
 
 def default_popsize(dimension: int) -> int:

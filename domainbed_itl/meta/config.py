@@ -1,142 +1,62 @@
-"""The meta-training configuration: `MetaConfig`, its validation, the named presets and the
-documented guesses, and the linear solver it configures.
+"""The meta-training configuration: one tree of settings (`InnerSettings`, `OuterSettings`,
+`SolverSettings`, `DiagnosticsSettings`, composed into `MetaConfig`), each setting declared once
+with its default, rule and help; the named presets; the linear solver it configures.
 
-`MetaConfig` holds everything that determines a run's result besides data, initial loss and
-device. Its defaults are the library's: a Neumann series that estimates H⁻¹ (`neumann_form`
-"inverse") and a mean over domains. `META_PRESETS` holds named settings:
-
-`paper` is the protocol of Sec. 4.1 and Algorithms 1-2 read literally: SGD with η = 0.01 in the
-outer and the inner loop, inner batch 32, a Neumann series of J = 15 terms returned without the
-factor α (Algorithm 2 as printed: Σ_j (I − αH)^j v), PCGrad summed over the domains as in Yu et
-al., 200 outer steps. With the same η, its outer step is (1/α)·n times that of the library's
-defaults (a Neumann estimate of H⁻¹ and a mean over the n domains): 600 times with six domains.
-The paper does not give every value; `GUESSES` names the ones chosen here and why.
-
-`paper_guarded` is `paper` with one addition: a domain whose Neumann solve leaves a relative
-residual above 1 (‖(I − αH)Σ − v‖ / ‖v‖, i.e. the series has stopped converging because the
-learned loss's curvature grew past αλ_max = 2) gives no hypergradient that step, and a step with
-no trusted domain makes no update. On the offline RotatedMNIST digits the literal `paper` run
-diverged at outer step 54 (docs/results/loss_search.md); the guarded one did not.
-
-`stationary` is ours, not the paper's: it trains every inner network to a stationary point,
-as the implicit function theorem assumes, and solves the linear system in a way that cannot
-diverge (GUESSES["stationary"] gives every value and why). The inner step count becomes a cap:
-a network stops at the first check (every `inner_stop_every` steps) where its gradient norm on
-the step's fixed source-evaluation subset has fallen to `inner_stop_ratio` of its value at the
-start; the learning rate anneals to 0 over the cap (cosine); an L2 term λ/2‖θ‖² gives the
-stationary point a finite location and the Hessian a floor λ (iMAML's proximal term plays the
-same part), and the implicit gradient differentiates that same objective. The Neumann step is
-α = 1/λ̂_max per domain from power iterations, the system is damped ((H + μI)u = −v) and the
-series returns its iterate of smallest residual.
-
-`InnerSettings` is the part of the configuration that says how one inner network is trained
-(base MLP, optimiser, minibatch, schedule, weight decay, stopping rule); the evaluation protocol
-(evaluate.py) shares it. With its new fields at their defaults (constant learning rate, no
-weight decay, no stopping rule) the inner training is the one of before, bit for bit.
+The presets and the reasons behind the values the paper does not give: docs/meta_learning.md
+and docs/loss_search.md.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import torch
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..losses.families import get_family
 from . import aggregators, solvers
 from .inner import INNER_OPTIMIZERS, SCHEDULES, InnerOptimizer, StopRule, learning_rates
+from .settings import Composed, Settings, SettingsError, part, setting
+from .state import OUTER_OPTIMIZERS as OUTER_STATE_OPTIMIZERS
 
-OUTER_OPTIMIZERS = ("sgd", "adam")
+OUTER_OPTIMIZERS = tuple(OUTER_STATE_OPTIMIZERS)
 NEUMANN_FORMS = ("inverse", "algorithm2")
 SOLVERS = ("neumann", "cg")
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """ValueError naming `name` unless `value` is an integer >= 1 (a bool is not one)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_nonnegative_int(name: str, value: Any) -> None:
-    """ValueError naming `name` unless `value` is an integer >= 0 (a bool is not one)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def check_positive_float(name: str, value: Any) -> None:
-    """ValueError naming `name` unless `value` is a number in (0, float32's maximum]."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-            0 < value <= _FLOAT32_MAX):
-        raise ValueError(f"{name} must be a positive number no larger than float32's maximum "
-                         f"{_FLOAT32_MAX:.4g}, got {value!r}")
-
-
-def check_nonnegative_float(name: str, value: Any) -> None:
-    """ValueError naming `name` unless `value` is a number in [0, float32's maximum]."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-            0 <= value <= _FLOAT32_MAX):
-        raise ValueError(f"{name} must be a number >= 0 no larger than float32's maximum "
-                         f"{_FLOAT32_MAX:.4g}, got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """ValueError naming `name`, the value and the choices unless `value` is one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
-
-
-def check_bool(name: str, value: Any) -> None:
-    """ValueError naming `name` unless `value` is True or False."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+POSITIVE_INT = dict(kind="int", low=1)
+COUNT = dict(kind="int", low=0)
+POSITIVE = dict(kind="float", low=0, low_open=True)
+NONNEGATIVE = dict(kind="float", low=0)
+BOOL = dict(kind="bool")
 
 
 @dataclass(frozen=True)
-class InnerSettings:
-    """How one inner network is trained (Algorithm 1, lines 9-11): the base MLP's hidden widths,
-    the optimiser with its learning rate and momentum, the minibatch size and the step count.
+class InnerSettings(Settings):
+    """How one inner network is trained (Algorithm 1, lines 9-11); meta-training and the
+    evaluation protocol (evaluate.py) share it. A setting added here is a flag of every command
+    that trains inner networks, and part of their saved settings."""
 
-    inner_schedule: the learning rate over the steps ("constant", or annealed to 0 over
-    inner_steps: "cosine", "linear"); inner_weight_decay: λ of an L2 term λ/2‖θ‖² in the inner
-    objective; inner_stop_ratio: None, or stop a network at the first check (every
-    inner_stop_every steps) where its gradient norm on a fixed batch is at most this fraction of
-    its value at the start, inner_steps being then the cap.
-    """
-
-    inner_steps: int = 1000
-    inner_lr: float = 0.01
-    inner_optimizer: str = "sgd"
-    inner_momentum: float = 0.9
-    batch_size: int = 32
-    hidden: Tuple[int, ...] = (256,)
-    inner_schedule: str = "constant"
-    inner_weight_decay: float = 0.0
-    inner_stop_ratio: Optional[float] = None
-    inner_stop_every: int = 50
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(self.hidden))
-        check_positive_int("inner_steps", self.inner_steps)
-        check_positive_int("batch_size", self.batch_size)
-        check_positive_float("inner_lr", self.inner_lr)
-        check_choice("inner optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
-        if (not isinstance(self.inner_momentum, (int, float)) or isinstance(self.inner_momentum, bool)
-                or not 0 <= self.inner_momentum < 1):
-            raise ValueError(f"inner_momentum must be a number in [0, 1), got {self.inner_momentum!r}")
-        if not self.hidden:
-            raise ValueError("hidden must list at least one width (two weight layers), got ()")
-        for width in self.hidden:
-            check_positive_int("every hidden width", width)
-        check_choice("inner_schedule", self.inner_schedule, SCHEDULES)
-        check_nonnegative_float("inner_weight_decay", self.inner_weight_decay)
-        check_positive_int("inner_stop_every", self.inner_stop_every)
-        ratio = self.inner_stop_ratio
-        if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)
-                                  or not 0 < ratio < 1):
-            raise ValueError(f"inner_stop_ratio must be None (no stopping rule) or a number in "
-                             f"(0, 1), the gradient-norm fraction to stop at, got {ratio!r}")
+    inner_steps: int = setting(1000, "inner training steps (with a stopping rule: the cap)",
+                               **POSITIVE_INT)
+    inner_optimizer: str = setting("sgd", "inner optimiser", kind="choice",
+                                   choices=INNER_OPTIMIZERS, label="inner optimizer")
+    inner_lr: float = setting(0.01, "inner learning rate", **POSITIVE)
+    inner_momentum: float = setting(0.9, "with --inner_optimizer momentum", kind="float", low=0,
+                                    high=1, high_open=True)
+    batch_size: int = setting(32, "inner minibatch size", **POSITIVE_INT)
+    hidden: Tuple[int, ...] = setting((256,), "hidden widths of the base MLP, e.g. 256 (two "
+                                      "weight layers)", kind="widths")
+    inner_schedule: str = setting("constant", "learning rate over the inner steps: constant, or "
+                                  "annealed to 0 over them (cosine, linear)", kind="choice",
+                                  choices=SCHEDULES)
+    inner_weight_decay: float = setting(0.0, "λ of an L2 term λ/2‖θ‖² in the inner objective "
+                                        "(also in the implicit gradient)", **NONNEGATIVE)
+    inner_stop_ratio: Optional[float] = setting(
+        None, "stop a network once its gradient norm on the source-evaluation examples is at "
+        "most this fraction (0 to 1) of its start; --inner_steps is then the cap", kind="float",
+        low=0, high=1, low_open=True, high_open=True, optional=True,
+        expected="None (no stopping rule) or a number in (0, 1), the gradient-norm fraction to "
+                 "stop at")
+    inner_stop_every: int = setting(50, "check the stopping rule every this many inner steps",
+                                    **POSITIVE_INT)
 
     def optimizer(self) -> InnerOptimizer:
         """The configured inner optimiser."""
@@ -157,81 +77,54 @@ class InnerSettings:
         stopping rule (so one training can be read off at several lengths)."""
         return self.inner_schedule == "constant" and self.inner_stop_ratio is None
 
-    @classmethod
-    def of(cls, settings: Any, **changes: Any) -> "InnerSettings":
-        """The InnerSettings fields of `settings` (e.g. a MetaConfig), with `changes`."""
-        return cls(**{**{k: getattr(settings, k) for k in cls.__dataclass_fields__}, **changes})
+
+@dataclass(frozen=True)
+class OuterSettings(Settings):
+    """The outer loop (Algorithm 1): its length, optimiser, aggregation, warm start and M's batch."""
+
+    outer_steps: int = setting(200, "outer steps", **POSITIVE_INT)
+    outer_optimizer: str = setting("sgd", "sgd is Algorithm 1's plain gradient descent",
+                                   kind="choice", choices=OUTER_OPTIMIZERS, label="outer optimizer")
+    outer_lr: float = setting(0.01, "outer learning rate", **POSITIVE)
+    aggregate: str = setting("pcgrad", "how the domains' hypergradients are combined",
+                             kind="choice", choices=tuple(aggregators.AGGREGATORS),
+                             label="aggregation")
+    aggregate_reduction: str = setting("mean", "sum the per-domain hypergradients (Yu et al.'s "
+                                       "PCGrad, the paper) or average them", kind="choice",
+                                       choices=aggregators.REDUCTIONS)
+    warm_start: bool = setting(False, "continue training the previous outer step's inner "
+                               "networks instead of fresh ones (online IFT)", **BOOL)
+    outer_batch: Optional[int] = setting(None, "held-out examples for M per domain (default: "
+                                         "the whole domain)", optional=True, **POSITIVE_INT)
 
 
 @dataclass(frozen=True)
-class MetaConfig:
-    """Everything that determines a meta-training run's result (besides data, init and device).
+class SolverSettings(Settings):
+    """The implicit gradient's linear solve (Algorithm 2) and which solves enter the update."""
 
-    See the module docstring for the defaults and `META_PRESETS` for named settings.
-    """
-
-    family: str = "taylor"
-    order: Optional[int] = 4
-    outer_steps: int = 200
-    inner_steps: int = 1000
-    inner_lr: float = 0.01
-    inner_optimizer: str = "sgd"
-    inner_momentum: float = 0.9
-    warm_start: bool = False
-    batch_size: int = 32
-    hidden: Tuple[int, ...] = (256,)
-    inner_schedule: str = "constant"
-    inner_weight_decay: float = 0.0
-    inner_stop_ratio: Optional[float] = None
-    inner_stop_every: int = 50
-    solver: str = "neumann"
-    neumann_steps: int = 15
-    neumann_alpha: float = 0.01
-    neumann_form: str = "inverse"
-    neumann_power_iters: int = 0
-    neumann_early_stop: bool = False
-    solver_damping: float = 0.0
-    cg_maxiter: int = 15
-    cg_tol: float = 1e-6
-    hvp_batch: int = 256
-    outer_batch: Optional[int] = None
-    eval_size: Optional[int] = 2048
-    aggregate: str = "pcgrad"
-    aggregate_reduction: str = "mean"
-    outer_optimizer: str = "sgd"
-    outer_lr: float = 0.01
-    batched: bool = True
-    max_solver_residual: Optional[float] = None
-    reference_every: int = 0
-    reference_maxiter: int = 200
-    spectrum_iters: int = 0
-    seed: int = 0
+    solver: str = setting("neumann", "the linear solver", kind="choice", choices=SOLVERS)
+    neumann_steps: int = setting(15, "Neumann series terms", **POSITIVE_INT)
+    neumann_alpha: float = setting(0.01, "the Neumann series' step α", **POSITIVE)
+    neumann_form: str = setting("inverse", "inverse: α Σ (I-αH)^j v, an estimate of H^-1 v; "
+                                "algorithm2: the sum without α, as Algorithm 2 is printed",
+                                kind="choice", choices=NEUMANN_FORMS)
+    neumann_power_iters: int = setting(0, "if > 0: α = neumann_alpha/λ̂_max per domain, λ̂_max "
+                                       "from this many power iterations (needs --neumann_form "
+                                       "inverse, --neumann_alpha < 2)", **COUNT)
+    neumann_early_stop: bool = setting(False, "return the Neumann partial sum of smallest "
+                                       "residual", **BOOL)
+    solver_damping: float = setting(0.0, "solve (H + μI)u = -v with this μ (ridge damping)",
+                                    **NONNEGATIVE)
+    cg_maxiter: int = setting(15, "conjugate-gradient iterations", **POSITIVE_INT)
+    cg_tol: float = setting(1e-6, "conjugate-gradient tolerance", **NONNEGATIVE)
+    hvp_batch: int = setting(256, "source examples in the Hessian-vector products", **POSITIVE_INT)
+    max_solver_residual: Optional[float] = setting(
+        None, "leave out of the update every domain whose linear solve has a larger relative "
+        "residual (1: worse than no solve, as a diverging Neumann series); no update when none "
+        "is left", optional=True, **POSITIVE)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(self.hidden))
-        get_family(self.family, self.order)
-        _ = self.inner  # validates the inner-training settings
-        for name in ("outer_steps", "neumann_steps", "cg_maxiter", "hvp_batch", "reference_maxiter"):
-            check_positive_int(name, getattr(self, name))
-        for name in ("outer_batch", "eval_size"):
-            if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
-        for name in ("neumann_alpha", "outer_lr"):
-            check_positive_float(name, getattr(self, name))
-        if self.max_solver_residual is not None:
-            check_positive_float("max_solver_residual", self.max_solver_residual)
-        if not isinstance(self.cg_tol, (int, float)) or not self.cg_tol >= 0:
-            raise ValueError(f"cg_tol must be a number >= 0, got {self.cg_tol!r}")
-        check_choice("solver", self.solver, SOLVERS)
-        check_choice("neumann_form", self.neumann_form, NEUMANN_FORMS)
-        check_choice("aggregation", self.aggregate, tuple(aggregators.AGGREGATORS))
-        check_choice("aggregate_reduction", self.aggregate_reduction, aggregators.REDUCTIONS)
-        check_choice("outer optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
-        for name in ("warm_start", "batched", "neumann_early_stop"):
-            check_bool(name, getattr(self, name))
-        for name in ("seed", "reference_every", "neumann_power_iters", "spectrum_iters"):
-            check_nonnegative_int(name, getattr(self, name))
-        check_nonnegative_float("solver_damping", self.solver_damping)
+        super().__post_init__()
         self._check_neumann_options()
 
     def _check_neumann_options(self) -> None:
@@ -239,27 +132,22 @@ class MetaConfig:
         scaled series with a step below 2/λ̂_max."""
         for name in ("neumann_power_iters", "neumann_early_stop"):
             if getattr(self, name) and self.solver != "neumann":
-                raise ValueError(f"{name} {getattr(self, name)!r} applies to the Neumann solver "
-                                 f"only; expected solver 'neumann', got {self.solver!r}")
+                raise SettingsError(name, f"{name} {getattr(self, name)!r} applies to the Neumann "
+                                          f"solver only; expected solver 'neumann', got {self.solver!r}")
         if self.neumann_power_iters and self.neumann_form != "inverse":
-            raise ValueError(f"neumann_power_iters {self.neumann_power_iters} makes α differ per "
-                             f"domain, which needs neumann_form 'inverse' (a series scaled by its "
-                             f"α), got {self.neumann_form!r}")
+            raise SettingsError("neumann_form", f"neumann_power_iters {self.neumann_power_iters} "
+                                f"makes α differ per domain, which needs neumann_form 'inverse' (a "
+                                f"series scaled by its α), got {self.neumann_form!r}")
         if self.neumann_power_iters and not self.neumann_alpha < 2:
-            raise ValueError(f"with neumann_power_iters, neumann_alpha is α·λ̂_max and must be "
-                             f"below 2 for the series to converge, got {self.neumann_alpha!r}")
-
-    @property
-    def inner(self) -> InnerSettings:
-        """The inner-training settings (validated)."""
-        return InnerSettings.of(self)
+            raise SettingsError("neumann_alpha", f"with neumann_power_iters, neumann_alpha is "
+                                f"α·λ̂_max and must be below 2 for the series to converge, got "
+                                f"{self.neumann_alpha!r}")
 
     def solve(self) -> solvers.Solver:
         """The configured linear solver as a `solve(matvec, b)` callable."""
         if self.solver == "neumann":
             solve = functools.partial(solvers.neumann, steps=self.neumann_steps,
-                                      alpha=self.neumann_alpha, scale=self.neumann_form == "inverse",
-                                      power_iters=self.neumann_power_iters,
+                                      alpha=self.neumann_alpha, power_iters=self.neumann_power_iters,
                                       early_stop=self.neumann_early_stop)
         else:
             solve = functools.partial(solvers.cg, maxiter=self.cg_maxiter, tol=self.cg_tol)
@@ -268,13 +156,62 @@ class MetaConfig:
         return solve
 
     @property
-    def solution_scale(self) -> float:
-        """c such that c·solve(H, b) estimates H⁻¹ b: α for Algorithm 2 as printed, else 1."""
-        return self.neumann_alpha if self.solver == "neumann" and self.neumann_form == "algorithm2" else 1.0
+    def hypergradient_scale(self) -> float:
+        """The scale of every hypergradient in the outer update: 1/α with neumann_form
+        "algorithm2" (Algorithm 2 as printed sums the series without α, so its hypergradients
+        are 1/α times dM/dω), else 1 (dM/dω itself). Every solver returns A⁻¹b."""
+        printed = self.solver == "neumann" and self.neumann_form == "algorithm2"
+        return 1 / self.neumann_alpha if printed else 1.0
 
-    def to_dict(self) -> Dict[str, Any]:
-        """The configuration as a plain dict (stored in checkpoints and provenance)."""
-        return asdict(self)
+
+@dataclass(frozen=True)
+class DiagnosticsSettings(Settings):
+    """What each outer step records beyond its metrics (diagnostics.py)."""
+
+    reference_every: int = setting(0, "every K outer steps, compare one domain's hypergradient "
+                                   "with a long MINRES solve (0: never)", **COUNT)
+    reference_maxiter: int = setting(200, "MINRES iterations of that reference solve",
+                                     **POSITIVE_INT)
+    spectrum_iters: int = setting(0, "record each domain's Hessian λ_max and λ_min from this "
+                                  "many power iterations each (0: not recorded)", **COUNT)
+
+
+@dataclass(frozen=True, init=False)
+class MetaConfig(Composed):
+    """Everything that determines a meta-training run's result (besides data, init and device):
+    the loss family and the tree of settings. Built from flat names (MetaConfig(inner_steps=5)),
+    part names or both; a part's setting reads by its flat name (config.inner_steps)."""
+
+    family: str = "taylor"
+    order: Optional[int] = 4
+    inner: InnerSettings = part(InnerSettings)
+    outer: OuterSettings = part(OuterSettings)
+    hypergradient: SolverSettings = part(SolverSettings)
+    diagnostics: DiagnosticsSettings = part(DiagnosticsSettings)
+    eval_size: Optional[int] = setting(2048, "source examples for the logged inner source "
+                                       "accuracy and gradient norm", optional=True, **POSITIVE_INT)
+    batched: bool = setting(True, "train the per-domain inner networks as one stack (and vmap "
+                            "their hypergradients)", **BOOL)
+    seed: int = setting(0, "seed of the inner trainings' draws (and of CMA-ES's samples)", **COUNT)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        get_family(self.family, self.order)
+
+    def flat(self) -> Dict[str, Any]:
+        """Every setting by its flat name, family and order first."""
+        return {"family": self.family, "order": self.order, **{
+            k: v for k, v in super().flat().items() if k not in ("family", "order")}}
+
+    def solve(self) -> solvers.Solver:
+        """The configured linear solver as a `solve(matvec, b)` callable."""
+        return self.hypergradient.solve()
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MetaConfig":
+        """A MetaConfig from a saved dict, in either layout: flat (checkpoints before the tree)
+        or nested by part; settings it lacks take their defaults."""
+        return cls(**values)
 
 
 META_PRESETS: Dict[str, Dict[str, Any]] = {
@@ -317,11 +254,11 @@ GUESSES["paper_guarded"] = {
 }
 GUESSES["stationary"] = {
     **{k: v for k, v in GUESSES["paper_guarded"].items() if k not in ("neumann_alpha", "inner_steps")},
-    "inner_steps": "4000, a cap: on 300 real digits per domain the networks reached a median "
-                   "stationarity of 0.10 with it, 41% of them before the cap "
-                   "(docs/results/stationary.md)",
-    "inner_lr": "0.3, annealed to 0 (cosine): at the paper's constant 0.01 the gradient norm "
-                "ends about twice its start; from 0.05, annealed, CE ended at 0.14 of its start",
+    "inner_steps": "4000, a cap: long enough for the networks to reach the stopping rule on "
+                   "RotatedMNIST (measured in docs/results/stationary.md)",
+    "inner_lr": "0.3, annealed to 0 (cosine): the paper's constant 0.01 and smaller annealed "
+                "rates leave the networks short of the stopping rule "
+                "(docs/results/stationary.md)",
     "inner_schedule": "cosine: decays to 0 over the cap, so SGD's noise dies out near the end",
     "inner_weight_decay": "1e-3: a finite stationary point and a Hessian floor of 1e-3 (iMAML's "
                           "proximal term plays this part), small beside the loss's curvature",
@@ -339,8 +276,8 @@ GUESSES["stationary"] = {
                      "terms cost little beside thousands of inner steps",
     "neumann_early_stop": "true: return the partial sum of smallest residual",
     "solver_damping": "1e-2: solve (H + μI)u = −v, lifting the slightly negative curvature left "
-                      "near a stationary point (measured λ_min: median +0.009, 15 of 120 below 0); "
-                      "a bias of order μ/λ in each direction",
+                      "near a stationary point (λ_min measured in docs/results/stationary.md); a "
+                      "bias of order μ/λ in each direction",
     "aggregate_reduction": "mean: the library's default; with α = 1/λ̂_max the hypergradient "
                            "estimates dM/dω itself, not Algorithm 2's 1/α multiple",
     "outer_optimizer": "adam: a hypergradient at the true scale (not Algorithm 2's 1/α multiple) "
@@ -353,9 +290,10 @@ GUESSES["stationary"] = {
 def preset_config(name: Optional[str], overrides: Optional[Mapping[str, Any]] = None) -> MetaConfig:
     """MetaConfig from MetaConfig's defaults, then preset `name` (None: none), then `overrides`."""
     if name is not None and name not in META_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(META_PRESETS)}")
+        raise SettingsError("preset", f"unknown preset {name!r}; expected one of "
+                                      f"{', '.join(META_PRESETS)}")
     values = {**(META_PRESETS[name] if name else {}), **(overrides or {})}
-    unknown = sorted(set(values) - set(MetaConfig.__dataclass_fields__))
+    unknown = sorted(set(values) - set(MetaConfig().flat()))
     if unknown:
-        raise ValueError(f"unknown meta-training setting(s) {', '.join(unknown)}")
+        raise SettingsError(unknown[0], f"unknown meta-training setting(s) {', '.join(unknown)}")
     return MetaConfig(**values)

@@ -1,20 +1,19 @@
-"""Per-domain data for meta-training: a container, its validation, synthetic domains and the
-planted task.
-
-Meta-training sees a dataset only as a list of (x, y) per domain: x float of shape (n, features)
-(images flattened), y long class indices of shape (n,), the labels networks train on. A domain
-may carry other labels for when it is held out (`DomainData.heldout_labels`): the planted task
-trains on noisy labels and judges the held-out domain on its clean ones.
+"""Per-domain data for meta-training (`DomainData`: one (x, y) per domain, and the labels a
+held-out domain is judged on), its checks, the synthetic and planted data sets and their
+fingerprint. See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Collection, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .settings import SettingsError
 
 Domain = Tuple[Tensor, Tensor]
 
@@ -52,28 +51,30 @@ REPEATING = ("batch_size", "hvp_batch")
 
 
 def size_problems(sizes: Sequence[int], wanted: Mapping[str, Optional[int]],
-                  explicit: Collection[str], name: str = "the data") -> List[str]:
-    """Notes on the `wanted` sizes (flag name -> value, None: whole domains) larger than what
-    domains of `sizes` examples hold; ValueError, naming the sizes, for those in `explicit`
-    (given by the user), where a smaller value is then what the user meant to ask. A
-    per_domain_cap above every domain ("at most") is only noted."""
+                  explicit: Collection[str], name: str = "the data",
+                  spell: Callable[[str], str] = str) -> List[str]:
+    """Notes on the `wanted` sizes (setting name -> value, None: whole domains) larger than what
+    domains of `sizes` examples hold; SettingsError, naming the setting and the sizes, for those
+    in `explicit` (given by the user), where a smaller value is then what the user meant to ask.
+    A per_domain_cap above every domain ("at most") is only noted. spell: how a setting's name
+    is written (a command writes its flag)."""
     source, heldout = sum(sizes) - max(sizes), min(sizes)
     cap = wanted.get("per_domain_cap")
     notes = ([] if cap is None or cap <= max(sizes) else [
-        f"--per_domain_cap {cap} is larger than every domain ({name}: domains of "
+        f"{spell('per_domain_cap')} {cap} is larger than every domain ({name}: domains of "
         f"{', '.join(map(str, sizes))} examples); all their examples are used"])
-    for flag, value in wanted.items():
-        if value is None or flag not in (*FROM_SOURCES, *FROM_HELDOUT):
+    for setting, value in wanted.items():
+        if value is None or setting not in (*FROM_SOURCES, *FROM_HELDOUT):
             continue
         available, what = ((source, "source examples of the smallest leave-one-domain-out split")
-                           if flag in FROM_SOURCES else (heldout, "examples of the smallest domain"))
+                           if setting in FROM_SOURCES else (heldout, "examples of the smallest domain"))
         if value <= available:
             continue
-        text = (f"--{flag} {value} is larger than the {available} {what} ({name}: domains of "
-                f"{', '.join(map(str, sizes))} examples)")
-        if flag in explicit:
-            raise ValueError(f"{text}; expected at most {available}")
-        notes.append(text + ("; the batches repeat examples" if flag in REPEATING else
+        text = (f"{spell(setting)} {value} is larger than the {available} {what} ({name}: domains "
+                f"of {', '.join(map(str, sizes))} examples)")
+        if setting in explicit:
+            raise SettingsError(setting, f"{text}; expected at most {available}")
+        notes.append(text + ("; the batches repeat examples" if setting in REPEATING else
                              f"; all {available} are used"))
     return notes
 
@@ -198,3 +199,13 @@ def planted_domains(per_domain: int = 200, seed: int = 0, num_domains: int = 4,
 def planted_dataset(per_domain: int = 200, seed: int = 0) -> DomainData:
     """The data set named `planted` on the command line (PLANTED_DATASET)."""
     return planted_domains(per_domain=per_domain, seed=seed, **PLANTED_DATASET)
+
+
+def data_fingerprint(data: DomainData) -> Dict[str, Any]:
+    """Dataset name, environments, domain sizes and a SHA-256 of every tensor's bytes."""
+    digest = hashlib.sha256()
+    for t in [t for domain in data.domains for t in domain] + list(data.heldout_labels or []):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {"dataset": data.name, "environments": list(data.environments),
+            "num_classes": data.num_classes, "domain_sizes": [len(y) for _, y in data.domains],
+            "sha256": digest.hexdigest()}

@@ -1,14 +1,6 @@
-"""Whether an outer step's hypergradients can be trusted, and the step's metrics record.
-
-The implicit function theorem assumes that every inner network ends at a stationary point of
-its training loss (∂L_ω/∂θ = 0) and the linear solve of Algorithm 2 approximates H⁻¹v. So each
-step records the inner gradient norm at the returned θ and at the start (stationarity: their
-ratio) and the inner steps taken, the relative residual of every solve, optionally the Hessian's
-extreme eigenvalues (a Neumann series needs them in (0, 2/α)) and, every `reference_every`
-steps, how one domain's hypergradient compares with a long MINRES solve of the same system
-(MINRES, not CG: away from a minimum the Hessian is indefinite). Beside M it records held-out
-accuracy and the source − held-out accuracy gap, which a loss that only trains faster widens.
-Pure functions of tensors and callables; no state.
+"""Whether an outer step's hypergradients can be trusted (stationarity, solve residuals,
+Hessian extremes, a MINRES reference), and the step's metrics record. Pure functions.
+See docs/meta_learning.md#training-the-inner-networks-to-a-stationary-point.
 """
 
 from __future__ import annotations
@@ -66,6 +58,24 @@ def reference_comparison(inner_grad: InnerGrad, theta: Tensor, omega: Tensor, v:
             "reference_residual": float(residual), "reference_maxiter": maxiter}
 
 
+# A record's averages over the domains: its name -> the per-domain value it averages (a record
+# holds those whose per-domain value it has; files.schemas.MetricsRecord reads them back).
+MEANS = {
+    "inner_source_acc": "inner_source_acc", "outer_heldout_acc": "heldout_acc",
+    "outer_heldout_loss": "heldout_loss", "source_heldout_gap": "source_heldout_gap",
+    "inner_loss": "inner_loss", "inner_grad_norm": "inner_grad_norm",
+    "inner_grad_norm_ratio": "stationarity", "inner_steps_used": "inner_steps_used",
+    "solver_residual": "solver_residual", "hessian_lambda_max": "hessian_lambda_max",
+    "hessian_lambda_min": "hessian_lambda_min",
+}
+
+
+def means(per_domain: Dict[str, Tensor]) -> Dict[str, float]:
+    """The averages (MEANS) of the per-domain tensors `per_domain` holds, in MEANS' order."""
+    return {name: float(per_domain[key].float().mean()) for name, key in MEANS.items()
+            if key in per_domain}
+
+
 def step_record(step: int, omega: Tensor, h: Tensor, per_domain: Dict[str, Tensor],
                 trusted: Tensor, times: Sequence[float]) -> Dict[str, Any]:
     """The metrics record of one outer step (a line of metrics.jsonl).
@@ -73,29 +83,22 @@ def step_record(step: int, omega: Tensor, h: Tensor, per_domain: Dict[str, Tenso
     per_domain: tensors of one value per domain, keyed inner_source_acc, heldout_acc,
     heldout_loss, source_heldout_gap, inner_loss, inner_grad_norm, inner_grad_norm_start,
     stationarity (their ratio), inner_steps_used, solver_residual, hypergradient_norm and
-    optionally hessian_lambda_max and hessian_lambda_min (each also averaged at the top
-    level); times: the clock after the start, the inner training, the hypergradients, the
+    optionally hessian_lambda_max and hessian_lambda_min (averaged at the top level as MEANS
+    says); times: the clock after the start, the inner training, the hypergradients, the
     update and evaluation, and the diagnostics.
     """
-    d = per_domain
     t0, t1, t2, t3, t4 = times
-    spectrum = {k: float(d[k].mean()) for k in ("hessian_lambda_max", "hessian_lambda_min") if k in d}
+    averaged = means(per_domain)
+    head = ("inner_source_acc", "outer_heldout_acc", "outer_heldout_loss", "source_heldout_gap",
+            "inner_loss")
     return {
         "step": step,
-        "inner_source_acc": float(d["inner_source_acc"].mean()),
-        "outer_heldout_acc": float(d["heldout_acc"].mean()),
-        "outer_heldout_loss": float(d["heldout_loss"].mean()),
-        "source_heldout_gap": float(d["source_heldout_gap"].mean()),
-        "inner_loss": float(d["inner_loss"].mean()),
+        **{k: averaged[k] for k in head},
         "hypergradient_norm": float(h.norm()),
-        "inner_grad_norm": float(d["inner_grad_norm"].mean()),
-        "inner_grad_norm_ratio": float((d["inner_grad_norm"] / d["inner_grad_norm_start"]).mean()),
-        "inner_steps_used": float(d["inner_steps_used"].float().mean()),
-        "solver_residual": float(d["solver_residual"].mean()),
-        **spectrum,
+        **{k: v for k, v in averaged.items() if k not in head},
         "trusted_domains": int(trusted.sum()),
         "omega": omega.tolist(),
-        "per_domain": {k: v.tolist() for k, v in d.items()},
+        "per_domain": {k: v.tolist() for k, v in per_domain.items()},
         "time_inner_s": t1 - t0,
         "time_hypergradient_s": t2 - t1,
         "time_eval_s": t3 - t2,

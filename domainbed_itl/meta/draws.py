@@ -1,12 +1,6 @@
-"""The random draws of one outer step, in one place: meta-training, CMA-ES and the evaluation
-protocol all draw through `draw_step`.
-
-Everything random in a step comes from one CPU generator, in a fixed order: the inner networks'
-initial-weight seeds, their minibatches, the Hessian-vector-product batches, the held-out and
-source-evaluation subsets, and the seed of the step's gradient surgery. Meta-training seeds the
-generator with (seed, step) (`step_generator`), so a run resumed after step k repeats the
-uninterrupted run exactly; the evaluation protocol uses its own stream (`evaluation_generator`),
-so that its draws never coincide with a meta-training step's.
+"""The random draws of one outer step, in one place (`draw_step`), from one CPU generator:
+seeded by (seed, step) for meta-training and CMA-ES, by its own stream for the evaluation.
+See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations

@@ -1,28 +1,11 @@
-"""The meta protocol of `scripts/evaluate_loss`: losses compared through the inner loop.
-
-For every seed, one fresh base MLP per held-out domain is trained on the other domains with
-each loss, from the same initial weights and on the same minibatches (the seed draws both, the
-loss does not), then evaluated on its held-out domain (accuracy, cross-entropy) and on its
-source domains (accuracy, on the labels it trained on). A held-out domain is judged on
-`DomainData.heldout_targets()` (the planted task's clean labels). So every loss meets exactly
-the same networks and data, and the seeds pair the losses. Training can be read off at several
-lengths (`inner_steps`), which shows whether a loss only trains faster or also generalises better.
-
-The inner training takes meta-training's options (`InnerSettings`): a learning rate annealed to
-0 over the steps, weight decay, and a stopping rule on the gradient norm, so that a loss can be
-judged at convergence, where a loss that only trains faster has no edge. With an annealed rate
-or a stopping rule each length of `inner_steps` is its own training (a cap, from the same
-initial weights and minibatches); with neither, one training is read off at every length.
-
-`evaluate_in_folder` keeps an evaluation in a run folder (domainbed_itl.files.runfolder): each
-unit (a loss on a seed) is saved in the checkpoint as it finishes, and running the evaluation
-again computes only the units it lacks, refusing units computed with other settings, data or
-loss parameters.
+"""The meta protocol of `scripts/evaluate_loss`: losses compared through the inner loop, every
+loss meeting the same networks and data on each seed, kept unit by unit in a run folder.
+See docs/meta_learning.md#how-the-meta-learner-is-built and docs/loss_search.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -33,51 +16,46 @@ from ..analysis.evaluation_report import REPORT_JSON, REPORT_MD
 from ..files.runfolder import CHECKPOINT, RunDirError, RunFolder, RunKind
 from ..files.schemas import EvaluationCheckpoint
 from . import inner
-from .config import InnerSettings, check_bool, check_positive_int
-from .data import DomainData
+from .config import InnerSettings, MetaConfig
+from .data import DomainData, data_fingerprint
 from .draws import StepDraws, domain_indices, draw_step, evaluation_generator
-from .runner import data_fingerprint
+from .settings import Composed, SettingsError, part, same_setting
 
 LossFn = Callable[..., torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Protocol:
-    """The inner training every loss gets: base network, optimiser, batch, and the step counts
-    after which the networks are evaluated (MetaConfig's inner settings, with several lengths;
-    with an annealed learning rate or a stopping rule, several caps)."""
+@dataclass(frozen=True, init=False)
+class Protocol(Composed):
+    """The inner training every loss gets (meta-training's `InnerSettings`), and the step counts
+    after which the networks are evaluated: several lengths, or with an annealed learning rate
+    or a stopping rule several caps. Built from flat names, as MetaConfig."""
 
     inner_steps: Tuple[int, ...] = (1000,)
-    inner_lr: float = 0.01
-    inner_optimizer: str = "sgd"
-    inner_momentum: float = 0.9
-    batch_size: int = 32
-    hidden: Tuple[int, ...] = (256,)
-    eval_size: Optional[int] = 2048
-    batched: bool = True
-    inner_schedule: str = "constant"
-    inner_weight_decay: float = 0.0
-    inner_stop_ratio: Optional[float] = None
-    inner_stop_every: int = 50
+    training: InnerSettings = part(InnerSettings)
+    eval_size: Optional[int] = same_setting(MetaConfig, "eval_size")
+    batched: bool = same_setting(MetaConfig, "batched")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "inner_steps", tuple(sorted(set(self.inner_steps))))
-        object.__setattr__(self, "hidden", tuple(self.hidden))
-        if not self.inner_steps or min(self.inner_steps) < 1:
-            raise ValueError(f"inner_steps must be positive step counts, got {self.inner_steps!r}")
-        _ = self.inner  # validates the inner-training settings
-        if self.eval_size is not None:
-            check_positive_int("eval_size", self.eval_size)
-        check_bool("batched", self.batched)
+    def __init__(self, inner_steps: Sequence[int] = (1000,), **values: Any):
+        steps = tuple(sorted(set(inner_steps)))
+        if not steps or min(steps) < 1:
+            raise SettingsError("inner_steps", f"inner_steps must be positive step counts, got "
+                                               f"{steps!r}")
+        super().__init__(**values, inner_steps=max(steps))
+        object.__setattr__(self, "inner_steps", steps)
 
     @property
     def inner(self) -> InnerSettings:
         """The inner-training settings, trained to the longest of `inner_steps`."""
-        return InnerSettings.of(self, inner_steps=max(self.inner_steps))
+        return self.training
+
+    def flat(self) -> Dict[str, Any]:
+        """Every setting by its flat name, `inner_steps` the lengths."""
+        return {"inner_steps": self.inner_steps,
+                **{k: v for k, v in super().flat().items() if k != "inner_steps"}}
 
     def to_dict(self) -> Dict[str, Any]:
-        """The protocol as a plain dict (for the report)."""
-        return asdict(self)
+        """The protocol as a plain dict (for the report and the checkpoint's settings)."""
+        return self.flat()
 
 
 EVALUATION_RUN = RunKind("loss evaluation", "domainbed-itl-evaluation-checkpoint", "units",
@@ -134,7 +112,7 @@ def _trainings(setup: _Setup, params: inner.Params, loss: LossFn, batches: torch
             continue
         for k, p in params.items():
             p.copy_(start[k])
-        capped = InnerSettings.of(protocol, inner_steps=steps)
+        capped = settings.replace(inner_steps=steps)
         yield steps, inner.fit(params, loss, optimizer, optimizer.init_state(params), x, y,
                                batches[:, :steps], check, protocol.batched,
                                capped.learning_rates(), capped.inner_weight_decay,
@@ -215,7 +193,7 @@ def _finished_units(folder: RunFolder, settings: Mapping[str, Any],
         if now != unit["definition"]:
             raise RunDirError(f"cannot continue the evaluation in {folder.path}: its finished units "
                               f"of loss {unit['loss']!r} were computed with {unit['definition']}, "
-                              f"that loss is now {now}; pass --overwrite to start again")
+                              f"that loss is now {now}; overwrite the evaluation to start it again")
     return units
 
 

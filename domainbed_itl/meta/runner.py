@@ -1,126 +1,32 @@
-"""A meta-training run in a run folder (domainbed_itl.files.runfolder): checkpoint, metrics, loss.
-
-The run folder holds three files, all replaced atomically after every outer step:
-
-- checkpoint.pt  config, data fingerprint, initial ω, trainer state and every metrics record
-                 (with the run folder's device and provenance); the source of truth, written first;
-- metrics.jsonl  one JSON line per outer step (rewritten from the checkpoint's records);
-- loss.json      the current ω as a loss file (domainbed_itl.losses.save_loss).
-
-A crash between two of these writes is repaired on resume, which rewrites metrics.jsonl and
-loss.json from the checkpoint. A resumed run repeats the uninterrupted run exactly (bitwise on
-the same device) because the trainer's randomness depends only on (seed, step). The folder's
-rules (one writer, --resume and --overwrite) are the run folder's.
+"""A meta-training run in a run folder (domainbed_itl.files.runfolder): checkpoint.pt,
+metrics.jsonl and loss.json, all replaced atomically after every outer step; a resume repeats
+the uninterrupted run exactly. See docs/meta_learning.md#what-a-run-writes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..files.runfolder import (RunDirError, RunFolder, RunKind, log_stderr, source_commit,
-                               using_run_folder)
+from ..files.runfolder import RunFolder, RunKind, log_stderr, source_commit, using_run_folder
 from ..files.schemas import MetaCheckpoint
 from ..losses.lossfile import LossSpec
 from .config import MetaConfig
-from .data import DomainData
-from .inner import mlp
+from .data import DomainData, data_fingerprint
+from .resume import (check_resumable, check_trainer_state, initial_loss, new_trainer,
+                     saved_config)
 from .trainer import MetaTrainer, NonFiniteError
+
+__all__ = ["META_RUN", "check_resumable", "check_trainer_state", "data_fingerprint",
+           "initial_loss", "new_trainer", "run_meta_training", "saved_config"]
 
 META_RUN = RunKind("meta-training", "domainbed-itl-meta-checkpoint", "outer steps",
                    schema=MetaCheckpoint)
-
-
-def data_fingerprint(data: DomainData) -> Dict[str, Any]:
-    """Dataset name, environments, domain sizes and a SHA-256 of every tensor's bytes."""
-    digest = hashlib.sha256()
-    for t in [t for domain in data.domains for t in domain] + list(data.heldout_labels or []):
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return {"dataset": data.name, "environments": list(data.environments),
-            "num_classes": data.num_classes, "domain_sizes": [len(y) for _, y in data.domains],
-            "sha256": digest.hexdigest()}
-
-
-def new_trainer(data: DomainData, config: MetaConfig, init: Optional[LossSpec],
-                device: torch.device | str) -> MetaTrainer:
-    """A MetaTrainer on `data` starting from the loss `init` (default: the family's own start);
-    ValueError when `init` is not of the config's family and order."""
-    if init is not None and (init.family, init.order) != (config.family, config.order):
-        raise ValueError(f"the initial loss is a {init.family} loss of order {init.order}, but the "
-                         f"config searches {config.family} (order {config.order})")
-    return MetaTrainer(data.domains, data.num_classes, config,
-                       None if init is None else init.parameters, device=device,
-                       heldout_labels=data.heldout_labels)
-
-
-def saved_config(ckpt: Dict[str, Any], key: str = "config") -> Dict[str, Any]:
-    """A checkpoint's MetaConfig as a dict, checked by MetaConfig; settings added after it was
-    written take their default values, which were the behaviour then. RunDirError for settings
-    that are unknown or whose values MetaConfig refuses."""
-    values = {**MetaConfig().to_dict(), **ckpt[key]}
-    unknown = sorted(set(values) - set(MetaConfig.__dataclass_fields__))
-    try:
-        if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
-        return MetaConfig(**values).to_dict()
-    except ValueError as error:
-        raise RunDirError(f"the checkpoint's {key} cannot be used: {error}") from None
-
-
-def initial_loss(ckpt: Dict[str, Any], key: str = "config") -> LossSpec:
-    """The loss a checkpointed run started from: its config's family and order, its initial ω."""
-    config = saved_config(ckpt, key)
-    try:
-        return LossSpec(config["family"], config["order"], list(ckpt["init_omega"]))
-    except ValueError as error:
-        raise RunDirError(f"the checkpoint's initial loss cannot be used: {error}") from None
-
-
-def check_trainer_state(path: Path, state: Mapping[str, Any], trainer: MetaTrainer,
-                        data: DomainData) -> None:
-    """RunDirError naming the checkpoint at `path` unless its trainer `state` fits `trainer`:
-    ω's shape, the outer optimiser's settings and buffers, the warm-started networks' shapes."""
-    omega = tuple(trainer.omega.shape)
-    fresh = trainer.optimizer.state_dict()["param_groups"]
-    problems = [] if tuple(state["omega"].shape) == omega else [
-        f"trainer.omega has shape {tuple(state['omega'].shape)}, expected {omega}"]
-    saved = state["optimizer"]
-    groups = saved["param_groups"]
-    if len(groups) != 1 or any(groups[0][k] != v for k, v in fresh[0].items() if k in groups[0]):
-        problems.append(f"the outer optimiser's settings {groups} are not the configuration's {fresh}")
-    problems += [f"the outer optimiser's {name} of parameter {index} does not fit ω {omega}"
-                 for index, buffers in saved["state"].items() for name, value in buffers.items()
-                 if index != 0 or isinstance(value, torch.Tensor) and value.dim() and
-                 tuple(value.shape) != omega]
-    if state.get("inner") is not None:
-        n = trainer.num_domains
-        shapes = {name: (n, *p.shape) for name, p in
-                  mlp(data.domains[0][0].shape[1], trainer.config.hidden,
-                      data.num_classes).named_parameters()}
-        inner = state["inner"]
-        buffers = [v for v in inner["optimizer"].values() if isinstance(v, dict)]
-        if any({k: tuple(v.shape) for k, v in b.items()} != shapes for b in [inner["params"], *buffers]):
-            problems.append(f"the warm-started networks do not have the configuration's shapes {shapes}")
-    if problems:
-        raise RunDirError(f"cannot resume {path}: " + "; ".join(problems))
-
-
-def check_resumable(folder: RunFolder, config_key: str, config: MetaConfig, data: DomainData,
-                    init_omega: List[float], ignore: tuple = ()) -> None:
-    """Refuse to resume `folder`'s checkpoint with another MetaConfig (but `ignore`), other data
-    or another initial loss."""
-    ckpt = folder.checkpoint
-    folder.refuse_changes(saved_config(ckpt, config_key), config.to_dict(), ignore)
-    folder.refuse_other("the data", ckpt["data"], data_fingerprint(data))
-    folder.refuse_other("the initial loss parameters", ckpt["init_omega"], init_omega,
-                        "; start from the same --init as the interrupted run")
 
 
 def run_meta_training(data: DomainData, config: MetaConfig,

@@ -1,22 +1,6 @@
-"""Linear solvers for the implicit gradient: interchangeable callables `solve(matvec, b) -> x`.
-
-Each solver approximates x = A⁻¹ b using only products `matvec(v) = A v` on flat 1-D tensors,
-so A (the inner Hessian) is never formed. Configure one with functools.partial, as torchopt's
-LinearSolver does:
-
-    solve = functools.partial(neumann, steps=15, alpha=0.01)
-    x = solve(matvec, b)
-
-`neumann` and `cg` run a fixed number of products with no data-dependent Python control flow,
-so they also work under torch.func.vmap (the batched meta-learner vmaps its hypergradients).
-
-Solves that cannot diverge: a Neumann series converges only when every eigenvalue of αA lies in
-(0, 2). `neumann(..., power_iters=k)` takes α relative to 1/λ̂_max, with λ̂_max the largest
-|eigenvalue| of A estimated by k power iterations (`power_iteration`), so the step follows the
-curvature of each system; `early_stop=True` returns the iterate of smallest residual; and
-`damped` solves (A + μI)x = b instead (ridge damping, as torchopt's and JAXopt's `ridge`),
-which lifts the negative eigenvalues of a Hessian away from a minimum, along which no α
-converges. All of these keep a fixed number of products, so they work under vmap.
+"""Linear solvers for the implicit gradient: interchangeable callables `solve(matvec, b) -> x`
+with x ≈ A⁻¹ b from products with A only (configure one with functools.partial, as torchopt's
+LinearSolver). See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations
@@ -68,12 +52,12 @@ def extreme_eigenvalues(matvec: MatVec, v0: Tensor, iters: int) -> Tuple[Tensor,
 
 
 def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01,
-            scale: bool = True, power_iters: int = 0, early_stop: bool = False) -> Tensor:
+            power_iters: int = 0, early_stop: bool = False) -> Tensor:
     """Truncated Neumann series α Σ_{j=0..steps} (I − αA)^j b ≈ A⁻¹ b (Eq. 6, Algorithm 2).
 
-    Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α). `scale=False`
-    returns Σ_{j=0..steps} (I − αA)^j b without the factor α, as Algorithm 2 is printed: an
-    estimate of A⁻¹ b / α, which makes every hypergradient 1/α times larger.
+    Converges to A⁻¹ b as steps → ∞ when the eigenvalues of A lie in (0, 2/α). (Algorithm 2 as
+    printed returns the sum without the factor α; that 1/α is a scale on the outer update,
+    config.SolverSettings.hypergradient_scale, not the solver's.)
 
     power_iters > 0: α is `alpha`/λ̂ with λ̂ the largest |eigenvalue| of A from that many power
     iterations started at b (alpha 1: α = 1/λ̂; below 2 the series converges on the positive
@@ -93,16 +77,15 @@ def neumann(matvec: MatVec, b: Tensor, steps: int = 15, alpha: float = 0.01,
         _, radius, _ = power_iteration(matvec, b, power_iters)
         alpha = alpha / radius.clamp_min(torch.finfo(b.dtype).tiny)
     if early_stop:
-        return _neumann_best(matvec, b, steps, alpha, scale)
+        return _neumann_best(matvec, b, steps, alpha)
     v, p = b, b
     for _ in range(steps):  # Algorithm 2: v -= α A v; p += v
         v = v - alpha * matvec(v)
         p = p + v
-    return alpha * p if scale else p
+    return alpha * p
 
 
-def _neumann_best(matvec: MatVec, b: Tensor, steps: int, alpha: float | Tensor,
-                  scale: bool) -> Tensor:
+def _neumann_best(matvec: MatVec, b: Tensor, steps: int, alpha: float | Tensor) -> Tensor:
     """The Neumann partial sum of smallest residual; the residual of α·p_j is v_{j+1}."""
     v, p = b, b
     best, best_residual = b, torch.full((), torch.inf, dtype=b.dtype, device=b.device)
@@ -114,7 +97,7 @@ def _neumann_best(matvec: MatVec, b: Tensor, steps: int, alpha: float | Tensor,
         best_residual = torch.where(better, residual, best_residual)
         if j < steps:
             p = p + v
-    return alpha * best if scale else best
+    return alpha * best
 
 
 def damped(matvec: MatVec, b: Tensor, solve: Solver, damping: float) -> Tensor:
@@ -182,5 +165,3 @@ def dense(matvec: MatVec, b: Tensor) -> Tensor:
     a = torch.stack([matvec(e) for e in eye], dim=1)
     return torch.linalg.solve(a, b)
 
-
-SOLVERS = {"neumann": neumann, "cg": cg, "minres": minres, "dense": dense}

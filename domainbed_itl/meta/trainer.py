@@ -1,22 +1,7 @@
 """Algorithm 1: meta-learning the loss parameters ω by leave-one-domain-out implicit gradients.
 
-One outer step (Sec. 3.3): for every domain i, train a base network on the other domains with
-the current loss L_ω (inner.py: SGD as in the paper, or momentum or Adam; freshly initialised,
-or warm-started from the previous step's network; for a fixed number of steps or, with a
-stopping rule, until it is near a stationary point), compute the implicit hypergradient of
-M = cross-entropy on the held-out domain i (Algorithm 2, hypergradient.py), aggregate the n
-hypergradients (PCGrad or mean, aggregators.py) and update ω with the outer optimiser. Each
-step also records whether its hypergradients can be trusted (diagnostics.py).
-
-Works on plain tensors, one (x, y) per domain (data.py); it never imports DomainBed. The
-configuration is config.py's MetaConfig; all the randomness of outer step k comes from
-draws.py's generator seeded by (seed, k), so a run resumed from the state after step k repeats
-the uninterrupted run exactly. `batched=True` trains the n independent inner networks as one
-stack and computes their hypergradients under torch.func.vmap.
-
-Base model: an MLP with ReLU whose default widths features → 256 → classes are two weight
-layers as in Sec. 4.1. The paper's "1024-256-10" used 32×32 inputs; here the input is DomainBed's
-image flattened as it is (28×28 = 784 for RotatedMNIST, 2×28×28 = 1568 for ColoredMNIST).
+`MetaTrainer.outer_step` trains one inner network per held-out domain, computes and aggregates
+their implicit hypergradients and updates ω. See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from __future__ import annotations
@@ -39,6 +24,7 @@ from .draws import StepDraws, domain_indices, draw_step, step_generator
 from .hypergradient import adjoint_residual, flatten_module, implicit_grad
 from .inner import Params, init_params, mlp
 from .solvers import Solver
+from .state import OuterState
 
 __all__ = ["MetaConfig", "MetaTrainer", "NonFiniteError", "mlp", "step_generator"]
 
@@ -51,11 +37,6 @@ class NonFiniteError(FloatingPointError):
 def _first_nonfinite(values: Tensor) -> Optional[int]:
     bad = (~torch.isfinite(values)).nonzero()
     return None if bad.numel() == 0 else int(bad[0, 0])
-
-
-def _clone_state(state: Dict[str, Any], device: Optional[torch.device] = None) -> Dict[str, Any]:
-    return {k: ({n: t.detach().to(device, copy=True) for n, t in v.items()} if isinstance(v, dict)
-                else v) for k, v in state.items()}
 
 
 def clock(device: torch.device) -> float:
@@ -88,18 +69,12 @@ class MetaTrainer:
         if omega is None:
             omega = self.family.default_parameters(num_classes)
         self.family.check(omega)
-        self.omega = torch.as_tensor(omega, dtype=torch.float32).detach().clone().to(self.device)
-        if not torch.isfinite(self.omega).all():
-            raise ValueError(f"initial loss parameters must be finite, got {self.omega.tolist()}")
-        optimizer = torch.optim.SGD if config.outer_optimizer == "sgd" else torch.optim.Adam
-        self.optimizer = optimizer([self.omega], lr=config.outer_lr)  # Algorithm 1, line 16
-        self.steps_done = 0
+        # ω, the outer optimiser, the steps done and (online IFT) the warm-started networks.
+        self.state = OuterState(omega, config.outer_optimizer, config.outer_lr, self.device)
         self._solve = config.solve() if solve is None else solve
         self._aggregate = functools.partial(aggregators.AGGREGATORS[config.aggregate],
                                             reduction=config.aggregate_reduction)
         self._inner_optimizer = config.inner.optimizer()
-        # Warm start (online IFT): the inner networks and their optimiser state, kept between steps.
-        self._warm: Optional[Tuple[Params, Dict[str, Any]]] = None
 
         self.x = torch.cat([x for x, _ in domains]).to(self.device, torch.float32)
         self.y = torch.cat([y for _, y in domains]).to(self.device)
@@ -118,30 +93,31 @@ class MetaTrainer:
         """How many domains (and so inner trainings) each outer step has."""
         return len(self._domain_index)
 
+    @property
+    def omega(self) -> Tensor:
+        """The loss parameters ω (the state's)."""
+        return self.state.omega
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The outer optimiser (the state's)."""
+        return self.state.optimizer
+
+    @property
+    def steps_done(self) -> int:
+        """Outer steps done."""
+        return self.state.steps_done
+
     def state_dict(self) -> Dict[str, Any]:
-        """What `load_state_dict` needs to continue exactly: steps done, ω, optimiser state and,
-        with warm starts, the inner networks and their optimiser state."""
-        state = {"steps_done": self.steps_done, "omega": self.omega.detach().cpu().clone(),
-                 "optimizer": copy.deepcopy(self.optimizer.state_dict())}
-        if self._warm is not None:
-            params, inner_state = self._warm
-            state["inner"] = {"params": {k: v.detach().cpu().clone() for k, v in params.items()},
-                              "optimizer": _clone_state(inner_state, torch.device("cpu"))}
-        return state
+        """What `load_state_dict` needs to continue exactly (OuterState.state_dict)."""
+        return self.state.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore ω, the outer optimiser and any warm-started networks from `state_dict()`."""
         self.family.check(state["omega"])
         if self.config.warm_start and state["steps_done"] > 0 and "inner" not in state:
             raise ValueError("the state has no inner networks to warm-start from")
-        with torch.no_grad():
-            self.omega.copy_(state["omega"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_done = int(state["steps_done"])
-        self._warm = None
-        if "inner" in state:
-            params = {k: v.to(self.device, copy=True) for k, v in state["inner"]["params"].items()}
-            self._warm = (params, _clone_state(state["inner"]["optimizer"], self.device))
+        self.state.load_state_dict(state)
 
     # The loss functions, pure in (θ, ω, data) for torch.func.
 
@@ -159,13 +135,14 @@ class MetaTrainer:
 
     def _hypergradient(self, theta: Tensor, v: Tensor, x: Tensor, y: Tensor,
                        omega: Tensor) -> Dict[str, Tensor]:
-        """dM/dω ("h"), the relative residual ‖H(c·u) + v‖/‖v‖ of its solve ("residual") and,
-        with spectrum_iters, estimates of the Hessian's extreme eigenvalues ("lambda_max",
-        "lambda_min") on the Krylov space of v, the part of the spectrum the solve sees."""
+        """dM/dω times the configured hypergradient_scale ("h"), the relative residual
+        ‖Hu + v‖/‖v‖ of its solve ("residual") and, with spectrum_iters, estimates of the
+        Hessian's extreme eigenvalues ("lambda_max", "lambda_min") on the Krylov space of v, the
+        part of the spectrum the solve sees."""
         inner_grad = functools.partial(self._inner_grad, x=x, y=y)
         h, u = implicit_grad(inner_grad, theta, omega, v, self._solve, return_adjoint=True)  # Alg. 2
-        out = {"h": h, "residual": adjoint_residual(inner_grad, theta, omega, v,
-                                                    self.config.solution_scale * u)}
+        out = {"h": self.config.hypergradient.hypergradient_scale * h,
+               "residual": adjoint_residual(inner_grad, theta, omega, v, u)}
         if self.config.spectrum_iters:
             out["lambda_max"], out["lambda_min"] = diagnostics.hessian_extremes(
                 inner_grad, theta, omega, v, self.config.spectrum_iters)
@@ -183,8 +160,8 @@ class MetaTrainer:
     def _start(self, draws: StepDraws, warm: bool) -> Tuple[Params, Dict[str, Any]]:
         """Algorithm 1, line 9: fresh networks from the step's seeds, or copies of the
         warm-started ones, with their inner-optimiser state."""
-        if warm and self._warm is not None:
-            return {k: v.clone() for k, v in self._warm[0].items()}, _clone_state(self._warm[1])
+        if warm and self.state.warm is not None:
+            return self.state.warm_copy()
         params = init_params(self._init_model, draws.init_seeds, self.device)
         return params, self._inner_optimizer.init_state(params)
 
@@ -243,20 +220,18 @@ class MetaTrainer:
         its family's intervals, is undone."""
         if not torch.isfinite(h).all():
             raise NonFiniteError(f"outer step {step}: non-finite aggregated hypergradient")
-        previous = self.state_dict()
+        previous = self.state.snapshot()
         if trusted.any():
-            self.omega.grad = h
-            self.optimizer.step()
-            self.omega.grad = None
+            self.state.update(h)
         if not torch.isfinite(self.omega).all():
             bad_omega = self.omega.tolist()
-            self.load_state_dict(previous)
+            self.state.restore(previous)
             raise NonFiniteError(f"outer step {step}: non-finite loss parameters ω after the update: "
                                  f"{bad_omega}")
         try:
             self.family.check(self.omega)
         except ParameterRangeError as error:
-            self.load_state_dict(previous)
+            self.state.restore(previous)
             raise NonFiniteError(f"outer step {step}: the update took ω out of its family's range "
                                  f"and is undone: {error}") from None
 
@@ -277,15 +252,14 @@ class MetaTrainer:
         thetas = inner.flat(params)
         _, heldout_loss, heldout_acc = self._heldout(thetas, draws)
         source_acc = diagnostics.accuracies(self.apply, thetas, self.x, self.y, draws.source_eval)
-        record = {"outer_heldout_loss": float(heldout_loss.mean()),
-                  "outer_heldout_acc": float(heldout_acc.mean()),
-                  "inner_source_acc": float(source_acc.mean()),
-                  "inner_loss": float(inner.tail_loss(run.losses, run.steps_used).mean()),
-                  "source_heldout_gap": float((source_acc - heldout_acc).mean()),
-                  "inner_steps_used": sum(run.steps_used) / len(run.steps_used),
-                  "per_domain": {"heldout_loss": heldout_loss.tolist(),
-                                 "heldout_acc": heldout_acc.tolist(),
-                                 "inner_steps_used": run.steps_used}}
+        averaged = diagnostics.means({
+            "heldout_loss": heldout_loss, "heldout_acc": heldout_acc, "inner_source_acc": source_acc,
+            "inner_loss": inner.tail_loss(run.losses, run.steps_used),
+            "source_heldout_gap": source_acc - heldout_acc,
+            "inner_steps_used": torch.tensor(run.steps_used)})
+        record = {**averaged, "per_domain": {"heldout_loss": heldout_loss.tolist(),
+                                             "heldout_acc": heldout_acc.tolist(),
+                                             "inner_steps_used": run.steps_used}}
         if run.start_norm is not None:
             record["per_domain"]["stationarity"] = (run.final_norm / run.start_norm).tolist()
         return record
@@ -331,8 +305,8 @@ class MetaTrainer:
                      if c.reference_every and step % c.reference_every == 0 else None)
         t4 = clock(self.device)
         if c.warm_start:
-            self._warm = (params, inner_state)
-        self.steps_done = step
+            self.state.warm = (params, inner_state)
+        self.state.steps_done = step
         per_domain = {
             "inner_source_acc": source_acc, "heldout_acc": heldout_acc, "heldout_loss": heldout_loss,
             "source_heldout_gap": source_acc - heldout_acc,

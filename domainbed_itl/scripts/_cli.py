@@ -34,7 +34,8 @@ from ..bridge.patching import PatchError
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
 from ..meta.data import DomainData, planted_dataset, size_problems, synthetic_dataset
-from ..meta.inner import INNER_OPTIMIZERS, SCHEDULES
+from ..meta.config import InnerSettings
+from ..meta.settings import Rule, leaves, rule_of
 
 # Errors that a user's input or environment causes: one line and exit status 2.
 EXPECTED_ERRORS = (ValueError, OSError, RunDirError, FolderLocked, DomainBedNotFound, PatchError)
@@ -244,6 +245,11 @@ def widths(text: str) -> Tuple[int, ...]:
         ) from None
 
 
+def flag_name(setting: str) -> str:
+    """The flag of a setting, as a command line writes it."""
+    return f"--{setting}"
+
+
 def flag_text(name: str, value: Any) -> str:
     """How the flag `name` with `value` is written on a command line."""
     if isinstance(value, bool):
@@ -259,25 +265,37 @@ def flag_text(name: str, value: Any) -> str:
 # group (`add_flags`); a flag added to a table reaches every command that takes the table.
 
 
-# How one inner network is trained: MetaConfig's inner settings and the evaluation Protocol's, so
-# meta_train, cma_search and evaluate_loss meta take these flags (None: the preset's or the
-# protocol's default).
-INNER_TRAINING = {
-    "inner_optimizer": dict(choices=INNER_OPTIMIZERS),
-    "inner_lr": dict(type=positive_float),
-    "inner_momentum": dict(type=float, help="with --inner_optimizer momentum"),
-    "batch_size": dict(type=positive_int),
-    "hidden": dict(type=widths, help="hidden widths of the base MLP, e.g. 256 (two weight layers)"),
-    "inner_schedule": dict(choices=SCHEDULES, help="learning rate over the inner steps: constant, "
-                           "or annealed to 0 over them (cosine, linear)"),
-    "inner_weight_decay": dict(type=nonnegative_float, help="λ of an L2 term λ/2‖θ‖² in the inner "
-                               "objective (also in the implicit gradient)"),
-    "inner_stop_ratio": dict(type=positive_float, help="stop a network once its gradient norm on "
-                             "the source-evaluation examples is at most this fraction (0 to 1) of "
-                             "its start; --inner_steps is then the cap"),
-    "inner_stop_every": dict(type=positive_int, help="check the stopping rule every this many "
-                             "inner steps"),
-}
+def flag_keywords(rule: Rule) -> Dict[str, Any]:
+    """The argparse keywords that read a setting of `rule` from the command line (the setting's
+    own rule checks the value once it is set)."""
+    if rule.kind == "choice":
+        return dict(choices=rule.choices)
+    if rule.kind == "bool":
+        return dict(action=argparse.BooleanOptionalAction)
+    if rule.kind == "widths":
+        return dict(type=widths)
+    if rule.kind == "int":
+        return dict(type={1: positive_int, 0: nonnegative_int}.get(
+            rule.low, int_at_least(int(rule.low), f"an integer >= {rule.low}")))
+    if rule.low == 0:
+        return dict(type=positive_float if rule.low_open else nonnegative_float)
+    return dict(type=float)
+
+
+def setting_flags(kind: type, only: Sequence[str] = (), skip: Sequence[str] = ()
+                  ) -> Dict[str, Dict[str, Any]]:
+    """A flag table of the settings of the Settings class `kind` (parts' settings included):
+    every one, or those named in `only`, less `skip`; each flag's type, choices and help come
+    from its field (meta.settings)."""
+    return {f.name: {**flag_keywords(rule_of(f)), **({"help": f.metadata["help"]}
+                                                     if f.metadata["help"] else {})}
+            for f in leaves(kind) if (not only or f.name in only) and f.name not in skip}
+
+
+# How one inner network is trained: every InnerSettings setting but the step count, so
+# meta_train, cma_search, evaluate_loss meta and grid_search take these flags (None: the
+# preset's or the protocol's default).
+INNER_TRAINING = setting_flags(InnerSettings, skip=("inner_steps",))
 
 
 def add_flags(parser: argparse.ArgumentParser, title: str, *tables: Mapping[str, Dict[str, Any]],
@@ -402,7 +420,7 @@ def check_data_sizes(data: DomainData, wanted: Mapping[str, Optional[int]],
     a note on stderr for defaults that exceed it (meta.data.size_problems)."""
     sizes = [len(y) for _, y in data.domains]
     wanted = {**wanted, "per_domain_cap": data.info.get("per_domain_cap")}
-    for note in size_problems(sizes, wanted, explicit, data.name):
+    for note in size_problems(sizes, wanted, explicit, data.name, spell=flag_name):
         print(f"note: {note}", file=sys.stderr)
 
 

@@ -14,7 +14,7 @@ from ..bridge.loss_evaluation import loss_definition, loss_function
 from ..files.runfolder import RunFolder
 from ..meta.data import DomainData
 from ..meta.evaluate import Protocol, evaluate_in_folder
-from ._cli import INNER_TRAINING, add_flags, nonnegative_int, positive_int
+from ._cli import INNER_TRAINING, add_flags, nonnegative_int, positive_int, setting_flags
 
 Loss = Tuple[Callable[..., torch.Tensor] | torch.nn.Module, Any]
 
@@ -26,8 +26,8 @@ def add_meta_protocol_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner_steps", type=positive_int, nargs="+", default=[1000],
                         help="report after each of these numbers of inner steps")
     add_flags(parser, "inner training (default: meta_train's)", INNER_TRAINING)
-    parser.add_argument("--eval_size", type=positive_int, default=2048,
-                        help="source examples behind the source accuracy")
+    parser.add_argument("--eval_size", default=Protocol().eval_size,
+                        **setting_flags(Protocol, only=("eval_size",))["eval_size"])
     parser.add_argument("--per_domain_cap", type=positive_int, default=None)
     parser.add_argument("--data_seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

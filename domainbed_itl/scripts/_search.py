@@ -22,74 +22,29 @@ import torch
 from ..files.runfolder import RunDirError, RunFolder, RunKind, open_run_folder, resume_hint
 from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
 from ..losses.families import family_names, family_orders, family_spellings, split_spelling
-from ..meta.aggregators import AGGREGATORS, REDUCTIONS
 from ..meta.data import DomainData
-from ..meta.config import (META_PRESETS, NEUMANN_FORMS, OUTER_OPTIMIZERS, SOLVERS, MetaConfig,
-                           preset_config)
-from ..meta.runner import initial_loss, saved_config
+from ..meta.config import (META_PRESETS, DiagnosticsSettings, InnerSettings, MetaConfig,
+                           OuterSettings, SolverSettings, preset_config)
+from ..meta.resume import initial_loss, saved_config
 from ._cli import (check_data_flags, check_data_sizes, command_line, data_flags, explicit_flags,
-                   flag_text, integer, load_data, nonnegative_float, nonnegative_int, parse_device,
-                   positive_float, positive_int, run_command)
+                   flag_text, integer, load_data, parse_device, run_command, setting_flags)
 
 DEFAULT_PRESET = "paper_guarded"
 # Data flags a resume may change: where the same data and DomainBed are.
 LOCATION_FLAGS = ("data_dir", "domainbed_root")
 
-# MetaConfig settings as flags, one table per group (see _cli.add_flags); an absent flag (None)
-# leaves the preset's value. A flag added to a table reaches every command that takes it.
-OUTER = {
-    "outer_steps": dict(type=positive_int),
-    "outer_optimizer": dict(choices=OUTER_OPTIMIZERS, help="sgd is Algorithm 1's plain gradient descent"),
-    "outer_lr": dict(type=positive_float),
-    "aggregate": dict(choices=tuple(AGGREGATORS)),
-    "aggregate_reduction": dict(choices=REDUCTIONS, help="sum the per-domain hypergradients (Yu et "
-                                "al.'s PCGrad, the paper) or average them"),
-}
+# MetaConfig settings as flags, one table per group (see _cli.add_flags), derived from the
+# settings tree; an absent flag (None) leaves the preset's value. A setting added to a part
+# reaches every command that takes the part's table.
+OUTER = setting_flags(OuterSettings, skip=("warm_start", "outer_batch"))
 # How M and the logged source accuracy are measured.
-OBJECTIVE = {
-    "outer_batch": dict(type=positive_int, help="held-out examples for M per domain (default: the "
-                        "whole domain)"),
-    "eval_size": dict(type=positive_int, help="source examples for the logged inner source "
-                      "accuracy and gradient norm"),
-}
-INNER_STEPS = {"inner_steps": dict(type=positive_int)}
-WARM_START = {
-    "warm_start": dict(action=argparse.BooleanOptionalAction, help="continue training the previous "
-                       "outer step's inner networks instead of fresh ones (online IFT)"),
-}
-HYPERGRADIENT = {
-    "solver": dict(choices=SOLVERS),
-    "neumann_steps": dict(type=positive_int),
-    "neumann_alpha": dict(type=positive_float),
-    "neumann_form": dict(choices=NEUMANN_FORMS, help="inverse: α Σ (I-αH)^j v, an estimate of H^-1 "
-                         "v; algorithm2: the sum without α, as Algorithm 2 is printed"),
-    "neumann_power_iters": dict(type=nonnegative_int, help="if > 0: α = neumann_alpha/λ̂_max per "
-                                "domain, λ̂_max from this many power iterations (needs "
-                                "--neumann_form inverse, --neumann_alpha < 2)"),
-    "neumann_early_stop": dict(action=argparse.BooleanOptionalAction, help="return the Neumann "
-                               "partial sum of smallest residual"),
-    "solver_damping": dict(type=nonnegative_float, help="solve (H + μI)u = -v with this μ (ridge "
-                           "damping)"),
-    "cg_maxiter": dict(type=positive_int),
-    "cg_tol": dict(type=float),
-    "hvp_batch": dict(type=positive_int, help="source examples in the Hessian-vector products"),
-    "max_solver_residual": dict(type=positive_float, help="leave out of the update every domain "
-                                "whose linear solve has a larger relative residual (1: worse than "
-                                "no solve, as a diverging Neumann series); no update when none is left"),
-}
-DIAGNOSTICS = {
-    "reference_every": dict(type=nonnegative_int, help="every K outer steps, compare one domain's "
-                            "hypergradient with a long MINRES solve (0: never)"),
-    "reference_maxiter": dict(type=positive_int, help="MINRES iterations of that reference solve"),
-    "spectrum_iters": dict(type=nonnegative_int, help="record each domain's Hessian λ_max and "
-                           "λ_min from this many power iterations each (0: not recorded)"),
-}
-BATCHED = {
-    "batched": dict(action=argparse.BooleanOptionalAction, help="train the per-domain inner networks "
-                    "as one stack (and vmap their hypergradients)"),
-}
-SEED = {"seed": dict(type=nonnegative_int, help="seed of the inner trainings' draws (and of "
-                     "CMA-ES's samples)")}
+OBJECTIVE = setting_flags(MetaConfig, only=("outer_batch", "eval_size"))
+INNER_STEPS = setting_flags(InnerSettings, only=("inner_steps",))
+WARM_START = setting_flags(OuterSettings, only=("warm_start",))
+HYPERGRADIENT = setting_flags(SolverSettings)
+DIAGNOSTICS = setting_flags(DiagnosticsSettings)
+BATCHED = setting_flags(MetaConfig, only=("batched",))
+SEED = setting_flags(MetaConfig, only=("seed",))
 
 
 def add_search_flags(parser: argparse.ArgumentParser) -> None:
@@ -213,7 +168,7 @@ def resumed_settings(args: argparse.Namespace, explicit: Set[str], flags: Sequen
                      may_grow: Sequence[str] = ("outer_steps",)) -> SearchSettings:
     """A resume's settings: the checkpoint's, where the explicit flags agree with them (see the
     module docstring); RunDirError naming every contradiction."""
-    saved = MetaConfig(**saved_config(ckpt, config_key)).to_dict()
+    saved = saved_config(ckpt, config_key)
     provenance = ckpt.get("provenance") or {}
     init = initial_loss(ckpt, config_key)
     found = _config_contradictions(args, explicit, flags, saved, may_grow)

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _presets_help() -> str:
     lines = ["presets (values that differ from MetaConfig's defaults):"]
-    defaults = MetaConfig().to_dict()
+    defaults = MetaConfig().flat()
     for name, values in META_PRESETS.items():
         changed = ", ".join(f"{k}={v}" for k, v in values.items() if defaults.get(k) != v)
         lines.append(f"  {name}: {changed}")
