@@ -8,8 +8,12 @@ step. Top right: the outer held-out loss M. Below, when the run recorded them, t
 whether its hypergradients can be trusted: stationarity of the inner networks (gradient norm at
 the returned θ over that at the start; the implicit function theorem assumes 0) and the
 relative residual of the linear solve (above 1: worse than no solve), with the cosine to the
-reference MINRES hypergradient where one was computed. The figure's format is its extension's
-(.png, .pdf, .svg, ...); an existing file is not replaced without --overwrite.
+reference MINRES hypergradient where one was computed. Dotted lines with legends say what a
+good value is: stationarity 1 (no closer than at the start) and `STATIONARY_RATIO` (where the
+`stationary` preset stops training an inner network), residual 1 (no better than no solve, the
+bound of `--max_solver_residual 1`), cosine 1 (the reference's direction). Outer steps are whole
+numbers on the axes; the title names the run (its folder, by default). The figure's format is
+its extension's (.png, .pdf, .svg, ...); an existing file is not replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..analysis.output import figure_bytes  # noqa: E402
 from ..files.outputs import OutputPlan, plan_outputs  # noqa: E402
 from ..files.runfolder import read_metrics  # noqa: E402
+from ..meta.config import META_PRESETS  # noqa: E402
 from ._cli import run_command  # noqa: E402
+
+STATIONARY_RATIO = META_PRESETS["stationary"]["inner_stop_ratio"]
 
 
 def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path | OutputPlan,
@@ -37,7 +45,7 @@ def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path | OutputPlan
     plan = output if isinstance(output, OutputPlan) else plan_outputs([output], figures=[output])
     steps = [r["step"] for r in records]
     diagnostics = all("solver_residual" in r and "inner_grad_norm_ratio" in r for r in records)
-    fig, axes = plt.subplots(2 if diagnostics else 1, 2, figsize=(10, 7.2 if diagnostics else 3.8),
+    fig, axes = plt.subplots(2 if diagnostics else 1, 2, figsize=(10, 8.6 if diagnostics else 3.8),
                              squeeze=False)
     (ax_acc, ax_loss) = axes[0]
     ax_acc.plot(steps, [100 * r["inner_source_acc"] for r in records], marker=".",
@@ -53,6 +61,7 @@ def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path | OutputPlan
         _plot_diagnostics(records, steps, *axes[1])
     for ax in axes.flat:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -62,21 +71,29 @@ def plot_meta(records: Sequence[Dict[str, Any]], output: str | Path | OutputPlan
 
 
 def _plot_diagnostics(records: Sequence[Dict[str, Any]], steps: List[int], ax_stat, ax_res) -> None:
-    ax_stat.semilogy(steps, [r["inner_grad_norm_ratio"] for r in records], marker=".", color="C2")
+    ax_stat.semilogy(steps, [r["inner_grad_norm_ratio"] for r in records], marker=".", color="C2",
+                     label="this run (lower is better; the IFT assumes 0)")
+    ax_stat.axhline(1.0, color="C3", ls=":", lw=1, label="1: no closer than at the start")
+    ax_stat.axhline(STATIONARY_RATIO, color="C2", ls=":", lw=1,
+                    label=f"{STATIONARY_RATIO:g}: where the stationary preset stops")
+    ax_stat.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="small")
     ax_stat.set(xlabel="outer step (loss update)", ylabel="‖∇L(θ returned)‖ / ‖∇L(θ start)‖",
                 title="stationarity of the inner networks")
     ax_res.semilogy(steps, [r["solver_residual"] for r in records], marker=".", color="C4",
-                    label="linear solve: relative residual")
-    ax_res.axhline(1.0, color="C4", ls=":", lw=1)
+                    label="linear solve: relative residual (lower is better)")
+    ax_res.axhline(1.0, color="C4", ls=":", lw=1, label="residual 1: no better than no solve")
     ax_res.set(xlabel="outer step (loss update)", ylabel="‖H u + v‖ / ‖v‖",
                title="hypergradient trust")
+    handles, labels = ax_res.get_legend_handles_labels()
     refs = [(r["step"], r["reference"]["cosine"]) for r in records if "reference" in r]
     if refs:
         twin = ax_res.twinx()
-        twin.plot(*zip(*refs), "s", color="C1", label="cosine to MINRES reference")
+        twin.plot(*zip(*refs), "s", color="C1", label="cosine to MINRES reference (right axis)")
+        twin.axhline(1.0, color="C1", ls=":", lw=1, label="cosine 1: the reference's direction")
         twin.set(ylim=(-1.05, 1.05), ylabel="cosine")
-        twin.legend(loc="lower right")
-    ax_res.legend(loc="upper left")
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax_res.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="small")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -84,20 +101,28 @@ def _run(args: argparse.Namespace) -> int:
     output = args.output or Path(args.metrics).with_name("curve.png")
     plan = plan_outputs([output], args.overwrite, figures=[output])
     records = read_metrics(args.metrics)
-    print(plot_meta(records, plan, args.title))
+    title = args.title or default_title(args.metrics, records)
+    print(f"wrote {plot_meta(records, plan, title)}")
     return 0
+
+
+def default_title(metrics: str | Path, records: Sequence[Dict[str, Any]]) -> str:
+    """The run's folder and its number of outer steps."""
+    folder = Path(metrics).resolve().parent.name
+    return f"meta-training run {folder}: {len(records)} outer step{'s' * (len(records) != 1)}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: metrics.jsonl in, PNG out."""
     p = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.plot_meta",
-                                description=__doc__.split("\n\n")[0])
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("metrics", help="a run's metrics.jsonl")
     p.add_argument("--output", default=None, help="figure path, its format named by its extension "
-                                                  "(.png, .pdf, .svg, ...; default: curve.png beside "
-                                                  "the metrics)")
+                                                  "(.png, .pdf, .svg, ...; curve.png beside the "
+                                                  "metrics if not given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--title", default="", help="figure title (default: the run's folder and its outer steps)")
     args = p.parse_args(argv)
     return run_command(lambda: _run(args))
 
