@@ -1,6 +1,9 @@
 """The submitit launcher: its settings, and real jobs through submitit's local executor."""
 
+import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -9,9 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from domainbed_itl.bridge.launchers import (LAUNCHERS, CommandFailed, SubmititConfig, SubmititJobsFailed,
-                                     default_folder, make_submitit_launcher, slot_gpus,
-                                     submitit_launcher)
+from domainbed_itl.bridge.launchers import (LAUNCHERS, OUTPUT_LOG, CommandFailed, SubmititConfig,
+                                            SubmititJobsFailed, default_folder, make_local_launcher,
+                                            make_submitit_launcher, slot_gpus, submitit_launcher)
+from domainbed_itl.files.running_jobs import RUNNING_MARKER, running
 
 from conftest import domainbed_env
 
@@ -285,3 +289,53 @@ def test_slurm_wait_reports_failures(fake_slurm):
     config = SubmititConfig(folder="/logs", wait=True)
     with pytest.raises(SubmititJobsFailed, match=r"1 of 3 submitit jobs failed:\n\[job 1000_1\] echo 1"):
         make_submitit_launcher(config)(["echo 0", "echo 1", "echo 2"])
+
+
+# ------------------------------------------------------------------ the stoppable local launcher
+
+def _job_command(folder, code):
+    """A shell command running python `code` as a DomainBed train command names its folder."""
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} --output_dir {shlex.quote(str(folder))}"
+
+
+def test_local_jobs_write_to_their_folder_and_leave_no_running_marker(tmp_path, capfd):
+    folders = [tmp_path / f"{i:032x}" for i in range(2)]
+    for folder in folders:
+        folder.mkdir()
+    code = "import sys; print('to stdout'); print('to stderr', file=sys.stderr); sys.exit({})"
+    make_local_launcher()([_job_command(folders[0], code.format(0)),
+                           _job_command(folders[1], code.format(3))])  # a failure stops nothing
+    for folder in folders:
+        assert (folder / OUTPUT_LOG).read_text().split() == ["to", "stdout", "to", "stderr"]
+        assert not (folder / RUNNING_MARKER).exists()
+    assert "to stdout" not in capfd.readouterr().out
+    make_local_launcher(verbose=True)([_job_command(folders[0], code.format(0))])
+    assert "to stdout" in capfd.readouterr().out
+
+
+def test_an_interrupted_local_launcher_stops_its_job_and_the_jobs_children(tmp_path):
+    """SIGINT to the launcher's whole process group (Ctrl-C on a terminal): the job, in a group
+    of its own, gets no SIGINT (so no traceback of its own); the launcher stops its group, the
+    job's own child included, removes the running marker and goes on with the interruption."""
+    folder, pid_file = tmp_path / ("a" * 32), tmp_path / "grandchild.pid"
+    folder.mkdir()
+    job = (f"import subprocess, time; p = subprocess.Popen(['sleep', '300']); "
+           f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    driver = ("import sys; from domainbed_itl.bridge.launchers import make_local_launcher; "
+              "make_local_launcher(stop_timeout_s=5)([sys.argv[1]])")
+    launcher = subprocess.Popen([sys.executable, "-c", driver, _job_command(folder, job)],
+                                start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.1)
+    assert running(folder)  # its marker names a live process running this folder's job
+    grandchild = int(pid_file.read_text())
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=60)
+    assert "KeyboardInterrupt" in stderr  # the launcher's own interruption goes on
+    assert not (folder / RUNNING_MARKER).exists() and running(folder) is None
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(grandchild, 0)
+    assert "Traceback" not in (folder / OUTPUT_LOG).read_text()

@@ -14,24 +14,32 @@
    them), DomainBed's default hparams (`--n_hparams 1`), one trial, `--steps` steps (12 jobs,
    one after the other with the `local` launcher), into WORKDIR/sweep, with DomainBed's `Job`s
    and launchers. Before they start it prints the plan and, without a GPU, an estimate of the
-   time they take from a few timed training steps (domainbed_itl.bridge.sweep_estimate); while
-   they run, a progress bar with the time left (`--no_progress`: neither).
-5. Prints DomainBed's `collect_results` table.
+   time they take from a few timed training steps of each algorithm
+   (domainbed_itl.bridge.sweep_estimate); while they run, a progress bar over the training
+   steps the jobs log, with the time left (`--no_progress`: neither). With the `local`
+   launcher, DomainBed's own output goes to each job's folder (`launcher_output.txt`, beside
+   DomainBed's `out.txt` and `err.txt`), unless `--verbose`.
+5. Prints DomainBed's `collect_results` table of the jobs that finished.
 
-Run it again to finish an interrupted sweep: DomainBed launches only jobs without a folder, so
-the empty folders of jobs that never started are removed first; a job that started and did not
-finish (failed, or killed) is listed with DomainBed's command that clears it.
+Ctrl-C (or SIGTERM) stops the running job too (the `local` launcher stops its process group).
+Run the same command again to finish an interrupted sweep: it says which jobs of an earlier run
+did not finish (interrupted or failed), removes their folders (never that of a job still
+running) and launches them again with the jobs not launched yet. The table reads finished jobs
+only, so it never shows the partial records of an unfinished one.
 The losses of our algorithms under --hparams are checked before any step, and the sweep folder
 has one writer at a time (domainbed_itl.files.runlock). `--setup_only` stops after step 3; `--dry_run`
-prints what would run. Exit status: 0 done, 1 a step or a job failed, 2 bad input.
+prints what would run. Exit status: 0 done, 1 a step or a job failed, 2 bad input, 130
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -40,12 +48,14 @@ from ..bridge.domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_doma
 from ..experiments.paper import format_command
 from ..bridge.domainbed_data import mnist_instructions, no_new_folders_on_error, reason_of
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
-from ..bridge.launchers import SubmititJobsFailed
+from ..bridge.launchers import (OUTPUT_LOG, SubmititJobsFailed, launch_jobs, launch_order,
+                                make_local_launcher)
 from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, apply, import_check, status
 from ..bridge.sweep_estimate import print_plan
-from ..files.job_progress import JobProgress, done_in
+from ..files.job_progress import JobProgress, done_in, steps_done_in
 from ..files.runlock import folder_lock
-from ..files.sweepfolder import remove_never_started, unfinished_jobs
+from ..files.running_jobs import finished_view, remove_unfinished, to_relaunch
+from ..files.sweepfolder import last_error_line, remove_never_started, unfinished_jobs
 from ._cli import integer, run_command
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
@@ -101,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry_run", action="store_true", help="print the steps only")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar and no timed estimate (for logs)")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"DomainBed's own output on the screen (default: with the local "
+                             f"launcher, in each job's folder, {OUTPUT_LOG})")
     return parser
 
 
@@ -240,7 +253,8 @@ def plan_jobs(args: argparse.Namespace, data_dir: Path, sweep, num_environments)
 
 
 def _launch(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Path) -> None:
-    """Step 4: launch the jobs not launched yet, with a plan, an estimate and a progress bar."""
+    """Step 4: relaunch the unfinished jobs of an earlier run and launch the jobs not launched
+    yet, with a plan, an estimate and a progress bar."""
     sweep = import_domainbed(root, "domainbed.scripts.sweep")
     datasets = import_domainbed(root, "domainbed.datasets")
     launchers = import_domainbed(root, "domainbed.command_launchers")
@@ -249,25 +263,51 @@ def _launch(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pa
                                    f"one of {', '.join(sorted(launchers.REGISTRY))}")
     jobs = [sweep.Job(a, str(output_dir)) for a in plan_jobs(args, data_dir, sweep,
                                                              datasets.num_environments)]
+    _relaunch_unfinished(jobs)
+    jobs = [sweep.Job(job.train_args, str(output_dir)) for job in jobs]  # states after the removal
     states = [job.state for job in jobs]
     print("{} jobs: {} done, {} incomplete, {} not launched.".format(
         len(jobs), states.count(sweep.Job.DONE), states.count(sweep.Job.INCOMPLETE),
         states.count(sweep.Job.NOT_LAUNCHED)))
-    to_launch = [job for job in jobs if job.state == sweep.Job.NOT_LAUNCHED]
+    to_launch = launch_order([job for job in jobs if job.state == sweep.Job.NOT_LAUNCHED])
     print(f"About to launch {len(to_launch)} jobs.", flush=True)
-    if to_launch:
-        detail = (f"{' '.join(args.algorithms)} on {' '.join(args.datasets)} x {args.steps} steps, "
-                  f"{args.n_hparams} hparams seed(s), {args.n_trials} trial(s), launcher "
-                  f"{args.command_launcher}")
-        print_plan(len(to_launch), detail, None if args.no_progress else to_launch[0].train_args,
-                   root, SHRINK_FLAGS, args.command_launcher)
-        os.environ.update(with_quiet_loaders(with_pythonpath(root)))  # the jobs inherit it
-        with JobProgress(done_in(job.output_dir for job in jobs), len(jobs), desc="quickstart jobs",
-                         disable=args.no_progress):
-            try:
-                sweep.Job.launch(to_launch, launchers.REGISTRY[args.command_launcher])
-            except SubmititJobsFailed as error:  # listed again below, with DomainBed's remedy
-                print(f"error: {error}", file=sys.stderr)
+    if not to_launch:
+        return
+    detail = (f"{' '.join(args.algorithms)} on {' '.join(args.datasets)} x {args.steps} steps, "
+              f"{args.n_hparams} hparams seed(s), {args.n_trials} trial(s), launcher "
+              f"{args.command_launcher}")
+    print_plan(len(to_launch), detail, None if args.no_progress else to_launch[0].train_args,
+               root, SHRINK_FLAGS, args.command_launcher,
+               jobs=None if args.no_progress else [job.train_args for job in to_launch])
+    os.environ.update(with_quiet_loaders(with_pythonpath(root)))  # the jobs inherit it
+    local = args.command_launcher == "local"
+    launcher_fn = (make_local_launcher(verbose=args.verbose) if local
+                   else launchers.REGISTRY[args.command_launcher])
+    folders = [job.output_dir for job in jobs]
+    with JobProgress(steps_done_in(folders, [args.steps] * len(jobs)), args.steps * len(jobs),
+                     desc="quickstart jobs", disable=args.no_progress, unit="step", interval=1.0,
+                     jobs=(done_in(folders), len(jobs))):
+        try:
+            launch_jobs(sweep.Job, to_launch, launcher_fn, quiet=local and not args.verbose)
+        except SubmititJobsFailed as error:  # listed again below, with DomainBed's remedy
+            print(f"error: {error}", file=sys.stderr)
+
+
+def _relaunch_unfinished(jobs: list) -> None:
+    """Remove the folders of the jobs of an earlier run that started and did not finish, saying
+    so, so that they run again; refused while one of them still runs."""
+    folders = [job.output_dir for job in jobs]
+    idle, busy = to_relaunch(folders)
+    if busy:
+        raise QuickstartError(f"{len(busy)} job(s) of this sweep still run (a launcher that was "
+                              "killed left them): " + "; ".join(busy) + ". Let them finish or "
+                              "stop them, then run this command again")
+    if idle:
+        print(f"{len(idle)} job(s) of an earlier run did not finish (interrupted or failed); "
+              "their folders are removed and they run again:\n  " + "\n  ".join(
+                  f"{folder}: {last_error_line(folder) or 'no error logged'}" for folder in idle),
+              flush=True)
+        remove_unfinished(idle)
 
 
 def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Path) -> int:
@@ -280,18 +320,23 @@ def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pat
               "so that they run now")
     print(f"\n$ {format_command(launch)}{_only(args)}", flush=True)
     _launch(args, root, data_dir, output_dir)
-    print(f"\n$ {format_command(collect)}", flush=True)
-    if subprocess.run(collect, env=env).returncode != 0:
-        raise QuickstartError("DomainBed's collect_results failed (see its output above)")
+    print(f"\n$ {format_command(collect)}  (its finished jobs only)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="finished-jobs-") as view:
+        finished_view(output_dir, view)
+        if subprocess.run([*collect[:-1], view], env={**env, "TQDM_DISABLE": "1"}).returncode != 0:
+            raise QuickstartError("DomainBed's collect_results failed (see its output above)")
+        shutil.copyfile(Path(view) / "results.txt", output_dir / "results.txt")
     failed = unfinished_jobs(output_dir)
     if failed:
         delete = [*launch[:3], "delete_incomplete", *launch[4:]]  # ends in --skip_confirmation
-        print(f"\nerror: {len(failed)} job(s) did not finish, so the table above lacks them:\n  "
+        print(f"\nerror: {len(failed)} job(s) did not finish, so the table above leaves them out:\n  "
               + "\n  ".join(failed) + "\nFix the cause, clear them with\n  "
-              f"PYTHONPATH={root} {format_command(delete)}\nand run this command again.",
+              f"PYTHONPATH={root} {format_command(delete)}\nand run this command again (or just "
+              "run it again: it removes and relaunches them itself; none of them runs now).",
               file=sys.stderr)
         return 1
-    print(f"\ndone: DomainBed's sweep is in {output_dir}; its checkout, with our hooks, in {root}")
+    print(f"\ndone: DomainBed's sweep is in {output_dir}, its table in {output_dir / 'results.txt'}; its "
+          f"checkout, with our hooks, in {root}")
     return 0
 
 
@@ -300,7 +345,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: run(args), expected=(QuickstartInputError,),
                        failures=(QuickstartError,),
-                       interrupted=lambda: "run the same command again to finish the sweep")
+                       interrupted=lambda: "the running job was stopped; run the same command "
+                       "again: it relaunches that job and runs the rest")
 
 
 if __name__ == "__main__":
