@@ -74,7 +74,7 @@ def test_grid_search_estimates_first_and_ends_naming_its_reports(tmp_path, capsy
     out = capsys.readouterr().out
     assert out.startswith("estimate (timed here on loss focal:1, seed 0, 22 inner steps): ")
     assert "the 4 units left about" in out
-    assert out.rstrip().splitlines()[-1] == (f"reports: {shown / 'grid.md'}, {shown / 'grid.json'}, "
+    assert out.rstrip().splitlines()[-1] == (f"wrote {shown / 'grid.md'}, {shown / 'grid.json'}, "
                                              f"{shown / 'grid.csv'}")
     records = [json.loads((d / "grid.json").read_text())["records"] for d in (quiet, shown)]
     assert records[0] == records[1]  # timing first changes no result
@@ -85,4 +85,4 @@ def test_evaluate_loss_ends_naming_its_reports(tmp_path, capsys):
     assert evaluate_loss.main(["meta", "--losses", "CE", "LS", *TINY, "--output_dir", str(out_dir),
                                "--no_progress"]) == 0
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
-    assert last == f"reports: {out_dir / 'evaluation.json'}, {out_dir / 'evaluation.md'}"
+    assert last == f"wrote {out_dir / 'evaluation.json'}, {out_dir / 'evaluation.md'}"

@@ -282,14 +282,19 @@ def launch_order(jobs: Sequence[Any]) -> List[Any]:
     return order
 
 
-def launch_jobs(job_class: Any, jobs: Sequence[Any], launcher_fn: Launcher, quiet: bool = True) -> None:
-    """DomainBed's `Job.launch(jobs, launcher_fn)`; with `quiet`, its own messages and its bar
-    over the job folders it makes stay off the screen (the caller's progress bar stays on it)."""
+def launch_jobs(job_class: Any, jobs: Sequence[Any], launcher_fn: Launcher, quiet: bool = True) -> str:
+    """DomainBed's `Job.launch(jobs, launcher_fn)`. With `quiet`, its messages and its bar over
+    the job folders it makes stay off the screen (the caller's progress bar stays on it), and
+    its closing line ('Launched N jobs!') is returned for the caller to print once its bar is
+    gone; else '' is returned."""
     if not quiet:
         job_class.launch(list(jobs), launcher_fn)
-        return
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return ""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         job_class.launch(list(jobs), launcher_fn)
+    return "".join(line for line in out.getvalue().splitlines(keepends=True)
+                   if line.startswith("Launched "))
 
 
 def default_folder(commands: Sequence[str]) -> str:
@@ -417,7 +422,8 @@ def make_submitit_launcher(config: SubmititConfig) -> Launcher:
         if failed:
             raise SubmititJobsFailed(
                 f"{len(failed)} of {len(pairs)} submitit jobs failed:\n" + "\n".join(failed) +
-                "\n(for a DomainBed sweep, `sweep delete_incomplete` then `sweep launch` reruns them)")
+                "\n(for a DomainBed sweep: these jobs have ended; once no other launch runs in the sweep "
+                "folder, `sweep delete_incomplete` then `sweep launch` reruns them)")
         print(f"submitit launcher: all {len(pairs)} jobs succeeded", flush=True)
 
     return launcher

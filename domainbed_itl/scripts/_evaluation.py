@@ -59,7 +59,7 @@ def said_once(note: str = TIES) -> Iterator[None]:
 
 def name_reports(paths: Sequence[Path | str]) -> None:
     """The closing line: where the command wrote its reports."""
-    print(f"\nreports: {', '.join(str(p) for p in paths)}")
+    print(f"\nwrote {', '.join(str(p) for p in paths)}")
 
 
 def add_meta_protocol_flags(parser: argparse.ArgumentParser) -> None:

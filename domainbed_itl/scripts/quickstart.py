@@ -261,10 +261,9 @@ def _launch(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pa
     if args.command_launcher not in launchers.REGISTRY:
         raise QuickstartInputError(f"unknown --command_launcher {args.command_launcher!r}; expected "
                                    f"one of {', '.join(sorted(launchers.REGISTRY))}")
-    jobs = [sweep.Job(a, str(output_dir)) for a in plan_jobs(args, data_dir, sweep,
-                                                             datasets.num_environments)]
-    _relaunch_unfinished(jobs)
-    jobs = [sweep.Job(job.train_args, str(output_dir)) for job in jobs]  # states after the removal
+    planned = plan_jobs(args, data_dir, sweep, datasets.num_environments)
+    _relaunch_unfinished([sweep.Job(a, str(output_dir)) for a in planned])
+    jobs = [sweep.Job(a, str(output_dir)) for a in planned]  # their states after the removal
     states = [job.state for job in jobs]
     print("{} jobs: {} done, {} incomplete, {} not launched.".format(
         len(jobs), states.count(sweep.Job.DONE), states.count(sweep.Job.INCOMPLETE),
@@ -288,9 +287,11 @@ def _launch(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pa
                      desc="quickstart jobs", disable=args.no_progress, unit="step", interval=1.0,
                      jobs=(done_in(folders), len(jobs))):
         try:
-            launch_jobs(sweep.Job, to_launch, launcher_fn, quiet=local and not args.verbose)
+            closing = launch_jobs(sweep.Job, to_launch, launcher_fn, quiet=local and not args.verbose)
         except SubmititJobsFailed as error:  # listed again below, with DomainBed's remedy
             print(f"error: {error}", file=sys.stderr)
+            closing = ""
+    print(closing, end="", flush=True)
 
 
 def _relaunch_unfinished(jobs: list) -> None:

@@ -293,7 +293,8 @@ def _launch(args: argparse.Namespace, sweep: ModuleType, jobs: list, to_launch: 
     with JobProgress(steps_done_in(folders, job_steps), sum(job_steps), desc="single-source jobs",
                      disable=args.no_progress or not to_launch, unit="step", interval=1.0,
                      jobs=(done_in(folders), len(jobs))):
-        launch_jobs(sweep.Job, to_launch, launcher_fn, quiet=quiet)
+        closing = launch_jobs(sweep.Job, to_launch, launcher_fn, quiet=quiet)
+    print(closing, end="", flush=True)
 
 
 def _run(args: argparse.Namespace, sweep: ModuleType, planned, launcher_fn: Optional[Launcher],
