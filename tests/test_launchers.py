@@ -298,6 +298,20 @@ def _job_command(folder, code):
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} --output_dir {shlex.quote(str(folder))}"
 
 
+def _ended(pid):
+    """Whether process `pid` has ended (gone, or a zombie its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
 def test_local_jobs_write_to_their_folder_and_leave_no_running_marker(tmp_path, capfd):
     folders = [tmp_path / f"{i:032x}" for i in range(2)]
     for folder in folders:
@@ -313,10 +327,12 @@ def test_local_jobs_write_to_their_folder_and_leave_no_running_marker(tmp_path, 
     assert "to stdout" in capfd.readouterr().out
 
 
-def test_an_interrupted_local_launcher_stops_its_job_and_the_jobs_children(tmp_path):
-    """SIGINT to the launcher's whole process group (Ctrl-C on a terminal): the job, in a group
-    of its own, gets no SIGINT (so no traceback of its own); the launcher stops its group, the
-    job's own child included, removes the running marker and goes on with the interruption."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_local_launcher_stops_its_job_and_the_jobs_children(tmp_path, how):
+    """SIGINT to the launcher's whole process group (Ctrl-C on a terminal), or SIGTERM to the
+    launcher alone (a scheduler's `kill`): the job, in a group of its own, gets neither (so no
+    traceback of its own); the launcher stops its group, the job's own child included, removes
+    the running marker and goes on with the interruption (SIGTERM: it then ends by it)."""
     folder, pid_file = tmp_path / ("a" * 32), tmp_path / "grandchild.pid"
     folder.mkdir()
     job = (f"import subprocess, time; p = subprocess.Popen(['sleep', '300']); "
@@ -331,11 +347,18 @@ def test_an_interrupted_local_launcher_stops_its_job_and_the_jobs_children(tmp_p
         time.sleep(0.1)
     assert running(folder)  # its marker names a live process running this folder's job
     grandchild = int(pid_file.read_text())
-    os.killpg(launcher.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(launcher.pid, signal.SIGINT)
+    else:
+        launcher.send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=60)
-    assert "KeyboardInterrupt" in stderr  # the launcher's own interruption goes on
+    if how == "ctrl-c":
+        assert "KeyboardInterrupt" in stderr  # the launcher's own interruption goes on
+    else:
+        assert launcher.returncode == -signal.SIGTERM, stderr
     assert not (folder / RUNNING_MARKER).exists() and running(folder) is None
-    time.sleep(0.2)
-    with pytest.raises(ProcessLookupError):
-        os.kill(grandchild, 0)
+    deadline = time.monotonic() + 30
+    while not _ended(grandchild):
+        assert time.monotonic() < deadline, f"the job's child {grandchild} still runs"
+        time.sleep(0.05)
     assert "Traceback" not in (folder / OUTPUT_LOG).read_text()

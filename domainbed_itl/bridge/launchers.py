@@ -38,6 +38,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,26 +235,55 @@ def stop_group(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> 
     process.wait()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a job ran, and nothing else handles it in this process."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_stops_jobs() -> Any:
+    """While a job runs: where SIGTERM would end this process at once (its default action, in the
+    main thread), it raises `Terminated` instead, so that the job is stopped as on Ctrl-C; then
+    the process ends by SIGTERM as it would have. A handler installed by the command is kept."""
+    own = (threading.current_thread() is threading.main_thread()
+           and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if own:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_stoppable(command: str, verbose: bool = False, stop_timeout_s: float = STOP_TIMEOUT_S) -> int:
     """Run one shell command in a process group of its own, its output in its job folder's
     `OUTPUT_LOG` (on the screen if `verbose`, or if it names no job folder); its exit status.
-    An interruption stops the group (`stop_group`) before it goes on."""
+    An interruption (Ctrl-C, SIGTERM) stops the group (`stop_group`) before it goes on."""
     folder = job_folder(command)
     log = open(folder / OUTPUT_LOG, "ab") if folder is not None and not verbose else None
     try:
-        process = subprocess.Popen(command, shell=True, start_new_session=True,
-                                   stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT if log else None)
-        if folder is not None:
-            mark_running(folder, process.pid)
-        try:
-            return process.wait()
-        except BaseException:
-            stop_group(process, stop_timeout_s)
-            raise
-        finally:
-            if folder is not None and process.poll() is not None:
-                clear_running(folder)
+        with sigterm_stops_jobs():
+            process = subprocess.Popen(command, shell=True, start_new_session=True,
+                                       stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT if log else None)
+            if folder is not None:
+                mark_running(folder, process.pid)
+            try:
+                return process.wait()
+            except BaseException:
+                stop_group(process, stop_timeout_s)
+                raise
+            finally:
+                if folder is not None and process.poll() is not None:
+                    clear_running(folder)
     finally:
         if log is not None:
             log.close()
