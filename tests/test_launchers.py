@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from domainbed_itl.bridge.launchers import (LAUNCHERS, OUTPUT_LOG, CommandFailed, SubmititConfig,
-                                            SubmititJobsFailed, default_folder, make_local_launcher,
+                                            SubmititJobsFailed, default_folder, launch_order,
+                                            make_local_launcher,
                                             make_submitit_launcher, slot_gpus, submitit_launcher)
 from domainbed_itl.files.running_jobs import RUNNING_MARKER, running
 
@@ -362,3 +363,18 @@ def test_an_interrupted_local_launcher_stops_its_job_and_the_jobs_children(tmp_p
         assert time.monotonic() < deadline, f"the job's child {grandchild} still runs"
         time.sleep(0.05)
     assert "Traceback" not in (folder / OUTPUT_LOG).read_text()
+
+
+def test_launch_order_is_the_order_domainbeds_job_launch_runs(domainbed_root, tmp_path):
+    """The estimate times the jobs that run first: `launch_order` predicts DomainBed's shuffle."""
+    import numpy as np
+    from domainbed.scripts import sweep
+
+    jobs = [sweep.Job({"dataset": "Debug28", "algorithm": "ERM", "test_envs": [i % 3], "seed": i},
+                      str(tmp_path)) for i in range(8)]
+    np.random.seed(1)
+    predicted = launch_order(jobs)
+    launched = []
+    sweep.Job.launch(jobs, launched.extend)
+    assert launched == [job.command_str for job in predicted]
+    assert launched != [job.command_str for job in jobs]  # it did shuffle them

@@ -43,6 +43,8 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import numpy as np
+
 from ..bridge.domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
                              git_commit, import_domainbed, with_pythonpath, with_quiet_loaders)
 from ..experiments.paper import format_command
@@ -268,16 +270,18 @@ def _launch(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pa
     print("{} jobs: {} done, {} incomplete, {} not launched.".format(
         len(jobs), states.count(sweep.Job.DONE), states.count(sweep.Job.INCOMPLETE),
         states.count(sweep.Job.NOT_LAUNCHED)))
-    to_launch = launch_order([job for job in jobs if job.state == sweep.Job.NOT_LAUNCHED])
+    to_launch = [job for job in jobs if job.state == sweep.Job.NOT_LAUNCHED]
     print(f"About to launch {len(to_launch)} jobs.", flush=True)
     if not to_launch:
         return
     detail = (f"{' '.join(args.algorithms)} on {' '.join(args.datasets)} x {args.steps} steps, "
               f"{args.n_hparams} hparams seed(s), {args.n_trials} trial(s), launcher "
               f"{args.command_launcher}")
-    print_plan(len(to_launch), detail, None if args.no_progress else to_launch[0].train_args,
-               root, SHRINK_FLAGS, args.command_launcher,
-               jobs=None if args.no_progress else [job.train_args for job in to_launch])
+    order = [job.train_args for job in launch_order(to_launch)]  # Job.launch shuffles them
+    state = np.random.get_state()
+    print_plan(len(to_launch), detail, None if args.no_progress else order[0], root, SHRINK_FLAGS,
+               args.command_launcher, jobs=None if args.no_progress else order)
+    np.random.set_state(state)  # so that Job.launch shuffles as `launch_order` said
     os.environ.update(with_quiet_loaders(with_pythonpath(root)))  # the jobs inherit it
     local = args.command_launcher == "local"
     launcher_fn = (make_local_launcher(verbose=args.verbose) if local
