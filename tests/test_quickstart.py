@@ -238,9 +238,10 @@ def _table(stdout):
 
 
 def _accuracies(sweep):
-    """Every job's records, their accuracies only (times differ between runs)."""
-    return sorted(json.dumps({k: v for k, v in json.loads(line).items() if k.endswith("_acc")
-                              or k in ("step", "args")}, sort_keys=True)
+    """Every job's records: its folder's name (the hash of its arguments), step and accuracies
+    (times, and the output folder in its arguments, differ between runs)."""
+    return sorted(json.dumps({"job": p.name, **{k: v for k, v in json.loads(line).items()
+                                                if k.endswith("_acc") or k == "step"}}, sort_keys=True)
                   for p in sweep.iterdir() if (p / "results.jsonl").exists()
                   for line in (p / "results.jsonl").read_text().splitlines())
 
