@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from domainbed_itl.bridge.launchers import (LAUNCHERS, OUTPUT_LOG, CommandFailed, SubmititConfig,
-                                            SubmititJobsFailed, default_folder, launch_order,
+                                            SubmititJobsFailed, default_folder, job_folder,
+                                            launch_order,
                                             make_local_launcher,
                                             make_submitit_launcher, slot_gpus, submitit_launcher)
 from domainbed_itl.files.running_jobs import RUNNING_MARKER, running
@@ -295,8 +296,16 @@ def test_slurm_wait_reports_failures(fake_slurm):
 # ------------------------------------------------------------------ the stoppable local launcher
 
 def _job_command(folder, code):
-    """A shell command running python `code` as a DomainBed train command names its folder."""
-    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} --output_dir {shlex.quote(str(folder))}"
+    """A shell command running python `code` that reads as a DomainBed train command of job
+    `folder` (its module name as an argument, its --output_dir)."""
+    return (f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} domainbed.scripts.train "
+            f"--output_dir {shlex.quote(str(folder))}")
+
+
+def test_only_domainbed_train_commands_have_job_folders(tmp_path):
+    assert job_folder(f"python -m domainbed.scripts.train --output_dir {tmp_path}") == tmp_path
+    assert job_folder(f"python -m domainbed.scripts.train --output_dir {tmp_path / 'absent'}") is None
+    assert job_folder(f"python -m domainbed_itl.scripts.meta_train --output_dir {tmp_path}") is None
 
 
 def _ended(pid):

@@ -50,6 +50,7 @@ Launcher = Callable[[List[str]], None]
 
 STDERR_TAIL_LINES = 20
 OUTPUT_LOG = "launcher_output.txt"
+TRAIN_MODULE = "domainbed.scripts.train"  # the commands whose folders are DomainBed job folders
 STOP_TIMEOUT_S = 10.0
 _POLL_INTERVAL_S = 0.5
 
@@ -210,10 +211,13 @@ def run_shell(command: str) -> None:
 
 
 def job_folder(command: str) -> Optional[Path]:
-    """The existing folder a DomainBed train command writes to (its `--output_dir`), else None."""
+    """The existing job folder a DomainBed train command writes to (its `--output_dir`); None for
+    any other command (a meta_train's run folder is no job folder)."""
     try:
         tokens = shlex.split(command)
     except ValueError:
+        return None
+    if TRAIN_MODULE not in tokens:
         return None
     values = [tokens[i + 1] for i, token in enumerate(tokens[:-1]) if token == "--output_dir"]
     return Path(values[0]) if len(values) == 1 and Path(values[0]).is_dir() else None
