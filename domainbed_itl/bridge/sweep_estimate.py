@@ -156,8 +156,7 @@ def describe_estimates(timings: Sequence[JobTiming], counts: Sequence[int],
     total = sum(t.job_s * n for t, n in zip(timings, counts))
     return (f"estimate (no GPU; timed here on the first job of each algorithm and dataset, in "
             f"launch order): {each}. The {sum(counts)} jobs take about {_duration(total)} one "
-            f"after the other; the progress bar updates the time left from the steps the jobs "
-            f"log.\nTo shrink the sweep: {', '.join(shrink)}.")
+            f"after the other.\nTo shrink the sweep: {', '.join(shrink)}.")
 
 
 def time_kinds(jobs: Sequence[Mapping[str, Any]], domainbed_root: Optional[str | os.PathLike]

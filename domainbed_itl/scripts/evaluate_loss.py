@@ -47,6 +47,7 @@ from typing import Dict, Optional, Sequence, Set
 
 from ..analysis.loss_evaluation import (DOMAINBED_METRICS, REPORT_JSON, REPORT_MD, plan_report,
                                         tables, write_report)
+from ..bridge.sweep_estimate import print_plan
 from ..bridge.loss_evaluation import (DomainBedProtocol, check_request, collect, domainbed_modules,
                                       launch, parse_losses, plan_jobs, to_launch)
 from ..files.atomic import OutputExists
@@ -58,6 +59,8 @@ from ._cli import (add_data_flags, check_data_flags, check_data_sizes, command_l
                    explicit_flags, integer, load_data, parse_device, positive_int, run_command)
 from ._evaluation import (DefaultsHelp, add_meta_protocol_flags, evaluate_meta, meta_losses,
                           meta_metrics, meta_protocol, meta_settings, name_reports, said_once)
+
+DOMAINBED_SHRINK = ("--steps", "--test_envs", "--n_trials", "--losses")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +157,11 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
         units = to_launch(db, planned, args.output_dir)
         print(f"{len(planned)} jobs, {sum(map(len, units))} to launch; DomainBed from {db.checkout}")
         if units and not args.report_only:
+            jobs = [job.train_args for unit in units for job in unit]
+            print_plan(len(jobs), f"{len(losses)} losses on {args.dataset}, launcher "
+                       f"{args.command_launcher}", None if args.no_progress else jobs[0],
+                       db.checkout, DOMAINBED_SHRINK, args.command_launcher,
+                       jobs=None if args.no_progress else jobs)
             launch(db, units, args.command_launcher, progress=not args.no_progress)
         records, missing, damaged = collect(db, planned, args.output_dir)
         with said_once():
