@@ -333,12 +333,16 @@ def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pat
         shutil.copyfile(Path(view) / "results.txt", output_dir / "results.txt")
     failed = unfinished_jobs(output_dir)
     if failed:
+        _, busy = to_relaunch(p for p in output_dir.iterdir() if p.is_dir())
         delete = [*launch[:3], "delete_incomplete", *launch[4:]]  # ends in --skip_confirmation
+        remedy = ("\nFix the cause, clear them with\n  "
+                  f"PYTHONPATH={root} {format_command(delete)}\nand run this command again (or just "
+                  "run it again: it removes and relaunches them itself; none of them runs now)."
+                  if not busy else  # DomainBed's delete_incomplete would delete running jobs
+                  "\nSome still run (" + "; ".join(busy) + "): let them end, then run this "
+                  "command again: it removes and relaunches those that did not finish.")
         print(f"\nerror: {len(failed)} job(s) did not finish, so the table above leaves them out:\n  "
-              + "\n  ".join(failed) + "\nFix the cause, clear them with\n  "
-              f"PYTHONPATH={root} {format_command(delete)}\nand run this command again (or just "
-              "run it again: it removes and relaunches them itself; none of them runs now).",
-              file=sys.stderr)
+              + "\n  ".join(failed) + remedy, file=sys.stderr)
         return 1
     print(f"\ndone: DomainBed's sweep is in {output_dir}, its table in {output_dir / 'results.txt'}; its "
           f"checkout, with our hooks, in {root}")
