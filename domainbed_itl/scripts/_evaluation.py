@@ -142,7 +142,7 @@ def time_unit(data: DomainData, loss: Callable[..., torch.Tensor] | torch.nn.Mod
     difference prices a step, the rest is the unit's fixed part."""
     seconds = []
     for steps, repeats in ((TIMED_STEPS[0], 1), (TIMED_STEPS[0], 2), (TIMED_STEPS[1], 2)):
-        short = dataclasses.replace(protocol, inner_steps=(steps,), inner_stop_ratio=None)
+        short = Protocol(**{**protocol.to_dict(), "inner_steps": (steps,), "inner_stop_ratio": None})
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
