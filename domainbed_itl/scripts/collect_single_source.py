@@ -38,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         plan.write(args.output, report)
     print(report, end="")
+    if args.output:
+        print(f"wrote {args.output}", file=sys.stderr)  # stdout: the report alone
     return 0
 
 

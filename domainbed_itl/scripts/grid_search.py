@@ -20,8 +20,8 @@ from ..losses.lossfile import LossSpec
 from ..meta.evaluate import EVALUATION_RUN
 from ._cli import (CommandParser, add_data_flags, check_data_flags, check_data_sizes, command_line,
                    data_flags, explicit_flags, load_data, parse_device, run_command)
-from ._evaluation import (add_meta_protocol_flags, evaluate_meta, meta_losses, meta_metrics,
-                          meta_protocol, meta_settings)
+from ._evaluation import (DefaultsHelp, add_meta_protocol_flags, evaluate_meta, meta_losses,
+                          meta_metrics, meta_protocol, meta_settings, name_reports, said_once)
 
 # An evaluation's checkpoint, with the grid's report beside it (--overwrite moves them all aside).
 GRID_RUN = RunKind(EVALUATION_RUN.name, EVALUATION_RUN.format, EVALUATION_RUN.unit,
@@ -30,7 +30,8 @@ GRID_RUN = RunKind(EVALUATION_RUN.name, EVALUATION_RUN.format, EVALUATION_RUN.un
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = CommandParser("grid_search", description=__doc__.split("\n\n")[0])
+    parser = CommandParser("grid_search", description=__doc__.split("\n\n")[0],
+                           formatter_class=DefaultsHelp)
     parser.add_argument("--grid", nargs="+", required=True,
                         help="NAME=V1,V2,... (a family of one parameter, e.g. label_smoothing, "
                              "poly1, focal, gce) or NAME.PARAM=V1,V2,... (e.g. sce.alpha)")
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "given, else the first)")
     add_data_flags(parser, sampling=False)
     add_meta_protocol_flags(parser)
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True,
+                        help="where the reports (grid.md, grid.json, grid.csv) and the checkpoint go")
     parser.add_argument("--overwrite", action="store_true", help="start again in --output_dir")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -71,16 +73,18 @@ def run(args: argparse.Namespace, command: str, explicit: Set[str]) -> int:
         losses = {**{label: (spec.module().to(device), spec.definition())
                      for label, spec in members.items()}, **meta_losses(extras, device)}
         records = evaluate_meta(folder, data, losses, args, protocol, device, command)
-        result = comparison.compare(records, "heldout_acc", reference, ["inner_steps"])
+        with said_once():
+            result = comparison.compare(records, "heldout_acc", reference, ["inner_steps"])
+            details, stats = tables(records, meta_metrics(protocol), reference, list(losses),
+                                    ["inner_steps"])
         rows = grid_rows(result, grid, list(extras))
-        details, stats = tables(records, meta_metrics(protocol), reference, list(losses),
-                                ["inner_steps"])
         grid_table = write_grid_report(
             folder.path, meta_settings(args, protocol), rows, reference, details,
             {"grid": {family: {label: spec.definition() for label, spec in points.items()}
                       for family, points in grid.items()},
              "losses": extras, "reference": reference, "statistics": stats, "records": records})
     print(grid_table)
+    name_reports([folder.path / name for name in GRID_OUTPUTS])
     return 0
 
 
