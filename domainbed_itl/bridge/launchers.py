@@ -1,14 +1,5 @@
 """Command launchers for DomainBed's sweeps: a stoppable `local`, and `submitit`.
 
-`make_local_launcher`: DomainBed's `local` (the commands one after the other, on this machine),
-stoppable. Each command runs in a process group of its own, so Ctrl-C on the terminal reaches
-the launching command only; on an interruption (Ctrl-C, or SIGTERM turned into one by the
-command's error boundary) the launcher stops the running job's whole group (SIGTERM, then
-SIGKILL after `stop_timeout_s`) before the interruption goes on: no job is left running, and no
-child prints a traceback. The job's output goes to `OUTPUT_LOG` in its folder unless `verbose`
-(DomainBed's train also keeps its own `out.txt` and `err.txt` there). While a job runs its folder
-holds a running marker (domainbed_itl.files.running_jobs), so that no cleanup removes it.
-
 See docs/launchers.md.
 """
 

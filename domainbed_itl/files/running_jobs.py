@@ -1,19 +1,6 @@
 """Which DomainBed jobs of a sweep are running, which must run again, and which the tables read.
 
-A job folder is DomainBed's (`sweep.Job`): it exists once launched and holds `done` once its
-`train` finished. Our launchers write `RUNNING_MARKER` into a job's folder while its process
-runs (the host and process id of the job's shell, whose command line names the folder), and
-remove it when the process ends, whichever way. So:
-
-- `running` tells a job whose process still runs (on this host: the process exists and its
-  command line names the folder; a marker from another host cannot be checked here and counts
-  as running), so that no cleanup deletes the folder of a job that is still running;
-- `to_relaunch` lists the folders of jobs that started and never finished (failed, killed or
-  interrupted) and are not running: a rerun removes and relaunches them;
-- `finished_view` makes a folder of links to the finished jobs only, the input of DomainBed's
-  `collect_results`, so that a table never shows the partial records of an unfinished job.
-
-Nothing here imports DomainBed.
+See docs/files.md.
 """
 
 from __future__ import annotations

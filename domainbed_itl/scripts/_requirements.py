@@ -1,11 +1,5 @@
 """Before any command runs: torch and torchvision import, or the command says which cannot, in
-one line, with the versions installed.
-
-A torchvision wheel built for another torch (the usual cause) fails on import, often deep in
-DomainBed; `check_imports` names the package, why it failed and the versions found
-(importlib.metadata) instead. Run as a command (`python -m domainbed_itl.scripts.<command>`,
-or an installed console script) the line goes to stderr and the exit status is 1; imported as a
-library, the same line is an ImportError.
+one line, with the versions installed. See docs/quickstart.md.
 """
 
 from __future__ import annotations
