@@ -9,7 +9,8 @@ into one line and an exit status:
 - a computation that failed (non-finite values, failed jobs, out of memory): `error: ...`,
   status 1;
 - Ctrl-C: `interrupted: <how to continue>`, status 130 (every run folder's checkpoint is whole,
-  so the run resumes);
+  so the run resumes); SIGTERM the same, status 143;
+- a fault of the machine (a full disk, a read-only folder, a missing permission) names the path.
 - anything else is a bug: its traceback, then one line asking to report it, status 1.
 
 argparse's own errors (a value of the wrong type) keep argparse's usage line and status 2.
@@ -18,11 +19,15 @@ argparse's own errors (a value of the wrong type) keep argparse's usage line and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import errno
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
 
@@ -30,6 +35,7 @@ import torch
 
 from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..bridge.patching import PatchError
+from ..files.atomic import machine_fault
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
 from ..meta.data import DomainData, planted_dataset, size_problems, synthetic_dataset
@@ -52,12 +58,13 @@ def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lam
                 expected: Tuple[type, ...] = (), failures: Tuple[type, ...] = ()) -> int:
     """Run a command's `body` (returning its exit status) inside the one error boundary (see the
     module docstring). `interrupted()` says how to continue after Ctrl-C; `expected` and
-    `failures` add a command's own exception types (status 2 and 1)."""
+    `failures` add a command's own exception types (status 2 and 1). SIGTERM is Ctrl-C's twin."""
     try:
-        return body()
-    except KeyboardInterrupt:
+        with _sigterm_as_interrupt():
+            return body()
+    except KeyboardInterrupt as stop:
         print(f"\ninterrupted: {interrupted()}", file=sys.stderr, flush=True)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     except (*expected, *EXPECTED_ERRORS) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -74,8 +81,33 @@ def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lam
         return _bug(error)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it stops as after Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block (in the main thread), SIGTERM raises Terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def one_line(error: BaseException) -> str:
-    """`error`'s message on one line (a library's message may span several)."""
+    """`error`'s message on one line (a library's message may span several); an OSError of the
+    machine (a full disk, ...) with the path it concerns, where known."""
+    if isinstance(error, OSError) and error.strerror and (
+            not error.filename or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
+        return machine_fault(error)
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
