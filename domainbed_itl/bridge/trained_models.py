@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .domainbed_env import import_domainbed
+from ..files.reading import UnreadableFile, load_tensors
 from ..losses.taylor import TaylorLoss, taylor_loss
 
 _STEP_FILE = re.compile(r"model_step(\d+)\.pkl")
@@ -182,13 +183,15 @@ def load_model(path: str | os.PathLike, domainbed_root: Optional[str | os.PathLi
     algorithms = import_domainbed(domainbed_root, "domainbed.algorithms")
     domainbed_itl.register(domainbed_root)
     try:
-        with torch.serialization.safe_globals(_NUMPY_SCALARS):
-            saved = torch.load(path, map_location=device, weights_only=True)
+        saved = load_tensors(path, "DomainBed checkpoint", allowed=_NUMPY_SCALARS,
+                             map_location=device)
         args, hparams = saved["args"], saved["model_hparams"]
         algorithm_class = algorithms.get_algorithm_class(args["algorithm"])
         algorithm = algorithm_class(saved["model_input_shape"], saved["model_num_classes"],
                                     saved["model_num_domains"], hparams)
         algorithm.load_state_dict(saved["model_dict"])
+    except UnreadableFile as error:  # what weights_only refuses: code, foreign objects
+        raise RunError(f"cannot load {error}") from None
     except (OSError, RuntimeError, KeyError, TypeError, NotImplementedError, EOFError) as error:
         raise RunError(f"cannot load the DomainBed checkpoint {path}: {type(error).__name__}: "
                        f"{str(error).splitlines()[0] if str(error) else ''}") from error

@@ -279,7 +279,10 @@ def add_data_flags(parser: argparse.ArgumentParser, synthetic: bool = True,
 def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
     """The inputs, data, device and output flags of every analysis of trained DomainBed models."""
     parser.add_argument("inputs", nargs="+",
-                        help="DomainBed run folders, sweep folders (searched for runs) or model .pkl files")
+                        help="DomainBed run folders, sweep folders (searched for runs) or model .pkl "
+                             "files; a .pkl is a pickle written by DomainBed, read with "
+                             "torch.load(weights_only=True): tensors and plain values only, "
+                             "anything else is refused; give only runs you trust")
     parser.add_argument("--data_dir", default=None,
                         help="DomainBed's --data_dir (default: each run's own)")
     parser.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),

@@ -5,13 +5,14 @@ folder, each unit kept as it finishes (domainbed_itl.meta.evaluate)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..analysis.loss_evaluation import CONVERGENCE_METRICS, META_METRICS, Metric
 from ..bridge.loss_evaluation import loss_definition, loss_function
 from ..files.runfolder import RunFolder
+from ..losses.checks import check_minimisable
 from ..meta.data import DomainData
 from ..meta.evaluate import Protocol, evaluate_in_folder
 from ._cli import INNER_TRAINING, add_flags, nonnegative_int, positive_int
@@ -52,10 +53,17 @@ def meta_metrics(protocol: Protocol) -> List[Metric]:
     return META_METRICS + (CONVERGENCE_METRICS if protocol.inner_stop_ratio is not None else [])
 
 
-def meta_losses(losses: Mapping[str, str], device: torch.device) -> Dict[str, Loss]:
-    """{label: (the loss on `device`, its definition)} of labelled --losses values."""
-    return {label: (_on(loss_function(loss), device), loss_definition(loss))
-            for label, loss in losses.items()}
+def meta_losses(losses: Mapping[str, str], device: torch.device,
+                num_classes: Optional[int] = None) -> Dict[str, Loss]:
+    """{label: (the loss on `device`, its definition)} of labelled --losses values; with
+    `num_classes` (that of the data loaded, whatever the data set), each is first checked to be
+    finite and minimisable for that many classes (domainbed_itl.losses.checks)."""
+    built = {label: loss_function(loss) for label, loss in losses.items()}
+    if num_classes is not None:
+        for label, loss in built.items():
+            check_minimisable(loss, num_classes, f"--losses {label}={losses[label]}")
+    return {label: (_on(loss, device), loss_definition(losses[label]))
+            for label, loss in built.items()}
 
 
 def _on(loss: Callable[..., torch.Tensor] | torch.nn.Module, device: torch.device):

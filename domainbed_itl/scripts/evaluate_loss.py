@@ -115,7 +115,8 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
         data = load_data(flags)
         check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
                          explicit)
-        records = evaluate_meta(folder, data, meta_losses(losses, device), args, protocol, device,
+        records = evaluate_meta(folder, data, meta_losses(losses, device, data.num_classes), args,
+                                protocol, device,
                                 command)
         settings = meta_settings(args, protocol)
         body, stats = tables(records, meta_metrics(protocol), reference, list(losses),

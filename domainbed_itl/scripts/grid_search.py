@@ -93,8 +93,12 @@ def run(args: argparse.Namespace, command: str, explicit: Set[str]) -> int:
         data = data or load_data(flags)
         check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
                          explicit)
+        if classes not in (None, data.num_classes):  # checked for the classes of the data
+            members = {label: spec for family in parse_grid(args.grid, data.num_classes).values()
+                       for label, spec in family.items()}
         losses = {**{label: (spec.module().to(device), spec.definition())
-                     for label, spec in members.items()}, **meta_losses(extras, device)}
+                     for label, spec in members.items()},
+                  **meta_losses(extras, device, data.num_classes)}
         records = evaluate_meta(folder, data, losses, args, protocol, device, command)
         result = comparison.compare(records, "heldout_acc", reference, ["inner_steps"])
         rows = grid_rows(result, grid, list(extras))
