@@ -200,7 +200,7 @@ def _step(params: Params, loss: LossAndGrad, optimizer: InnerOptimizer, state: D
         z = torch.baddbmm(params[names[k + 1]].unsqueeze(1), inputs[-1], params[names[k]].transpose(1, 2))
         inputs.append(z.relu_() if k + 2 < len(names) else z)
     values, dz = loss(inputs.pop().view(n * batch, -1), y)
-    dz = dz.view(n, batch, -1).div_(batch)  # ∂(mean loss)/∂logits
+    dz = dz.reshape(n, batch, -1) / batch  # ∂(mean loss)/∂logits; never written in the loss's tensor
     fused = optimizer.name == "sgd"
     grads: Params = {}
     for k in reversed(range(len(inputs))):

@@ -174,6 +174,30 @@ positive_int = int_at_least(1, "a positive integer")
 nonnegative_int = int_at_least(0, "an integer >= 0")
 
 
+class Distinct(argparse.Action):
+    """A list flag whose values are a set (seeds, losses, domains, ...): a repeated value is
+    refused in one line, as it would be counted twice as if it were independent."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        seen: list = []
+        for value in values:
+            if value in seen:
+                parser.error(f"{option_string or self.dest} gives {value!r} twice; expected "
+                             "distinct values (each is a separate run or row)")
+            seen.append(value)
+        setattr(namespace, self.dest, list(values))
+
+
+def file_name(text: str) -> str:
+    """An output name: a file or folder name, not a path (no separator, not '.' or '..')."""
+    if (not text or text in (".", "..") or any(c in text for c in "/\\\0")
+            or (os.altsep and os.altsep in text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a name; expected a file name without "
+                                         "folders (no '/', '\\', '.' or '..')")
+    return text
+
+
 def positive_float(text: str) -> float:
     """An argparse type accepting finite numbers > 0."""
     try:
@@ -287,7 +311,7 @@ def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="DomainBed's --data_dir (default: each run's own)")
     parser.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
                         help="DomainBed checkout (default: $DOMAINBED_ROOT, else `import domainbed`)")
-    parser.add_argument("--algorithms", nargs="+", default=None,
+    parser.add_argument("--algorithms", nargs="+", action=Distinct, default=None,
                         help="only runs of these algorithms (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="evaluation batch size")

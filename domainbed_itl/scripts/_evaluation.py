@@ -15,7 +15,7 @@ from ..files.runfolder import RunFolder
 from ..losses.checks import check_minimisable
 from ..meta.data import DomainData
 from ..meta.evaluate import Protocol, evaluate_in_folder
-from ._cli import INNER_TRAINING, add_flags, nonnegative_int, positive_int
+from ._cli import Distinct, INNER_TRAINING, add_flags, nonnegative_int, positive_int
 
 Loss = Tuple[Callable[..., torch.Tensor] | torch.nn.Module, Any]
 
@@ -23,8 +23,8 @@ Loss = Tuple[Callable[..., torch.Tensor] | torch.nn.Module, Any]
 def add_meta_protocol_flags(parser: argparse.ArgumentParser) -> None:
     """--seeds, --inner_steps, the inner-training flags, --eval_size, --per_domain_cap,
     --data_seed and --device."""
-    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--inner_steps", type=positive_int, nargs="+", default=[1000],
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", action=Distinct, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--inner_steps", type=positive_int, nargs="+", action=Distinct, default=[1000],
                         help="report after each of these numbers of inner steps")
     add_flags(parser, "inner training (default: meta_train's)", INNER_TRAINING)
     parser.add_argument("--eval_size", type=positive_int, default=2048,

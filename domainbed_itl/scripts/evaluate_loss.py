@@ -54,7 +54,7 @@ from ..files.runfolder import open_run_folder
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started
 from ..meta.evaluate import EVALUATION_RUN
-from ._cli import (add_data_flags, check_data_flags, check_data_sizes, command_line, data_flags,
+from ._cli import (Distinct, add_data_flags, check_data_flags, check_data_sizes, command_line, data_flags,
                    explicit_flags, integer, load_data, parse_device, positive_int, run_command)
 from ._evaluation import (add_meta_protocol_flags, evaluate_meta, meta_losses, meta_metrics,
                           meta_protocol, meta_settings)
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="protocol", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--losses", nargs="+", required=True,
+    common.add_argument("--losses", nargs="+", action=Distinct, required=True,
                         help="CE, a zoo loss, a preset or a loss file; LABEL=LOSS to name one")
     common.add_argument("--reference", default=None,
                         help="the label the others are compared with (default: CE if given, "
@@ -87,7 +87,7 @@ def _add_meta_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 
 def _add_domainbed_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     db = sub.add_parser("domainbed", parents=[common], help="DomainBed's own train")
-    db.add_argument("--test_envs", type=integer, nargs="+", required=True,
+    db.add_argument("--test_envs", type=integer, nargs="+", action=Distinct, required=True,
                     help="one run per test environment (each alone), or see --test_envs_together")
     db.add_argument("--test_envs_together", action="store_true",
                     help="one run per loss and trial holding out all --test_envs at once")

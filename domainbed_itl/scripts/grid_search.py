@@ -42,7 +42,7 @@ from ..files.runfolder import RunKind, open_run_folder
 from ..losses.grid import parse_grid
 from ..losses.lossfile import LossSpec
 from ..meta.evaluate import EVALUATION_RUN
-from ._cli import (add_data_flags, check_data_flags, check_data_sizes, command_line, data_flags,
+from ._cli import (Distinct, add_data_flags, check_data_flags, check_data_sizes, command_line, data_flags,
                    explicit_flags, load_data, parse_device, run_command)
 from ._evaluation import (add_meta_protocol_flags, evaluate_meta, meta_losses, meta_metrics,
                           meta_protocol, meta_settings)
@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(prog="python -m domainbed_itl.scripts.grid_search",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", nargs="+", required=True,
+    parser.add_argument("--grid", nargs="+", action=Distinct, required=True,
                         help="NAME=V1,V2,... (a family of one parameter, e.g. label_smoothing, "
                              "poly1, focal, gce) or NAME.PARAM=V1,V2,... (e.g. sce.alpha)")
-    parser.add_argument("--losses", nargs="+", default=["CE"],
+    parser.add_argument("--losses", nargs="+", action=Distinct, default=["CE"],
                         help="extra losses beside the grid: CE, a zoo loss, a preset or a loss "
                              "file; LABEL=LOSS to name one (default: CE)")
     parser.add_argument("--reference", default=None,

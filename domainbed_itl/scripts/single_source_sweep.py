@@ -73,7 +73,7 @@ from ..files.runlock import folder_lock
 from ..single_source.planning import single_source_args
 from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
 from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
-from ._cli import integer, run_command
+from ._cli import Distinct, integer, run_command
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Single-source DG sweep: DomainBed train runs with one training domain each.")
     parser.add_argument("command", choices=["launch", "delete_incomplete"])
-    parser.add_argument("--datasets", nargs="+", default=None,
+    parser.add_argument("--datasets", nargs="+", action=Distinct, default=None,
                         help="default: DomainBed's sweep datasets (all but Debug*)")
-    parser.add_argument("--algorithms", nargs="+", default=None,
+    parser.add_argument("--algorithms", nargs="+", action=Distinct, default=None,
                         help="default: every algorithm DomainBed knows")
     parser.add_argument("--n_hparams_from", type=integer, default=0)
     parser.add_argument("--n_hparams", type=integer, default=20)
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", type=str, required=True)
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--command_launcher", type=str, required=True)
-    parser.add_argument("--sources", type=integer, nargs="+", default=None,
+    parser.add_argument("--sources", type=integer, nargs="+", action=Distinct, default=None,
                         help="source domain indices to run (default: every domain)")
     parser.add_argument("--seed", type=integer, default=0, help="seed of the shuffled launch order")
     parser.add_argument("--skip_confirmation", action="store_true")
