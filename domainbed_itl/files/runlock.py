@@ -84,8 +84,8 @@ def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Ite
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                   "command": command or current_command()}
-        write_atomic(folder / HOLDER_NAME, json.dumps(holder) + "\n", overwrite=True)
-        try:
+        try:  # a holder file that cannot be written (a full disk) leaves nothing either
+            write_atomic(folder / HOLDER_NAME, json.dumps(holder) + "\n", overwrite=True)
             yield folder
         finally:
             (folder / HOLDER_NAME).unlink(missing_ok=True)
