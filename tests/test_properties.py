@@ -805,3 +805,26 @@ def test_a_hostile_domainbed_model_is_refused_unread(tmp_path, how):
     with pytest.raises(RunError, match=f"{re.escape(str(path))} holds more than tensors") as error:
         load_model(path)
     assert "\n" not in str(error.value) and not marker.exists()
+
+
+@SOME
+@given(added=st.sampled_from([["--seeds", "0", "1"], ["--losses", "CE", "ITL", "SCE"],
+                              ["--seeds", "1"]]))
+def test_a_finished_evaluation_continues_with_added_seeds_or_losses(runs, added):
+    """As docs/files.md says: a finished evaluation run again with more seeds or losses computes
+    only the new units and replaces its reports; run again as it was, it is refused."""
+    with sandbox() as root:
+        folder = root / "evaluation"
+        shutil.copytree(runs / "evaluation", folder)
+        assert call(evaluate_loss.main, [*EVALUATION, "--output_dir", folder])[0] == 0
+        kept = {(u["unit"], u["loss"]): u["records"] for u in load_checkpoint(
+            folder / "checkpoint.pt", EVALUATION_RUN)["units"]}
+        code, err = call(evaluate_loss.main, [*EVALUATION, "--output_dir", folder])
+        assert code == 2 and "already holds an evaluation" in err, err
+        code, err = call(evaluate_loss.main, [*EVALUATION, *added, "--output_dir", folder])
+        assert code == 0, err
+        units = {(u["unit"], u["loss"]): u["records"] for u in load_checkpoint(
+            folder / "checkpoint.pt", EVALUATION_RUN)["units"]}
+        assert len(units) > len(kept) and all(units[key] == kept[key] for key in kept)
+        report = json.loads((folder / "evaluation.json").read_text())
+        assert {(r["unit"], r["loss"]) for r in report["records"]} <= set(units)

@@ -108,9 +108,12 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
     with open_run_folder(args.output_dir, EVALUATION_RUN, resume=not args.overwrite,
                          overwrite=args.overwrite, command=command) as folder:
         done = [name for name in (REPORT_MD, REPORT_JSON) if (folder.path / name).exists()]
-        if done:
+        have = {(u["unit"], u["loss"]) for u in (folder.checkpoint or {}).get("units", ())}
+        # A rerun that adds seeds or losses continues; its reports replace these.
+        if done and {(seed, label) for seed in args.seeds for label in losses} <= have:
             raise OutputExists(f"{folder.path} already holds an evaluation ({', '.join(done)}); "
-                               "pass --overwrite to replace it")
+                               "pass --overwrite to replace it, or add seeds or losses to "
+                               "continue it")
         plan = plan_report(folder.path, "meta")
         data = load_data(flags)
         check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
