@@ -90,7 +90,8 @@ class MetaTrainer:
         self.family.check(omega)
         self.omega = torch.as_tensor(omega, dtype=torch.float32).detach().clone().to(self.device)
         if not torch.isfinite(self.omega).all():
-            raise ValueError(f"initial loss parameters must be finite, got {self.omega.tolist()}")
+            raise ValueError(f"initial loss parameters must be finite as 32-bit floats (below "
+                             f"3.4e38 in size), got {[float(v) for v in omega]}")
         optimizer = torch.optim.SGD if config.outer_optimizer == "sgd" else torch.optim.Adam
         self.optimizer = optimizer([self.omega], lr=config.outer_lr)  # Algorithm 1, line 16
         self.steps_done = 0

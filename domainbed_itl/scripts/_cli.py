@@ -71,6 +71,10 @@ def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lam
     except (*failures, FloatingPointError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
+    except OverflowError as error:  # a finite value too large for what it is used in
+        print(f"error: a value is too large to compute with ({one_line(error)}); expected values "
+              "of a moderate size", file=sys.stderr)
+        return 1
     except (MemoryError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and not any(s in str(error) for s in OUT_OF_MEMORY):
             return _bug(error)
