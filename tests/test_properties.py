@@ -828,3 +828,64 @@ def test_a_finished_evaluation_continues_with_added_seeds_or_losses(runs, added)
         assert len(units) > len(kept) and all(units[key] == kept[key] for key in kept)
         report = json.loads((folder / "evaluation.json").read_text())
         assert {(r["unit"], r["loss"]) for r in report["records"]} <= set(units)
+
+
+BAD_PLUGINS = {"missing": None, "raising": "raise RuntimeError('broken plugin')\n",
+               "syntax": "def (\n"}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_PLUGINS))
+def test_a_bad_family_plugin_fails_where_a_family_is_used_and_nowhere_else(tmp_path, bad):
+    """A module named in DOMAINBED_ITL_FAMILIES that is missing, raises or does not parse:
+    the package imports and the commands that use no family of a plugin work; the first look-up
+    of a family not built in is one line naming the variable and the module."""
+    from domainbed_itl.losses.families import PLUGINS_ENV
+
+    if BAD_PLUGINS[bad] is not None:
+        (tmp_path / "bad_plugin.py").write_text(BAD_PLUGINS[bad])
+    env = {**os.environ, PLUGINS_ENV: "bad_plugin",
+           "PYTHONPATH": os.pathsep.join([str(Path(meta_train.__file__).parents[2]), str(tmp_path)])}
+    shapes = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.loss_shapes", "--losses",
+                             "CE", "ITL", "--points", "5", "--output_dir", str(tmp_path / "shapes")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert shapes.returncode == 0, shapes.stderr
+    (tmp_path / "mine.json").write_text(json.dumps({"format": "domainbed-itl-loss", "version": 1,
+                                                    "family": "user_family", "order": None,
+                                                    "parameters": [0.5]}))
+    used = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.loss_shapes", "--losses",
+                           str(tmp_path / "mine.json"), "--output_dir", str(tmp_path / "mine")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert used.returncode == 2 and "Traceback" not in used.stderr, used.stderr
+    line = used.stderr.strip().splitlines()[-1]
+    assert f"{PLUGINS_ENV} names the module 'bad_plugin'" in line and len(
+        used.stderr.strip().splitlines()) == 1, used.stderr
+    assert not (tmp_path / "mine").exists()
+
+
+class BroadcastGradient(torch.nn.Module):
+    """A user's loss whose closed-form gradient is a broadcast (read-only, stride 0) tensor."""
+
+    def forward(self, logits, target, reduction="mean"):
+        values = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        return values if reduction == "none" else values.mean()
+
+    def loss_and_grad(self, logits, target):
+        values = self.forward(logits, target, "none")
+        return values, torch.full((1, logits.shape[1]), 0.01).expand_as(logits)
+
+
+@SOME
+@given(batched=st.booleans(), optimizer=st.sampled_from(["sgd", "momentum", "adam"]))
+def test_the_inner_loop_never_writes_into_a_losss_gradient(batched, optimizer):
+    from domainbed_itl.meta import inner
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    params = inner.init_params(inner.mlp(3, (4,), 2), [0, 1], torch.device("cpu"))
+    opt = inner.InnerOptimizer(optimizer, lr=0.1)
+    state = opt.init_state(params)
+    before = {k: v.clone() for k, v in params.items()}
+    losses = inner.train(params, BroadcastGradient(), opt, state, x, y,
+                         torch.randint(0, 12, (2, 3, 4)), batched=batched)
+    assert losses.shape == (2, 3) and bool(torch.isfinite(losses).all())
+    assert any(not torch.equal(before[k], params[k]) for k in params)
