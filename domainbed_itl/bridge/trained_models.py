@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .domainbed_env import import_domainbed
-from ..files.reading import UnreadableFile, load_tensors
+from ..files.reading import UnreadableFile, load_tensors, read_text
+from ..files.sweepfolder import mixed_runs
 from ..losses.taylor import TaylorLoss, taylor_loss
 
 _STEP_FILE = re.compile(r"model_step(\d+)\.pkl")
@@ -79,10 +80,14 @@ class TrainedRun:
 
 
 def _last_step(folder: Path) -> Optional[int]:
-    """The step of the last record of folder/results.jsonl (that of model.pkl), if readable."""
+    """The step of the last record of folder/results.jsonl (that of model.pkl), if readable and
+    of one run (a file that mixes runs says nothing sure about model.pkl)."""
     try:
-        lines = [line for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
-        return int(json.loads(lines[-1])["step"]) if lines else None
+        text = read_text(folder / "results.jsonl", what="results file")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if not records or not all(isinstance(r, dict) for r in records) or mixed_runs(records):
+            return None
+        return int(records[-1]["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -32,6 +32,7 @@ from typing import Iterator, List, Optional
 import filelock
 
 from .atomic import write_atomic
+from .reading import SMALL_TEXT_LIMIT, read_text
 
 CONTROL_PREFIX = ".domainbed_itl."
 LOCK_NAME = CONTROL_PREFIX + "lock"
@@ -57,7 +58,7 @@ def describe_holder(folder: str | os.PathLike) -> str:
     """Who holds the lock of `folder`, from its holder file (or a note that it says nothing yet)."""
     path = Path(folder) / HOLDER_NAME
     try:
-        holder = json.loads(path.read_text())
+        holder = json.loads(read_text(path, SMALL_TEXT_LIMIT, "lock holder file"))
         return (f"process {holder['pid']} on {holder['host']}, started {holder['started']}, "
                 f"command: {holder['command']}")
     except (OSError, ValueError, KeyError, TypeError):
