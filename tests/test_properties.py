@@ -889,3 +889,51 @@ def test_the_inner_loop_never_writes_into_a_losss_gradient(batched, optimizer):
                          torch.randint(0, 12, (2, 3, 4)), batched=batched)
     assert losses.shape == (2, 3) and bool(torch.isfinite(losses).all())
     assert any(not torch.equal(before[k], params[k]) for k in params)
+
+
+def _endless(path: Path, kind: str) -> None:
+    """Make `path` a file that a plain read would never finish or that is too large to read:
+    a named pipe, a link to /dev/zero, or a sparse file of `kind` MiB."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "zero":
+        path.symlink_to("/dev/zero")
+    else:
+        with open(path, "wb") as f:
+            f.truncate(int(kind) * 2 ** 20)
+
+
+@SOME
+@given(kind=st.sampled_from(["fifo", "zero", "17", "300"]))
+def test_an_endless_or_huge_input_file_is_refused_before_it_is_read(records, kind):
+    """Every input file is checked before it is read: a loss file, a metrics file or a
+    DomainBed record set that is a pipe, a device or too large is refused in one line naming it."""
+    with sandbox() as root:
+        loss, metrics = root / "loss.json", root / "metrics.jsonl"
+        _endless(loss, kind)
+        _endless(metrics, kind if kind != "17" else "300")
+        with pytest.raises(LossFileError, match=re.escape(str(loss))):
+            load_loss(loss)
+        code, err = call(loss_shapes.main, ["--losses", loss, "--output_dir", root / "out"])
+        check_boundary(code, err)
+        assert code == 2 and str(loss) in err
+        code, err = call(plot_meta.main, [metrics, "--output", root / "f.png"])
+        check_boundary(code, err)
+        assert code == 2 and str(metrics) in err
+        sweep = root / "sweep"
+        shutil.copytree(FIXTURE, sweep)
+        results = next(sweep.glob("*/results.jsonl"))
+        results.unlink()
+        _endless(results, kind if kind != "17" else "300")
+        job = {run.folder: run for run in load_runs(sweep)}[results.parent.name]
+        assert job.records == [] and str(results) in job.error
+
+
+def test_a_huge_checkpoint_is_refused_unread(runs):
+    with sandbox() as root:
+        folder = root / "meta"
+        shutil.copytree(runs / "meta", folder)
+        _endless(folder / "checkpoint.pt", str(17 * 1024))
+        code, err = call(meta_train.main, [*RESUMES["meta"][2], "--output_dir", folder])
+        check_boundary(code, err)
+        assert code == 2 and str(folder / "checkpoint.pt") in err and "MiB" in err, err
