@@ -937,3 +937,20 @@ def test_a_huge_checkpoint_is_refused_unread(runs):
         code, err = call(meta_train.main, [*RESUMES["meta"][2], "--output_dir", folder])
         check_boundary(code, err)
         assert code == 2 and str(folder / "checkpoint.pt") in err and "MiB" in err, err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root")
+def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("this machine mounts no tmpfs")
+    try:
+        main, base, _ = COMMANDS["meta_train"]
+        code, err = call(main, [*base, "--output_dir", disk / "run"])
+        check_boundary(code, err)
+        assert code == 2 and "Read-only file system" in err and str(disk / "run") in err, err
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
