@@ -954,3 +954,19 @@ def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path):
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch", "units"])
+def test_a_hostile_pickle_in_a_grid_search_folder_is_refused_unread(how):
+    main, base, _ = COMMANDS["grid_search"]
+    with sandbox() as root:
+        folder, marker = root / "grid", root / "marker"
+        code, err = call(main, [*base, "--output_dir", folder])
+        assert code == 0, err
+        checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+        (folder / "checkpoint.pt").write_bytes(_hostile_bytes(marker, how, checkpoint))
+        for name in [p.name for p in folder.iterdir() if p.suffix in (".md", ".json", ".csv")]:
+            (folder / name).unlink()  # so that the command continues from the checkpoint
+        code, err = call(main, [*base, "--output_dir", folder])
+        check_boundary(code, err)
+        assert code == 2 and str(folder / "checkpoint.pt") in err and not marker.exists(), err
