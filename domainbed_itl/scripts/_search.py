@@ -222,8 +222,10 @@ def resumed_settings(args: argparse.Namespace, explicit: Set[str], flags: Sequen
         found.append((f"--preset {args.preset}", f"preset {provenance['preset']}"))
     if "init" in explicit:
         found += _init_contradiction(args, init, provenance.get("init"))
-    saved_flags = provenance.get("data_flags")  # a damaged checkpoint's may lack some
-    data = {**data_flags(args), **(saved_flags if isinstance(saved_flags, dict) else {})}
+    data = dict(provenance.get("data_flags") or data_flags(args))
+    if not set(data_flags(args)) <= set(data):  # a damaged checkpoint's
+        raise RunDirError(f"cannot resume {path}: its provenance.data_flags lacks "
+                          f"{', '.join(sorted(set(data_flags(args)) - set(data)))}")
     found += [(flag_text(k, getattr(args, k)), f"{k} {data[k]}") for k in data
               if k in explicit and k not in LOCATION_FLAGS and getattr(args, k) != data[k]]
     refuse_contradictions(path, found)
