@@ -13,16 +13,17 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..analysis.evaluation_report import CONVERGENCE_METRICS, META_METRICS, Metric
 from ..bridge.loss_evaluation import loss_definition, loss_function
 from ..files.runfolder import RunFolder
+from ..losses.checks import check_minimisable
 from ..meta.data import DomainData
 from ..meta.evaluate import Protocol, evaluate_in_folder, evaluate_losses
-from ._cli import INNER_TRAINING, add_flags, nonnegative_int, positive_int, setting_flags
+from ._cli import INNER_TRAINING, Distinct, add_flags, nonnegative_int, positive_int, setting_flags
 
 Loss = Tuple[Callable[..., torch.Tensor] | torch.nn.Module, Any]
 TIMED_STEPS = (2, 22)  # inner steps of the two timed trainings (their difference prices a step)
@@ -65,9 +66,10 @@ def name_reports(paths: Sequence[Path | str]) -> None:
 def add_meta_protocol_flags(parser: argparse.ArgumentParser) -> None:
     """--seeds, --inner_steps, the inner-training flags, --eval_size, --per_domain_cap,
     --data_seed and --device."""
-    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2, 3, 4],
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", action=Distinct,
+                        default=[0, 1, 2, 3, 4],
                         help="the seeds every loss is trained on (initial weights, minibatches)")
-    parser.add_argument("--inner_steps", type=positive_int, nargs="+", default=[1000],
+    parser.add_argument("--inner_steps", type=positive_int, nargs="+", action=Distinct, default=[1000],
                         help="report after each of these numbers of inner steps")
     add_flags(parser, "inner training (default: meta_train's)", INNER_TRAINING)
     parser.add_argument("--eval_size", default=Protocol().eval_size,
@@ -98,10 +100,17 @@ def meta_metrics(protocol: Protocol) -> List[Metric]:
     return META_METRICS + (CONVERGENCE_METRICS if protocol.inner_stop_ratio is not None else [])
 
 
-def meta_losses(losses: Mapping[str, str], device: torch.device) -> Dict[str, Loss]:
-    """{label: (the loss on `device`, its definition)} of labelled --losses values."""
-    return {label: (_on(loss_function(loss), device), loss_definition(loss))
-            for label, loss in losses.items()}
+def meta_losses(losses: Mapping[str, str], device: torch.device,
+                num_classes: Optional[int] = None) -> Dict[str, Loss]:
+    """{label: (the loss on `device`, its definition)} of labelled --losses values; with
+    `num_classes` (that of the data loaded, whatever the data set), each is first checked to be
+    finite and minimisable for that many classes (domainbed_itl.losses.checks)."""
+    built = {label: loss_function(loss) for label, loss in losses.items()}
+    if num_classes is not None:
+        for label, loss in built.items():
+            check_minimisable(loss, num_classes, f"--losses {label}={losses[label]}")
+    return {label: (_on(loss, device), loss_definition(losses[label]))
+            for label, loss in built.items()}
 
 
 def _on(loss: Callable[..., torch.Tensor] | torch.nn.Module, device: torch.device):

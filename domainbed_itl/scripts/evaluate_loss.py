@@ -19,7 +19,7 @@ from ..files.runfolder import open_run_folder
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import remove_never_started
 from ..meta.evaluate import EVALUATION_RUN
-from ._cli import (CommandParser, add_data_flags, check_data_flags, check_data_sizes, command_line,
+from ._cli import (CommandParser, Distinct, add_data_flags, check_data_flags, check_data_sizes, command_line,
                    data_flags, explicit_flags, integer, load_data, parse_device, positive_int,
                    run_command)
 from ._evaluation import (DefaultsHelp, add_meta_protocol_flags, evaluate_meta, meta_losses,
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=DefaultsHelp)
     sub = parser.add_subparsers(dest="protocol", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--losses", nargs="+", required=True,
+    common.add_argument("--losses", nargs="+", action=Distinct, required=True,
                         help="CE, a zoo loss, a preset or a loss file; LABEL=LOSS to name one")
     common.add_argument("--reference", default=None,
                         help="the label the others are compared with (default: CE if given, "
@@ -58,7 +58,7 @@ def _add_meta_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 def _add_domainbed_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     db = sub.add_parser("domainbed", parents=[common], help="DomainBed's own train",
                         formatter_class=DefaultsHelp)
-    db.add_argument("--test_envs", type=integer, nargs="+", required=True,
+    db.add_argument("--test_envs", type=integer, nargs="+", action=Distinct, required=True,
                     help="one run per test environment (each alone), or see --test_envs_together")
     db.add_argument("--test_envs_together", action="store_true",
                     help="one run per loss and trial holding out all --test_envs at once")
@@ -84,14 +84,18 @@ def run_meta(args: argparse.Namespace, losses: Dict[str, str], reference: str, c
     with open_run_folder(args.output_dir, EVALUATION_RUN, resume=not args.overwrite,
                          overwrite=args.overwrite, command=command) as folder:
         done = [name for name in (REPORT_MD, REPORT_JSON) if (folder.path / name).exists()]
-        if done:
+        have = {(u["unit"], u["loss"]) for u in (folder.checkpoint or {}).get("units", ())}
+        # A rerun that adds seeds or losses continues; its reports replace these.
+        if done and {(seed, label) for seed in args.seeds for label in losses} <= have:
             raise OutputExists(f"{folder.path} already holds an evaluation ({', '.join(done)}); "
-                               "pass --overwrite to replace it")
+                               "pass --overwrite to replace it, or add seeds or losses to "
+                               "continue it")
         plan = plan_report(folder.path, "meta")
         data = load_data(flags)
         check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
                          explicit)
-        records = evaluate_meta(folder, data, meta_losses(losses, device), args, protocol, device,
+        records = evaluate_meta(folder, data, meta_losses(losses, device, data.num_classes), args,
+                                protocol, device,
                                 command)
         settings = meta_settings(args, protocol)
         with said_once():

@@ -18,7 +18,7 @@ from ..files.runfolder import RunKind, open_run_folder
 from ..losses.grid import parse_grid
 from ..losses.lossfile import LossSpec
 from ..meta.evaluate import EVALUATION_RUN
-from ._cli import (CommandParser, add_data_flags, check_data_flags, check_data_sizes, command_line,
+from ._cli import (CommandParser, Distinct, add_data_flags, check_data_flags, check_data_sizes, command_line,
                    data_flags, explicit_flags, load_data, parse_device, run_command)
 from ._evaluation import (DefaultsHelp, add_meta_protocol_flags, evaluate_meta, meta_losses,
                           meta_metrics, meta_protocol, meta_settings, name_reports, said_once)
@@ -32,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = CommandParser("grid_search", description=__doc__.split("\n\n")[0],
                            formatter_class=DefaultsHelp)
-    parser.add_argument("--grid", nargs="+", required=True,
+    parser.add_argument("--grid", nargs="+", action=Distinct, required=True,
                         help="NAME=V1,V2,... (a family of one parameter, e.g. label_smoothing, "
                              "poly1, focal, gce) or NAME.PARAM=V1,V2,... (e.g. sce.alpha)")
-    parser.add_argument("--losses", nargs="+", default=["CE"],
+    parser.add_argument("--losses", nargs="+", action=Distinct, default=["CE"],
                         help="extra losses beside the grid: CE, a zoo loss, a preset or a loss "
                              "file; LABEL=LOSS to name one (default: CE)")
     parser.add_argument("--reference", default=None,
@@ -70,8 +70,12 @@ def run(args: argparse.Namespace, command: str, explicit: Set[str]) -> int:
         data = data or load_data(flags)
         check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
                          explicit)
+        if classes not in (None, data.num_classes):  # checked for the classes of the data
+            members = {label: spec for family in parse_grid(args.grid, data.num_classes).values()
+                       for label, spec in family.items()}
         losses = {**{label: (spec.module().to(device), spec.definition())
-                     for label, spec in members.items()}, **meta_losses(extras, device)}
+                     for label, spec in members.items()},
+                  **meta_losses(extras, device, data.num_classes)}
         records = evaluate_meta(folder, data, losses, args, protocol, device, command)
         with said_once():
             result = comparison.compare(records, "heldout_acc", reference, ["inner_steps"])

@@ -31,7 +31,7 @@ from ..files.running_jobs import running
 from ..single_source.planning import single_source_args
 from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
 from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
-from ._cli import CommandParser, command_main, integer
+from ._cli import CommandParser, Distinct, command_main, integer
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=["launch", "delete_incomplete"],
                         help="launch the jobs not launched yet, or delete the folders of jobs that "
                              "started, never finished and no longer run")
-    parser.add_argument("--datasets", nargs="+", default=None,
+    parser.add_argument("--datasets", nargs="+", action=Distinct, default=None,
                         help="default: DomainBed's sweep datasets (all but Debug*)")
-    parser.add_argument("--algorithms", nargs="+", default=None,
+    parser.add_argument("--algorithms", nargs="+", action=Distinct, default=None,
                         help="default: every algorithm DomainBed knows")
     parser.add_argument("--n_hparams_from", type=integer, default=0,
                         help='the first hparams seed')
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the sweep's folder")
     parser.add_argument("--command_launcher", type=str, required=True,
                         help='a DomainBed launcher (local, multi_gpu, ...) or submitit')
-    parser.add_argument("--sources", type=integer, nargs="+", default=None,
+    parser.add_argument("--sources", type=integer, nargs="+", action=Distinct, default=None,
                         help="source domain indices to run (default: every domain)")
     parser.add_argument("--seed", type=integer, default=0, help="seed of the shuffled launch order")
     parser.add_argument("--skip_confirmation", action="store_true",
