@@ -1,11 +1,6 @@
-"""Reading the files the package is handed: size-limited, and never running code.
-
-Every input file is checked before it is read: it must be a regular file (a device such as
-/dev/zero or a named pipe never ends) no larger than the limit of its kind, so a huge or
-endless file is refused in one line instead of being read until the machine runs out of memory.
-Binary files (checkpoints) are read with `torch.load(weights_only=True)`: tensors, numbers,
-strings and containers only; a file that holds anything else (a pickle whose reading would run
-code, or any foreign object) is refused, naming the file, before anything from it is used.
+"""Reading the files the package is handed: each behind a size limit checked first (a huge or
+endless file is refused in one line), binary ones with `torch.load(weights_only=True)`, so that
+reading never runs code. See docs/files.md.
 """
 
 from __future__ import annotations
