@@ -14,14 +14,15 @@ from ..bridge.loss_evaluation import loss_definition, loss_function
 from ..files.runfolder import RunFolder
 from ..meta.data import DomainData
 from ..meta.evaluate import Protocol, evaluate_in_folder
-from ._cli import INNER_TRAINING, add_flags, nonnegative_int, positive_int, setting_flags
+from ._cli import (INNER_TRAINING, add_flags, add_label_noise_flag, nonnegative_int, positive_int,
+                   setting_flags)
 
 Loss = Tuple[Callable[..., torch.Tensor] | torch.nn.Module, Any]
 
 
 def add_meta_protocol_flags(parser: argparse.ArgumentParser) -> None:
     """--seeds, --inner_steps, the inner-training flags, --eval_size, --per_domain_cap,
-    --data_seed and --device."""
+    --data_seed, --label_noise and --device."""
     parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--inner_steps", type=positive_int, nargs="+", default=[1000],
                         help="report after each of these numbers of inner steps")
@@ -30,6 +31,7 @@ def add_meta_protocol_flags(parser: argparse.ArgumentParser) -> None:
                         **setting_flags(Protocol, only=("eval_size",))["eval_size"])
     parser.add_argument("--per_domain_cap", type=positive_int, default=None)
     parser.add_argument("--data_seed", type=nonnegative_int, default=0)
+    add_label_noise_flag(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
@@ -43,6 +45,7 @@ def meta_settings(args: argparse.Namespace, protocol: Protocol) -> Dict[str, Any
     """The settings a report states: protocol, dataset, seeds, data sampling, inner training."""
     return {"protocol": "meta", "dataset": args.dataset, "seeds": args.seeds,
             "per_domain_cap": args.per_domain_cap, "data_seed": args.data_seed,
+            **({"label_noise": args.label_noise} if args.label_noise else {}),
             **protocol.to_dict()}
 
 
