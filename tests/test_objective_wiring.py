@@ -223,3 +223,24 @@ def test_run_folders_written_before_objectives_resume(tmp_path, command, kind, m
     assert records[1]["outer_heldout_loss"] == pytest.approx(records[1]["outer_heldout_ce"])
     assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == [1, 2]
 
+
+
+def test_evaluate_loss_meta_and_grid_search_take_label_noise(tmp_path):
+    from domainbed_itl.scripts import evaluate_loss, grid_search
+
+    common = ["--dataset", "synthetic", "--per_domain_cap", "40", "--seeds", "0", "--inner_steps",
+              "5", "--hidden", "4", "--no_progress"]
+    reports = {}
+    for rate in ("0", "0.5"):
+        out = tmp_path / f"eval{rate}"
+        assert evaluate_loss.main(["meta", *common, "--losses", "CE", "--label_noise", rate,
+                                   "--output_dir", str(out)]) == 0
+        reports[rate] = json.loads((out / "evaluation.json").read_text())
+    assert "label_noise" not in reports["0"]["settings"]
+    assert reports["0.5"]["settings"]["label_noise"] == 0.5
+    clean, noisy = ([r["final_train_loss"] for r in reports[k]["records"]] for k in ("0", "0.5"))
+    assert clean != noisy  # the networks trained on other labels
+    out = tmp_path / "grid"
+    assert grid_search.main(["--grid", "label_smoothing=0.1", *common, "--label_noise", "0.5",
+                             "--output_dir", str(out)]) == 0
+    assert "label_noise" in (out / "grid.md").read_text()
