@@ -244,3 +244,25 @@ def test_evaluate_loss_meta_and_grid_search_take_label_noise(tmp_path):
     assert grid_search.main(["--grid", "label_smoothing=0.1", *common, "--label_noise", "0.5",
                              "--output_dir", str(out)]) == 0
     assert "label_noise" in (out / "grid.md").read_text()
+
+
+def test_a_users_objective_reaches_meta_train_through_the_environment_variable(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "my_objective.py").write_text(
+        "import torch.nn.functional as F\n"
+        "from domainbed_itl.meta.objectives import Objective, register_objective\n"
+        "register_objective(Objective('half_ce', lambda z, y: 0.5 * F.cross_entropy(z, y), "
+        "'half of held-out CE'))\n")
+    env = {**os.environ, "DOMAINBED_ITL_OBJECTIVES": "my_objective",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.meta_train", *META,
+                             "--objective", "half_ce", "--outer_steps", "1", "--output_dir", str(out)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (record,) = _lines(out)
+    assert record["objective"] == "half_ce"
+    assert record["outer_heldout_loss"] == pytest.approx(0.5 * record["outer_heldout_ce"], rel=1e-5)
