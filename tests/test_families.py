@@ -280,15 +280,14 @@ PINNED = LossFamily("pinned_ce", (Parameter("scale", 1.0, "[1, 1]", "CE weight, 
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_an_update_that_leaves_the_familys_range_is_undone(registry):
-    from domainbed_itl.meta.trainer import NonFiniteError
-
+def test_an_update_that_leaves_the_familys_range_is_projected_back_and_recorded(registry):
     register_family(PINNED)  # its only admissible ω is 1: any step leaves the interval
-    trainer = _trainer("pinned_ce", outer_lr=1.0)
-    with pytest.raises(NonFiniteError, match=r"outer step 1: the update took ω out of its family's range "
-                                             r"and is undone: scale .* must be finite and in \[1, 1\]"):
-        trainer.outer_step()
-    assert trainer.steps_done == 0 and trainer.omega.tolist() == [1.0]
+    trainer = _trainer("pinned_ce", outer_lr=1.0, aggregate="mean")
+    record = trainer.outer_step()
+    assert record["hypergradient_norm"] > 0  # the update did leave [1, 1]
+    assert trainer.steps_done == 1 and trainer.omega.tolist() == [1.0]
+    assert record["projected"] == ["scale"] and record["omega"] == [1.0]
+    assert record["omega_evaluated"] == [1.0]
 
 
 @pytest.mark.usefixtures("one_thread")

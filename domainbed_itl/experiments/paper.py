@@ -90,13 +90,13 @@ SINGLE_SOURCE_SWEEP_FLAGS = frozenset({
     "submitit_wait", "submitit_name", "submitit_extra", "no_progress", "verbose"})
 # domainbed_itl.scripts.meta_train: its own flags and every setting of the settings tree.
 META_TRAIN_FLAGS = frozenset({
-    "preset", "dataset", "per_domain_cap", "data_seed", "family", "order", "init", "device",
-    "no_progress", "resume", "overwrite", *leaf_names(MetaConfig)})
+    "preset", "dataset", "per_domain_cap", "data_seed", "label_noise", "family", "order", "init",
+    "device", "no_progress", "resume", "overwrite", *leaf_names(MetaConfig)})
 # domainbed_itl.scripts.evaluate_loss meta: losses against cross-entropy with fresh MLPs, trained
 # with every inner-training setting.
 EVALUATE_LOSS_FLAGS = frozenset({
     "losses", "reference", "dataset", "seeds", "eval_size", "per_domain_cap", "data_seed",
-    "device", "overwrite", "no_progress", *leaf_names(InnerSettings)})
+    "label_noise", "device", "overwrite", "no_progress", *leaf_names(InnerSettings)})
 
 
 class SweepDefinitionError(ValueError):

@@ -260,7 +260,9 @@ class MetricsRecord(Schema):
     step: Positive
     inner_source_acc: Fraction
     outer_heldout_acc: Fraction
-    outer_heldout_loss: Annotated[float, Field(ge=0)]
+    outer_heldout_loss: float  # M, the run's objective (held-out CE before objectives existed)
+    outer_heldout_ce: Optional[Annotated[float, Field(ge=0)]] = None
+    objective: Optional[str] = None
     time_step_s: Optional[Annotated[float, Field(ge=0)]] = None
     inner_trainings: Optional[Positive] = None
     popsize: Optional[Annotated[int, Field(ge=2, lt=INT64)]] = None

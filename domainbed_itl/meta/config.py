@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..losses.families import get_family
-from . import aggregators, solvers
+from . import aggregators, objectives, solvers
 from .inner import INNER_OPTIMIZERS, SCHEDULES, InnerOptimizer, StopRule, learning_rates
 from .settings import Composed, Settings, SettingsError, part, setting
 from .state import OUTER_OPTIMIZERS as OUTER_STATE_OPTIMIZERS
@@ -96,6 +96,11 @@ class OuterSettings(Settings):
                                "networks instead of fresh ones (online IFT)", **BOOL)
     outer_batch: Optional[int] = setting(None, "held-out examples for M per domain (default: "
                                          "the whole domain)", optional=True, **POSITIVE_INT)
+    objective: str = setting("heldout_ce", "the meta-objective M on each held-out domain, "
+                             "minimised (docs/objectives.md): " + "; ".join(
+                                 f"{o.name} rewards {o.rewards}" for o in objectives.BUILT_IN)
+                             + "; or one registered in DOMAINBED_ITL_OBJECTIVES's modules",
+                             kind="choice", registry=objectives.objective_names, label="objective")
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,7 @@ META_PRESETS: Dict[str, Dict[str, Any]] = {
         "outer_lr": 0.01, "inner_steps": 1000, "inner_lr": 0.01, "inner_optimizer": "sgd",
         "warm_start": False, "batch_size": 32, "hidden": (256,), "solver": "neumann",
         "neumann_steps": 15, "neumann_alpha": 0.01, "neumann_form": "algorithm2",
-        "aggregate": "pcgrad", "aggregate_reduction": "sum",
+        "aggregate": "pcgrad", "aggregate_reduction": "sum", "objective": "heldout_ce",
     },
 }
 META_PRESETS["paper_guarded"] = {**META_PRESETS["paper"], "max_solver_residual": 1.0}

@@ -62,7 +62,8 @@ def reference_comparison(inner_grad: InnerGrad, theta: Tensor, omega: Tensor, v:
 # holds those whose per-domain value it has; files.schemas.MetricsRecord reads them back).
 MEANS = {
     "inner_source_acc": "inner_source_acc", "outer_heldout_acc": "heldout_acc",
-    "outer_heldout_loss": "heldout_loss", "source_heldout_gap": "source_heldout_gap",
+    "outer_heldout_loss": "heldout_loss", "outer_heldout_ce": "heldout_ce",
+    "source_heldout_gap": "source_heldout_gap",
     "inner_loss": "inner_loss", "inner_grad_norm": "inner_grad_norm",
     "inner_grad_norm_ratio": "stationarity", "inner_steps_used": "inner_steps_used",
     "solver_residual": "solver_residual", "hessian_lambda_max": "hessian_lambda_max",
@@ -80,20 +81,21 @@ def step_record(step: int, omega: Tensor, h: Tensor, per_domain: Dict[str, Tenso
                 trusted: Tensor, times: Sequence[float]) -> Dict[str, Any]:
     """The metrics record of one outer step (a line of metrics.jsonl).
 
-    per_domain: tensors of one value per domain, keyed inner_source_acc, heldout_acc,
-    heldout_loss, source_heldout_gap, inner_loss, inner_grad_norm, inner_grad_norm_start,
-    stationarity (their ratio), inner_steps_used, solver_residual, hypergradient_norm and
-    optionally hessian_lambda_max and hessian_lambda_min (averaged at the top level as MEANS
-    says); times: the clock after the start, the inner training, the hypergradients, the
+    per_domain: tensors of one value (or row) per domain, keyed inner_source_acc, heldout_acc,
+    heldout_loss (M, the objective), heldout_ce (held-out cross-entropy), source_heldout_gap,
+    inner_loss, inner_grad_norm, inner_grad_norm_start, stationarity (their ratio),
+    inner_steps_used, solver_residual, hypergradient_norm and optionally hessian_lambda_max,
+    hessian_lambda_min, hypergradient (each domain's whole) and inner_at_cap (averaged at the
+    top level as MEANS says); times: the clock after the start, the inner training, the hypergradients, the
     update and evaluation, and the diagnostics.
     """
     t0, t1, t2, t3, t4 = times
     averaged = means(per_domain)
-    head = ("inner_source_acc", "outer_heldout_acc", "outer_heldout_loss", "source_heldout_gap",
-            "inner_loss")
+    head = ("inner_source_acc", "outer_heldout_acc", "outer_heldout_loss", "outer_heldout_ce",
+            "source_heldout_gap", "inner_loss")
     return {
         "step": step,
-        **{k: averaged[k] for k in head},
+        **{k: averaged[k] for k in head if k in averaged},
         "hypergradient_norm": float(h.norm()),
         **{k: v for k, v in averaged.items() if k not in head},
         "trusted_domains": int(trusted.sum()),

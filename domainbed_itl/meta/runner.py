@@ -16,6 +16,7 @@ from .. import __version__
 from ..files.runfolder import RunFolder, RunKind, log_stderr, source_commit, using_run_folder
 from ..files.schemas import MetaCheckpoint
 from ..losses.lossfile import LossSpec
+from .aggregators import aggregator_note
 from .config import MetaConfig
 from .data import DomainData, data_fingerprint
 from .resume import (check_resumable, check_trainer_state, initial_loss, new_trainer,
@@ -58,6 +59,9 @@ def run_meta_training(data: DomainData, config: MetaConfig,
             trainer.load_state_dict(folder.checkpoint["trainer"])
             records = list(folder.checkpoint["metrics"])
         folder.begin(config.outer_steps, device, provenance)
+        note = aggregator_note(config.aggregate, trainer.family.num_params, trainer.num_domains)
+        if note is not None and trainer.steps_done < config.outer_steps:
+            log(f"note: {note}")
         _train(folder, trainer, data, records, init_omega, progress)
     return trainer
 
@@ -87,10 +91,20 @@ def _train(folder: RunFolder, trainer: MetaTrainer, data: DomainData, records: L
                                     "init_omega": init_omega, "trainer": trainer.state_dict(),
                                     "metrics": records}, trainer.steps_done, records, loss())
             bar.update(1)
-            bar.set_postfix(heldout_acc=f"{record['outer_heldout_acc']:.3f}",
-                            source_acc=f"{record['inner_source_acc']:.3f}")
+            bar.set_postfix(progress_fields(record))
     finally:
         bar.close()
+
+
+def progress_fields(record: Dict[str, Any]) -> Dict[str, str]:
+    """The progress line's fields for an outer step's record: M, held-out and source accuracy,
+    and how many inner networks stopped at the inner_steps cap, not by the stopping rule."""
+    fields = {"M": f"{record['outer_heldout_loss']:.4f}",
+              "heldout_acc": f"{record['outer_heldout_acc']:.3f}",
+              "source_acc": f"{record['inner_source_acc']:.3f}"}
+    if record.get("inner_at_cap"):
+        fields["at_cap"] = f"{record['inner_at_cap']}/{len(record['per_domain']['inner_at_cap'])}"
+    return fields
 
 
 def _step(trainer: MetaTrainer, folder: RunFolder) -> Dict[str, Any]:

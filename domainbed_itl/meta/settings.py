@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -30,7 +30,9 @@ class Rule:
     """What values a setting takes. kind: "int", "float", "choice", "bool" or "widths" (a
     non-empty tuple of positive integers); low/high bound a number (open with low_open/high_open;
     a float is at most float32's maximum); optional: None is allowed too; label: the setting's
-    name in a message about an unknown choice; expected: the message's wording of the rule."""
+    name in a message about an unknown choice; expected: the message's wording of the rule;
+    registry: a choice's names read when a value is checked (a registry users extend), in place
+    of `choices`."""
 
     kind: str
     low: Optional[float] = None
@@ -38,9 +40,14 @@ class Rule:
     low_open: bool = False
     high_open: bool = False
     choices: Tuple[str, ...] = ()
+    registry: Optional[Callable[[], Tuple[str, ...]]] = None
     optional: bool = False
     label: Optional[str] = None
     expected: Optional[str] = None
+
+    def options(self) -> Tuple[str, ...]:
+        """The names a choice takes: the registry's now, else `choices`."""
+        return self.registry() if self.registry is not None else self.choices
 
     def expectation(self) -> str:
         """The rule in words, as messages give it."""
@@ -61,7 +68,7 @@ class Rule:
         if value is None:
             return self.optional
         if self.kind == "choice":
-            return value in self.choices
+            return value in self.options()
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "widths":
@@ -86,7 +93,7 @@ class Rule:
             return
         if self.kind == "choice":
             raise SettingsError(name, f"unknown {self.label or name} {value!r}; expected one of "
-                                      f"{', '.join(self.choices)}")
+                                      f"{', '.join(self.options())}")
         if self.kind == "widths":
             bad = next(w for w in value if not self.admits_number(w, int))
             raise SettingsError(name, f"every {name} width must be a positive integer, got {bad!r}")

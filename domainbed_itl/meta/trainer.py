@@ -16,17 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
-from ..losses.families import ParameterRangeError, get_family
+from ..losses.families import ParameterRangeError, get_family, project
 from . import aggregators, diagnostics, inner
 from .config import MetaConfig
 from .data import Domain, check_domains
 from .draws import StepDraws, domain_indices, draw_step, step_generator
 from .hypergradient import adjoint_residual, flatten_module, implicit_grad
 from .inner import Params, init_params, mlp
+from .objectives import get_objective
 from .solvers import Solver
 from .state import OuterState
 
 __all__ = ["MetaConfig", "MetaTrainer", "NonFiniteError", "mlp", "step_generator"]
+
+# Families of at most this many parameters have each domain's hypergradient recorded whole.
+WHOLE_HYPERGRADIENTS = 16
 
 
 class NonFiniteError(FloatingPointError):
@@ -72,8 +76,7 @@ class MetaTrainer:
         # ω, the outer optimiser, the steps done and (online IFT) the warm-started networks.
         self.state = OuterState(omega, config.outer_optimizer, config.outer_lr, self.device)
         self._solve = config.solve() if solve is None else solve
-        self._aggregate = functools.partial(aggregators.AGGREGATORS[config.aggregate],
-                                            reduction=config.aggregate_reduction)
+        self.objective = get_objective(config.objective)  # M of Eq. 2
         self._inner_optimizer = config.inner.optimizer()
 
         self.x = torch.cat([x for x, _ in domains]).to(self.device, torch.float32)
@@ -128,7 +131,7 @@ class MetaTrainer:
 
     def _heldout_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
         logits = self.apply(theta, x)
-        return F.cross_entropy(logits, y), logits  # M of Eq. 2
+        return self.objective(logits, y), logits  # M of Eq. 2, the configured objective
 
     def _inner_grad(self, theta: Tensor, omega: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return grad(self._source_loss)(theta, omega, x, y)
@@ -181,17 +184,20 @@ class MetaTrainer:
                                      f"loss when training without domain {i} (inner step {t_bad + 1})")
         return run
 
-    def _heldout(self, thetas: Tensor, draws: StepDraws) -> Tuple[Tensor, Tensor, Tensor]:
-        """(∂M/∂θ per domain, M per domain, held-out accuracy per domain)."""
-        vs, heldout_loss, heldout_acc = [], [], []
+    def _heldout(self, thetas: Tensor, draws: StepDraws) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """(∂M/∂θ per domain, {"heldout_loss": M, "heldout_acc": accuracy, "heldout_ce":
+        cross-entropy}, each per domain)."""
+        vs, measured = [], {"heldout_loss": [], "heldout_acc": [], "heldout_ce": []}
         for i in range(self.num_domains):
-            idx = draws.heldout[i]
+            idx, y = draws.heldout[i], self.y_heldout[draws.heldout[i]]
             v, (loss, logits) = grad_and_value(self._heldout_loss, has_aux=True)(
-                thetas[i], self.x[idx], self.y_heldout[idx])
+                thetas[i], self.x[idx], y)
             vs.append(v)
-            heldout_loss.append(loss.detach())
-            heldout_acc.append((logits.argmax(1) == self.y_heldout[idx]).float().mean())
-        return torch.stack(vs), torch.stack(heldout_loss), torch.stack(heldout_acc)
+            logits = logits.detach()
+            measured["heldout_loss"].append(loss.detach())
+            measured["heldout_acc"].append((logits.argmax(1) == y).float().mean())
+            measured["heldout_ce"].append(F.cross_entropy(logits, y))
+        return torch.stack(vs), {k: torch.stack(v) for k, v in measured.items()}
 
     def _hypergradients(self, thetas: Tensor, vs: Tensor, draws: StepDraws,
                         omega: Tensor) -> Dict[str, Tensor]:
@@ -215,9 +221,10 @@ class MetaTrainer:
                                      f"domain {i}")
         return trusted
 
-    def _update(self, step: int, h: Tensor, trusted: Tensor) -> None:
-        """Algorithm 1, line 16 (none when no domain is trusted); a non-finite ω, or one outside
-        its family's intervals, is undone."""
+    def _update(self, step: int, h: Tensor, trusted: Tensor) -> Tuple[str, ...]:
+        """Algorithm 1, line 16 (none when no domain is trusted), then ω projected into its
+        family's intervals (families.project); returns the names of the entries projected. A
+        non-finite ω, or one the projection cannot put in range, is undone."""
         if not torch.isfinite(h).all():
             raise NonFiniteError(f"outer step {step}: non-finite aggregated hypergradient")
         previous = self.state.snapshot()
@@ -228,15 +235,20 @@ class MetaTrainer:
             self.state.restore(previous)
             raise NonFiniteError(f"outer step {step}: non-finite loss parameters ω after the update: "
                                  f"{bad_omega}")
+        projected, moved = project(self.family, self.omega)
         try:
-            self.family.check(self.omega)
+            self.family.check(projected)
         except ParameterRangeError as error:
             self.state.restore(previous)
             raise NonFiniteError(f"outer step {step}: the update took ω out of its family's range "
                                  f"and is undone: {error}") from None
+        with torch.no_grad():
+            self.omega.copy_(projected)
+        return moved
 
     def heldout_objective(self, omega: Sequence[float] | Tensor, step: int) -> Dict[str, Any]:
-        """M and accuracies of loss ω with the randomness of outer step `step`, no hypergradient.
+        """M (the configured objective), accuracies and held-out CE of loss ω with the randomness
+        of outer step `step`, no hypergradient.
 
         Trains fresh inner networks (never warm-started) exactly as `outer_step` would; for
         searches that only need the objective (e.g. evolution strategies).
@@ -250,19 +262,27 @@ class MetaTrainer:
         params, state = self._start(draws, warm=False)
         run = self._train_inner(params, state, draws, omega)
         thetas = inner.flat(params)
-        _, heldout_loss, heldout_acc = self._heldout(thetas, draws)
+        _, heldout = self._heldout(thetas, draws)
         source_acc = diagnostics.accuracies(self.apply, thetas, self.x, self.y, draws.source_eval)
         averaged = diagnostics.means({
-            "heldout_loss": heldout_loss, "heldout_acc": heldout_acc, "inner_source_acc": source_acc,
+            **heldout, "inner_source_acc": source_acc,
             "inner_loss": inner.tail_loss(run.losses, run.steps_used),
-            "source_heldout_gap": source_acc - heldout_acc,
+            "source_heldout_gap": source_acc - heldout["heldout_acc"],
             "inner_steps_used": torch.tensor(run.steps_used)})
-        record = {**averaged, "per_domain": {"heldout_loss": heldout_loss.tolist(),
-                                             "heldout_acc": heldout_acc.tolist(),
-                                             "inner_steps_used": run.steps_used}}
+        record = {**averaged, "objective": self.objective.name,
+                  "per_domain": {**{k: v.tolist() for k, v in heldout.items()},
+                                 "inner_steps_used": run.steps_used}}
         if run.start_norm is not None:
             record["per_domain"]["stationarity"] = (run.final_norm / run.start_norm).tolist()
+            record["per_domain"]["inner_at_cap"] = self._at_cap(run).tolist()
+            record["inner_at_cap"] = int(self._at_cap(run).sum())
         return record
+
+    def _at_cap(self, run: inner.InnerRun) -> Tensor:
+        """Per network, whether it ran to the inner_steps cap without meeting the stopping rule
+        (a run with a stopping rule only)."""
+        return (run.final_norm > self.config.inner_stop_ratio * run.start_norm).cpu()
+
 
     def _stationarity(self, thetas: Tensor, omega: Tensor, draws: StepDraws) -> Tensor:
         return diagnostics.grad_norms(self._inner_grad, thetas, omega, self.x, self.y,
@@ -277,8 +297,18 @@ class MetaTrainer:
         return {"domain": d, **diagnostics.reference_comparison(
             inner_grad, thetas[d], omega, vs[d], hypergrads[d], self.config.reference_maxiter)}
 
+    def _combine(self, hypergrads: Tensor, trusted: Tensor, draws: StepDraws) -> aggregators.Aggregate:
+        """Algorithm 1, line 15: the trusted domains' hypergradients aggregated with the report of
+        what the aggregator removed (aggregators.aggregate, which uses the plain mean or sum where
+        it removes the whole update); a zero update when no domain is trusted."""
+        if not trusted.any():
+            return aggregators.Aggregate(torch.zeros_like(self.omega), None, None)
+        return aggregators.aggregate(self.config.aggregate, hypergrads[trusted.to(hypergrads.device)],
+                                     draws.surgery, self.config.aggregate_reduction)
+
     def outer_step(self) -> Dict[str, Any]:
-        """One iteration of Algorithm 1's while loop; returns the step's metrics."""
+        """One iteration of Algorithm 1's while loop; returns the step's metrics: those of the ω
+        the step evaluated (`omega_evaluated`) and the ω after its update (`omega`)."""
         c, step = self.config, self.steps_done + 1
         draws, omega = self._draw(step), self.omega.detach().clone()
         t0 = clock(self.device)
@@ -287,36 +317,56 @@ class MetaTrainer:
         run = self._train_inner(params, inner_state, draws, omega)  # lines 10-11
         thetas = inner.flat(params)
         t1 = clock(self.device)
-        vs, heldout_loss, heldout_acc = self._heldout(thetas, draws)  # line 12
-        if not torch.isfinite(heldout_loss).all():
-            bad = int((~torch.isfinite(heldout_loss)).nonzero()[0, 0])
+        vs, heldout = self._heldout(thetas, draws)  # line 12
+        if not torch.isfinite(heldout["heldout_loss"]).all():
+            bad = int((~torch.isfinite(heldout["heldout_loss"])).nonzero()[0, 0])
             raise NonFiniteError(f"outer step {step}: non-finite held-out loss M on domain {bad}")
         solved = self._hypergradients(thetas, vs, draws, omega)  # lines 13-14
-        hypergrads, residuals = solved["h"], solved["residual"]
-        trusted = self._trusted(step, hypergrads, residuals)
-        h = (self._aggregate(hypergrads[trusted.to(hypergrads.device)], draws.surgery)
-             if trusted.any() else torch.zeros_like(self.omega))  # line 15
+        trusted = self._trusted(step, solved["h"], solved["residual"])
+        combined = self._combine(solved["h"], trusted, draws)  # line 15
         t2 = clock(self.device)
-        self._update(step, h, trusted)  # line 16
+        projected = self._update(step, combined.update, trusted)  # line 16
         source_acc = diagnostics.accuracies(self.apply, thetas, self.x, self.y, draws.source_eval)
         t3 = clock(self.device)
-        end_norms = self._stationarity(thetas, omega, draws)
-        reference = (self._reference(step, thetas, vs, hypergrads, draws, omega)
+        norms = (start_norms, self._stationarity(thetas, omega, draws))
+        reference = (self._reference(step, thetas, vs, solved["h"], draws, omega)
                      if c.reference_every and step % c.reference_every == 0 else None)
         t4 = clock(self.device)
         if c.warm_start:
             self.state.warm = (params, inner_state)
         self.state.steps_done = step
+        record = self._record(step, omega, run, {**heldout, "inner_source_acc": source_acc},
+                              solved, norms, trusted, combined, (t0, t1, t2, t3, t4))
+        record["projected"] = list(projected)
+        if reference is not None:
+            record["reference"] = reference
+        return record
+
+    def _record(self, step: int, omega: Tensor, run: inner.InnerRun, measured: Dict[str, Tensor],
+                solved: Dict[str, Tensor], norms: Tuple[Tensor, Tensor], trusted: Tensor,
+                combined: aggregators.Aggregate, times: Sequence[float]) -> Dict[str, Any]:
+        """The step's metrics record (diagnostics.step_record) with the objective's name, the ω
+        evaluated, the aggregator's report, how many networks stopped at the cap and, for
+        families of at most WHOLE_HYPERGRADIENTS parameters, each domain's hypergradient."""
+        start_norms, end_norms = norms
+        hypergrads = solved["h"]
         per_domain = {
-            "inner_source_acc": source_acc, "heldout_acc": heldout_acc, "heldout_loss": heldout_loss,
-            "source_heldout_gap": source_acc - heldout_acc,
+            "inner_source_acc": measured["inner_source_acc"], "heldout_acc": measured["heldout_acc"],
+            "heldout_loss": measured["heldout_loss"], "heldout_ce": measured["heldout_ce"],
+            "source_heldout_gap": measured["inner_source_acc"] - measured["heldout_acc"],
             "inner_loss": inner.tail_loss(run.losses, run.steps_used),
             "inner_grad_norm": end_norms, "inner_grad_norm_start": start_norms,
             "stationarity": end_norms / start_norms,
             "inner_steps_used": torch.tensor(run.steps_used),
-            "solver_residual": residuals, "hypergradient_norm": hypergrads.norm(dim=1),
+            "solver_residual": solved["residual"], "hypergradient_norm": hypergrads.norm(dim=1),
             **{f"hessian_{k}": solved[k] for k in ("lambda_max", "lambda_min") if k in solved}}
-        record = diagnostics.step_record(step, self.omega, h, per_domain, trusted, (t0, t1, t2, t3, t4))
-        if reference is not None:
-            record["reference"] = reference
-        return record
+        if hypergrads.shape[1] <= WHOLE_HYPERGRADIENTS:
+            per_domain["hypergradient"] = hypergrads
+        if run.start_norm is not None:
+            per_domain["inner_at_cap"] = self._at_cap(run)
+        record = diagnostics.step_record(step, self.omega, combined.update, per_domain, trusted, times)
+        extra = {"objective": self.objective.name, "omega_evaluated": omega.tolist(),
+                 **combined.record()}
+        if run.start_norm is not None:
+            extra["inner_at_cap"] = int(per_domain["inner_at_cap"].sum())
+        return {**record, **extra}

@@ -40,6 +40,7 @@ from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
 from ..meta.data import DomainData, planted_dataset, size_problems, synthetic_dataset
 from ..meta.config import InnerSettings
+from ..meta.noise import with_label_noise
 from ..meta.settings import Rule, leaves, rule_of
 
 # Errors that a user's input or environment causes: one line and exit status 2.
@@ -47,8 +48,13 @@ EXPECTED_ERRORS = (ValueError, OSError, RunDirError, FolderLocked, DomainBedNotF
 BUG_REPORT = ("error: this is a bug in domainbed-itl (an unexpected {name}); please report it with "
               "the command and this traceback")
 DEVICE_TYPES = ("cpu", "cuda")
-DATA_FLAGS = ("dataset", "data_dir", "domainbed_root", "per_domain_cap", "data_seed")
+DATA_FLAGS = ("dataset", "data_dir", "domainbed_root", "per_domain_cap", "data_seed", "label_noise")
+# A data flag's value for a run recorded before the flag existed: what that run did.
+DATA_FLAG_DEFAULTS = {"label_noise": 0.0}
 INT64_LIMIT = 2 ** 63
+# Sizes that are caps ("at most"): left at their default, one above the data means every
+# example, which is what the default asks, so no note is printed (one given is still checked).
+QUIET_CAPS = ("eval_size",)
 OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
 
 
@@ -294,6 +300,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def rate(text: str) -> float:
+    """An argparse type accepting numbers in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def widths(text: str) -> Tuple[int, ...]:
     """An argparse type for hidden widths: comma-separated positive integers ('512,256')."""
     try:
@@ -327,6 +344,8 @@ def flag_text(name: str, value: Any) -> str:
 def flag_keywords(rule: Rule) -> Dict[str, Any]:
     """The argparse keywords that read a setting of `rule` from the command line (the setting's
     own rule checks the value once it is set)."""
+    if rule.kind == "choice" and rule.registry is not None:  # checked by the rule, once set
+        return dict(metavar=(rule.label or "name").upper().replace(" ", "_"))
     if rule.kind == "choice":
         return dict(choices=rule.choices)
     if rule.kind == "bool":
@@ -389,6 +408,15 @@ def add_data_flags(parser: argparse.ArgumentParser, synthetic: bool = True,
                           help="use at most this many examples of each domain")
         data.add_argument("--data_seed", type=nonnegative_int, default=0,
                           help="seed of DomainBed's data construction and of the cap's choice")
+        add_label_noise_flag(data)
+
+
+def add_label_noise_flag(group: argparse._ActionsContainer) -> None:
+    """--label_noise RATE: symmetric noise on the source domains' training labels."""
+    group.add_argument("--label_noise", type=rate, default=0.0, metavar="RATE",
+                       help="make this fraction of every domain's training labels wrong, each "
+                            "redrawn among the other classes (seeded by --data_seed); a held-out "
+                            "domain is judged on its clean labels (default 0)")
 
 
 def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -461,7 +489,7 @@ BUILT_IN_DATASETS = {"synthetic": (synthetic_dataset, 500), "planted": (planted_
 
 def data_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The data flags' values (see `add_data_flags`), as `load_data` and provenance take them."""
-    return {name: getattr(args, name, None) for name in DATA_FLAGS}
+    return {name: getattr(args, name, DATA_FLAG_DEFAULTS.get(name)) for name in DATA_FLAGS}
 
 
 def check_data_flags(flags: Mapping[str, Any]) -> None:
@@ -479,20 +507,26 @@ def check_data_flags(flags: Mapping[str, Any]) -> None:
 def check_data_sizes(data: DomainData, wanted: Mapping[str, Optional[int]],
                      explicit: Set[str]) -> None:
     """Refuse sizes given on the command line that `data` cannot hold (ValueError naming them);
-    a note on stderr for defaults that exceed it (meta.data.size_problems)."""
+    a note on stderr for defaults that exceed it (meta.data.size_problems), but for QUIET_CAPS."""
     sizes = [len(y) for _, y in data.domains]
-    wanted = {**wanted, "per_domain_cap": data.info.get("per_domain_cap")}
+    wanted = {**{k: v for k, v in wanted.items() if k in explicit or k not in QUIET_CAPS},
+              "per_domain_cap": data.info.get("per_domain_cap")}
     for note in size_problems(sizes, wanted, explicit, data.name, spell=flag_name):
         print(f"note: {note}", file=sys.stderr)
 
 
 def load_data(flags: Mapping[str, Any]) -> DomainData:
     """The per-domain tensors the data flags name: a built-in data set (synthetic domains, the
-    planted task), or DomainBed's dataset."""
+    planted task), or DomainBed's dataset; with label_noise, that fraction of every domain's
+    training labels made wrong (meta.noise.with_label_noise, seeded by data_seed), the held-out
+    labels clean."""
     if flags["dataset"] in BUILT_IN_DATASETS:
         make, per_domain = BUILT_IN_DATASETS[flags["dataset"]]
-        return make(per_domain=flags["per_domain_cap"] or per_domain, seed=flags["data_seed"])
-    check_data_flags(flags)
-    from ..bridge.domainbed_data import load_domainbed_domains
-    return load_domainbed_domains(flags["dataset"], flags["data_dir"], flags["domainbed_root"],
-                                  flags["per_domain_cap"], flags["data_seed"])
+        data = make(per_domain=flags["per_domain_cap"] or per_domain, seed=flags["data_seed"])
+    else:
+        check_data_flags(flags)
+        from ..bridge.domainbed_data import load_domainbed_domains
+        data = load_domainbed_domains(flags["dataset"], flags["data_dir"], flags["domainbed_root"],
+                                      flags["per_domain_cap"], flags["data_seed"])
+    noise = flags.get("label_noise") or 0.0
+    return with_label_noise(data, noise, seed=flags["data_seed"] or 0) if noise else data

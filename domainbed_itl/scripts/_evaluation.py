@@ -23,7 +23,8 @@ from ..files.runfolder import RunFolder
 from ..losses.checks import check_minimisable
 from ..meta.data import DomainData
 from ..meta.evaluate import Protocol, evaluate_in_folder, evaluate_losses
-from ._cli import INNER_TRAINING, Distinct, add_flags, nonnegative_int, positive_int, setting_flags
+from ._cli import (INNER_TRAINING, Distinct, add_flags, add_label_noise_flag, nonnegative_int,
+                   positive_int, setting_flags)
 
 Loss = Tuple[Callable[..., torch.Tensor] | torch.nn.Module, Any]
 TIMED_STEPS = (2, 22)  # inner steps of the two timed trainings (their difference prices a step)
@@ -65,7 +66,7 @@ def name_reports(paths: Sequence[Path | str]) -> None:
 
 def add_meta_protocol_flags(parser: argparse.ArgumentParser) -> None:
     """--seeds, --inner_steps, the inner-training flags, --eval_size, --per_domain_cap,
-    --data_seed and --device."""
+    --data_seed, --label_noise and --device."""
     parser.add_argument("--seeds", type=nonnegative_int, nargs="+", action=Distinct,
                         default=[0, 1, 2, 3, 4],
                         help="the seeds every loss is trained on (initial weights, minibatches)")
@@ -78,6 +79,7 @@ def add_meta_protocol_flags(parser: argparse.ArgumentParser) -> None:
                         help="use at most this many examples of each domain (default: all)")
     parser.add_argument("--data_seed", type=nonnegative_int, default=0,
                         help="seed of the data's construction and of the cap's choice")
+    add_label_noise_flag(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
@@ -91,6 +93,7 @@ def meta_settings(args: argparse.Namespace, protocol: Protocol) -> Dict[str, Any
     """The settings a report states: protocol, dataset, seeds, data sampling, inner training."""
     return {"protocol": "meta", "dataset": args.dataset, "seeds": args.seeds,
             "per_domain_cap": args.per_domain_cap, "data_seed": args.data_seed,
+            **({"label_noise": args.label_noise} if args.label_noise else {}),
             **protocol.to_dict()}
 
 

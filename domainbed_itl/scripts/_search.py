@@ -27,8 +27,8 @@ from ..meta.data import DomainData
 from ..meta.config import (META_PRESETS, DiagnosticsSettings, InnerSettings, MetaConfig,
                            OuterSettings, SolverSettings, preset_config)
 from ..meta.resume import initial_loss, saved_config
-from ._cli import (check_data_flags, check_data_sizes, command_line, data_flags, explicit_flags,
-                   flag_text, integer, load_data, parse_device, run_command, setting_flags)
+from ._cli import (DATA_FLAG_DEFAULTS, check_data_flags, check_data_sizes, command_line, data_flags,
+                   explicit_flags, flag_text, integer, load_data, parse_device, run_command, setting_flags)
 
 DEFAULT_PRESET = "paper_guarded"
 # Data flags a resume may change: where the same data and DomainBed are.
@@ -37,9 +37,9 @@ LOCATION_FLAGS = ("data_dir", "domainbed_root")
 # MetaConfig settings as flags, one table per group (see _cli.add_flags), derived from the
 # settings tree; an absent flag (None) leaves the preset's value. A setting added to a part
 # reaches every command that takes the part's table.
-OUTER = setting_flags(OuterSettings, skip=("warm_start", "outer_batch"))
-# How M and the logged source accuracy are measured.
-OBJECTIVE = setting_flags(MetaConfig, only=("outer_batch", "eval_size"))
+OUTER = setting_flags(OuterSettings, skip=("warm_start", "outer_batch", "objective"))
+# What M is, and how it and the logged source accuracy are measured.
+OBJECTIVE = setting_flags(MetaConfig, only=("objective", "outer_batch", "eval_size"))
 INNER_STEPS = setting_flags(InnerSettings, only=("inner_steps",))
 WARM_START = setting_flags(OuterSettings, only=("warm_start",))
 HYPERGRADIENT = setting_flags(SolverSettings)
@@ -177,7 +177,7 @@ def resumed_settings(args: argparse.Namespace, explicit: Set[str], flags: Sequen
         found.append((f"--preset {args.preset}", f"preset {provenance['preset']}"))
     if "init" in explicit:
         found += _init_contradiction(args, init, provenance.get("init"))
-    data = dict(provenance.get("data_flags") or data_flags(args))
+    data = {**DATA_FLAG_DEFAULTS, **(provenance.get("data_flags") or data_flags(args))}
     if not set(data_flags(args)) <= set(data):  # a damaged checkpoint's
         raise RunDirError(f"cannot resume {path}: its provenance.data_flags lacks "
                           f"{', '.join(sorted(set(data_flags(args)) - set(data)))}")
