@@ -25,7 +25,7 @@ from domainbed_itl.single_source import planning, selection, tables
 from domainbed_itl.files import sweepfolder as run_folders
 from domainbed_itl.scripts import single_source_sweep as sweep
 
-FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "single_source_debug28"
 
 
 def record(source=0, n=3, step=0, val=0.5, accs=None, dataset="D", algorithm="ERM", trial=0,

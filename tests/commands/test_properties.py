@@ -54,7 +54,7 @@ from domainbed_itl.scripts import (cma_search, collect_single_source, evaluate_l
                                    paper_sweep, patch, plot_meta, plot_search, quickstart,
                                    significance, single_source_sweep, target_entropy)
 
-FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "single_source_debug28"
 # DOMAINBED_ITL_EXAMPLES=10 runs ten times the examples, with fresh random draws each time.
 SCALE = int(os.environ.get("DOMAINBED_ITL_EXAMPLES", "1"))
 SOME = settings(max_examples=12 * SCALE, deadline=None, derandomize=SCALE == 1, database=None,
