@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Sequence, Tuple
 
 from ..files.outputs import OutputPlan, plan_outputs
+from ..files.reading import read_text
 from . import comparison
 
 REPORT_MD, REPORT_JSON = "evaluation.md", "evaluation.json"
@@ -63,7 +64,7 @@ def plan_report(output_dir: Path, protocol: str) -> OutputPlan:
     OutputExists for files of anything else."""
     paths = [Path(output_dir) / REPORT_JSON, Path(output_dir) / REPORT_MD]
     try:
-        earlier = json.loads(paths[0].read_text())["settings"]["protocol"]
+        earlier = json.loads(read_text(paths[0], what="report"))["settings"]["protocol"]
     except (OSError, ValueError, KeyError, TypeError):
         earlier = None
     return plan_outputs(paths, overwrite=earlier == protocol)

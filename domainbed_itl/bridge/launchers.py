@@ -1,4 +1,4 @@
-"""Command launchers for DomainBed's sweeps beyond `local`, `dummy` and `multi_gpu`.
+"""Command launchers for DomainBed's sweeps: a stoppable `local`, and `submitit`.
 
 See docs/launchers.md.
 """
@@ -6,19 +6,28 @@ See docs/launchers.md.
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..files.running_jobs import clear_running, mark_running
 
 Launcher = Callable[[List[str]], None]
 
 STDERR_TAIL_LINES = 20
+OUTPUT_LOG = "launcher_output.txt"
+TRAIN_MODULE = "domainbed.scripts.train"  # the commands whose folders are DomainBed job folders
+STOP_TIMEOUT_S = 10.0
 _POLL_INTERVAL_S = 0.5
 
 
@@ -159,15 +168,143 @@ def run_shell(command: str) -> None:
     sys.stdout.flush()
     process = subprocess.Popen(command, shell=True, stderr=subprocess.PIPE, text=True,
                                errors="replace")
+    folder = job_folder(command)
+    if folder:
+        mark_running(folder, process.pid)
     tail: collections.deque = collections.deque(maxlen=STDERR_TAIL_LINES)
     assert process.stderr is not None
-    for line in process.stderr:
-        sys.stderr.write(line)
-        tail.append(line.rstrip("\n"))
-    sys.stderr.flush()
-    returncode = process.wait()
+    try:
+        for line in process.stderr:
+            sys.stderr.write(line)
+            tail.append(line.rstrip("\n"))
+        sys.stderr.flush()
+        returncode = process.wait()
+    finally:
+        if folder and process.poll() is not None:
+            clear_running(folder)
     if returncode != 0:
         raise CommandFailed(command, returncode, tail)
+
+
+def job_folder(command: str) -> Optional[Path]:
+    """The existing job folder a DomainBed train command writes to (its `--output_dir`); None for
+    any other command (a meta_train's run folder is no job folder)."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return None
+    if TRAIN_MODULE not in tokens:
+        return None
+    values = [tokens[i + 1] for i, token in enumerate(tokens[:-1]) if token == "--output_dir"]
+    return Path(values[0]) if len(values) == 1 and Path(values[0]).is_dir() else None
+
+
+def stop_group(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop `process` and every process of its group (it leads one: `start_new_session`):
+    SIGTERM, then SIGKILL if they still run after `timeout_s` seconds; returns once it ended."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(timeout=timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a job ran, and nothing else handles it in this process."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_stops_jobs() -> Any:
+    """While a job runs: where SIGTERM would end this process at once (its default action, in the
+    main thread), it raises `Terminated` instead, so that the job is stopped as on Ctrl-C; then
+    the process ends by SIGTERM as it would have. A handler installed by the command is kept."""
+    own = (threading.current_thread() is threading.main_thread()
+           and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if own:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_stoppable(command: str, verbose: bool = False, stop_timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """Run one shell command in a process group of its own, its output in its job folder's
+    `OUTPUT_LOG` (on the screen if `verbose`, or if it names no job folder); its exit status.
+    An interruption (Ctrl-C, SIGTERM) stops the group (`stop_group`) before it goes on."""
+    folder = job_folder(command)
+    log = open(folder / OUTPUT_LOG, "ab") if folder is not None and not verbose else None
+    try:
+        with sigterm_stops_jobs():
+            process = subprocess.Popen(command, shell=True, start_new_session=True,
+                                       stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT if log else None)
+            if folder is not None:
+                mark_running(folder, process.pid)
+            try:
+                return process.wait()
+            except BaseException:
+                stop_group(process, stop_timeout_s)
+                raise
+            finally:
+                if folder is not None and process.poll() is not None:
+                    clear_running(folder)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def make_local_launcher(verbose: bool = False, stop_timeout_s: float = STOP_TIMEOUT_S) -> Launcher:
+    """DomainBed's `local` launcher, stoppable (see the module docstring): the commands one after
+    the other; a failed job does not stop the others (it has no `done` marker)."""
+
+    def launcher(commands: List[str]) -> None:
+        for command in commands:
+            run_stoppable(command, verbose, stop_timeout_s)
+
+    return launcher
+
+
+def launch_order(jobs: Sequence[Any]) -> List[Any]:
+    """The order in which DomainBed's `Job.launch` will launch `jobs` (it shuffles them with
+    numpy's global random state, which is left as it was)."""
+    import numpy as np
+
+    state = np.random.get_state()
+    order = list(jobs)
+    np.random.shuffle(order)
+    np.random.set_state(state)
+    return order
+
+
+def launch_jobs(job_class: Any, jobs: Sequence[Any], launcher_fn: Launcher, quiet: bool = True) -> str:
+    """DomainBed's `Job.launch(jobs, launcher_fn)`. With `quiet`, its messages and its bar over
+    the job folders it makes stay off the screen (the caller's progress bar stays on it), and
+    its closing line ('Launched N jobs!') is returned for the caller to print once its bar is
+    gone; else '' is returned."""
+    if not quiet:
+        job_class.launch(list(jobs), launcher_fn)
+        return ""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        job_class.launch(list(jobs), launcher_fn)
+    return "".join(line for line in out.getvalue().splitlines(keepends=True)
+                   if line.startswith("Launched "))
 
 
 def default_folder(commands: Sequence[str]) -> str:
@@ -295,7 +432,8 @@ def make_submitit_launcher(config: SubmititConfig) -> Launcher:
         if failed:
             raise SubmititJobsFailed(
                 f"{len(failed)} of {len(pairs)} submitit jobs failed:\n" + "\n".join(failed) +
-                "\n(for a DomainBed sweep, `sweep delete_incomplete` then `sweep launch` reruns them)")
+                "\n(for a DomainBed sweep: these jobs have ended; once no other launch runs in the sweep "
+                "folder, `sweep delete_incomplete` then `sweep launch` reruns them)")
         print(f"submitit launcher: all {len(pairs)} jobs succeeded", flush=True)
 
     return launcher

@@ -10,7 +10,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -127,13 +127,45 @@ def describe_estimate(timing: JobTiming, n_jobs: int, shrink: Sequence[str]) -> 
             f"the other.\nTo shrink the sweep: {', '.join(shrink)}.")
 
 
+def describe_estimates(timings: Sequence[JobTiming], counts: Sequence[int],
+                       shrink: Sequence[str]) -> str:
+    """What a sweep of `counts[i]` jobs like `timings[i]` (the first job of each algorithm and
+    dataset, in launch order) costs, one job after the other, and the flags that make it smaller."""
+    if len(timings) == 1:
+        return describe_estimate(timings[0], counts[0], shrink)
+    each = "; ".join(
+        f"{t.algorithm} on {t.dataset}: {t.step_s:.2f} s a training step, "
+        f"{_duration(t.evaluation_s)} an evaluation, {_duration(t.setup_s)} to load the data, "
+        f"about {_duration(t.job_s)} a job of {t.steps} steps ({n} job{'s' * (n != 1)})"
+        for t, n in zip(timings, counts))
+    total = sum(t.job_s * n for t, n in zip(timings, counts))
+    return (f"estimate (no GPU; timed here on the first job of each algorithm and dataset, in "
+            f"launch order): {each}. The {sum(counts)} jobs take about {_duration(total)} one "
+            f"after the other.\nTo shrink the sweep: {', '.join(shrink)}.")
+
+
+def time_kinds(jobs: Sequence[Mapping[str, Any]], domainbed_root: Optional[str | os.PathLike]
+               ) -> Tuple[List[JobTiming], List[int]]:
+    """Time the first job of each (algorithm, dataset) of `jobs` (train arguments, in launch
+    order); the timings and how many jobs each stands for."""
+    firsts: Dict[Tuple[str, str], Mapping[str, Any]] = {}
+    counts: Dict[Tuple[str, str], int] = {}
+    for job in jobs:
+        kind = (job["algorithm"], job["dataset"])
+        firsts.setdefault(kind, job)
+        counts[kind] = counts.get(kind, 0) + 1
+    return ([time_job(job, domainbed_root) for job in firsts.values()],
+            [counts[kind] for kind in firsts])
+
+
 def print_plan(n_jobs: int, detail: str, first_job: Optional[Mapping[str, Any]],
                domainbed_root: Optional[str | os.PathLike], shrink: Sequence[str],
-               launcher: str = "local") -> None:
+               launcher: str = "local", jobs: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
     """Print the sweep's plan (`n_jobs` jobs: `detail`) and, when its jobs run on this machine
     without a GPU one after the other (DomainBed's `local` launcher), the estimate of its
-    duration from timing `first_job` (None: no estimate). A failed timing is reported, not
-    raised: the jobs report their own errors."""
+    duration from timing `first_job` (None: no estimate), or with `jobs` (every job's train
+    arguments, in launch order) the first job of each algorithm and dataset. A failed timing is
+    reported, not raised: the jobs report their own errors."""
     print(f"plan: {n_jobs} job{'s' * (n_jobs != 1)} to launch ({detail})", flush=True)
     if first_job is None or n_jobs == 0:
         return
@@ -143,8 +175,10 @@ def print_plan(n_jobs: int, detail: str, first_job: Optional[Mapping[str, Any]],
               flush=True)
         return
     try:
-        timing = time_job(first_job, domainbed_root)
+        timings, counts = time_kinds(jobs or [first_job], domainbed_root)
     except Exception as error:  # a job would fail on the same data; its own error says more
         print(f"estimate: not available ({type(error).__name__}: {error})", flush=True)
         return
-    print(describe_estimate(timing, n_jobs, shrink), flush=True)
+    if not jobs:
+        counts = [n_jobs]
+    print(describe_estimates(timings, counts, shrink), flush=True)

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .domainbed_env import import_domainbed
+from ..files.reading import UnreadableFile, load_tensors, read_text
+from ..files.sweepfolder import mixed_runs
 from ..losses.taylor import TaylorLoss, taylor_loss
 
 _STEP_FILE = re.compile(r"model_step(\d+)\.pkl")
@@ -66,10 +68,14 @@ class TrainedRun:
 
 
 def _last_step(folder: Path) -> Optional[int]:
-    """The step of the last record of folder/results.jsonl (that of model.pkl), if readable."""
+    """The step of the last record of folder/results.jsonl (that of model.pkl), if readable and
+    of one run (a file that mixes runs says nothing sure about model.pkl)."""
     try:
-        lines = [line for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
-        return int(json.loads(lines[-1])["step"]) if lines else None
+        text = read_text(folder / "results.jsonl", what="results file")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if not records or not all(isinstance(r, dict) for r in records) or mixed_runs(records):
+            return None
+        return int(records[-1]["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -170,13 +176,15 @@ def load_model(path: str | os.PathLike, domainbed_root: Optional[str | os.PathLi
     algorithms = import_domainbed(domainbed_root, "domainbed.algorithms")
     domainbed_itl.register(domainbed_root)
     try:
-        with torch.serialization.safe_globals(_NUMPY_SCALARS):
-            saved = torch.load(path, map_location=device, weights_only=True)
+        saved = load_tensors(path, "DomainBed checkpoint", allowed=_NUMPY_SCALARS,
+                             map_location=device)
         args, hparams = saved["args"], saved["model_hparams"]
         algorithm_class = algorithms.get_algorithm_class(args["algorithm"])
         algorithm = algorithm_class(saved["model_input_shape"], saved["model_num_classes"],
                                     saved["model_num_domains"], hparams)
         algorithm.load_state_dict(saved["model_dict"])
+    except UnreadableFile as error:  # what weights_only refuses: code, foreign objects
+        raise RunError(f"cannot load {error}") from None
     except (OSError, RuntimeError, KeyError, TypeError, NotImplementedError, EOFError) as error:
         raise RunError(f"cannot load the DomainBed checkpoint {path}: {type(error).__name__}: "
                        f"{str(error).splitlines()[0] if str(error) else ''}") from error

@@ -87,7 +87,7 @@ SINGLE_SOURCE_SWEEP_FLAGS = frozenset({
     "holdout_fraction", "seed", "sources", "checkpoint_freq", "submitit_folder", "submitit_cluster",
     "submitit_partition", "submitit_gpus_per_node", "submitit_cpus_per_task", "submitit_mem_gb",
     "submitit_timeout_min", "submitit_array_parallelism", "submitit_max_array_size",
-    "submitit_wait", "submitit_name", "submitit_extra", "no_progress"})
+    "submitit_wait", "submitit_name", "submitit_extra", "no_progress", "verbose"})
 # domainbed_itl.scripts.meta_train: its own flags and every setting of the settings tree.
 META_TRAIN_FLAGS = frozenset({
     "preset", "dataset", "per_domain_cap", "data_seed", "family", "order", "init", "device",

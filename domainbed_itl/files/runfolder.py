@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from .atomic import write_atomic
+from .reading import UnreadableFile, load_tensors, read_text
 from .runlock import CONTROL_PREFIX, folder_lock, is_control_entry
 from .schemas import (CHECKPOINT_VERSIONS, Checkpoint, MetricsRecord, SchemaError, check,
                       check_version)
@@ -99,9 +100,10 @@ def load_checkpoint(path: Union[str, os.PathLike], kind: RunKind) -> Dict[str, A
     the problem if it is not one (or is of a newer version)."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or foreign files
-        raise RunDirError(f"cannot read checkpoint {path}: {e}") from e
+        ckpt = load_tensors(path, "checkpoint")
+    except UnreadableFile as e:  # damaged, foreign, or holding code
+        raise RunDirError(f"cannot read checkpoint {path}: it {e.reason}; the run cannot "
+                          "continue from it (--overwrite starts it again)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != kind.format:
         raise RunDirError(f"{path} is not a domainbed-itl {kind.name} checkpoint")
     where = f"checkpoint {path}"
@@ -127,10 +129,7 @@ def read_metrics(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
     MetricsRecord, which keeps only the fields the plots read) and in step order; ValueError
     naming the line of a malformed one."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not a text file ({e.reason})") from None
+    lines = read_text(path, what="metrics file").splitlines()
     records: List[Dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -162,7 +161,7 @@ def describe_run(folder: Path, outputs: Sequence[str]) -> str:
     done = ""
     if CHECKPOINT in files:
         try:  # a checkpoint of any kind of run of this package
-            ckpt = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+            ckpt = load_tensors(folder / CHECKPOINT, "checkpoint")
             check(Checkpoint, ckpt, str(folder / CHECKPOINT))
             done = "{} {}, ".format(*progress(ckpt))
         except Exception:  # torch raises many types for corrupt or foreign files

@@ -18,6 +18,7 @@ from typing import Iterator, List, Optional
 import filelock
 
 from .atomic import write_atomic
+from .reading import SMALL_TEXT_LIMIT, read_text
 
 CONTROL_PREFIX = ".domainbed_itl."
 LOCK_NAME = CONTROL_PREFIX + "lock"
@@ -43,7 +44,7 @@ def describe_holder(folder: str | os.PathLike) -> str:
     """Who holds the lock of `folder`, from its holder file (or a note that it says nothing yet)."""
     path = Path(folder) / HOLDER_NAME
     try:
-        holder = json.loads(path.read_text())
+        holder = json.loads(read_text(path, SMALL_TEXT_LIMIT, "lock holder file"))
         return (f"process {holder['pid']} on {holder['host']}, started {holder['started']}, "
                 f"command: {holder['command']}")
     except (OSError, ValueError, KeyError, TypeError):
@@ -70,8 +71,8 @@ def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Ite
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                   "command": command or current_command()}
-        write_atomic(folder / HOLDER_NAME, json.dumps(holder) + "\n", overwrite=True)
-        try:
+        try:  # a holder file that cannot be written (a full disk) leaves nothing either
+            write_atomic(folder / HOLDER_NAME, json.dumps(holder) + "\n", overwrite=True)
             yield folder
         finally:
             (folder / HOLDER_NAME).unlink(missing_ok=True)

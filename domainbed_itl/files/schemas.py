@@ -420,12 +420,28 @@ class Incumbent(Schema):
         return self
 
 
+class CMAGeneration(Schema):
+    """A generation of a CMA-ES search: its candidates and the fitnesses told for them."""
+
+    candidates: List[List[Finite]] = Field(min_length=1)
+    fitnesses: List[Finite] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_fitness_each(self) -> "CMAGeneration":
+        if len(self.fitnesses) != len(self.candidates):
+            raise ValueError(f"{len(self.fitnesses)} fitnesses for {len(self.candidates)} "
+                             "candidates")
+        return self
+
+
 class CMAState(Schema):
-    """CMASearch.state_dict(): generations done, the incumbent, the pickled strategy."""
+    """CMASearch.state_dict(): generations done, the incumbent, each generation's candidates and
+    fitnesses (`es`, the pickled strategy of earlier versions, is read only to be refused)."""
 
     generations_done: Count
     best: Optional[Incumbent]
-    es: bytes
+    history: Optional[List[CMAGeneration]] = None
+    es: Optional[bytes] = None
 
 
 class CMASettings(Schema):

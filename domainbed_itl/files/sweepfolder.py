@@ -10,9 +10,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .atomic import write_atomic
+from .reading import UnreadableFile, read_text
 from .schemas import (MANIFEST_FORMAT, MANIFEST_VERSIONS, DomainBedRecord, Manifest, ManifestJob,
                       SchemaError, check, check_version)
 
@@ -130,12 +131,12 @@ def read_manifest(sweep_dir: Union[str, os.PathLike],
         damaged.append(text)
 
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, what="sweep manifest"))
     except json.JSONDecodeError as error:
         problem(f"{path}:{error.lineno}: the sweep manifest is not valid JSON ({error.msg}, column "
                 f"{error.colno}); skipped")
         return []
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, UnreadableFile) as error:
         problem(f"{path}: the sweep manifest cannot be read ({error}); skipped")
         return []
     try:
@@ -223,8 +224,8 @@ def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[JobFolder]:
         run = JobFolder(folder.name, [], (folder / "done").exists())
         results = folder / "results.jsonl"
         try:
-            lines = results.read_text().splitlines() if results.exists() else []
-        except (OSError, UnicodeDecodeError) as error:
+            lines = read_text(results, what="results file").splitlines() if results.exists() else []
+        except (OSError, UnreadableFile) as error:
             run.error, lines = f"cannot read results.jsonl ({error})", []
         for i, line in enumerate(lines):
             try:
@@ -239,8 +240,32 @@ def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[JobFolder]:
                 run.skipped.append(f"{results}:{i + 1}: {problem}")
             else:
                 run.records.append(record)
+        mixed = mixed_runs(run.records)
+        if mixed:  # a second run appended to the file: neither is the job's run alone
+            run.error = (f"{results} holds the records of more than one run ({mixed}); set aside, "
+                         "as they are not one run's: move it away and run the job again")
+            run.records = []
         runs.append(run)
     return runs
+
+
+def mixed_runs(records: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """Why `records` (one job's results.jsonl, in file order) are not one run's, or None: every
+    record of a run has the first's args (seeds, steps, output folder, ...) and hparams, and
+    its steps increase (DomainBed's train appends; a run started again starts at step 0)."""
+    if not records:
+        return None
+    first = records[0]
+    for number, record in enumerate(records[1:], start=2):
+        for key in ("args", "hparams"):
+            if record.get(key) != first.get(key):
+                a, b = (r.get(key) if isinstance(r.get(key), dict) else {} for r in (first, record))
+                keys = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+                return f"record {number} has other {key} than record 1: {', '.join(keys[:5])}"
+        if record.get("step", 0) <= records[number - 2].get("step", 0):
+            return (f"record {number} is step {record.get('step')} after step "
+                    f"{records[number - 2].get('step')}")
+    return None
 
 
 def records_of(runs: Iterable[JobFolder]) -> Tuple[List[dict], List[str]]:

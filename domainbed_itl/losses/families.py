@@ -238,9 +238,10 @@ def _import_plugins() -> None:
     for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
         try:
             importlib.import_module(module)
-        except ImportError as error:
+        except Exception as error:  # a user's module may raise anything while it is imported
+            first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
             raise ValueError(f"{PLUGINS_ENV} names the module {module!r}, which cannot be imported: "
-                             f"{error}") from error
+                             f"{type(error).__name__}: {first}") from error
 
 
 def family_names() -> Tuple[str, ...]:
@@ -250,8 +251,12 @@ def family_names() -> Tuple[str, ...]:
 
 
 def _lookup(name: str) -> Family:
-    _import_plugins()
+    """The family `name`; the plugins are imported only for a name not built in (a plugin cannot
+    replace a built-in family), so that a bad plugin fails where a family of its is wanted."""
     family = _REGISTRY.get(name)
+    if family is None:
+        _import_plugins()
+        family = _REGISTRY.get(name)
     if family is None:
         raise ValueError(f"unknown loss family {name!r}; expected one of {', '.join(family_names())} "
                          f"(a family of your own is known where it is registered; other processes "

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..files.atomic import write_atomic
+from ..files.reading import SMALL_TEXT_LIMIT, UnreadableFile, read_text
 from ..files.schemas import LOSS_FORMAT, LOSS_VERSIONS, LossFile, SchemaError, check, check_version
 from .families import get_family
 from .learned import LEARNED
@@ -88,8 +89,10 @@ def load_loss(path: str | os.PathLike) -> LossSpec:
     path = Path(path)
     where = f"loss file {path}"
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_text(path, SMALL_TEXT_LIMIT, "loss file")
+    except UnreadableFile as e:
+        raise LossFileError(f"cannot read {where}: it {e.reason}") from None
+    except OSError as e:
         raise LossFileError(f"cannot read {where}: {getattr(e, 'strerror', None) or e}") from e
     try:
         data = json.loads(text)

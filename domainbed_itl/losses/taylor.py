@@ -157,12 +157,20 @@ def _power_coefficients(omega: Sequence[float], order: int) -> Tuple[List[float]
     w = torch.tensor(omega, dtype=torch.float64)
     c0, c1 = _label_coefficients(w, order)
     out = []
-    for c in (c0, c1 - c0):
-        a = [0.0] * (order + 1)
-        for i, ci in enumerate(c.tolist(), start=1):
-            for k in range(i + 1):  # (ŷ - ω0)^i = Σ_k binom(i, k) ŷ^k (-ω0)^(i-k)
-                a[k] += ci * math.comb(i, k) * (-float(w[0])) ** (i - k)
-        out.append(a)
+    try:
+        for c in (c0, c1 - c0):
+            a = [0.0] * (order + 1)
+            for i, ci in enumerate(c.tolist(), start=1):
+                for k in range(i + 1):  # (ŷ - ω0)^i = Σ_k binom(i, k) ŷ^k (-ω0)^(i-k)
+                    a[k] += ci * math.comb(i, k) * (-float(w[0])) ** (i - k)
+            out.append(a)
+    except OverflowError:
+        out = [[math.inf]]
+    if not all(math.isfinite(v) for a in out for v in a):
+        largest = max(omega, key=lambda v: abs(float(v)))
+        raise ValueError(f"the Taylor loss's parameters are too large to compute with (the largest "
+                         f"is {float(largest):g}; its polynomial's coefficients overflow 64-bit "
+                         "floats); expected parameters of a moderate size")
     return out[0], out[1]
 
 

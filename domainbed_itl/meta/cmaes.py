@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -65,13 +64,19 @@ class CMASearch:
         self.dimension = len(x0)
         if self.dimension < 2:
             raise ValueError(f"CMA-ES needs at least 2 parameters, got {self.dimension}")
-        rng = np.random.RandomState(config.seed)
-        options = {"randn": rng.randn, "seed": np.nan, "verbose": -9}
-        if config.popsize is not None:
-            options["popsize"] = config.popsize
-        self.es = cma.CMAEvolutionStrategy(list(map(float, x0)), config.sigma0, options)
+        self.x0 = [float(v) for v in x0]
+        self.es = self._strategy()
         self.generations_done = 0
         self.best: Optional[Dict[str, Any]] = None  # {"omega", "generation", "result"}
+        self.history: List[Dict[str, List]] = []  # per generation: candidates, fitnesses told
+
+    def _strategy(self) -> cma.CMAEvolutionStrategy:
+        """A new strategy from x0 with the settings' step size, population and seed."""
+        rng = np.random.RandomState(self.config.seed)
+        options = {"randn": rng.randn, "seed": np.nan, "verbose": -9}
+        if self.config.popsize is not None:
+            options["popsize"] = self.config.popsize
+        return cma.CMAEvolutionStrategy(list(self.x0), self.config.sigma0, options)
 
     @property
     def popsize(self) -> int:
@@ -113,6 +118,8 @@ class CMASearch:
         worst = max(scored) + 1.0 + abs(max(scored))
         fitnesses = [worst if r is None else float(r[FITNESS]) for r in results]
         self.es.tell(candidates, fitnesses)
+        self.history.append({"candidates": [[float(v) for v in x] for x in candidates],
+                             "fitnesses": fitnesses})
         self.generations_done = g
         best_index = min((i for i, r in enumerate(results) if r is not None), key=fitnesses.__getitem__)
         best_omega = [float(v) for v in candidates[best_index]]
@@ -131,22 +138,36 @@ class CMASearch:
                 "popsize": self.popsize, "time_step_s": elapsed}
 
     def state_dict(self) -> Dict[str, Any]:
-        """What `load_state_dict` needs to continue exactly (the pickled strategy among it)."""
+        """What `load_state_dict` needs to continue exactly: numbers only (no pickle)."""
         return {"generations_done": self.generations_done, "best": self.best,
-                "es": pickle.dumps(self.es)}
+                "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue from `state_dict()`. The strategy is unpickled: load only your own files.
-        ValueError when the state holds no strategy of this search's dimension."""
-        try:
-            es = pickle.loads(state["es"])
-        except Exception as error:  # unpickling damaged bytes raises many types
-            raise ValueError(f"the state's CMA-ES strategy cannot be unpickled ({error})") from None
-        if not isinstance(es, cma.CMAEvolutionStrategy) or es.N != self.dimension or (
-                self.config.popsize is not None and es.popsize != self.config.popsize):
-            size = "" if self.config.popsize is None else f" and population {self.config.popsize}"
-            raise ValueError(f"the state holds no CMA-ES of dimension {self.dimension}{size}")
-        self.es = es
+        """Continue from `state_dict()` by replaying its generations into a new strategy.
+        ValueError when the state holds no replayable search of these settings (a state of
+        another dimension or population, a pickled strategy of an earlier version, which is
+        never unpickled, or candidates this pycma no longer draws)."""
+        history = state.get("history")
+        if history is None:
+            raise ValueError("it holds the CMA-ES strategy as a pickle (an earlier version of "
+                             "domainbed-itl wrote it so); a pickle can run code when read, so it "
+                             "is not read: --overwrite starts the search again")
+        es = self._strategy()
+        for g, told in enumerate(history, start=1):
+            candidates = es.ask()
+            asked = np.asarray(candidates, dtype=float)
+            saved = np.asarray(told["candidates"], dtype=float)
+            if asked.shape != saved.shape or not np.allclose(asked, saved, rtol=1e-12, atol=0):
+                size = "" if self.config.popsize is None else f" and population {self.config.popsize}"
+                raise ValueError(f"the state holds no CMA-ES of dimension {self.dimension}{size} "
+                                 f"with these settings: its generation {g} is not what they draw "
+                                 f"(candidates of shape {saved.shape}, expected {asked.shape}); "
+                                 "was it written with other settings or another pycma version?")
+            es.tell(candidates, [float(f) for f in told["fitnesses"]])
+        if len(history) != int(state["generations_done"]):
+            raise ValueError(f"it holds {len(history)} generations but says "
+                             f"{state['generations_done']} are done")
+        self.es, self.history = es, [dict(h) for h in history]
         self.generations_done = int(state["generations_done"])
         self.best = state["best"]
 

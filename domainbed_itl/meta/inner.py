@@ -169,7 +169,7 @@ def _step(view: BatchedMLP, params: Params, loss: LossAndGrad, optimizer: InnerO
     lr = optimizer.lr if lr is None else lr
     outs = view.activations(params, x)
     values, dz = loss(outs[-1].view(n * batch, -1), y)
-    dz = dz.view(n, batch, -1).div_(batch)  # ∂(mean loss)/∂logits
+    dz = dz.reshape(n, batch, -1) / batch  # ∂(mean loss)/∂logits; the loss's own tensor is never written
     if optimizer.name == "sgd":
         view.backward(params, outs, dz, lr, weight_decay)
         state["step"] = int(state["step"]) + 1

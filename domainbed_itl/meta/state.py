@@ -32,7 +32,8 @@ class OuterState:
         self.device = device
         self.omega = torch.as_tensor(omega, dtype=torch.float32).detach().clone().to(device)
         if not torch.isfinite(self.omega).all():
-            raise ValueError(f"initial loss parameters must be finite, got {self.omega.tolist()}")
+            raise ValueError(f"initial loss parameters must be finite as 32-bit floats (below "
+                             f"3.4e38 in size), got {[float(v) for v in omega]}")
         self.optimizer = OUTER_OPTIMIZERS[optimizer]([self.omega], lr=lr)
         self.steps_done = 0
         self.warm: Optional[Tuple[Params, Dict[str, Any]]] = None

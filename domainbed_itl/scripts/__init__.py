@@ -2,3 +2,7 @@
 
 See docs/testing.md.
 """
+
+from ._requirements import check_imports
+
+check_imports()

@@ -9,7 +9,8 @@ into one line and an exit status:
 - a computation that failed (non-finite values, failed jobs, out of memory): `error: ...`,
   status 1;
 - Ctrl-C: `interrupted: <how to continue>`, status 130 (every run folder's checkpoint is whole,
-  so the run resumes);
+  so the run resumes); SIGTERM the same, status 143;
+- a fault of the machine (a full disk, a read-only folder, a missing permission) names the path.
 - anything else is a bug: its traceback, then one line asking to report it, status 1.
 
 argparse's own errors (a value of the wrong type) keep argparse's usage line and status 2.
@@ -19,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
 from contextvars import ContextVar
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
@@ -31,6 +35,7 @@ import torch
 
 from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..bridge.patching import PatchError
+from ..files.atomic import machine_fault
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
 from ..meta.data import DomainData, planted_dataset, size_problems, synthetic_dataset
@@ -54,17 +59,22 @@ def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lam
                 expected: Tuple[type, ...] = (), failures: Tuple[type, ...] = ()) -> int:
     """Run a command's `body` (returning its exit status) inside the one error boundary (see the
     module docstring). `interrupted()` says how to continue after Ctrl-C; `expected` and
-    `failures` add a command's own exception types (status 2 and 1)."""
+    `failures` add a command's own exception types (status 2 and 1). SIGTERM is Ctrl-C's twin."""
     try:
-        return body()
-    except KeyboardInterrupt:
+        with _sigterm_as_interrupt():
+            return body()
+    except KeyboardInterrupt as stop:
         print(f"\ninterrupted: {interrupted()}", file=sys.stderr, flush=True)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     except (*expected, *EXPECTED_ERRORS) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except (*failures, FloatingPointError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except OverflowError as error:  # a finite value too large for what it is used in
+        print(f"error: a value is too large to compute with ({one_line(error)}); expected values "
+              "of a moderate size", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and not any(s in str(error) for s in OUT_OF_MEMORY):
@@ -76,8 +86,33 @@ def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lam
         return _bug(error)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it stops as after Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block (in the main thread), SIGTERM raises Terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def one_line(error: BaseException) -> str:
-    """`error`'s message on one line (a library's message may span several)."""
+    """`error`'s message on one line (a library's message may span several); an OSError of the
+    machine (a full disk, ...) with the path it concerns, where known."""
+    if isinstance(error, OSError) and error.strerror and (
+            not error.filename or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
+        return machine_fault(error)
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
@@ -213,6 +248,30 @@ positive_int = int_at_least(1, "a positive integer")
 nonnegative_int = int_at_least(0, "an integer >= 0")
 
 
+class Distinct(argparse.Action):
+    """A list flag whose values are a set (seeds, losses, domains, ...): a repeated value is
+    refused in one line, as it would be counted twice as if it were independent."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        seen: list = []
+        for value in values:
+            if value in seen:
+                parser.error(f"{option_string or self.dest} gives {value!r} twice; expected "
+                             "distinct values (each is a separate run or row)")
+            seen.append(value)
+        setattr(namespace, self.dest, list(values))
+
+
+def file_name(text: str) -> str:
+    """An output name: a file or folder name, not a path (no separator, not '.' or '..')."""
+    if (not text or text in (".", "..") or any(c in text for c in "/\\\0")
+            or (os.altsep and os.altsep in text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a name; expected a file name without "
+                                         "folders (no '/', '\\', '.' or '..')")
+    return text
+
+
 def positive_float(text: str) -> float:
     """An argparse type accepting finite numbers > 0."""
     try:
@@ -335,12 +394,15 @@ def add_data_flags(parser: argparse.ArgumentParser, synthetic: bool = True,
 def add_trained_run_flags(parser: argparse.ArgumentParser) -> None:
     """The inputs, data, device and output flags of every analysis of trained DomainBed models."""
     parser.add_argument("inputs", nargs="+",
-                        help="DomainBed run folders, sweep folders (searched for runs) or model .pkl files")
+                        help="DomainBed run folders, sweep folders (searched for runs) or model .pkl "
+                             "files; a .pkl is a pickle written by DomainBed, read with "
+                             "torch.load(weights_only=True): tensors and plain values only, "
+                             "anything else is refused; give only runs you trust")
     parser.add_argument("--data_dir", default=None,
                         help="DomainBed's --data_dir (default: each run's own)")
     parser.add_argument("--domainbed_root", default=os.environ.get("DOMAINBED_ROOT"),
                         help="DomainBed checkout (default: $DOMAINBED_ROOT, else `import domainbed`)")
-    parser.add_argument("--algorithms", nargs="+", default=None,
+    parser.add_argument("--algorithms", nargs="+", action=Distinct, default=None,
                         help="only runs of these algorithms (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="evaluation batch size")

@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 import torch
 
-from ..files.runfolder import RunDirError, RunFolder, RunKind, open_run_folder, resume_hint
+from ..files.runfolder import (RunDirError, RunFolder, RunKind, log_stderr, open_run_folder,
+                               resume_hint)
 from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
 from ..losses.families import family_names, family_orders, family_spellings, split_spelling
 from ..meta.data import DomainData
@@ -177,6 +178,9 @@ def resumed_settings(args: argparse.Namespace, explicit: Set[str], flags: Sequen
     if "init" in explicit:
         found += _init_contradiction(args, init, provenance.get("init"))
     data = dict(provenance.get("data_flags") or data_flags(args))
+    if not set(data_flags(args)) <= set(data):  # a damaged checkpoint's
+        raise RunDirError(f"cannot resume {path}: its provenance.data_flags lacks "
+                          f"{', '.join(sorted(set(data_flags(args)) - set(data)))}")
     found += [(flag_text(k, getattr(args, k)), f"{k} {data[k]}") for k in data
               if k in explicit and k not in LOCATION_FLAGS and getattr(args, k) != data[k]]
     refuse_contradictions(path, found)
@@ -223,6 +227,8 @@ def search_main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
         with open_run_folder(args.output_dir, kind, resume=args.resume, overwrite=args.overwrite,
                              command=command) as folder:
             run = settings
+            if args.resume and folder.checkpoint is None:  # said, so that a mistyped folder shows
+                log_stderr(f"note: --resume: {folder.path} holds no checkpoint yet; starting the run")
             if run is None:
                 run = (new_settings(args, flags, command) if folder.checkpoint is None else
                        resumed_settings(args, explicit, flags, folder.checkpoint, config_key,

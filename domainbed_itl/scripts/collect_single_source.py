@@ -17,7 +17,7 @@ from ..files.outputs import plan_outputs
 from ..files.sweepfolder import load_runs, read_manifest
 from ..single_source.selection import summarise
 from ..single_source.tables import domainbed_labels, render_report
-from ._cli import CommandParser, command_main
+from ._cli import CommandParser, Distinct, command_main
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -38,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         plan.write(args.output, report)
     print(report, end="")
+    if args.output:
+        print(f"wrote {args.output}", file=sys.stderr)  # stdout: the report alone
     return 0
 
 
@@ -48,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     style = parser.add_mutually_exclusive_group()
     style.add_argument("--latex", action="store_true")
     style.add_argument("--markdown", action="store_true")
-    parser.add_argument("--algorithms", nargs="+", default=None, help="rows, in this order")
-    parser.add_argument("--datasets", nargs="+", default=None, help="datasets, in this order")
+    parser.add_argument("--algorithms", nargs="+", action=Distinct, default=None, help="rows, in this order")
+    parser.add_argument("--datasets", nargs="+", action=Distinct, default=None,
+                        help="datasets, in this order")
     parser.add_argument("--domainbed_root", default=None,
                         help="DomainBed checkout for domain names (optional)")
     parser.add_argument("--output", default=None, help="also write the report to this file")

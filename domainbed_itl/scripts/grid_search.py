@@ -18,10 +18,10 @@ from ..files.runfolder import RunKind, open_run_folder
 from ..losses.grid import parse_grid
 from ..losses.lossfile import LossSpec
 from ..meta.evaluate import EVALUATION_RUN
-from ._cli import (CommandParser, add_data_flags, check_data_flags, check_data_sizes, command_line,
+from ._cli import (CommandParser, Distinct, add_data_flags, check_data_flags, check_data_sizes, command_line,
                    data_flags, explicit_flags, load_data, parse_device, run_command)
-from ._evaluation import (add_meta_protocol_flags, evaluate_meta, meta_losses, meta_metrics,
-                          meta_protocol, meta_settings)
+from ._evaluation import (DefaultsHelp, add_meta_protocol_flags, evaluate_meta, meta_losses,
+                          meta_metrics, meta_protocol, meta_settings, name_reports, said_once)
 
 # An evaluation's checkpoint, with the grid's report beside it (--overwrite moves them all aside).
 GRID_RUN = RunKind(EVALUATION_RUN.name, EVALUATION_RUN.format, EVALUATION_RUN.unit,
@@ -30,11 +30,12 @@ GRID_RUN = RunKind(EVALUATION_RUN.name, EVALUATION_RUN.format, EVALUATION_RUN.un
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = CommandParser("grid_search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", nargs="+", required=True,
+    parser = CommandParser("grid_search", description=__doc__.split("\n\n")[0],
+                           formatter_class=DefaultsHelp)
+    parser.add_argument("--grid", nargs="+", action=Distinct, required=True,
                         help="NAME=V1,V2,... (a family of one parameter, e.g. label_smoothing, "
                              "poly1, focal, gce) or NAME.PARAM=V1,V2,... (e.g. sce.alpha)")
-    parser.add_argument("--losses", nargs="+", default=["CE"],
+    parser.add_argument("--losses", nargs="+", action=Distinct, default=["CE"],
                         help="extra losses beside the grid: CE, a zoo loss, a preset or a loss "
                              "file; LABEL=LOSS to name one (default: CE)")
     parser.add_argument("--reference", default=None,
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "given, else the first)")
     add_data_flags(parser, sampling=False)
     add_meta_protocol_flags(parser)
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True,
+                        help="where the reports (grid.md, grid.json, grid.csv) and the checkpoint go")
     parser.add_argument("--overwrite", action="store_true", help="start again in --output_dir")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -68,19 +70,25 @@ def run(args: argparse.Namespace, command: str, explicit: Set[str]) -> int:
         data = data or load_data(flags)
         check_data_sizes(data, {"batch_size": protocol.batch_size, "eval_size": protocol.eval_size},
                          explicit)
+        if classes not in (None, data.num_classes):  # checked for the classes of the data
+            members = {label: spec for family in parse_grid(args.grid, data.num_classes).values()
+                       for label, spec in family.items()}
         losses = {**{label: (spec.module().to(device), spec.definition())
-                     for label, spec in members.items()}, **meta_losses(extras, device)}
+                     for label, spec in members.items()},
+                  **meta_losses(extras, device, data.num_classes)}
         records = evaluate_meta(folder, data, losses, args, protocol, device, command)
-        result = comparison.compare(records, "heldout_acc", reference, ["inner_steps"])
+        with said_once():
+            result = comparison.compare(records, "heldout_acc", reference, ["inner_steps"])
+            details, stats = tables(records, meta_metrics(protocol), reference, list(losses),
+                                    ["inner_steps"])
         rows = grid_rows(result, grid, list(extras))
-        details, stats = tables(records, meta_metrics(protocol), reference, list(losses),
-                                ["inner_steps"])
         grid_table = write_grid_report(
             folder.path, meta_settings(args, protocol), rows, reference, details,
             {"grid": {family: {label: spec.definition() for label, spec in points.items()}
                       for family, points in grid.items()},
              "losses": extras, "reference": reference, "statistics": stats, "records": records})
     print(grid_table)
+    name_reports([folder.path / name for name in GRID_OUTPUTS])
     return 0
 
 

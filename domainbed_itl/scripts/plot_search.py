@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 from ..analysis.output import plan_analysis, write_outputs  # noqa: E402
 from ..analysis.search_curves import at_budget, search_curve  # noqa: E402
 from ..files.runfolder import read_metrics  # noqa: E402
-from ._cli import CommandParser, command_main  # noqa: E402
+from ._cli import CommandParser, command_main, file_name  # noqa: E402
 
 # (metric, label, y scale): M on a log scale, so that a diverging run does not flatten the others.
 ROWS = (("outer_heldout_loss", "held-out loss M", "log"),
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", nargs="+", required=True, metavar="LABEL=METRICS",
                         help="labelled metrics.jsonl files, e.g. IFT=runs/ift/metrics.jsonl")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--stem", default="search_curves", help="output file name without suffix")
+    parser.add_argument("--stem", type=file_name, default="search_curves",
+                        help="output file name without suffix")
     parser.add_argument("--full", action="store_true",
                         help="plot every run whole instead of cutting to the common budget")
     parser.add_argument("--title", default="", help="figure title")

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+import numpy as np
 
 from ..bridge.domainbed_env import (DOMAINBED_URL, DomainBedNotFound, check_domainbed_root, clone_domainbed,
                              git_commit, import_domainbed, with_pythonpath, with_quiet_loaders)
 from ..experiments.paper import format_command
 from ..bridge.domainbed_data import mnist_instructions, no_new_folders_on_error, reason_of
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
-from ..bridge.launchers import SubmititJobsFailed
+from ..bridge.launchers import (OUTPUT_LOG, SubmititJobsFailed, launch_jobs, launch_order,
+                                make_local_launcher)
 from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, apply, import_check, status
 from ..bridge.sweep_estimate import print_plan
-from ..files.job_progress import JobProgress, done_in
+from ..files.job_progress import JobProgress, done_in, steps_done_in
 from ..files.runlock import folder_lock
-from ..files.sweepfolder import remove_never_started, unfinished_jobs
+from ..files.running_jobs import finished_view, remove_unfinished, to_relaunch
+from ..files.sweepfolder import last_error_line, remove_never_started, unfinished_jobs
 from ._cli import CommandParser, command_main, integer
 
 MNIST_DATASETS = ("RotatedMNIST", "ColoredMNIST")
@@ -79,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry_run", action="store_true", help="print the steps only")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar and no timed estimate (for logs)")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"DomainBed's own output on the screen (default: with the local "
+                             f"launcher, in each job's folder, {OUTPUT_LOG})")
     return parser
 
 
@@ -218,34 +227,64 @@ def plan_jobs(args: argparse.Namespace, data_dir: Path, sweep, num_environments)
 
 
 def _launch(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Path) -> None:
-    """Step 4: launch the jobs not launched yet, with a plan, an estimate and a progress bar."""
+    """Step 4: relaunch the unfinished jobs of an earlier run and launch the jobs not launched
+    yet, with a plan, an estimate and a progress bar."""
     sweep = import_domainbed(root, "domainbed.scripts.sweep")
     datasets = import_domainbed(root, "domainbed.datasets")
     launchers = import_domainbed(root, "domainbed.command_launchers")
     if args.command_launcher not in launchers.REGISTRY:
         raise QuickstartInputError(f"unknown --command_launcher {args.command_launcher!r}; expected "
                                    f"one of {', '.join(sorted(launchers.REGISTRY))}")
-    jobs = [sweep.Job(a, str(output_dir)) for a in plan_jobs(args, data_dir, sweep,
-                                                             datasets.num_environments)]
+    planned = plan_jobs(args, data_dir, sweep, datasets.num_environments)
+    _relaunch_unfinished([sweep.Job(a, str(output_dir)) for a in planned])
+    jobs = [sweep.Job(a, str(output_dir)) for a in planned]  # their states after the removal
     states = [job.state for job in jobs]
     print("{} jobs: {} done, {} incomplete, {} not launched.".format(
         len(jobs), states.count(sweep.Job.DONE), states.count(sweep.Job.INCOMPLETE),
         states.count(sweep.Job.NOT_LAUNCHED)))
     to_launch = [job for job in jobs if job.state == sweep.Job.NOT_LAUNCHED]
     print(f"About to launch {len(to_launch)} jobs.", flush=True)
-    if to_launch:
-        detail = (f"{' '.join(args.algorithms)} on {' '.join(args.datasets)} x {args.steps} steps, "
-                  f"{args.n_hparams} hparams seed(s), {args.n_trials} trial(s), launcher "
-                  f"{args.command_launcher}")
-        print_plan(len(to_launch), detail, None if args.no_progress else to_launch[0].train_args,
-                   root, SHRINK_FLAGS, args.command_launcher)
-        os.environ.update(with_quiet_loaders(with_pythonpath(root)))  # the jobs inherit it
-        with JobProgress(done_in(job.output_dir for job in jobs), len(jobs), desc="quickstart jobs",
-                         disable=args.no_progress):
-            try:
-                sweep.Job.launch(to_launch, launchers.REGISTRY[args.command_launcher])
-            except SubmititJobsFailed as error:  # listed again below, with DomainBed's remedy
-                print(f"error: {error}", file=sys.stderr)
+    if not to_launch:
+        return
+    detail = (f"{' '.join(args.algorithms)} on {' '.join(args.datasets)} x {args.steps} steps, "
+              f"{args.n_hparams} hparams seed(s), {args.n_trials} trial(s), launcher "
+              f"{args.command_launcher}")
+    order = [job.train_args for job in launch_order(to_launch)]  # Job.launch shuffles them
+    state = np.random.get_state()
+    print_plan(len(to_launch), detail, None if args.no_progress else order[0], root, SHRINK_FLAGS,
+               args.command_launcher, jobs=None if args.no_progress else order)
+    np.random.set_state(state)  # so that Job.launch shuffles as `launch_order` said
+    os.environ.update(with_quiet_loaders(with_pythonpath(root)))  # the jobs inherit it
+    local = args.command_launcher == "local"
+    launcher_fn = (make_local_launcher(verbose=args.verbose) if local
+                   else launchers.REGISTRY[args.command_launcher])
+    folders = [job.output_dir for job in jobs]
+    with JobProgress(steps_done_in(folders, [args.steps] * len(jobs)), args.steps * len(jobs),
+                     desc="quickstart jobs", disable=args.no_progress, unit="step", interval=1.0,
+                     jobs=(done_in(folders), len(jobs))):
+        try:
+            closing = launch_jobs(sweep.Job, to_launch, launcher_fn, quiet=local and not args.verbose)
+        except SubmititJobsFailed as error:  # listed again below, with DomainBed's remedy
+            print(f"error: {error}", file=sys.stderr)
+            closing = ""
+    print(closing, end="", flush=True)
+
+
+def _relaunch_unfinished(jobs: list) -> None:
+    """Remove the folders of the jobs of an earlier run that started and did not finish, saying
+    so, so that they run again; refused while one of them still runs."""
+    folders = [job.output_dir for job in jobs]
+    idle, busy = to_relaunch(folders)
+    if busy:
+        raise QuickstartError(f"{len(busy)} job(s) of this sweep still run (a launcher that was "
+                              "killed left them): " + "; ".join(busy) + ". Let them finish or "
+                              "stop them, then run this command again")
+    if idle:
+        print(f"{len(idle)} job(s) of an earlier run did not finish (interrupted or failed); "
+              "their folders are removed and they run again:\n  " + "\n  ".join(
+                  f"{folder}: {last_error_line(folder) or 'no error logged'}" for folder in idle),
+              flush=True)
+        remove_unfinished(idle)
 
 
 def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Path) -> int:
@@ -258,18 +297,27 @@ def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Pat
               "so that they run now")
     print(f"\n$ {format_command(launch)}{_only(args)}", flush=True)
     _launch(args, root, data_dir, output_dir)
-    print(f"\n$ {format_command(collect)}", flush=True)
-    if subprocess.run(collect, env=env).returncode != 0:
-        raise QuickstartError("DomainBed's collect_results failed (see its output above)")
+    print(f"\n$ {format_command(collect)}  (its finished jobs only)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="finished-jobs-") as view:
+        finished_view(output_dir, view)
+        if subprocess.run([*collect[:-1], view], env={**env, "TQDM_DISABLE": "1"}).returncode != 0:
+            raise QuickstartError("DomainBed's collect_results failed (see its output above)")
+        shutil.copyfile(Path(view) / "results.txt", output_dir / "results.txt")
     failed = unfinished_jobs(output_dir)
     if failed:
+        _, busy = to_relaunch(p for p in output_dir.iterdir() if p.is_dir())
         delete = [*launch[:3], "delete_incomplete", *launch[4:]]  # ends in --skip_confirmation
-        print(f"\nerror: {len(failed)} job(s) did not finish, so the table above lacks them:\n  "
-              + "\n  ".join(failed) + "\nFix the cause, clear them with\n  "
-              f"PYTHONPATH={root} {format_command(delete)}\nand run this command again.",
-              file=sys.stderr)
+        remedy = ("\nFix the cause, clear them with\n  "
+                  f"PYTHONPATH={root} {format_command(delete)}\nand run this command again (or just "
+                  "run it again: it removes and relaunches them itself; none of them runs now)."
+                  if not busy else  # DomainBed's delete_incomplete would delete running jobs
+                  "\nSome still run (" + "; ".join(busy) + "): let them end, then run this "
+                  "command again: it removes and relaunches those that did not finish.")
+        print(f"\nerror: {len(failed)} job(s) did not finish, so the table above leaves them out:\n  "
+              + "\n  ".join(failed) + remedy, file=sys.stderr)
         return 1
-    print(f"\ndone: DomainBed's sweep is in {output_dir}; its checkout, with our hooks, in {root}")
+    print(f"\ndone: DomainBed's sweep is in {output_dir}, its table in {output_dir / 'results.txt'}; its "
+          f"checkout, with our hooks, in {root}")
     return 0
 
 
@@ -277,7 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     return command_main(argv, build_parser, run, expected=(QuickstartInputError,),
                         failures=(QuickstartError,),
-                        interrupted=lambda args: "run the same command again to finish the sweep")
+                        interrupted=lambda args: "the running job was stopped; run the same "
+                        "command again: it relaunches that job and runs the rest")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from ..files.runlock import folder_lock
 from ..files.sweepfolder import load_runs, read_manifest, records_of
 from ..single_source.selection import BLOCK_LEVELS, summarise
 from ..single_source.tables import domainbed_labels
-from ._cli import CommandParser, command_main
+from ._cli import CommandParser, Distinct, command_main
 
 Table = Dict[str, Dict[str, float]]
 
@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single_source_dir", default=None)
     parser.add_argument("--multi_source_dir", default=None)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--algorithms", nargs="+", default=None)
-    parser.add_argument("--datasets", nargs="+", default=None)
+    parser.add_argument("--algorithms", nargs="+", action=Distinct, default=None)
+    parser.add_argument("--datasets", nargs="+", action=Distinct, default=None)
     parser.add_argument("--blocks", choices=BLOCK_LEVELS, default="domain")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--domainbed_root", default=None)

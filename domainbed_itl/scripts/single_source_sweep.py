@@ -20,16 +20,18 @@ import numpy as np
 from ..bridge.algorithms import LOSS_ALGORITHMS
 from ..bridge.domainbed_env import (find_domainbed_root, import_domainbed, with_pythonpath,
                                     with_quiet_loaders)
-from ..bridge.launchers import (Launcher, SubmititConfig, SubmititJobsFailed,
-                                     make_submitit_launcher)
+from ..bridge.launchers import (OUTPUT_LOG, Launcher, SubmititConfig, SubmititJobsFailed,
+                                launch_jobs, launch_order, make_local_launcher,
+                                make_submitit_launcher)
 from ..bridge.hparams import check_sweep_losses, parse_hparams_flag
 from ..bridge.sweep_estimate import print_plan
-from ..files.job_progress import JobProgress, done_in
+from ..files.job_progress import JobProgress, done_in, steps_done_in
 from ..files.runlock import folder_lock
+from ..files.running_jobs import running
 from ..single_source.planning import single_source_args
 from ..files.sweepfolder import PlannedJob, RunKey, last_error_line, update_manifest
 from ..bridge.single_source_mixup import NAME as SINGLE_SOURCE_MIXUP, ONE_DOMAIN_NOTES
-from ._cli import CommandParser, command_main, integer
+from ._cli import CommandParser, Distinct, command_main, integer
 
 # DomainBed launchers that return once every job has ended, so that a job without `done` failed.
 WAITING_LAUNCHERS = ("local", "multi_gpu")
@@ -58,28 +60,44 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line: DomainBed's sweep flags plus ours (docs/single_source.md)."""
     parser = CommandParser(
         "single_source_sweep",
-        description="Single-source DG sweep: DomainBed train runs with one training domain each.")
-    parser.add_argument("command", choices=["launch", "delete_incomplete"])
-    parser.add_argument("--datasets", nargs="+", default=None,
+        description="Single-source DG sweep: DomainBed train runs with one training domain each.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("command", choices=["launch", "delete_incomplete"],
+                        help="launch the jobs not launched yet, or delete the folders of jobs that "
+                             "started, never finished and no longer run")
+    parser.add_argument("--datasets", nargs="+", action=Distinct, default=None,
                         help="default: DomainBed's sweep datasets (all but Debug*)")
-    parser.add_argument("--algorithms", nargs="+", default=None,
+    parser.add_argument("--algorithms", nargs="+", action=Distinct, default=None,
                         help="default: every algorithm DomainBed knows")
-    parser.add_argument("--n_hparams_from", type=integer, default=0)
-    parser.add_argument("--n_hparams", type=integer, default=20)
-    parser.add_argument("--n_trials", type=integer, default=3)
-    parser.add_argument("--steps", type=integer, default=None)
-    parser.add_argument("--checkpoint_freq", type=integer, default=None)
+    parser.add_argument("--n_hparams_from", type=integer, default=0,
+                        help='the first hparams seed')
+    parser.add_argument("--n_hparams", type=integer, default=20,
+                        help='hparams seeds up to (excluded)')
+    parser.add_argument("--n_trials", type=integer, default=3,
+                        help='trials')
+    parser.add_argument("--steps", type=integer, default=None,
+                        help="training steps (None: each dataset's)")
+    parser.add_argument("--checkpoint_freq", type=integer, default=None,
+                        help='passed to train if given')
     parser.add_argument("--hparams", type=str, default=None, help="JSON dict of hparams to override")
-    parser.add_argument("--holdout_fraction", type=float, default=0.2)
-    parser.add_argument("--data_dir", type=str, required=True)
-    parser.add_argument("--output_dir", type=str, required=True)
-    parser.add_argument("--command_launcher", type=str, required=True)
-    parser.add_argument("--sources", type=integer, nargs="+", default=None,
+    parser.add_argument("--holdout_fraction", type=float, default=0.2,
+                        help="DomainBed's holdout fraction")
+    parser.add_argument("--data_dir", type=str, required=True,
+                        help="DomainBed's --data_dir")
+    parser.add_argument("--output_dir", type=str, required=True,
+                        help="the sweep's folder")
+    parser.add_argument("--command_launcher", type=str, required=True,
+                        help='a DomainBed launcher (local, multi_gpu, ...) or submitit')
+    parser.add_argument("--sources", type=integer, nargs="+", action=Distinct, default=None,
                         help="source domain indices to run (default: every domain)")
     parser.add_argument("--seed", type=integer, default=0, help="seed of the shuffled launch order")
-    parser.add_argument("--skip_confirmation", action="store_true")
+    parser.add_argument("--skip_confirmation", action="store_true",
+                        help='launch or delete without a prompt')
     parser.add_argument("--no_progress", action="store_true",
                         help="no timed estimate before the launch and no progress bar (for logs)")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"DomainBed's own output on the screen (else, with the local "
+                             f"launcher, in each job's folder, {OUTPUT_LOG})")
     parser.add_argument("--domainbed_root", type=str, default=None,
                         help="DomainBed checkout to import and to put on the jobs' PYTHONPATH")
     for name, kind in SUBMITIT_FLAGS.items():
@@ -160,6 +178,8 @@ def check_losses(args: argparse.Namespace) -> None:
 
 def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> Launcher:
     """DomainBed's registered launcher, or for `submitit` one built from the --submitit_* flags."""
+    if args.command_launcher == "local":
+        return make_local_launcher(verbose=args.verbose)
     if args.command_launcher != "submitit":
         return registry[args.command_launcher]
     given = {n: getattr(args, f"submitit_{n}") for n in [*SUBMITIT_FLAGS, *SUBMITIT_SWITCHES]
@@ -173,8 +193,9 @@ def make_launcher(args: argparse.Namespace, registry: Dict[str, Callable]) -> La
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; 1 when launched jobs failed, 2 on bad input."""
-    return command_main(argv, build_parser, _main, interrupted=lambda args: "run the same command "
-                        "again to launch the jobs that have no folder yet")
+    return command_main(argv, build_parser, _main, interrupted=lambda args: "the running job was "
+                        "stopped; `delete_incomplete` (it keeps jobs that still run), then "
+                        "`launch`, both with the same flags, run it again and the rest")
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -213,14 +234,23 @@ def _launch(args: argparse.Namespace, sweep: ModuleType, jobs: list, to_launch: 
     print(f"The jobs import DomainBed from {checkout} (first on their PYTHONPATH).")
     if to_launch:
         steps = f"{args.steps} steps" if args.steps else "each dataset's default steps"
+        np.random.seed(args.seed)
+        order = [job.train_args for job in launch_order(to_launch)]
         print_plan(len(to_launch), f"{' '.join(args.algorithms)} on {' '.join(args.datasets)} x "
                    f"{steps}, launcher {args.command_launcher}",
-                   None if args.no_progress else to_launch[0].train_args, checkout, SHRINK_FLAGS,
-                   args.command_launcher)
+                   None if args.no_progress else order[0], checkout, SHRINK_FLAGS,
+                   args.command_launcher, jobs=None if args.no_progress else order)
     np.random.seed(args.seed)
-    with JobProgress(done_in(job.output_dir for job in jobs), len(jobs), desc="single-source jobs",
-                     disable=args.no_progress or not to_launch):
-        sweep.Job.launch(to_launch, launcher_fn)
+    folders = [job.output_dir for job in jobs]
+    datasets = import_domainbed(args.domainbed_root, "domainbed.datasets")
+    job_steps = [int(job.train_args.get("steps") or
+                     datasets.get_dataset_class(job.train_args["dataset"]).N_STEPS) for job in jobs]
+    quiet = args.command_launcher == "local" and not args.verbose
+    with JobProgress(steps_done_in(folders, job_steps), sum(job_steps), desc="single-source jobs",
+                     disable=args.no_progress or not to_launch, unit="step", interval=1.0,
+                     jobs=(done_in(folders), len(jobs))):
+        closing = launch_jobs(sweep.Job, to_launch, launcher_fn, quiet=quiet)
+    print(closing, end="", flush=True)
 
 
 def _run(args: argparse.Namespace, sweep: ModuleType, planned, launcher_fn: Optional[Launcher],
@@ -268,6 +298,10 @@ def _run(args: argparse.Namespace, sweep: ModuleType, planned, launcher_fn: Opti
                 return 1
     else:
         to_delete = [job for job, _ in jobs if job.state == sweep.Job.INCOMPLETE]
+        busy = [(job, running(job.output_dir)) for job in to_delete if running(job.output_dir)]
+        for job, why in busy:
+            print(f"kept: {job.output_dir} still runs ({why}); it is deleted once it ended")
+        to_delete = [job for job in to_delete if running(job.output_dir) is None]
         print(f"About to delete {len(to_delete)} jobs.")
         if not args.skip_confirmation:
             sweep.ask_for_confirmation()

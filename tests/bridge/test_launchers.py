@@ -1,6 +1,9 @@
 """The submitit launcher: its settings, and real jobs through submitit's local executor."""
 
+import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -9,9 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from domainbed_itl.bridge.launchers import (LAUNCHERS, CommandFailed, SubmititConfig, SubmititJobsFailed,
-                                     default_folder, make_submitit_launcher, slot_gpus,
-                                     submitit_launcher)
+from domainbed_itl.bridge.launchers import (LAUNCHERS, OUTPUT_LOG, CommandFailed, SubmititConfig,
+                                            SubmititJobsFailed, default_folder, job_folder,
+                                            launch_order,
+                                            make_local_launcher,
+                                            make_submitit_launcher, slot_gpus, submitit_launcher)
+from domainbed_itl.files.running_jobs import RUNNING_MARKER, running
 
 from conftest import domainbed_env
 
@@ -285,3 +291,99 @@ def test_slurm_wait_reports_failures(fake_slurm):
     config = SubmititConfig(folder="/logs", wait=True)
     with pytest.raises(SubmititJobsFailed, match=r"1 of 3 submitit jobs failed:\n\[job 1000_1\] echo 1"):
         make_submitit_launcher(config)(["echo 0", "echo 1", "echo 2"])
+
+
+# ------------------------------------------------------------------ the stoppable local launcher
+
+def _job_command(folder, code):
+    """A shell command running python `code` that reads as a DomainBed train command of job
+    `folder` (its module name as an argument, its --output_dir)."""
+    return (f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} domainbed.scripts.train "
+            f"--output_dir {shlex.quote(str(folder))}")
+
+
+def test_only_domainbed_train_commands_have_job_folders(tmp_path):
+    assert job_folder(f"python -m domainbed.scripts.train --output_dir {tmp_path}") == tmp_path
+    assert job_folder(f"python -m domainbed.scripts.train --output_dir {tmp_path / 'absent'}") is None
+    assert job_folder(f"python -m domainbed_itl.scripts.meta_train --output_dir {tmp_path}") is None
+
+
+def _ended(pid):
+    """Whether process `pid` has ended (gone, or a zombie its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def test_local_jobs_write_to_their_folder_and_leave_no_running_marker(tmp_path, capfd):
+    folders = [tmp_path / f"{i:032x}" for i in range(2)]
+    for folder in folders:
+        folder.mkdir()
+    code = "import sys; print('to stdout'); print('to stderr', file=sys.stderr); sys.exit({})"
+    make_local_launcher()([_job_command(folders[0], code.format(0)),
+                           _job_command(folders[1], code.format(3))])  # a failure stops nothing
+    for folder in folders:
+        assert (folder / OUTPUT_LOG).read_text().split() == ["to", "stdout", "to", "stderr"]
+        assert not (folder / RUNNING_MARKER).exists()
+    assert "to stdout" not in capfd.readouterr().out
+    make_local_launcher(verbose=True)([_job_command(folders[0], code.format(0))])
+    assert "to stdout" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_local_launcher_stops_its_job_and_the_jobs_children(tmp_path, how):
+    """SIGINT to the launcher's whole process group (Ctrl-C on a terminal), or SIGTERM to the
+    launcher alone (a scheduler's `kill`): the job, in a group of its own, gets neither (so no
+    traceback of its own); the launcher stops its group, the job's own child included, removes
+    the running marker and goes on with the interruption (SIGTERM: it then ends by it)."""
+    folder, pid_file = tmp_path / ("a" * 32), tmp_path / "grandchild.pid"
+    folder.mkdir()
+    job = (f"import subprocess, time; p = subprocess.Popen(['sleep', '300']); "
+           f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    driver = ("import sys; from domainbed_itl.bridge.launchers import make_local_launcher; "
+              "make_local_launcher(stop_timeout_s=5)([sys.argv[1]])")
+    launcher = subprocess.Popen([sys.executable, "-c", driver, _job_command(folder, job)],
+                                start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.1)
+    assert running(folder)  # its marker names a live process running this folder's job
+    grandchild = int(pid_file.read_text())
+    if how == "ctrl-c":
+        os.killpg(launcher.pid, signal.SIGINT)
+    else:
+        launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=60)
+    if how == "ctrl-c":
+        assert "KeyboardInterrupt" in stderr  # the launcher's own interruption goes on
+    else:
+        assert launcher.returncode == -signal.SIGTERM, stderr
+    assert not (folder / RUNNING_MARKER).exists() and running(folder) is None
+    deadline = time.monotonic() + 30
+    while not _ended(grandchild):
+        assert time.monotonic() < deadline, f"the job's child {grandchild} still runs"
+        time.sleep(0.05)
+    assert "Traceback" not in (folder / OUTPUT_LOG).read_text()
+
+
+def test_launch_order_is_the_order_domainbeds_job_launch_runs(domainbed_root, tmp_path):
+    """The estimate times the jobs that run first: `launch_order` predicts DomainBed's shuffle."""
+    import numpy as np
+    from domainbed.scripts import sweep
+
+    jobs = [sweep.Job({"dataset": "Debug28", "algorithm": "ERM", "test_envs": [i % 3], "seed": i},
+                      str(tmp_path)) for i in range(8)]
+    np.random.seed(1)
+    predicted = launch_order(jobs)
+    launched = []
+    sweep.Job.launch(jobs, launched.extend)
+    assert launched == [job.command_str for job in predicted]
+    assert launched != [job.command_str for job in jobs]  # it did shuffle them

@@ -3,12 +3,14 @@ files/job_progress.py): the evaluation count against DomainBed's own checkpoint 
 estimate's arithmetic, a real timing of DomainBed's classes, and the bar over `done` markers."""
 
 import io
+import json
 import time
 
 import pytest
 
-from domainbed_itl.bridge.sweep_estimate import JobTiming, describe_estimate, n_evaluations, time_job
-from domainbed_itl.files.job_progress import JobProgress, done_in, done_under
+from domainbed_itl.bridge.sweep_estimate import (JobTiming, describe_estimate, describe_estimates,
+                                                 n_evaluations, time_job)
+from domainbed_itl.files.job_progress import JobProgress, done_in, done_under, logged_step, steps_done_in
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 99, 100, 101, 1000, 5001])
@@ -89,3 +91,53 @@ def test_a_disabled_bar_shows_and_watches_nothing(tmp_path):
     with JobProgress(done_in(_job_folders(tmp_path, 2)), 2, disable=True) as progress:
         progress.poll()
     assert progress.bar is None
+
+
+def test_several_timed_kinds_are_each_named_and_summed():
+    itl = JobTiming("ITL", "RotatedMNIST", setup_s=10, step_s=2, evaluation_s=5, steps=100,
+                    checkpoint_freq=50)
+    erm = JobTiming("ERM", "RotatedMNIST", setup_s=10, step_s=1, evaluation_s=5, steps=100,
+                    checkpoint_freq=50)
+    text = describe_estimates([itl, erm], [3, 2], ["--steps"])
+    assert text.startswith("estimate (no GPU; timed here on the first job of each algorithm and "
+                           "dataset, in launch order): ITL on RotatedMNIST: 2.00 s a training step")
+    assert "ERM on RotatedMNIST: 1.00 s a training step" in text and "(3 jobs)" in text
+    # 3 x (10 + 200 + 15) + 2 x (10 + 100 + 15) = 925 s
+    assert "The 5 jobs take about 15 min one after the other" in text
+    assert describe_estimates([itl], [4], ["--steps"]) == describe_estimate(itl, 4, ["--steps"])
+
+
+def _record(step):
+    return json.dumps({"step": step, "args": {"steps": 300}, "env0_out_acc": 0.5}) + "\n"
+
+
+def test_the_steps_logged_are_the_last_records_step(tmp_path):
+    folder = tmp_path / ("a" * 32)
+    folder.mkdir()
+    assert logged_step(folder) == 0  # no results.jsonl yet
+    (folder / "results.jsonl").write_text(_record(0))
+    assert logged_step(folder) == 1  # DomainBed records step 0 after the first update
+    (folder / "results.jsonl").write_text(_record(0) + _record(100) + '{"step": 2')  # being written
+    assert logged_step(folder) == 101
+    count = steps_done_in([folder, tmp_path / ("b" * 32)], [300, 300])
+    assert count() == 101
+    (folder / "done").write_text("done")
+    assert count() == 300
+
+
+def test_the_bar_counts_steps_and_shows_the_jobs_done(tmp_path):
+    folders = _job_folders(tmp_path, 2)
+    (folders[0] / "results.jsonl").write_text(_record(4))
+    (folders[0] / "done").write_text("done")
+    out = io.StringIO()
+    with JobProgress(steps_done_in(folders, [5, 5]), 10, desc="test jobs", unit="step",
+                     interval=0.01, file=out, jobs=(done_in(folders), 2)) as progress:
+        assert progress.bar.n == 5
+        (folders[1] / "results.jsonl").write_text(_record(2))
+        deadline = time.monotonic() + 30
+        while progress.bar.n < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert progress.bar.n == 8
+        (folders[1] / "done").write_text("done")
+    assert "10/10" in out.getvalue() and "2/2 jobs done" in out.getvalue()
+    assert "step/s" in out.getvalue() or "s/step" in out.getvalue()

@@ -25,13 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import io
 import json
 import math
 import os
+import pickle
+import re
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
@@ -42,8 +50,10 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from domainbed_itl.bridge.algorithms import LOSS_ALGORITHMS, LossHparamError, check_loss_hparams
+from domainbed_itl.files import atomic
 from domainbed_itl.files.runfolder import load_checkpoint, read_metrics
-from domainbed_itl.files.sweepfolder import MANIFEST_NAME, read_manifest, record_problem
+from domainbed_itl.files.sweepfolder import (MANIFEST_NAME, load_runs, mixed_runs, read_manifest,
+                                            record_problem)
 from domainbed_itl.losses import LossFileError, LossSpec, TaylorLoss, get_family, load_loss
 from domainbed_itl.losses.taylor import ITL_PARAMETERS
 from domainbed_itl.meta.cmaes import CMA_RUN
@@ -529,3 +539,434 @@ def test_plot_meta_writes_only_a_figure_it_may(runs, output, overwrite):
         assert code == (0 if written else 2)
         if written:
             assert (root / output).read_bytes()[:4] in (b"\x89PNG", b"%PDF", b"<?xm")
+
+
+# ------------------------------------------------------------------- trust boundaries
+
+
+class Hostile:
+    """An object whose unpickling runs code: it would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def _hostile_bytes(marker: Path, how: str, checkpoint: Dict[str, Any]) -> bytes:
+    """A file that runs code when unpickled: a bare pickle, or a torch file holding the object
+    alone or in place of a part of a real checkpoint."""
+    if how == "pickle":
+        return pickle.dumps(Hostile(marker))
+    buffer = io.BytesIO()
+    torch.save(Hostile(marker) if how == "torch" else {**checkpoint, how: Hostile(marker)}, buffer)
+    return buffer.getvalue()
+
+
+READERS = {"metrics.jsonl": lambda path, out: (plot_meta.main, [path, "--output", out / "f.png"]),
+           "loss.json": lambda path, out: (loss_shapes.main, ["--losses", path, "--output_dir", out])}
+
+
+@CHECKPOINTS
+@given(name=st.sampled_from(sorted(RESUMES)), how=st.sampled_from(["pickle", "torch", "format",
+                                                                   "metrics", "provenance"]),
+       file=st.sampled_from(["checkpoint.pt", "metrics.jsonl", "loss.json"]))
+def test_a_hostile_pickle_in_any_file_of_a_run_folder_is_refused_unread(runs, name, how, file):
+    """Whatever file of whatever run folder holds a pickle that would run code, no command runs
+    it: a resume refuses it (one line naming a checkpoint) or never reads it (the views are
+    rewritten from the checkpoint), and the readers of the views refuse it in one line."""
+    kind, main, argv = RESUMES[name]
+    with sandbox() as root:
+        folder, marker = root / name, root / "marker"
+        shutil.copytree(runs / name, folder)
+        if not (folder / file).exists():
+            return
+        checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+        (folder / file).write_bytes(_hostile_bytes(marker, how, checkpoint))
+        code, err = call(main, [*argv, "--output_dir", folder])
+        check_boundary(code, err)
+        assert not marker.exists(), err
+        if file == "checkpoint.pt":
+            assert code == 2 and str(folder / file) in err.splitlines()[-1], err
+            assert "could run code" in err or "not a readable torch file" in err, err
+        elif file in READERS and code == 0:  # the resume rewrote the view; now damage it again
+            (folder / file).write_bytes(_hostile_bytes(marker, how, checkpoint))
+            reader, args = READERS[file](folder / file, root / "read")
+            code, err = call(reader, args)
+            check_boundary(code, err)
+            assert code == 2 and str(folder / file) in err, err
+            assert not marker.exists(), err
+
+
+def test_a_cma_checkpoint_of_an_earlier_version_with_a_pickled_strategy_is_refused(runs):
+    """Checkpoints of earlier versions that hold only safe types resume (the properties above);
+    a CMA-ES checkpoint that stored its strategy as a pickle is refused, the pickle unread."""
+    with sandbox() as root:
+        folder, marker = root / "cma", root / "marker"
+        shutil.copytree(runs / "cma", folder)
+        checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+        search = {k: v for k, v in checkpoint["search"].items() if k != "history"}
+        torch.save({**checkpoint, "search": {**search, "es": pickle.dumps(Hostile(marker))}},
+                   folder / "checkpoint.pt")
+        code, err = call(cma_search.main, [*RESUMES["cma"][2], "--output_dir", folder])
+        check_boundary(code, err)
+        assert code == 2 and "as a pickle" in err and "--overwrite" in err, err
+        assert not marker.exists()
+
+
+def test_a_cma_checkpoint_holds_numbers_and_replays_to_the_same_strategy(runs):
+    checkpoint = torch.load(runs / "cma" / "checkpoint.pt", weights_only=True)
+    assert "es" not in checkpoint["search"]
+    history = checkpoint["search"]["history"]
+    assert len(history) == checkpoint["done"] and all(
+        len(g["candidates"]) == len(g["fitnesses"]) == 3 for g in history)
+
+
+@SOME
+@given(flag=st.sampled_from([(evaluate_loss.main, EVALUATION, "--seeds", ["0", "1"]),
+                             (evaluate_loss.main, EVALUATION, "--losses", ["CE", "ITL"]),
+                             (evaluate_loss.main, EVALUATION, "--inner_steps", ["2", "3"]),
+                             (significance.main, ["--single_source_dir", FIXTURE], "--algorithms",
+                              ["ERM", "ITL"]),
+                             (collect_single_source.main, ["--input_dir", FIXTURE], "--datasets",
+                              ["Debug28", "Debug224"])]),
+       repeat=st.integers(0, 1), at=st.integers(0, 2))
+def test_a_repeated_value_of_a_set_like_flag_is_refused(flag, repeat, at):
+    """A list flag whose values are a set refuses a repeated value in one line naming it, and
+    leaves the disk as it found it."""
+    main, base, name, values = flag
+    given_values = list(values)
+    given_values.insert(min(at, len(given_values)), values[repeat])
+    with sandbox() as root:
+        argv = [*base, name, *given_values, "--output_dir", root / "out"]
+        assert run_checked(main, argv, root, []) == 2
+        code, err = call(main, argv)
+        assert re.search(f"{name} gives '?{re.escape(values[repeat])}'? twice", err), err
+
+
+@SOME
+@given(stem=st.sampled_from(["../x", "..", ".", "a/b", "/tmp/x", "sub/../x", "a\\b", ""])
+       | st.text(alphabet="ab./\\", min_size=1, max_size=6).filter(
+           lambda t: "/" in t or "\\" in t or t in (".", "..")))
+def test_an_output_name_is_a_name_not_a_path(records, stem):
+    with sandbox() as root:
+        (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        out = root / "out" / "deeper"
+        argv = ["--runs", f"A={root / 'm.jsonl'}", "--output_dir", out, "--stem", stem]
+        assert run_checked(plot_search.main, argv, root, []) == 2
+
+
+MIXES = {"seed": lambda r: {**r, "args": {**r["args"], "seed": r["args"].get("seed", 0) + 1}},
+         "hparams": lambda r: {**r, "hparams": {**r["hparams"], "lr": 0.5}},
+         "steps": lambda r: {**r, "args": {**r["args"], "steps": r["args"].get("steps", 0) + 7}},
+         "restart": lambda r: r}
+
+
+@SOME
+@given(mix=st.sampled_from(sorted(MIXES)), count=st.integers(1, 3), data=st.data())
+def test_a_results_file_that_mixes_runs_is_set_aside_naming_it(mix, count, data):
+    """Records of a second run appended to a job's results.jsonl (another seed, hparams, step
+    count, or the same run started again) never count as the job's: every reader sets the
+    job aside, naming the file; the other jobs are read as before."""
+    with sandbox() as root:
+        sweep = root / "sweep"
+        shutil.copytree(FIXTURE, sweep)
+        jobs = sorted(p for p in sweep.iterdir() if (p / "results.jsonl").exists())
+        job = data.draw(st.sampled_from(jobs))
+        results = job / "results.jsonl"
+        lines = results.read_text().splitlines()
+        appended = [json.dumps(MIXES[mix](json.loads(line))) for line in lines[:count]]
+        results.write_text("\n".join(lines + appended) + "\n")
+        runs_read = {run.folder: run for run in load_runs(sweep)}
+        assert runs_read[job.name].records == [] and str(results) in runs_read[job.name].error
+        assert all(run.records for name, run in runs_read.items() if name != job.name)
+        code, err = call(significance.main, ["--single_source_dir", sweep, "--output_dir",
+                                             root / "sig"])
+        check_boundary(code, err)
+
+
+def test_one_run_of_a_results_file_is_read_whole():
+    runs_read = load_runs(FIXTURE)
+    assert runs_read and all(run.error is None and run.records for run in runs_read)
+    assert mixed_runs(runs_read[0].records) is None
+
+
+@SOME
+@given(dataset=st.sampled_from(["synthetic", "planted"]),
+       parameters=st.sampled_from([[0.0] * 12, [math.inf] + [0.0] * 11]))
+def test_a_loss_check_holds_for_every_data_set(dataset, parameters):
+    """A loss that cannot be minimised is refused, on any data set (built in or not in any
+    table), with the classes of the data loaded."""
+    with sandbox() as root:
+        (root / "flat.json").write_text(json.dumps(
+            {"format": "domainbed-itl-loss", "version": 1, "family": "taylor", "order": 4,
+             "parameters": parameters, "provenance": {}}, allow_nan=True))
+        argv = ["meta", "--losses", "CE", root / "flat.json", "--seeds", "0", "--dataset",
+                dataset, "--per_domain_cap", "20", *INNER, "--output_dir", root / "out"]
+        assert run_checked(evaluate_loss.main, argv, root, []) == 2
+
+
+def _fill(folder: Path) -> None:
+    """Write files into `folder` until its file system is full."""
+    with contextlib.suppress(OSError):
+        for i in range(10 ** 4):
+            (folder / f"filler{i}").write_bytes(b"x" * 4096)
+
+
+@contextlib.contextmanager
+def full_disk(root: Path) -> Iterator[Path]:
+    """A folder on a full file system: a small tmpfs where this machine may mount one (as root),
+    else a writer patched to fail as a full disk does."""
+    disk = root / "disk"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+        capture_output=True).returncode == 0
+    try:
+        if mounted:
+            (disk / "full").mkdir()
+            _fill(disk / "full")
+            yield disk
+        else:
+            real = os.fdopen
+
+            class Full:
+                def __init__(self, *args, **kwargs):
+                    self.file = real(*args, **kwargs)
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    self.file.close()
+
+                def write(self, data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(atomic.os, "fdopen", Full)
+                yield disk
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("command", ["meta_train", "evaluate_loss"])
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_made(command):
+    main, base, _ = COMMANDS[command]
+    with sandbox() as root, full_disk(root) as disk:
+        before = sorted(p.name for p in disk.iterdir())
+        code, err = call(main, [*base, "--output_dir", disk / "run" / "out"])
+        check_boundary(code, err)
+        assert code == 2 and "No space left on device writing" in err and str(disk / "run") in err, err
+        assert sorted(p.name for p in disk.iterdir()) == before  # no folder, lock or temp file
+        code, err = call(main, [*base, "--output_dir", disk / "run" / "out", "--resume"])
+        assert code == 2, err
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_it_resumes(tmp_path):
+    """SIGTERM mid-run: one line, exit 143, and the run resumes to the end."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "domainbed_itl.scripts.meta_train", *[str(a) for a in META[:-1]],
+            "200", "--output_dir", str(out)]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.rstrip().splitlines()[-1].startswith("interrupted:") and "Traceback" not in err
+    done = load_checkpoint(out / "checkpoint.pt", META_RUN)["done"]
+    code, err = call(meta_train.main, ["--resume", "--outer_steps", str(done + 1), "--no_progress",
+                                       "--output_dir", out])
+    assert code == 0, err
+    assert len(read_metrics(out / "metrics.jsonl")) == done + 1
+
+
+def test_the_hostile_pickle_runs_code_when_read_unchecked(tmp_path):
+    """The hostile files above are hostile: an unchecked read runs their code."""
+    marker = tmp_path / "marker"
+    pickle.loads(_hostile_bytes(marker, "pickle", {}))
+    assert marker.exists()
+
+
+@pytest.mark.skipif(not os.environ.get("DOMAINBED_ROOT"), reason="needs DOMAINBED_ROOT (a DomainBed "
+                    "checkout)")
+@pytest.mark.parametrize("how", ["pickle", "torch", "model_dict"])
+def test_a_hostile_domainbed_model_is_refused_unread(tmp_path, how):
+    """DomainBed's model.pkl is a third party's pickle: read with weights_only, a hostile one is
+    refused in one line naming it, its code never run."""
+    from domainbed_itl.bridge.trained_models import RunError, load_model
+
+    marker, path = tmp_path / "marker", tmp_path / "model.pkl"
+    path.write_bytes(_hostile_bytes(marker, how, {"args": {"algorithm": "ERM"}}))
+    with pytest.raises(RunError, match=f"{re.escape(str(path))} holds more than tensors") as error:
+        load_model(path)
+    assert "\n" not in str(error.value) and not marker.exists()
+
+
+@SOME
+@given(added=st.sampled_from([["--seeds", "0", "1"], ["--losses", "CE", "ITL", "SCE"],
+                              ["--seeds", "1"]]))
+def test_a_finished_evaluation_continues_with_added_seeds_or_losses(runs, added):
+    """As docs/files.md says: a finished evaluation run again with more seeds or losses computes
+    only the new units and replaces its reports; run again as it was, it is refused."""
+    with sandbox() as root:
+        folder = root / "evaluation"
+        shutil.copytree(runs / "evaluation", folder)
+        assert call(evaluate_loss.main, [*EVALUATION, "--output_dir", folder])[0] == 0
+        kept = {(u["unit"], u["loss"]): u["records"] for u in load_checkpoint(
+            folder / "checkpoint.pt", EVALUATION_RUN)["units"]}
+        code, err = call(evaluate_loss.main, [*EVALUATION, "--output_dir", folder])
+        assert code == 2 and "already holds an evaluation" in err, err
+        code, err = call(evaluate_loss.main, [*EVALUATION, *added, "--output_dir", folder])
+        assert code == 0, err
+        units = {(u["unit"], u["loss"]): u["records"] for u in load_checkpoint(
+            folder / "checkpoint.pt", EVALUATION_RUN)["units"]}
+        assert len(units) > len(kept) and all(units[key] == kept[key] for key in kept)
+        report = json.loads((folder / "evaluation.json").read_text())
+        assert {(r["unit"], r["loss"]) for r in report["records"]} <= set(units)
+
+
+BAD_PLUGINS = {"missing": None, "raising": "raise RuntimeError('broken plugin')\n",
+               "syntax": "def (\n"}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_PLUGINS))
+def test_a_bad_family_plugin_fails_where_a_family_is_used_and_nowhere_else(tmp_path, bad):
+    """A module named in DOMAINBED_ITL_FAMILIES that is missing, raises or does not parse:
+    the package imports and the commands that use no family of a plugin work; the first look-up
+    of a family not built in is one line naming the variable and the module."""
+    from domainbed_itl.losses.families import PLUGINS_ENV
+
+    if BAD_PLUGINS[bad] is not None:
+        (tmp_path / "bad_plugin.py").write_text(BAD_PLUGINS[bad])
+    env = {**os.environ, PLUGINS_ENV: "bad_plugin",
+           "PYTHONPATH": os.pathsep.join([str(Path(meta_train.__file__).parents[2]), str(tmp_path)])}
+    shapes = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.loss_shapes", "--losses",
+                             "CE", "ITL", "--points", "5", "--output_dir", str(tmp_path / "shapes")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert shapes.returncode == 0, shapes.stderr
+    (tmp_path / "mine.json").write_text(json.dumps({"format": "domainbed-itl-loss", "version": 1,
+                                                    "family": "user_family", "order": None,
+                                                    "parameters": [0.5]}))
+    used = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.loss_shapes", "--losses",
+                           str(tmp_path / "mine.json"), "--output_dir", str(tmp_path / "mine")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert used.returncode == 2 and "Traceback" not in used.stderr, used.stderr
+    line = used.stderr.strip().splitlines()[-1]
+    assert f"{PLUGINS_ENV} names the module 'bad_plugin'" in line and len(
+        used.stderr.strip().splitlines()) == 1, used.stderr
+    assert not (tmp_path / "mine").exists()
+
+
+class BroadcastGradient(torch.nn.Module):
+    """A user's loss whose closed-form gradient is a broadcast (read-only, stride 0) tensor."""
+
+    def forward(self, logits, target, reduction="mean"):
+        values = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        return values if reduction == "none" else values.mean()
+
+    def loss_and_grad(self, logits, target):
+        values = self.forward(logits, target, "none")
+        return values, torch.full((1, logits.shape[1]), 0.01).expand_as(logits)
+
+
+@SOME
+@given(batched=st.booleans(), optimizer=st.sampled_from(["sgd", "momentum", "adam"]))
+def test_the_inner_loop_never_writes_into_a_losss_gradient(batched, optimizer):
+    from domainbed_itl.meta import inner
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    params = inner.init_params(inner.mlp(3, (4,), 2), [0, 1], torch.device("cpu"))
+    opt = inner.InnerOptimizer(optimizer, lr=0.1)
+    state = opt.init_state(params)
+    before = {k: v.clone() for k, v in params.items()}
+    losses = inner.train(params, BroadcastGradient(), opt, state, x, y,
+                         torch.randint(0, 12, (2, 3, 4)), batched=batched)
+    assert losses.shape == (2, 3) and bool(torch.isfinite(losses).all())
+    assert any(not torch.equal(before[k], params[k]) for k in params)
+
+
+def _endless(path: Path, kind: str) -> None:
+    """Make `path` a file that a plain read would never finish or that is too large to read:
+    a named pipe, a link to /dev/zero, or a sparse file of `kind` MiB."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "zero":
+        path.symlink_to("/dev/zero")
+    else:
+        with open(path, "wb") as f:
+            f.truncate(int(kind) * 2 ** 20)
+
+
+@SOME
+@given(kind=st.sampled_from(["fifo", "zero", "17", "300"]))
+def test_an_endless_or_huge_input_file_is_refused_before_it_is_read(records, kind):
+    """Every input file is checked before it is read: a loss file, a metrics file or a
+    DomainBed record set that is a pipe, a device or too large is refused in one line naming it."""
+    with sandbox() as root:
+        loss, metrics = root / "loss.json", root / "metrics.jsonl"
+        _endless(loss, kind)
+        _endless(metrics, kind if kind != "17" else "300")
+        with pytest.raises(LossFileError, match=re.escape(str(loss))):
+            load_loss(loss)
+        code, err = call(loss_shapes.main, ["--losses", loss, "--output_dir", root / "out"])
+        check_boundary(code, err)
+        assert code == 2 and str(loss) in err
+        code, err = call(plot_meta.main, [metrics, "--output", root / "f.png"])
+        check_boundary(code, err)
+        assert code == 2 and str(metrics) in err
+        sweep = root / "sweep"
+        shutil.copytree(FIXTURE, sweep)
+        results = next(sweep.glob("*/results.jsonl"))
+        results.unlink()
+        _endless(results, kind if kind != "17" else "300")
+        job = {run.folder: run for run in load_runs(sweep)}[results.parent.name]
+        assert job.records == [] and str(results) in job.error
+
+
+def test_a_huge_checkpoint_is_refused_unread(runs):
+    with sandbox() as root:
+        folder = root / "meta"
+        shutil.copytree(runs / "meta", folder)
+        _endless(folder / "checkpoint.pt", str(17 * 1024))
+        code, err = call(meta_train.main, [*RESUMES["meta"][2], "--output_dir", folder])
+        check_boundary(code, err)
+        assert code == 2 and str(folder / "checkpoint.pt") in err and "MiB" in err, err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root")
+def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("this machine mounts no tmpfs")
+    try:
+        main, base, _ = COMMANDS["meta_train"]
+        code, err = call(main, [*base, "--output_dir", disk / "run"])
+        check_boundary(code, err)
+        assert code == 2 and "Read-only file system" in err and str(disk / "run") in err, err
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch", "units"])
+def test_a_hostile_pickle_in_a_grid_search_folder_is_refused_unread(how):
+    main, base, _ = COMMANDS["grid_search"]
+    with sandbox() as root:
+        folder, marker = root / "grid", root / "marker"
+        code, err = call(main, [*base, "--output_dir", folder])
+        assert code == 0, err
+        checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+        (folder / "checkpoint.pt").write_bytes(_hostile_bytes(marker, how, checkpoint))
+        for name in [p.name for p in folder.iterdir() if p.suffix in (".md", ".json", ".csv")]:
+            (folder / name).unlink()  # so that the command continues from the checkpoint
+        code, err = call(main, [*base, "--output_dir", folder])
+        check_boundary(code, err)
+        assert code == 2 and str(folder / "checkpoint.pt") in err and not marker.exists(), err

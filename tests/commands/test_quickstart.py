@@ -7,10 +7,13 @@ with DOMAINBED_ROOT a clone of it runs DomainBed's real sweep and collect_result
 
 import argparse
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -227,3 +230,79 @@ def test_some_test_envs_and_failed_jobs_with_a_command_that_clears_them(upstream
                              stdin=subprocess.DEVNULL, timeout=300)
     assert cleared.returncode == 0 and "Deleted 2 jobs!" in cleared.stdout, cleared.stderr
     assert not any(p.exists() for p in jobs)
+
+
+def _table(stdout):
+    """The collect_results tables printed after the quickstart's collect command."""
+    return stdout.split("(its finished jobs only)")[-1].split("\ndone: ")[0]
+
+
+def _accuracies(sweep):
+    """Every job's records: its folder's name (the hash of its arguments), step and accuracies
+    (times, and the output folder in its arguments, differ between runs)."""
+    return sorted(json.dumps({"job": p.name, **{k: v for k, v in json.loads(line).items()
+                                                if k.endswith("_acc") or k == "step"}}, sort_keys=True)
+                  for p in sweep.iterdir() if (p / "results.jsonl").exists()
+                  for line in (p / "results.jsonl").read_text().splitlines())
+
+
+def _train_processes(folder):
+    """The ids of processes whose command line names job folder `folder`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if proc.name.isdigit() and folder.name in command:
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_an_interrupted_quickstart_resumes_in_one_command_to_the_uninterrupted_table(upstream, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) in the middle of a job:
+    the job is stopped with no traceback of its own; the same command then says which job did
+    not finish, relaunches it without a prompt, and prints the table of an uninterrupted run."""
+    url, commit = upstream
+    clone = _quickstart("--workdir", str(tmp_path / "first"), "--domainbed_url", str(url),
+                        "--domainbed_commit", commit, "--datasets", "Debug28", "--setup_only")
+    assert clone.returncode == 0, clone.stderr
+    root = tmp_path / "first" / "DomainBed"
+
+    def command(workdir):
+        return [sys.executable, "-m", "domainbed_itl.scripts.quickstart", "--workdir", str(workdir),
+                "--domainbed_root", str(root), "--data_dir", str(tmp_path / "data"),
+                "--datasets", "Debug28", "--hparams", '{"batch_size": 8}', "--test_envs", "0",
+                "--steps", "300", "--no_progress"]
+
+    reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True,
+                               timeout=900, stdin=subprocess.DEVNULL)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+
+    sweep = tmp_path / "work" / "sweep"
+    first = subprocess.Popen(command(tmp_path / "work"), start_new_session=True, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    deadline, started = time.monotonic() + 600, None
+    while started is None:  # a job that logged its first checkpoint and has not finished
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        started = next((p for p in sweep.glob("*/results.jsonl")
+                        if p.stat().st_size and not (p.parent / "done").exists()), None)
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGINT)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 130, out[-3000:] + err[-3000:]
+    assert "interrupted: the running job was stopped; run the same command again" in err
+    assert "Traceback" not in out + err
+    job = started.parent
+    assert not (job / "done").exists() and _train_processes(job) == []
+    assert not (job / "running.pid").exists()
+
+    again = subprocess.run(command(tmp_path / "work"), capture_output=True, text=True, timeout=900,
+                           stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "job(s) of an earlier run did not finish (interrupted or failed); their folders are " \
+           "removed and they run again:" in again.stdout
+    assert str(job) in again.stdout and (job / "done").exists()
+    assert _table(again.stdout) == _table(reference.stdout)
+    assert _accuracies(sweep) == _accuracies(tmp_path / "reference" / "sweep")

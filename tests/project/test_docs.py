@@ -139,3 +139,97 @@ def test_a_module_docstring_is_a_summary_and_a_link_to_its_docs_page(path):
     assert 0 < len(docstring.splitlines()) <= MAX_DOCSTRING_LINES, docstring
     pages = re.findall(r"docs/[\w/]+\.md", docstring)
     assert pages and all((REPO / page).exists() for page in pages), pages
+
+
+# ---------------------------------------------------------- documented defaults are the code's
+
+REQUIRED = object()
+# Defaults the tables give in words: the value the code holds for them.
+IN_WORDS = {"(required)": REQUIRED, "none: clone": None, "WORKDIR/data": None,
+            "every environment": None, "Taylor expansion of CE": None, "whole domain": None}
+
+
+def _option_tables(page):
+    """(flags, default cell) of each row of `page`'s tables whose columns are a flag (or option),
+    then its default(s)."""
+    rows, header = [], None
+    for line in page.read_text().splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif header[0] in ("flag", "option") and len(header) >= 3 and not set(cells[0]) <= set("-"):
+            flags = re.findall(r"`(--\w+)`", cells[0])
+            assert flags, f"{page.name}: a row of an option table names no flag: {line}"
+            rows.append((flags, cells[1]))
+    return rows
+
+
+def _values(cell, n):
+    """The `n` documented values of a default cell (one value may stand for every flag)."""
+    cell = re.sub(r"\s*\(or [^)]*\)", "", cell).replace("`", "").strip()
+    if cell in IN_WORDS:
+        return [cell] * n
+    values = [v.strip().strip("()") if v.strip() != "(required)" else v.strip()
+              for v in cell.split(", ")]
+    return values * n if len(values) == 1 else values
+
+
+def _same(doc, code):
+    if doc in IN_WORDS:
+        return IN_WORDS[doc] is code or IN_WORDS[doc] == code
+    if doc in ("off", "on", "none"):
+        return {"off": code in (False, None, 0), "on": code is True, "none": code is None}[doc]
+    if isinstance(code, (list, tuple)):
+        return doc == " ".join(map(str, code))
+    if isinstance(code, str):
+        return doc == code
+    try:
+        return not isinstance(code, (str, bool)) and code is not None and float(doc) == float(code)
+    except ValueError:
+        return doc == str(code)
+
+
+def _parser_defaults(parser):
+    return {a.option_strings[0]: (REQUIRED if a.required else a.default)
+            for a in parser._actions if a.option_strings}
+
+
+def test_the_quickstarts_documented_defaults_are_its_defaults():
+    from domainbed_itl.bridge.domainbed_env import DOMAINBED_URL
+    from domainbed_itl.scripts.quickstart import build_parser
+
+    IN_WORDS["GitHub"] = DOMAINBED_URL
+    defaults = _parser_defaults(build_parser())
+    rows = _option_tables(REPO / "docs" / "quickstart.md")
+    assert {flag for flags, _ in rows for flag in flags} == set(defaults) - {"-h"}
+    for flags, cell in rows:
+        for flag, doc in zip(flags, _values(cell, len(flags)), strict=True):
+            assert _same(doc, defaults[flag]), f"quickstart.md: {flag} documented {doc!r}, " \
+                                               f"the code's default is {defaults[flag]!r}"
+
+
+def test_meta_trains_documented_defaults_are_each_presets():
+    """docs/meta_learning.md's option table: a column of values for the presets `paper` and
+    `paper_guarded` (one value for both, or `paper / paper_guarded`), from the flag's own default
+    or else the preset's configuration."""
+    from domainbed_itl.meta.config import preset_config
+    from domainbed_itl.scripts.meta_train import build_parser
+
+    flags_defaults = _parser_defaults(build_parser())
+    rows = _option_tables(REPO / "docs" / "meta_learning.md")
+    assert len(rows) > 20
+    for preset_index, preset in enumerate(("paper", "paper_guarded")):
+        config = preset_config(preset)  # a setting reads by its flag's name
+        for flags, cell in rows:
+            cell = cell.split(" / ")[preset_index] if " / " in cell else cell
+            if flags == ["--family", "--order"]:  # one value: the family and its order
+                assert _same(_values(cell, 1)[0], f"{config.family}{config.order}"), cell
+                continue
+            for flag, doc in zip(flags, _values(cell, len(flags)), strict=True):
+                code = flags_defaults[flag]
+                code = getattr(config, flag[2:], None) if code is None else code
+                assert _same(doc, code), (f"meta_learning.md, preset {preset}: {flag} documented "
+                                          f"{doc!r}, the code's default is {code!r}")

@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +25,7 @@ from conftest import REPO, domainbed_env
 from domainbed_itl.bridge.domainbed_env import with_pythonpath
 from domainbed_itl.single_source import planning, selection, tables
 from domainbed_itl.files import sweepfolder as run_folders
+from domainbed_itl.files.running_jobs import RUNNING_MARKER, mark_running
 from domainbed_itl.scripts import single_source_sweep as sweep
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "single_source_debug28"
@@ -703,3 +706,60 @@ def test_rotated_mnist_single_source(patched_domainbed, mnist10k, tmp_path):
     assert "0 -> 15/30/45/60/75" in report
     for source in range(1, 6):  # the protocol needs every source: the others are named as missing
         assert f"RotatedMNIST/ERM source {source} trial 0 hparams_seed 0: no job folder" in report
+
+
+def _processes_naming(folder):
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if proc.name.isdigit() and folder.name in command:
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_an_interrupted_sweep_stops_its_job_and_cleanup_never_removes_a_running_one(patched_domainbed,
+                                                                                    tmp_path):
+    """Ctrl-C (SIGINT to the process group) mid-job: the local launcher stops its DomainBed job
+    (no orphan, no traceback); `delete_incomplete` then removes that job's folder, but keeps the
+    folder of a job whose process still runs."""
+    out = tmp_path / "sweep"
+    args = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
+            "--steps", "300", "--hparams", '{"batch_size": 8}', "--command_launcher", "local",
+            "--skip_confirmation", "--no_progress", "--data_dir", str(tmp_path), "--output_dir", str(out)]
+    launch = subprocess.Popen([sys.executable, "-m", "domainbed_itl.scripts.single_source_sweep",
+                               "launch", *args, "--domainbed_root", str(patched_domainbed)],
+                              start_new_session=True, env=_no_domainbed_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    deadline, started = time.monotonic() + 600, None
+    while started is None:
+        assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
+        started = next((p.parent for p in out.glob("*/results.jsonl")
+                        if p.stat().st_size and not (p.parent / "done").exists()), None)
+        time.sleep(0.05)
+    os.killpg(launch.pid, signal.SIGINT)
+    stdout, stderr = launch.communicate(timeout=120)
+    assert launch.returncode == 130 and "interrupted: the running job was stopped" in stderr
+    assert "Traceback" not in stdout + stderr
+    assert _processes_naming(started) == [] and not (started / RUNNING_MARKER).exists()
+    unfinished = [p for p in out.iterdir() if p.is_dir() and not (p / "done").exists()]
+
+    still = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "--output_dir",
+                              str(started)])
+    try:
+        while started.name not in Path(f"/proc/{still.pid}/cmdline").read_bytes().decode():
+            time.sleep(0.05)
+        mark_running(started, still.pid)
+        kept = _launch(patched_domainbed, "delete_incomplete", *args).stdout
+        assert f"kept: {started} still runs (process {still.pid})" in kept and started.is_dir()
+        assert f"About to delete {len(unfinished) - 1} jobs." in kept
+    finally:
+        still.kill()
+        still.wait()
+    cleared = _launch(patched_domainbed, "delete_incomplete", *args).stdout
+    assert "About to delete 1 jobs." in cleared and not started.exists()
+    assert not any(p.exists() for p in unfinished)
