@@ -189,3 +189,18 @@ def docs_family_example() -> str:
     text = (REPO / "docs" / "losses.md").read_text()
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "register_family(" in b]
     return block
+
+
+def spy_on_heldout(trainer):
+    """A dict that each outer step of `trainer` fills with the inner networks ("thetas"), the
+    step's draws and what the held-out objective returned ("out")."""
+    captured = {}
+    original = trainer._heldout
+
+    def spy(thetas, draws):
+        captured["thetas"], captured["draws"] = thetas, draws
+        captured["out"] = original(thetas, draws)
+        return captured["out"]
+
+    trainer._heldout = spy
+    return captured

@@ -76,7 +76,7 @@ BUILD_TIME_FLAGS = frozenset({"data_dir", "output_dir", "command_launcher", "dom
                               "skip_confirmation"})
 
 # The flags a definition may set, per runner, as spelled on its command line (less the build-time
-# ones); tests/test_paper_sweep.py checks each against its runner's parser.
+# ones); tests/experiments/test_paper_sweep.py checks each against its runner's parser.
 # DomainBed's sweep (domainbed/scripts/sweep.py).
 DOMAINBED_SWEEP_FLAGS = frozenset({
     "datasets", "algorithms", "task", "n_hparams_from", "n_hparams", "seed", "n_trials", "steps",

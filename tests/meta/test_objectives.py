@@ -165,7 +165,7 @@ def test_plugin_modules_register_their_objectives(registry, tmp_path, monkeypatc
 
 
 def test_every_built_in_objective_is_documented():
-    page = (Path(__file__).resolve().parents[1] / "docs" / "objectives.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "objectives.md").read_text()
     for objective in objectives.BUILT_IN:
         assert f"| `{objective.name}` |" in page, objective.name
         assert objective.rewards and objective.fn.__doc__

@@ -30,7 +30,7 @@ from conftest import domainbed_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PROTOCOL = Protocol(inner_steps=(15, 30), hidden=(8,), batch_size=16, eval_size=50)
 

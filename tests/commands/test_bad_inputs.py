@@ -15,7 +15,7 @@ import pytest
 
 from domainbed_itl.losses import cross_entropy_taylor_init
 
-FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "single_source_debug28"
 SYNTHETIC = ["--dataset", "synthetic", "--per_domain_cap", "48", "--inner_steps", "8", "--hidden", "8",
              "--hvp_batch", "32", "--outer_steps", "1", "--no_progress"]
 SWEEP = ["launch", "--command_launcher", "local", "--skip_confirmation"]
@@ -162,6 +162,6 @@ def _fill(text: str, names: dict) -> str:
 
 def test_every_command_is_in_the_catalogue():
     """A new command joins the catalogue: it too must answer bad input with one error line."""
-    scripts = Path(__file__).resolve().parents[1] / "domainbed_itl" / "scripts"
+    scripts = Path(__file__).resolve().parents[2] / "domainbed_itl" / "scripts"
     commands = {p.stem for p in scripts.glob("*.py") if not p.stem.startswith("_")}
     assert commands == {command for command, _, _ in CATALOGUE}

@@ -11,7 +11,7 @@ from scipy import stats
 
 from domainbed_itl.analysis import friedman_nemenyi as sig
 
-FIXTURE = Path(__file__).parent / "data" / "single_source_debug28"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "single_source_debug28"
 
 # Demšar (2006), Table 6: AUC of C4.5 and three variants on 14 UCI datasets ...
 DEMSAR_NAMES = ["C4.5", "C4.5+m", "C4.5+cf", "C4.5+m+cf"]

@@ -22,7 +22,7 @@ from domainbed_itl.scripts import grid_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "synthetic", "--per_domain_cap", "40", "--seeds", "0", "1", "--inner_steps",
         "10", "--hidden", "4", "--batch_size", "16", "--eval_size", "40", "--no_progress"]
 

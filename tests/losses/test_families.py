@@ -24,7 +24,7 @@ from domainbed_itl.losses.checks import check_minimisable
 
 from conftest import docs_family_example
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILT_IN = ("composite", "focal", "gce", "label_smoothing", "poly", "sce", "taylor")
 
 

@@ -13,7 +13,7 @@ from domainbed_itl import __version__
 from domainbed_itl.losses import (ITL_PARAMETERS, LOSS_PRESETS, LossFileError, LossSpec, TaylorLoss,
                                   load_loss, resolve_loss, save_loss)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_round_trip(tmp_path):

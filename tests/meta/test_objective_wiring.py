@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--dataset", "synthetic", "--per_domain_cap", "12", "--inner_steps", "2", "--hidden", "4",
         "--batch_size", "8", "--no_progress"]
 META = [*TINY, "--hvp_batch", "16"]
-OLD_RUNS = Path(__file__).parent / "data" / "runs_before_objectives"
+OLD_RUNS = Path(__file__).resolve().parents[1] / "data" / "runs_before_objectives"
 TIMES = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_diagnostics_s", "time_step_s")
 
 

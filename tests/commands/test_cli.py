@@ -17,7 +17,7 @@ from domainbed_itl import console
 from domainbed_itl.scripts._cli import (CommandParser, explicit_flags, integer, parse_device, positive_int,
                                         run_command)
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "domainbed_itl" / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "domainbed_itl" / "scripts"
 
 
 def _raise(error):
