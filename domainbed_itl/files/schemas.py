@@ -232,7 +232,7 @@ class MetricsRecord(Schema):
     step: Positive
     inner_source_acc: Fraction
     outer_heldout_acc: Fraction
-    outer_heldout_loss: float  # M, the run's objective (held-out CE before objectives existed)
+    outer_heldout_loss: float  # M, the run's objective (held-out CE in earlier releases' records)
     outer_heldout_ce: Optional[Annotated[float, Field(ge=0)]] = None
     objective: Optional[str] = None
     time_step_s: Optional[Annotated[float, Field(ge=0)]] = None
@@ -410,7 +410,8 @@ class CMAGeneration(Schema):
 
 class CMAState(Schema):
     """CMASearch.state_dict(): generations done, the incumbent, each generation's candidates and
-    fitnesses (`es`, the pickled strategy of earlier versions, is read only to be refused)."""
+    fitnesses (`es`, the pickled strategy in earlier releases' checkpoints, is read only to be
+    refused)."""
 
     generations_done: Count
     best: Optional[Incumbent]
@@ -457,7 +458,7 @@ class EvaluationRecord(Schema):
     source_acc: Fraction
     gap: Annotated[float, Field(ge=-1, le=1)]
     final_train_loss: Annotated[float, Field(allow_inf_nan=True)]
-    inner_steps_used: Optional[Positive] = None  # absent in records written before the rule
+    inner_steps_used: Optional[Positive] = None  # absent in earlier releases' records
     stationarity: Optional[Measured] = None  # with a stopping rule only
 
 

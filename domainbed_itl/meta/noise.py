@@ -55,7 +55,7 @@ def with_label_noise(data: DomainData, rate: float, seed: int = 0,
                      domains: Optional[Sequence[int]] = None) -> DomainData:
     """`data` with `symmetric_label_noise` on the training labels of `domains` (default: every
     domain, since leave-one-domain-out trains on each of them as a source) and every domain's
-    held-out labels set to the labels it is judged by now (`heldout_targets`: the clean ones, or
+    held-out labels set to the labels `data` judges it by (`heldout_targets`: the clean ones, or
     those the data set already had): a held-out domain is judged on clean labels by construction.
     A new DomainData; `data` is not changed. `info` records the rate, seed and domains."""
     _check_rate(rate)

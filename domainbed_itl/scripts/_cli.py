@@ -37,7 +37,7 @@ BUG_REPORT = ("error: this is a bug in domainbed-itl (an unexpected {name}); ple
               "the command and this traceback")
 DEVICE_TYPES = ("cpu", "cuda")
 DATA_FLAGS = ("dataset", "data_dir", "domainbed_root", "per_domain_cap", "data_seed", "label_noise")
-# A data flag's value for a run recorded before the flag existed: what that run did.
+# A data flag's value for a checkpoint of an earlier release, which does not record it.
 DATA_FLAG_DEFAULTS = {"label_noise": 0.0}
 INT64_LIMIT = 2 ** 63
 # Sizes that are caps ("at most"): left at their default, one above the data means every

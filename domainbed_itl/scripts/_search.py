@@ -189,7 +189,7 @@ def _resumed_device(args: argparse.Namespace, explicit: Set[str], ckpt: Mapping[
                     path: Path) -> torch.device:
     """--device if given (the run folder checks its type), else the checkpoint's device type."""
     saved = ckpt.get("device")
-    if "device" in explicit or saved is None:  # version 1 recorded none: the flag, as then
+    if "device" in explicit or saved is None:  # a version 1 checkpoint holds none: the flag
         return parse_device(args.device)
     try:
         return parse_device(saved)
