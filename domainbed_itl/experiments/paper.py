@@ -1,50 +1,8 @@
 """The paper's experiments as sweep definitions: one TOML file per table or figure in `sweeps/`.
 
-Each file names the command that runs the experiment (`runner`) and two variants of its flags:
-`paper`, the paper-scale sweep for a GPU cluster, and `reduced`, a small CPU run on MNIST. A
-variant also carries a cost estimate per job and the basis of that estimate.
-
-    title = "..."
-    reproduces = "Table 2 (per domain: Table 9)"
-    runner = "domainbed_sweep"            # a key of RUNNERS
-
-    [paper.args]                          # the runner's own flags, spelled as on its command line
-    datasets = ["PACS", "VLCS"]
-    algorithms = ["ERM", "ITL"]
-    n_hparams = 20
-
-    [paper.cost]
-    unit = "GPU-hours"
-    per_job = { default = 2.0, DomainNet = 6.0 }   # or one number
-    basis = "why these numbers"
-
-    [reduced.args] / [reduced.cost]       # the same for the reduced variant
-
-Flags are rendered generically: a list as `--flag a b`, `true` as `--flag`, a table as
-`--flag '<JSON>'`, anything else as `--flag value`. `data_dir`, `output_dir`,
-`command_launcher` and `domainbed_root` are not part of a definition: they are given when the
-commands are built. The number of jobs follows DomainBed's conventions (see `count_jobs`).
-
-An experiment that needs several runner steps, e.g. meta-training a loss and then a sweep with
-the loss file it produced, lists them as stages instead of one top-level runner. They run in
-order, each in its own folder `<output_dir>/<stage name>`; a string flag of a later stage may
-name an earlier stage's folder as `{stage name}` (made absolute when the commands are built):
-
-    [[stages]]
-    name = "meta"
-    runner = "meta_train"
-    [stages.paper.args] / [stages.paper.cost] / [stages.reduced.args] / [stages.reduced.cost]
-
-    [[stages]]
-    name = "sweep"
-    runner = "domainbed_sweep"
-    [stages.paper.args]
-    hparams = { itl_loss = "{meta}/loss.json" }
-    ...
-
-Every stage's cost of a variant must use the same unit. A meta-training stage should pass
-`resume = true`, so that running the experiment again reuses (or continues) its loss instead of
-refusing the non-empty folder.
+Each names its runner (or its stages), the flags of a `paper` and a `reduced` variant, and a cost
+estimate per job with its basis; this module reads them, counts jobs and builds the commands.
+See docs/paper_experiments.md (the format) and docs/staged_definitions.md (stages).
 """
 
 from __future__ import annotations

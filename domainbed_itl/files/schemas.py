@@ -2,35 +2,7 @@
 
     spec = check(LossFile, json.loads(text), f"loss file {path}")   # SchemaError, or the model
 
-Formats (each reader is named):
-
-- loss files, `LossFile` (losses/lossfile.py `load_loss`);
-- `metrics.jsonl` records, `MetricsRecord` (files/runfolder.py `read_metrics`, read by
-  plot_meta and plot_search);
-- run-folder checkpoints (files/runfolder.py `load_checkpoint`): the envelope every kind shares,
-  `Checkpoint`, and the state of each kind: `MetaCheckpoint` (meta-training),
-  `CMACheckpoint` (the CMA-ES search) and `EvaluationCheckpoint` (evaluate_loss meta);
-- single-source sweep manifests, `Manifest` and `ManifestJob` (files/sweepfolder.py
-  `read_manifest`);
-- the fields of DomainBed's `results.jsonl` records that the package reads, `DomainBedRecord`
-  (files/sweepfolder.py `record_problem`, behind `load_runs`).
-
-Why pydantic (v2, strict mode) rather than dataclasses with explicit checks: a format is one
-declaration (field types, ranges, finite numbers, the version as a `Literal`, nested objects),
-and a rejection names the field's location (`trainer.optimizer.param_groups.0.lr`) and the value
-without a hand-written test and message per field; strict mode coerces nothing ('3' is not 3,
-true is not 1, 2.0 is not an integer). Hand-written checks would repeat, field by field, what
-pydantic does and drift from the formats as fields are added.
-
-Rules: a format's version is checked first (an unknown one is refused, naming those this
-version of the package reads); numbers are finite unless a field is a measurement that can
-legitimately be NaN or infinite (`Measured`: a diverged loss's cross-entropy, a solve's
-residual); a reader passes on only checked values: fields it does not know are dropped
-(`extra="ignore"`), refused (`extra="forbid"`: loss files, manifests, the states of
-checkpoints), or, where they are carried on unread (a checkpoint's metrics records, DomainBed's
-records handed to DomainBed's own reporting), checked to be plain JSON values.
-Checks that need the package's registries (a loss family's parameter count, a configuration's
-values) are the readers' (LossSpec, MetaConfig), after the schema.
+See docs/files.md (file formats and versions; the models and the rules they follow).
 """
 
 from __future__ import annotations
@@ -260,7 +232,7 @@ class MetricsRecord(Schema):
     step: Positive
     inner_source_acc: Fraction
     outer_heldout_acc: Fraction
-    outer_heldout_loss: float  # M, the run's objective (held-out CE before objectives existed)
+    outer_heldout_loss: float  # M, the run's objective (held-out CE in earlier releases' records)
     outer_heldout_ce: Optional[Annotated[float, Field(ge=0)]] = None
     objective: Optional[str] = None
     time_step_s: Optional[Annotated[float, Field(ge=0)]] = None
@@ -438,7 +410,8 @@ class CMAGeneration(Schema):
 
 class CMAState(Schema):
     """CMASearch.state_dict(): generations done, the incumbent, each generation's candidates and
-    fitnesses (`es`, the pickled strategy of earlier versions, is read only to be refused)."""
+    fitnesses (`es`, the pickled strategy in earlier releases' checkpoints, is read only to be
+    refused)."""
 
     generations_done: Count
     best: Optional[Incumbent]
@@ -485,7 +458,7 @@ class EvaluationRecord(Schema):
     source_acc: Fraction
     gap: Annotated[float, Field(ge=-1, le=1)]
     final_train_loss: Annotated[float, Field(allow_inf_nan=True)]
-    inner_steps_used: Optional[Positive] = None  # absent in records written before the rule
+    inner_steps_used: Optional[Positive] = None  # absent in earlier releases' records
     stationarity: Optional[Measured] = None  # with a stopping rule only
 
 

@@ -1,6 +1,7 @@
 """The meta-learner: loss parameters ω learned by leave-one-domain-out implicit gradients.
 
 Nothing here imports DomainBed: its datasets arrive as tensors through domainbed_itl.bridge.domainbed_data.
+See docs/meta_learning.md#how-the-meta-learner-is-built.
 """
 
 from .data import DomainData, check_domains, synthetic_dataset, synthetic_domains

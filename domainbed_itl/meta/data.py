@@ -118,8 +118,8 @@ def synthetic_domains(num_domains: int = 6, per_domain: int = 500, features: int
     Class means are N(0, separation²·I) draws; an example is x = R_k (μ_y + noise·ε), where R_k
     rotates every coordinate pair (2m, 2m+1) by k·degrees_per_domain for domain k. With
     `label_noise` p, each label is replaced, with probability p, by a class drawn uniformly (in
-    every domain). Deterministic in `seed`; the defaults (separation 1, no label noise) give the
-    same data as before these two options existed.
+    every domain). Deterministic in `seed`; the defaults (separation 1, no label noise) draw no
+    extra random numbers, so the default task's data do not depend on these two options.
     """
     if num_domains < 2 or per_domain < 1 or features < 2 or num_classes < 2:
         raise ValueError("synthetic domains need num_domains >= 2, per_domain >= 1, features >= 2 and "
@@ -151,7 +151,7 @@ def synthetic_domains(num_domains: int = 6, per_domain: int = 500, features: int
 
 # `--dataset synthetic` of meta_train, cma_search and evaluate_loss: 32 features, a rotation
 # twice as strong between domains and 10% of the labels redrawn, so that held-out accuracy stays
-# below 100% and losses differ on it (on synthetic_domains' defaults every loss reaches 100%).
+# below 100% and losses differ on it (what losses reach on either: docs/results/synthetic.md).
 SYNTHETIC_DATASET = {"features": 32, "separation": 2.0, "degrees_per_domain": 30.0,
                      "label_noise": 0.1}
 

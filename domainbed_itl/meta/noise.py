@@ -1,11 +1,7 @@
-"""Symmetric label noise on the source domains' training labels, with held-out domains judged on
-their clean labels (issue 24's `--label_noise RATE`, for any data set).
+"""Symmetric label noise on the source domains' training labels (`--label_noise RATE`), with
+held-out domains judged on their clean labels.
 
-`symmetric_label_noise` makes an exact fraction of labels wrong: round(rate·n) of the n labels,
-chosen uniformly without replacement, each redrawn uniformly among the *other* C − 1 classes. The
-planted task's `data.symmetric_label_noise` is another model (each label redrawn with probability
-rate among *all* C classes, so about rate·(C − 1)/C of them end wrong); it stays as it is because
-the planted task's measurements were made with it.
+See docs/objectives.md#label-noise-on-source-domains.
 """
 
 from __future__ import annotations
@@ -59,7 +55,7 @@ def with_label_noise(data: DomainData, rate: float, seed: int = 0,
                      domains: Optional[Sequence[int]] = None) -> DomainData:
     """`data` with `symmetric_label_noise` on the training labels of `domains` (default: every
     domain, since leave-one-domain-out trains on each of them as a source) and every domain's
-    held-out labels set to the labels it is judged by now (`heldout_targets`: the clean ones, or
+    held-out labels set to the labels `data` judges it by (`heldout_targets`: the clean ones, or
     those the data set already had): a held-out domain is judged on clean labels by construction.
     A new DomainData; `data` is not changed. `info` records the rate, seed and domains."""
     _check_rate(rate)

@@ -1,20 +1,8 @@
 """Meta-objectives M: what the search minimises on each held-out domain (Eq. 2's M), in a registry
-that users extend with their own, like the loss families.
+that users extend with their own (`register_objective`, DOMAINBED_ITL_OBJECTIVES), like the loss
+families.
 
-An objective is a function (logits (n, C), labels (n,)) -> scalar tensor, differentiable in the
-logits with plain torch ops and no Python branch on tensor values, so that torch.func can take
-v = ∂M/∂θ through the network (hypergradient.py) and vmap it over domains. It is minimised.
-
-    heldout_ce     held-out cross-entropy, the paper's M: rewards accuracy and calibration alike
-    calibrated_ce  held-out cross-entropy at the temperature that minimises it: rewards ranking
-                   the true class high, whatever the loss does to the logits' scale
-    soft_error     a smooth held-out error rate: rewards putting the true class on top, with a
-                   margin measured in units of each example's own logit spread
-
-`register_objective` is explicit and idempotent, as `register_family`: the same objective again
-does nothing, another under a taken name is refused. Other processes import the modules named in
-the environment variable DOMAINBED_ITL_OBJECTIVES (comma-separated) before any look-up.
-`objective_and_accuracy` returns held-out accuracy beside the objective, for every record.
+See docs/objectives.md#the-objectives.
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
 """What every command shares: argument types, flag groups, devices, data loading, one error boundary.
 
-The commands (the other modules of this folder) import this module and the library, never each
-other. Every command's `main` runs its work through `run_command`, which turns what can go wrong
-into one line and an exit status:
-
-- an expected error (a bad flag value, an unusable folder, a missing DomainBed, a bad loss file,
-  a locked folder, ...): `error: <what, naming the value and what is expected>`, status 2;
-- a computation that failed (non-finite values, failed jobs, out of memory): `error: ...`,
-  status 1;
-- Ctrl-C: `interrupted: <how to continue>`, status 130 (every run folder's checkpoint is whole,
-  so the run resumes); SIGTERM the same, status 143;
-- a fault of the machine (a full disk, a read-only folder, a missing permission) names the path.
-- anything else is a bug: its traceback, then one line asking to report it, status 1.
-
-argparse's own errors (a value of the wrong type) keep argparse's usage line and status 2.
+Every command's `main` runs its work through `run_command`, which turns what can go wrong into
+one line and an exit status. See docs/files.md (exit statuses).
 """
 
 from __future__ import annotations
@@ -49,7 +37,7 @@ BUG_REPORT = ("error: this is a bug in domainbed-itl (an unexpected {name}); ple
               "the command and this traceback")
 DEVICE_TYPES = ("cpu", "cuda")
 DATA_FLAGS = ("dataset", "data_dir", "domainbed_root", "per_domain_cap", "data_seed", "label_noise")
-# A data flag's value for a run recorded before the flag existed: what that run did.
+# A data flag's value for a checkpoint of an earlier release, which does not record it.
 DATA_FLAG_DEFAULTS = {"label_noise": 0.0}
 INT64_LIMIT = 2 ** 63
 # Sizes that are caps ("at most"): left at their default, one above the data means every

@@ -1,8 +1,7 @@
 """What the commands that evaluate losses under the meta protocol share (evaluate_loss meta,
-grid_search): its flags, the Protocol they make, and the evaluation of labelled losses in a run
-folder, each unit kept as it finishes (domainbed_itl.meta.evaluate), after an estimate of its
-run time from a few inner steps timed here; help that shows every default (`DefaultsHelp`), the
-statistics' warnings said once in words (`said_once`), and the closing line naming the reports."""
+grid_search): their flags, the Protocol they make, and the evaluation of labelled losses in a run
+folder. See docs/loss_search.md.
+"""
 
 from __future__ import annotations
 

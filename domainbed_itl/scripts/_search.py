@@ -1,13 +1,6 @@
 """What the loss-search commands (meta_train, cma_search) share: their MetaConfig flags, the loss
 family and --init, and a run's settings, from the flags for a new run and from the checkpoint
-for a resume.
-
-A resume takes every setting from its checkpoint (configuration, initial loss, data flags,
-device type, preset); only the flags given explicitly are compared with it, and one that
-contradicts it is refused, naming both values. --outer_steps and --generations may grow (the
-run folder refuses fewer than are done); --data_dir and --domainbed_root say where the same
-data and DomainBed are now (the data's fingerprint is checked). A version 1 checkpoint did not
-record its data flags or preset: a resume of one takes them from the flags, as it did then.
+for a resume. See docs/meta_learning.md#what-a-run-writes.
 """
 
 from __future__ import annotations
@@ -196,7 +189,7 @@ def _resumed_device(args: argparse.Namespace, explicit: Set[str], ckpt: Mapping[
                     path: Path) -> torch.device:
     """--device if given (the run folder checks its type), else the checkpoint's device type."""
     saved = ckpt.get("device")
-    if "device" in explicit or saved is None:  # version 1 recorded none: the flag, as then
+    if "device" in explicit or saved is None:  # a version 1 checkpoint holds none: the flag
         return parse_device(args.device)
     try:
         return parse_device(saved)
