@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Union
 
+from .errors import OVERWRITE, Worded
+
 
 # Read once: os.umask can only be read by setting it, which other threads would see.
 _UMASK = os.umask(0o022)
@@ -25,8 +27,9 @@ FAULT_HINTS = {errno.ENOSPC: "free space there or write elsewhere",
                errno.EPERM: "this user may not write there; write elsewhere"}
 
 
-class OutputExists(FileExistsError):
-    """The output file exists and overwriting it was not asked for."""
+class OutputExists(Worded, FileExistsError):
+    """The output file exists and overwriting it was not asked for; `remedy` names `overwrite`,
+    `paths` (when given) the files."""
 
 
 def machine_fault(error: OSError, path: Union[str, os.PathLike, None] = None) -> str:
@@ -59,7 +62,7 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str], overwri
     """
     path = Path(path)
     if not overwrite and path.exists():
-        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+        raise OutputExists(f"{path} exists; pass {OVERWRITE} to replace it", paths=[path])
     created = [p for p in path.parents if not os.path.lexists(p)]
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
@@ -100,7 +103,7 @@ def _write(path: Path, payload: bytes, overwrite: bool, mode: Optional[int]) -> 
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise OutputExists(f"{path} exists; pass --overwrite to replace it") from None
+                raise OutputExists(f"{path} exists; pass {OVERWRITE} to replace it", paths=[path]) from None
             os.unlink(tmp)
     except BaseException:
         if os.path.exists(tmp):

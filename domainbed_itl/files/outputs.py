@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, List, Sequence, Set, Tuple, Union
 
 from .atomic import OutputExists, write_atomic
+from .errors import OVERWRITE
 
 PathLike = Union[str, os.PathLike]
 
@@ -91,5 +92,5 @@ def plan_outputs(paths: Iterable[PathLike], overwrite: bool = False,
         taken: List[str] = [str(p) for p in paths if os.path.lexists(p)]
         if taken:
             raise OutputExists(f"{', '.join(taken)} exist{'s' if len(taken) == 1 else ''}; pass "
-                               "--overwrite to replace, or choose another output")
+                               f"{OVERWRITE} to replace, or choose another output", paths=taken)
     return OutputPlan(paths, overwrite)

@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from .atomic import write_atomic
+from .errors import OVERWRITE, RESUME, Spell, Worded, keyword, option, reworded, spelled, wording
 from .reading import UnreadableFile, load_tensors, read_text
 from .runlock import CONTROL_PREFIX, folder_lock, is_control_entry
 from .schemas import (CHECKPOINT_VERSIONS, Checkpoint, MetricsRecord, SchemaError, check,
@@ -47,8 +48,9 @@ class SavesItself(Protocol):
         """Write the view to `path` (atomically)."""
 
 
-class RunDirError(RuntimeError):
-    """A run folder that cannot be used as asked (would overwrite, or cannot resume)."""
+class RunDirError(Worded, RuntimeError):
+    """A run folder that cannot be used as asked (would overwrite, or cannot resume); `remedy`
+    names the options of the call that fix it (docs/files.md), `path` the folder or file."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def load_checkpoint(path: Union[str, os.PathLike], kind: RunKind) -> Dict[str, A
         ckpt = load_tensors(path, "checkpoint")
     except UnreadableFile as e:  # damaged, foreign, or holding code
         raise RunDirError(f"cannot read checkpoint {path}: it {e.reason}; the run cannot "
-                          "continue from it (--overwrite starts it again)") from None
+                          f"continue from it ({OVERWRITE} starts it again)", path=path) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != kind.format:
         raise RunDirError(f"{path} is not a domainbed-itl {kind.name} checkpoint")
     where = f"checkpoint {path}"
@@ -111,8 +113,8 @@ def load_checkpoint(path: Union[str, os.PathLike], kind: RunKind) -> Dict[str, A
         check_version(ckpt, CHECKPOINT_VERSIONS, where)
         check(kind.schema, ckpt, where)
     except SchemaError as e:
-        raise RunDirError(f"{e}; the run cannot continue from it (--overwrite starts it "
-                          "again)") from None
+        raise RunDirError(f"{e}; the run cannot continue from it ({OVERWRITE} starts it again)",
+                          path=path) from None
     return ckpt
 
 
@@ -148,10 +150,10 @@ def read_metrics(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
     return records
 
 
-def resume_hint(path: Union[str, os.PathLike]) -> str:
-    """What to do after a run in `path` was interrupted."""
+def resume_hint(path: Union[str, os.PathLike], spell: Spell = keyword) -> str:
+    """What to do after a run in `path` was interrupted (its options written by `spell`)."""
     if (Path(path) / CHECKPOINT).is_file():
-        return f"the run in {path} can be resumed with --resume"
+        return spelled(f"the run in {path} can be resumed with {RESUME}", spell)
     return f"the run in {path} had not written a checkpoint yet; run the command again to start it"
 
 
@@ -173,20 +175,22 @@ def _check(path: Path, resume: bool, overwrite: bool) -> None:
     """RunDirError unless `path` may be used with these flags; changes nothing. A non-empty
     folder needs --resume (with a checkpoint there) or --overwrite."""
     if resume and overwrite:
-        raise RunDirError("--resume and --overwrite exclude each other: resume continues the run in "
-                          f"{path}, overwrite starts it again")
+        raise RunDirError(f"{RESUME} and {OVERWRITE} exclude each other: resume continues the run "
+                          f"in {path}, overwrite starts it again", path=path)
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"output dir {path} exists and is not a directory")
+        raise RunDirError(f"output dir {path} exists and is not a directory", path=path)
     contents = (sorted(p.name for p in path.iterdir() if not is_control_entry(p.name))
                 if path.is_dir() else [])
     if not contents or overwrite:
         return
     if not resume:
         raise RunDirError(f"output dir {path} is not empty ({', '.join(contents[:5])}); pass "
-                          "--resume to continue the run there or --overwrite to start it again")
+                          f"{RESUME} to continue the run there or {OVERWRITE} to start it again",
+                          path=path)
     if not (path / CHECKPOINT).is_file():
         raise RunDirError(f"cannot resume: {path} has no {CHECKPOINT} but is not empty "
-                          f"({', '.join(contents[:5])}); pass --overwrite to start again there")
+                          f"({', '.join(contents[:5])}); pass {OVERWRITE} to start again there",
+                          path=path)
 
 
 def _restore_replaced(path: Path) -> None:
@@ -206,11 +210,11 @@ def finish_interrupted_overwrite(path: Path, outputs: Sequence[str], log: Log) -
         return
     if (path / CHECKPOINT).is_file():
         shutil.rmtree(aside)
-        log(f"note: deleted the run ({path}) that an interrupted --overwrite had replaced; "
+        log(f"note: deleted the run ({path}) that an interrupted overwrite had replaced; "
             "the new run had written its first checkpoint")
     else:
         _restore_replaced(path)
-        log(f"note: an interrupted --overwrite in {path} never wrote a checkpoint; moved the "
+        log(f"note: an interrupted overwrite in {path} never wrote a checkpoint; moved the "
             f"previous run back ({describe_run(path, outputs)})")
 
 
@@ -294,7 +298,7 @@ class RunFolder:
             self.write_views(records, loss)
         if self.replaced is not None:
             shutil.rmtree(self.path / REPLACED)
-            self.log(f"--overwrite: replaced the previous run in {self.path} ({self.replaced})")
+            self.log(f"overwrite: replaced the previous run in {self.path} ({self.replaced})")
             self.replaced = None
 
     def write_views(self, records: Sequence[Mapping[str, Any]], loss: Optional[SavesItself]) -> None:
@@ -313,7 +317,7 @@ class RunFolder:
         (self.path / REPLACED).mkdir()
         for name in present:
             os.replace(self.path / name, self.path / REPLACED / name)
-        self.log(f"--overwrite: moved the previous run in {self.path} ({self.replaced}) aside to "
+        self.log(f"overwrite: moved the previous run in {self.path} ({self.replaced}) aside to "
                  f"{self.path / REPLACED}; it is deleted once this run writes its first checkpoint")
 
     @contextlib.contextmanager
@@ -330,9 +334,10 @@ class RunFolder:
                 raise
             _restore_replaced(self.path)
             if isinstance(error, FloatingPointError):
-                raise type(error)(f"{error}; --overwrite kept the previous run ({self.replaced}) "
-                                  f"in {self.path}") from error
-            self.log(f"--overwrite: this run stopped before its first checkpoint; the previous "
+                text = (f"{wording(error)}; {option('overwrite', 'the overwrite')} kept the "
+                        f"previous run ({self.replaced}) in {self.path}")
+                raise reworded(type(error)(spelled(text)), text, path=self.path) from error
+            self.log(f"overwrite: this run stopped before its first checkpoint; the previous "
                      f"run ({self.replaced}) is back in {self.path}")
             raise
 

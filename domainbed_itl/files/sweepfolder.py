@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .atomic import write_atomic
+from .errors import Worded, option
 from .reading import UnreadableFile, read_text
 from .schemas import (MANIFEST_FORMAT, MANIFEST_VERSIONS, DomainBedRecord, Manifest, ManifestJob,
                       SchemaError, check, check_version)
@@ -20,6 +21,10 @@ from .schemas import (MANIFEST_FORMAT, MANIFEST_VERSIONS, DomainBedRecord, Manif
 MANIFEST_NAME = "single_source_sweep.json"
 RECORD_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed")
 _JOB_HASH = re.compile(r"[0-9a-f]{32}")
+
+
+class NotAFolder(Worded, FileNotFoundError):
+    """A sweep folder that is not a folder; `path` is it."""
 
 
 @dataclass(frozen=True, order=True)
@@ -218,7 +223,8 @@ def load_runs(sweep_dir: Union[str, os.PathLike]) -> List[JobFolder]:
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"--input_dir {sweep_dir} is not a folder")
+        raise NotAFolder(f"{option('sweep_dir', 'the sweep folder')} {sweep_dir} is not a folder",
+                         path=sweep_dir)
     runs = []
     for folder in sorted(p for p in sweep_dir.iterdir() if is_job_folder(p)):
         run = JobFolder(folder.name, [], (folder / "done").exists())

@@ -6,18 +6,25 @@ See docs/losses.md.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..files.errors import Worded, option
 from .checks import LossCheckError, check_minimisable
 from .families import LossFamily, get_family, split_spelling
 from .lossfile import LossSpec
 
 MAX_GRID_PARAMS = 2
+GRID = option("grid", "grid entry")
 USAGE = "NAME=V1,V2,... (a family of one parameter) or NAME.PARAM=V1,V2,..."
 
 
-class GridError(ValueError):
-    """A --grid entry that cannot make grid points."""
+class GridError(Worded, ValueError):
+    """A grid entry that cannot make grid points: `entry` is it, `problem` what is wrong; the
+    message names the entry as the `grid` option (scripts/ spell it --grid)."""
+
+    def __init__(self, entry: str, problem: str, shown: Optional[str] = None) -> None:
+        super().__init__(f"{GRID} {repr(entry) if shown is None else shown}: {problem}",
+                         entry=entry, problem=problem)
 
 
 def _number(value: float) -> str:
@@ -37,10 +44,10 @@ def _values(entry: str, text: str) -> List[float]:
         try:
             values.append(float(word))
         except ValueError:
-            raise GridError(f"--grid {entry!r}: {word.strip()!r} is not a number; expected "
+            raise GridError(entry, f"{word.strip()!r} is not a number; expected "
                             f"{USAGE}") from None
         if values[-1] in values[:-1]:
-            raise GridError(f"--grid {entry!r}: the value {word.strip()} is given twice")
+            raise GridError(entry, f"the value {word.strip()} is given twice")
     return values
 
 
@@ -49,9 +56,9 @@ def _family(entry: str, spelling: str) -> LossFamily:
     try:
         family = get_family(name, order)
     except ValueError as error:
-        raise GridError(f"--grid {entry!r}: {error}") from None
+        raise GridError(entry, f"{error}") from None
     if family.num_params > MAX_GRID_PARAMS:
-        raise GridError(f"--grid {entry!r}: a {family.describe()} has {family.num_params} "
+        raise GridError(entry, f"a {family.describe()} has {family.num_params} "
                         f"parameters; a grid takes families of one or two (search the others "
                         "with meta_train or cma_search)")
     return family
@@ -63,10 +70,10 @@ def _parameter(entry: str, spelling: str, family: LossFamily, name: str) -> int:
     if not name and len(names) == 1:
         return 0
     if not name:
-        raise GridError(f"--grid {entry!r}: a {family.describe()} has {len(names)} parameters; "
+        raise GridError(entry, f"a {family.describe()} has {len(names)} parameters; "
                         "give each one's values as " + " ".join(f"{spelling}.{n}=..." for n in names))
     if name not in names:
-        raise GridError(f"--grid {entry!r}: a {family.describe()} has no parameter {name!r}; "
+        raise GridError(entry, f"a {family.describe()} has no parameter {name!r}; "
                         f"expected {', '.join(names)}")
     return names.index(name)
 
@@ -78,7 +85,7 @@ def _checked(entry: str, family: LossFamily, index: int, value: float, num_class
     try:
         family.check(omega)
     except ValueError as error:
-        raise GridError(f"--grid {entry!r}: {error}") from None
+        raise GridError(entry, f"{error}") from None
 
 
 def parse_grid(entries: Sequence[str], num_classes: int) -> Dict[str, Dict[str, LossSpec]]:
@@ -89,11 +96,11 @@ def parse_grid(entries: Sequence[str], num_classes: int) -> Dict[str, Dict[str, 
         key, sep, text = entry.partition("=")
         spelling, _, name = key.strip().partition(".")
         if not sep or not spelling or not text.strip():
-            raise GridError(f"--grid {entry!r}: expected {USAGE}")
+            raise GridError(entry, f"expected {USAGE}")
         family, given = axes.setdefault(spelling, (_family(entry, spelling), {}))
         index = _parameter(entry, spelling, family, name)
         if index in given:
-            raise GridError(f"--grid {entry!r}: {spelling} {family.param_names()[index]} is given "
+            raise GridError(entry, f"{spelling} {family.param_names()[index]} is given "
                             "twice; give all its values in one entry")
         given[index] = _values(entry, text)
         for value in given[index]:
@@ -114,6 +121,6 @@ def _members(spelling: str, family: LossFamily, given: Dict[int, List[float]],
         try:
             check_minimisable(spec.module(), num_classes, f"the grid member {label}")
         except LossCheckError as error:
-            raise GridError(f"--grid {spelling}: {error}") from None
+            raise GridError(spelling, str(error), shown=spelling) from None
         members[label] = spec
     return members

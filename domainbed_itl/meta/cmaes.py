@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..files.errors import OVERWRITE, reworded, spelled, wording
 from ..files.runfolder import (RunDirError, RunFolder, RunKind, log_stderr, source_commit,
                                using_run_folder)
 from ..files.schemas import CMACheckpoint
@@ -149,9 +150,10 @@ class CMASearch:
         never unpickled, or candidates this pycma no longer draws)."""
         history = state.get("history")
         if history is None:
-            raise ValueError("it holds the CMA-ES strategy as a pickle (an earlier version of "
-                             "domainbed-itl wrote it so); a pickle can run code when read, so it "
-                             "is not read: --overwrite starts the search again")
+            text = ("it holds the CMA-ES strategy as a pickle (an earlier version of domainbed-itl "
+                    "wrote it so); a pickle can run code when read, so it is not read: "
+                    f"{OVERWRITE} starts the search again")
+            raise reworded(ValueError(spelled(text)), text)
         es = self._strategy()
         for g, told in enumerate(history, start=1):
             candidates = es.ask()
@@ -203,7 +205,8 @@ def run_cma_search(data: DomainData, config: CMAConfig, meta_config: MetaConfig,
             try:
                 search.load_state_dict(ckpt["search"])
             except ValueError as error:
-                raise RunDirError(f"cannot resume {folder.checkpoint_path}: {error}") from None
+                raise RunDirError(f"cannot resume {folder.checkpoint_path}: {wording(error)}",
+                                  path=folder.checkpoint_path) from None
             records.extend(ckpt["metrics"])
         folder.begin(config.generations, device, provenance)
         _search(folder, search, trainer, data, records, on_generation)

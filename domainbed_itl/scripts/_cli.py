@@ -24,6 +24,7 @@ import torch
 from ..bridge.domainbed_env import DomainBedNotFound, find_domainbed_root
 from ..bridge.patching import PatchError
 from ..files.atomic import machine_fault
+from ..files.errors import spelled
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
 from ..meta.data import DomainData, planted_dataset, size_problems, synthetic_dataset
@@ -44,6 +45,8 @@ INT64_LIMIT = 2 ** 63
 # example, which is what the default asks, so no note is printed (one given is still checked).
 QUIET_CAPS = ("eval_size",)
 OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
+# A library option whose flag has another name (the others are --NAME).
+FLAG_OF_OPTION = {"sweep_dir": "input_dir"}
 
 
 # ------------------------------------------------------------------------------ the boundary
@@ -102,12 +105,24 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def one_line(error: BaseException) -> str:
-    """`error`'s message on one line (a library's message may span several); an OSError of the
-    machine (a full disk, ...) with the path it concerns, where known."""
+    """`error`'s message on one line (a library's message may span several), the options it
+    names written as flags; an OSError of the machine (a full disk, ...) with the path it
+    concerns, where known."""
     if isinstance(error, OSError) and error.strerror and (
             not error.filename or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
         return machine_fault(error)
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = as_flags(getattr(error, "wording", None) or str(error))
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def option_flag(option: str) -> str:
+    """The flag that sets a library option (`overwrite` -> --overwrite)."""
+    return flag_name(FLAG_OF_OPTION.get(option, option))
+
+
+def as_flags(text: str) -> str:
+    """A library message (files/errors.py) with the options it names written as flags."""
+    return spelled(text, option_flag)
 
 
 def _first_line(error: BaseException) -> str:

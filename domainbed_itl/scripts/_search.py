@@ -21,7 +21,8 @@ from ..meta.config import (META_PRESETS, DiagnosticsSettings, InnerSettings, Met
                            OuterSettings, SolverSettings, preset_config)
 from ..meta.resume import initial_loss, saved_config
 from ._cli import (DATA_FLAG_DEFAULTS, check_data_flags, check_data_sizes, command_line, data_flags,
-                   explicit_flags, flag_text, integer, load_data, parse_device, run_command, setting_flags)
+                   explicit_flags, flag_text, integer, load_data, option_flag, parse_device, run_command,
+                   setting_flags)
 
 DEFAULT_PRESET = "paper_guarded"
 # Data flags a resume may change: where the same data and DomainBed are.
@@ -230,4 +231,4 @@ def search_main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
             check_data_sizes(data, {k: getattr(run.config, k) for k in flags}, explicit)
             return work(args, explicit, folder, run, data)
 
-    return run_command(body, interrupted=lambda: resume_hint(args.output_dir))
+    return run_command(body, interrupted=lambda: resume_hint(args.output_dir, option_flag))

@@ -14,8 +14,9 @@ from domainbed_itl.files.outputs import OutputError, figure_format, plan_outputs
 
 def test_a_plan_refuses_every_existing_file_before_writing_any(tmp_path):
     (tmp_path / "b.json").write_text("mine")
-    with pytest.raises(OutputExists, match="b.json exists; pass --overwrite"):
+    with pytest.raises(OutputExists, match="b.json exists; pass overwrite=True") as refused:
         plan_outputs([tmp_path / "a.png", tmp_path / "b.json"])
+    assert refused.value.remedy == ("overwrite",) and refused.value.paths == [str(tmp_path / "b.json")]
     assert not (tmp_path / "a.png").exists() and (tmp_path / "b.json").read_text() == "mine"
     plan = plan_outputs([tmp_path / "a.png", tmp_path / "b.json"], overwrite=True)
     plan.write(tmp_path / "b.json", "new")

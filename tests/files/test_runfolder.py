@@ -33,9 +33,11 @@ def count(folder_path, target, resume=False, overwrite=False, fail_at=None, comm
 
 def test_a_run_resumes_from_its_folder_and_keeps_its_provenance(tmp_path):
     count(tmp_path, 2, command="first")
-    assert resume_hint(tmp_path) == f"the run in {tmp_path} can be resumed with --resume"
-    with pytest.raises(RunDirError, match="is not empty"):
+    assert resume_hint(tmp_path) == f"the run in {tmp_path} can be resumed with resume=True"
+    assert resume_hint(tmp_path, lambda o: f"--{o}").endswith("can be resumed with --resume")
+    with pytest.raises(RunDirError, match="is not empty") as refused:
         count(tmp_path, 3)
+    assert refused.value.remedy == ("resume", "overwrite") and refused.value.path == tmp_path
     count(tmp_path, 3, resume=True, command="second")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt", COUNTING)
     assert (ckpt["done"], ckpt["unit"], ckpt["device"], ckpt["version"]) == (3, "counts", "cpu", 2)
@@ -52,7 +54,7 @@ def test_a_run_resumes_from_its_folder_and_keeps_its_provenance(tmp_path):
 def test_an_overwrite_that_fails_first_brings_the_previous_run_back(tmp_path):
     count(tmp_path, 2)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(FloatingPointError, match=r"--overwrite kept the previous run \(2 counts, "
+    with pytest.raises(FloatingPointError, match=r"; the overwrite kept the previous run \(2 counts, "
                                                  r"checkpoint.pt, metrics.jsonl\)"):
         count(tmp_path, 2, overwrite=True, fail_at=1)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before and not (tmp_path / REPLACED).exists()

@@ -58,11 +58,11 @@ def test_grid_points_are_the_family_members_at_each_value():
 
 
 @pytest.mark.parametrize("entries, message", [
-    (["poly1=-1.5"], "--grid 'poly1=-1.5': epsilon1"),
+    (["poly1=-1.5"], "grid entry 'poly1=-1.5': epsilon1"),
     (["label_smoothing=0.1,1"], "must be finite and in [0, 1), got epsilon=1.0"),
     (["gce=0"], "got q=0.0"),
     (["focal=-1"], "got gamma=-1.0"),
-    (["nope=1"], "--grid 'nope=1': unknown loss family 'nope'"),
+    (["nope=1"], "grid entry 'nope=1': unknown loss family 'nope'"),
     (["taylor4=1"], "has 12 parameters; a grid takes families of one or two"),
     (["poly3=1"], "has 3 parameters; a grid takes families of one or two"),
     (["sce=1"], "give each one's values as sce.alpha=... sce.beta=..."),
@@ -76,6 +76,7 @@ def test_bad_grid_values_are_refused_in_one_line_naming_them(entries, message):
     with pytest.raises(GridError) as error:
         parse_grid(entries, num_classes=10)
     assert message in str(error.value) and "\n" not in str(error.value)
+    assert error.value.entry in entries and error.value.problem in str(error.value)
 
 
 def _records(accuracy):

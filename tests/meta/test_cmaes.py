@@ -163,7 +163,7 @@ def test_overwrite_keeps_the_previous_search_until_the_new_one_has_a_checkpoint(
     before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "loss.json")}
     notes = []
     # Inner training with a learning rate of 1e30 diverges for every candidate: no checkpoint.
-    with pytest.raises(FloatingPointError, match=r"--overwrite kept the previous run \(2 generations, "):
+    with pytest.raises(FloatingPointError, match=r"the overwrite kept the previous run \(2 generations, "):
         run_cma_search(data, CMAConfig(generations=2, popsize=3), MetaConfig(**{**TINY, "inner_lr": 1e30}),
                        out, overwrite=True, log=notes.append)
     assert {name: (out / name).read_bytes() for name in before} == before
@@ -171,7 +171,7 @@ def test_overwrite_keeps_the_previous_search_until_the_new_one_has_a_checkpoint(
     run_cma_search(data, CMAConfig(generations=1, popsize=3, sigma0=0.3), meta, out, overwrite=True,
                    log=notes.append)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    assert notes[-1].startswith(f"--overwrite: replaced the previous run in {out} (2 generations")
+    assert notes[-1].startswith(f"overwrite: replaced the previous run in {out} (2 generations")
     assert not any(p.name.endswith("replaced") for p in out.iterdir())
 
 

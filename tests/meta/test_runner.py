@@ -113,7 +113,7 @@ def test_resume_repairs_views_written_after_the_checkpoint(tmp_path):
 def test_output_dir_is_protected(tmp_path):
     data = _data()
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="is not empty.*notes.txt.*--resume.*--overwrite"):
+    with pytest.raises(RunDirError, match="is not empty.*notes.txt.*resume=True.*overwrite=True"):
         run_meta_training(data, _config(outer_steps=1), tmp_path, progress=False)
     with pytest.raises(RunDirError, match="cannot resume.*no checkpoint.pt"):
         run_meta_training(data, _config(outer_steps=1), tmp_path, resume=True, progress=False)
@@ -165,7 +165,7 @@ def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_first(tmp_path)
     run_meta_training(data, _config(outer_steps=2), tmp_path, progress=False)
     before, notes = _outputs(tmp_path), []
     with pytest.raises(NonFiniteError, match=r"outer step 1: .*no checkpoint had been written yet; "
-                                             r"--overwrite kept the previous run \(2 outer steps, "
+                                             r"the overwrite kept the previous run \(2 outer steps, "
                                              r"checkpoint.pt, metrics.jsonl, loss.json\) in "):
         run_meta_training(data, _config(outer_steps=2, inner_lr=1e30), tmp_path, overwrite=True,
                           progress=False, log=notes.append)
@@ -189,7 +189,7 @@ def test_overwrite_deletes_the_previous_run_once_the_first_checkpoint_exists(tmp
     (moved, left), (replaced, written) = seen
     assert f"moved the previous run in {tmp_path} (2 outer steps, checkpoint.pt, metrics.jsonl, " \
            f"loss.json) aside" in moved and left == []
-    assert replaced == (f"--overwrite: replaced the previous run in {tmp_path} (2 outer steps, "
+    assert replaced == (f"overwrite: replaced the previous run in {tmp_path} (2 outer steps, "
                         "checkpoint.pt, metrics.jsonl, loss.json)")
     assert written == sorted(META_RUN.outputs) and not (tmp_path / runfolder.REPLACED).exists()
     assert _outputs(tmp_path)["checkpoint.pt"] != before["checkpoint.pt"]
