@@ -285,7 +285,7 @@ class MetricsRecord(Schema):
     omega_evaluated: Optional[List[Finite]] = None
     aggregator_removed: Optional[Reading] = None
     aggregator_norm_ratio: Optional[Reading] = None
-    aggregator_fallback: Optional[bool] = None
+    aggregator_fallback: Optional[str] = None  # why the plain mean replaced the aggregate
     inner_at_cap: Optional[Count] = None  # networks that met no stopping rule
     projected: Optional[List[str]] = None
     reference: Optional[Reference] = None
