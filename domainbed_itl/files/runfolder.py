@@ -128,7 +128,7 @@ def progress(ckpt: Mapping[str, Any]) -> Tuple[int, str]:
 
 def read_metrics(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
     """The records of a metrics.jsonl file, each checked (domainbed_itl.files.schemas
-    MetricsRecord, which keeps only the fields the plots read) and in step order; ValueError
+    MetricsRecord, which keeps only the fields it declares) and in step order; ValueError
     naming the line of a malformed one."""
     path = Path(path)
     lines = read_text(path, what="metrics file").splitlines()

@@ -210,38 +210,109 @@ class LossFile(Schema):
 # ------------------------------------------------------------------------ metrics records
 
 
+Reading = Annotated[float, Field(allow_inf_nan=True)]  # a diagnostic's value, NaN or ∞ as measured
+
+
+def mean_of(key: str, default: Any = None) -> Any:
+    """A record field that is the average over the domains of per_domain[key]."""
+    return Field(default, json_schema_extra={"mean_of": key})
+
+
 class Reference(Schema):
-    """The MINRES reference of a metrics record (the fields plot_meta reads)."""
+    """The MINRES reference of a metrics record: the domain compared, the cosine and norm ratio
+    of its hypergradient to the reference's, the reference's residual and iterations."""
 
     model_config = ConfigDict(extra="ignore")
-    cosine: Annotated[float, Field(allow_inf_nan=True)]
+    domain: Optional[Count] = None
+    cosine: Reading
+    norm_ratio: Optional[Reading] = None
+    reference_residual: Optional[Reading] = None
+    reference_maxiter: Optional[Positive] = None
 
 
 class PerDomain(Schema):
-    """A metrics record's per-domain values that the readers use."""
+    """A metrics record's values per domain (one per held-out domain, in domain order); an outer
+    step's record holds all but the optional diagnostics, a CMA-ES candidate's the held-out ones."""
 
     model_config = ConfigDict(extra="ignore")
+    inner_source_acc: Optional[List[Fraction]] = None
     heldout_acc: List[Fraction] = Field(min_length=1)
+    heldout_loss: Optional[List[float]] = None  # M, the objective
+    heldout_ce: Optional[List[Reading]] = None
+    source_heldout_gap: Optional[List[Annotated[float, Field(ge=-1, le=1)]]] = None
+    inner_loss: Optional[List[Reading]] = None
+    inner_grad_norm: Optional[List[Reading]] = None
+    inner_grad_norm_start: Optional[List[Reading]] = None
+    stationarity: Optional[List[Reading]] = None  # inner_grad_norm / inner_grad_norm_start
+    inner_steps_used: Optional[List[Count]] = None
+    solver_residual: Optional[List[Reading]] = None
+    hypergradient_norm: Optional[List[Reading]] = None
+    hessian_lambda_max: Optional[List[Reading]] = None  # with spectrum_iters
+    hessian_lambda_min: Optional[List[Reading]] = None
+    hypergradient: Optional[List[List[Reading]]] = None  # families of few parameters
+    inner_at_cap: Optional[List[bool]] = None  # with a stopping rule
 
 
 class MetricsRecord(Schema):
-    """A line of metrics.jsonl as the plots read it: step, accuracies, M; the costs and
-    diagnostics when recorded. Other fields are dropped."""
+    """A line of metrics.jsonl: an outer step's record (built here, in this field order, by
+    meta.trainer) or a CMA-ES generation's. The fields `mean_of` a per-domain key average it;
+    the diagnostics are there when recorded. A reader drops fields it does not know."""
 
     model_config = ConfigDict(extra="ignore")
     step: Positive
-    inner_source_acc: Fraction
-    outer_heldout_acc: Fraction
-    outer_heldout_loss: float  # M, the run's objective (held-out CE in earlier releases' records)
-    outer_heldout_ce: Optional[Annotated[float, Field(ge=0)]] = None
-    objective: Optional[str] = None
+    inner_source_acc: Fraction = mean_of("inner_source_acc", ...)
+    outer_heldout_acc: Fraction = mean_of("heldout_acc", ...)
+    outer_heldout_loss: float = mean_of("heldout_loss", ...)  # M (held-out CE in earlier releases)
+    outer_heldout_ce: Optional[Annotated[float, Field(ge=0)]] = mean_of("heldout_ce")
+    source_heldout_gap: Optional[Annotated[float, Field(ge=-1, le=1)]] = mean_of("source_heldout_gap")
+    inner_loss: Optional[Reading] = mean_of("inner_loss")
+    hypergradient_norm: Optional[Reading] = None  # of the update
+    inner_grad_norm: Optional[Reading] = mean_of("inner_grad_norm")
+    inner_grad_norm_ratio: Optional[Measured] = mean_of("stationarity")
+    inner_steps_used: Optional[Annotated[float, Field(ge=0)]] = mean_of("inner_steps_used")
+    solver_residual: Optional[Measured] = mean_of("solver_residual")
+    hessian_lambda_max: Optional[Reading] = mean_of("hessian_lambda_max")
+    hessian_lambda_min: Optional[Reading] = mean_of("hessian_lambda_min")
+    trusted_domains: Optional[Count] = None
+    omega: Optional[List[Finite]] = None  # after the step's update
+    per_domain: Optional[PerDomain] = None
+    time_inner_s: Optional[Reading] = None
+    time_hypergradient_s: Optional[Reading] = None
+    time_eval_s: Optional[Reading] = None
+    time_diagnostics_s: Optional[Reading] = None
     time_step_s: Optional[Annotated[float, Field(ge=0)]] = None
+    objective: Optional[str] = None
+    omega_evaluated: Optional[List[Finite]] = None
+    aggregator_removed: Optional[Reading] = None
+    aggregator_norm_ratio: Optional[Reading] = None
+    aggregator_fallback: Optional[str] = None  # why the plain mean replaced the aggregate
+    inner_at_cap: Optional[Count] = None  # networks that met no stopping rule
+    projected: Optional[List[str]] = None
+    reference: Optional[Reference] = None
     inner_trainings: Optional[Positive] = None
     popsize: Optional[Annotated[int, Field(ge=2, lt=INT64)]] = None
-    per_domain: Optional[PerDomain] = None
-    solver_residual: Optional[Measured] = None
-    inner_grad_norm_ratio: Optional[Measured] = None
-    reference: Optional[Reference] = None
+
+    @classmethod
+    def means(cls) -> Dict[str, str]:
+        """The fields that average a per-domain value: field name -> per-domain key."""
+        return {name: field.json_schema_extra["mean_of"] for name, field in cls.model_fields.items()
+                if isinstance(field.json_schema_extra, dict) and "mean_of" in field.json_schema_extra}
+
+    @classmethod
+    def build(cls, **fields: Any) -> "MetricsRecord":
+        """A record to write, from exactly its fields (and per_domain's): an unknown one is a
+        TypeError, a wrong value a SchemaError."""
+        for known, given, where in ((cls.model_fields, fields, "a metrics record"),
+                                    (PerDomain.model_fields, fields.get("per_domain") or {}, "per_domain"),
+                                    (Reference.model_fields, fields.get("reference") or {}, "reference")):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise TypeError(f"{where} has no field {', '.join(unknown)}")
+        return check(cls, fields, "metrics record")
+
+    def line(self) -> Dict[str, Any]:
+        """The record as written: the fields given to `build`, in the schema's order."""
+        return self.model_dump(exclude_unset=True)
 
 
 class CarriedPerDomain(Carried, PerDomain):

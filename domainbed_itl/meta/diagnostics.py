@@ -1,5 +1,6 @@
 """Whether an outer step's hypergradients can be trusted (stationarity, solve residuals,
-Hessian extremes, a MINRES reference), and the step's metrics record. Pure functions.
+Hessian extremes, a MINRES reference), and the fields of the step's metrics record they
+fill (files.schemas.MetricsRecord). Pure functions.
 See docs/meta_learning.md#training-the-inner-networks-to-a-stationary-point.
 """
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp
 
+from ..files.schemas import MetricsRecord
 from . import solvers
 from .hypergradient import adjoint_residual, implicit_grad
 
@@ -23,9 +25,10 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(torch.finfo(a.dtype).tiny))
 
 
-def grad_norms(inner_grad: InnerGrad, thetas: Tensor, omega: Tensor, x: Tensor, y: Tensor,
-               index: Sequence[Tensor]) -> Tensor:
-    """‖∂L_ω/∂θ‖ of each θ_i on its examples index[i]: how stationary network i is."""
+def inner_grad_norms(inner_grad: InnerGrad, thetas: Tensor, omega: Tensor, x: Tensor, y: Tensor,
+                     index: Sequence[Tensor]) -> Tensor:
+    """‖inner_grad(θ_i, ω)‖ = ‖∂L_ω/∂θ‖ of each flat θ_i on its examples index[i]: how stationary
+    network i is (inner.stacked_grad_norms computes it on the stacked networks of inner training)."""
     return torch.stack([inner_grad(thetas[i], omega, x[idx], y[idx]).norm()
                         for i, idx in enumerate(index)])
 
@@ -58,46 +61,25 @@ def reference_comparison(inner_grad: InnerGrad, theta: Tensor, omega: Tensor, v:
             "reference_residual": float(residual), "reference_maxiter": maxiter}
 
 
-# A record's averages over the domains: its name -> the per-domain value it averages (a record
-# holds those whose per-domain value it has; files.schemas.MetricsRecord reads them back).
-MEANS = {
-    "inner_source_acc": "inner_source_acc", "outer_heldout_acc": "heldout_acc",
-    "outer_heldout_loss": "heldout_loss", "outer_heldout_ce": "heldout_ce",
-    "source_heldout_gap": "source_heldout_gap",
-    "inner_loss": "inner_loss", "inner_grad_norm": "inner_grad_norm",
-    "inner_grad_norm_ratio": "stationarity", "inner_steps_used": "inner_steps_used",
-    "solver_residual": "solver_residual", "hessian_lambda_max": "hessian_lambda_max",
-    "hessian_lambda_min": "hessian_lambda_min",
-}
-
-
 def means(per_domain: Dict[str, Tensor]) -> Dict[str, float]:
-    """The averages (MEANS) of the per-domain tensors `per_domain` holds, in MEANS' order."""
-    return {name: float(per_domain[key].float().mean()) for name, key in MEANS.items()
+    """The record's averages (MetricsRecord.means) of the per-domain tensors `per_domain` holds."""
+    return {name: float(per_domain[key].float().mean()) for name, key in MetricsRecord.means().items()
             if key in per_domain}
 
 
-def step_record(step: int, omega: Tensor, h: Tensor, per_domain: Dict[str, Tensor],
-                trusted: Tensor, times: Sequence[float]) -> Dict[str, Any]:
-    """The metrics record of one outer step (a line of metrics.jsonl).
+def step_fields(omega: Tensor, h: Tensor, per_domain: Dict[str, Tensor], trusted: Tensor,
+                times: Sequence[float]) -> Dict[str, Any]:
+    """The fields of an outer step's MetricsRecord that the diagnostics fill: the averages, the
+    update's norm, the trusted domains, ω after the update, the per-domain values and the times.
 
-    per_domain: tensors of one value (or row) per domain, keyed inner_source_acc, heldout_acc,
-    heldout_loss (M, the objective), heldout_ce (held-out cross-entropy), source_heldout_gap,
-    inner_loss, inner_grad_norm, inner_grad_norm_start, stationarity (their ratio),
-    inner_steps_used, solver_residual, hypergradient_norm and optionally hessian_lambda_max,
-    hessian_lambda_min, hypergradient (each domain's whole) and inner_at_cap (averaged at the
-    top level as MEANS says); times: the clock after the start, the inner training, the hypergradients, the
-    update and evaluation, and the diagnostics.
+    per_domain: tensors of one value (or row) per domain, keyed as MetricsRecord's PerDomain;
+    times: the clock after the start, the inner training, the hypergradients, the update and
+    evaluation, and the diagnostics.
     """
     t0, t1, t2, t3, t4 = times
-    averaged = means(per_domain)
-    head = ("inner_source_acc", "outer_heldout_acc", "outer_heldout_loss", "outer_heldout_ce",
-            "source_heldout_gap", "inner_loss")
     return {
-        "step": step,
-        **{k: averaged[k] for k in head if k in averaged},
+        **means(per_domain),
         "hypergradient_norm": float(h.norm()),
-        **{k: v for k, v in averaged.items() if k not in head},
         "trusted_domains": int(trusted.sum()),
         "omega": omega.tolist(),
         "per_domain": {k: v.tolist() for k, v in per_domain.items()},

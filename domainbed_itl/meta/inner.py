@@ -214,10 +214,11 @@ def train(params: Params, loss: LossFn, optimizer: InnerOptimizer, state: Dict[s
     return losses
 
 
-def grad_norms(params: Params, loss: LossFn, x: Tensor, y: Tensor, index: Sequence[Tensor],
+def stacked_grad_norms(params: Params, loss: LossFn, x: Tensor, y: Tensor, index: Sequence[Tensor],
                weight_decay: float = 0.0) -> Tensor:
     """‖∂(L + λ/2‖θ‖²)/∂θ‖ of each stacked network i on its examples index[i], (n,): how far
-    network i is from a stationary point of its (mean) training objective."""
+    network i is from a stationary point of its (mean) training objective (the stopping rule's
+    measure; diagnostics.inner_grad_norms computes it on flat θ through torch.func)."""
     norms = []
     with torch.enable_grad():
         for i, idx in enumerate(index):
@@ -281,7 +282,7 @@ def train_until_stationary(params: Params, loss: LossFn, optimizer: InnerOptimiz
     correction) is shared: at the end it counts the longest-training network's steps.
     """
     n, cap, _ = batches.shape
-    start_norm = grad_norms(params, loss, x, y, check, weight_decay)
+    start_norm = stacked_grad_norms(params, loss, x, y, check, weight_decay)
     final_norm = start_norm.clone()
     losses = torch.full((n, cap), math.nan, device=x.device, dtype=x.dtype)
     used, start = [cap] * n, int(state["step"])
@@ -298,7 +299,7 @@ def train_until_stationary(params: Params, loss: LossFn, optimizer: InnerOptimiz
             _put_rows(params, rows, sub)
             _put_rows(state, rows, sub_state)
             t += k
-            norms = grad_norms(_rows(params, rows), loss, x, y, [check[i] for i in active],
+            norms = stacked_grad_norms(_rows(params, rows), loss, x, y, [check[i] for i in active],
                                weight_decay)
             final_norm[rows] = norms
             stopped = (norms <= rule.ratio * start_norm[rows]).tolist()  # the host waits here

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
+from ..files.schemas import MetricsRecord
 from ..losses.families import ParameterRangeError, get_family, project
 from . import aggregators, diagnostics, inner
 from .config import MetaConfig
@@ -248,7 +249,7 @@ class MetaTrainer:
 
     def heldout_objective(self, omega: Sequence[float] | Tensor, step: int) -> Dict[str, Any]:
         """M (the configured objective), accuracies and held-out CE of loss ω with the randomness
-        of outer step `step`, no hypergradient.
+        of outer step `step`, no hypergradient: a MetricsRecord's fields (files.schemas) but step.
 
         Trains fresh inner networks (never warm-started) exactly as `outer_step` would; for
         searches that only need the objective (e.g. evolution strategies).
@@ -264,18 +265,19 @@ class MetaTrainer:
         thetas = inner.flat(params)
         _, heldout = self._heldout(thetas, draws)
         source_acc = diagnostics.accuracies(self.apply, thetas, self.x, self.y, draws.source_eval)
-        averaged = diagnostics.means({
-            **heldout, "inner_source_acc": source_acc,
-            "inner_loss": inner.tail_loss(run.losses, run.steps_used),
-            "source_heldout_gap": source_acc - heldout["heldout_acc"],
-            "inner_steps_used": torch.tensor(run.steps_used)})
-        record = {**averaged, "objective": self.objective.name,
-                  "per_domain": {**{k: v.tolist() for k, v in heldout.items()},
-                                 "inner_steps_used": run.steps_used}}
+        per_domain = {**heldout, "inner_source_acc": source_acc,
+                      "inner_loss": inner.tail_loss(run.losses, run.steps_used),
+                      "source_heldout_gap": source_acc - heldout["heldout_acc"],
+                      "inner_steps_used": torch.tensor(run.steps_used)}
+        kept = ("heldout_loss", "heldout_acc", "heldout_ce", "inner_steps_used")
+        fields: Dict[str, Any] = {"per_domain": {k: per_domain[k].tolist() for k in kept}}
         if run.start_norm is not None:
-            record["per_domain"]["stationarity"] = (run.final_norm / run.start_norm).tolist()
-            record["per_domain"]["inner_at_cap"] = self._at_cap(run).tolist()
-            record["inner_at_cap"] = int(self._at_cap(run).sum())
+            fields["per_domain"]["stationarity"] = (run.final_norm / run.start_norm).tolist()
+            fields["per_domain"]["inner_at_cap"] = self._at_cap(run).tolist()
+            fields["inner_at_cap"] = int(self._at_cap(run).sum())
+        record = MetricsRecord.build(step=step, **diagnostics.means(per_domain),
+                                     objective=self.objective.name, **fields).line()
+        del record["step"]  # a search's record numbers its own steps (cmaes: the generation)
         return record
 
     def _at_cap(self, run: inner.InnerRun) -> Tensor:
@@ -285,8 +287,8 @@ class MetaTrainer:
 
 
     def _stationarity(self, thetas: Tensor, omega: Tensor, draws: StepDraws) -> Tensor:
-        return diagnostics.grad_norms(self._inner_grad, thetas, omega, self.x, self.y,
-                                      draws.source_eval)
+        return diagnostics.inner_grad_norms(self._inner_grad, thetas, omega, self.x, self.y,
+                                            draws.source_eval)
 
     def _reference(self, step: int, thetas: Tensor, vs: Tensor, hypergrads: Tensor,
                    draws: StepDraws, omega: Tensor) -> Dict[str, Any]:
@@ -335,19 +337,20 @@ class MetaTrainer:
         if c.warm_start:
             self.state.warm = (params, inner_state)
         self.state.steps_done = step
-        record = self._record(step, omega, run, {**heldout, "inner_source_acc": source_acc},
-                              solved, norms, trusted, combined, (t0, t1, t2, t3, t4))
-        record["projected"] = list(projected)
+        reported = {"projected": list(projected)}
         if reference is not None:
-            record["reference"] = reference
-        return record
+            reported["reference"] = reference
+        return self._record(step, omega, run, {**heldout, "inner_source_acc": source_acc},
+                            solved, norms, trusted, combined, (t0, t1, t2, t3, t4), reported).line()
 
     def _record(self, step: int, omega: Tensor, run: inner.InnerRun, measured: Dict[str, Tensor],
                 solved: Dict[str, Tensor], norms: Tuple[Tensor, Tensor], trusted: Tensor,
-                combined: aggregators.Aggregate, times: Sequence[float]) -> Dict[str, Any]:
-        """The step's metrics record (diagnostics.step_record) with the objective's name, the ω
-        evaluated, the aggregator's report, how many networks stopped at the cap and, for
-        families of at most WHOLE_HYPERGRADIENTS parameters, each domain's hypergradient."""
+                combined: aggregators.Aggregate, times: Sequence[float],
+                reported: Dict[str, Any]) -> MetricsRecord:
+        """The step's MetricsRecord: the fields diagnostics.step_fields fills, the objective's
+        name, the ω evaluated, the aggregator's report, how many networks stopped at the cap,
+        `reported` (the entries projected, the reference) and, for families of at most
+        WHOLE_HYPERGRADIENTS parameters, each domain's hypergradient."""
         start_norms, end_norms = norms
         hypergrads = solved["h"]
         per_domain = {
@@ -362,11 +365,11 @@ class MetaTrainer:
             **{f"hessian_{k}": solved[k] for k in ("lambda_max", "lambda_min") if k in solved}}
         if hypergrads.shape[1] <= WHOLE_HYPERGRADIENTS:
             per_domain["hypergradient"] = hypergrads
+        extra: Dict[str, Any] = {}
         if run.start_norm is not None:
             per_domain["inner_at_cap"] = self._at_cap(run)
-        record = diagnostics.step_record(step, self.omega, combined.update, per_domain, trusted, times)
-        extra = {"objective": self.objective.name, "omega_evaluated": omega.tolist(),
-                 **combined.record()}
-        if run.start_norm is not None:
             extra["inner_at_cap"] = int(per_domain["inner_at_cap"].sum())
-        return {**record, **extra}
+        return MetricsRecord.build(
+            step=step, objective=self.objective.name, omega_evaluated=omega.tolist(),
+            **diagnostics.step_fields(self.omega, combined.update, per_domain, trusted, times),
+            **combined.record(), **extra, **reported)

@@ -216,11 +216,11 @@ def test_a_schedule_and_weight_decay_train_as_torch_optim_with_coupled_l2(name, 
             torch.testing.assert_close(stacked[i], p.detach(), rtol=1e-9, atol=1e-12)
 
 
-def test_grad_norms_are_the_objectives_gradient_norms_per_network():
+def test_stacked_grad_norms_are_the_objectives_gradient_norms_per_network():
     x, y, _, model = _problem()
     params = {k: v.to(DT) for k, v in inner.init_params(model, [1, 2], torch.device("cpu")).items()}
     index = [torch.arange(0, 30), torch.arange(10, 25)]
-    got = inner.grad_norms(params, F.cross_entropy, x, y, index, weight_decay=0.2)
+    got = inner.stacked_grad_norms(params, F.cross_entropy, x, y, index, weight_decay=0.2)
     for i, (seed, idx) in enumerate(zip([1, 2], index)):
         net = _torch_net(model, seed, x.shape[1])
         objective = F.cross_entropy(net(x[idx]), y[idx]) + 0.1 * sum(
@@ -250,13 +250,13 @@ def test_the_stopping_rule_stops_each_network_at_its_first_check_below_the_ratio
     # The reference: no rule, the norms and parameters at every check.
     ref = {k: v.clone() for k, v in start.items()}
     state = optimizer.init_state(ref)
-    norm0 = inner.grad_norms(ref, F.cross_entropy, x, y, check, decay)
+    norm0 = inner.stacked_grad_norms(ref, F.cross_entropy, x, y, check, decay)
     snapshots, norms, ref_losses = [], [], []
     for t in range(0, batches.shape[1], every):
         ref_losses.append(inner.train(ref, F.cross_entropy, optimizer, state, x, y,
                                       batches[:, t:t + every], weight_decay=decay))
         snapshots.append({k: v.clone() for k, v in ref.items()})
-        norms.append(inner.grad_norms(ref, F.cross_entropy, x, y, check, decay))
+        norms.append(inner.stacked_grad_norms(ref, F.cross_entropy, x, y, check, decay))
     ref_losses = torch.cat(ref_losses, dim=1)
     expected_stop = []
     for i in range(4):
@@ -297,8 +297,8 @@ def test_stopped_networks_keep_their_optimiser_state_and_tail_loss_reads_each_ne
     first = {k: v.clone() for k, v in params.items()}
     first_state = optimizer.init_state(first)
     inner.train(first, F.cross_entropy, optimizer, first_state, x, y, batches[:, :10])
-    ratios = (inner.grad_norms(first, F.cross_entropy, x, y, check)
-              / inner.grad_norms(params, F.cross_entropy, x, y, check)).tolist()
+    ratios = (inner.stacked_grad_norms(first, F.cross_entropy, x, y, check)
+              / inner.stacked_grad_norms(params, F.cross_entropy, x, y, check)).tolist()
     stops, goes_on = (0, 1) if ratios[0] < ratios[1] else (1, 0)
     run = inner.train_until_stationary(params, F.cross_entropy, optimizer, state, x, y, batches,
                                        check, inner.StopRule(sum(ratios) / 2, 10))
