@@ -171,9 +171,10 @@ def describe_run(folder: Path, outputs: Sequence[str]) -> str:
     return f"{done}{', '.join(files)}"
 
 
-def _check(path: Path, resume: bool, overwrite: bool) -> None:
+def _check(path: Path, resume: bool, overwrite: bool, must_resume: bool = False) -> None:
     """RunDirError unless `path` may be used with these flags; changes nothing. A non-empty
-    folder needs --resume (with a checkpoint there) or --overwrite."""
+    folder needs --resume (with a checkpoint there) or --overwrite; with `must_resume` (the
+    --resume flag itself) a folder without a checkpoint is refused too."""
     if resume and overwrite:
         raise RunDirError(f"{RESUME} and {OVERWRITE} exclude each other: resume continues the run "
                           f"in {path}, overwrite starts it again", path=path)
@@ -181,6 +182,9 @@ def _check(path: Path, resume: bool, overwrite: bool) -> None:
         raise RunDirError(f"output dir {path} exists and is not a directory", path=path)
     contents = (sorted(p.name for p in path.iterdir() if not is_control_entry(p.name))
                 if path.is_dir() else [])
+    if must_resume and not contents and not (path / REPLACED).is_dir():  # REPLACED: comes back
+        raise RunDirError(f"cannot resume: {path} holds no {CHECKPOINT}, so there is no run to "
+                          "resume; leave out --resume to start one there")
     if not contents or overwrite:
         return
     if not resume:
@@ -345,19 +349,20 @@ class RunFolder:
 @contextlib.contextmanager
 def open_run_folder(path: Union[str, os.PathLike], kind: RunKind, *, resume: bool = False,
                     overwrite: bool = False, command: Optional[str] = None,
-                    log: Log = log_stderr) -> Iterator[RunFolder]:
+                    log: Log = log_stderr, must_resume: bool = False) -> Iterator[RunFolder]:
     """Check `path` for a `kind` run with these flags, lock it (creating it) for the block, and
-    yield it as a RunFolder; its `checkpoint` is loaded when `resume` finds one.
+    yield it as a RunFolder; its `checkpoint` is loaded when `resume` finds one. With
+    `must_resume` (a command's --resume) a folder without a checkpoint is refused.
 
     Raises RunDirError for a folder that cannot be used so, runlock.FolderLocked while another
     process writes into it. `command` names this run to a second writer (default: this
     process's command line); `log` receives the notes on replaced runs.
     """
     path = Path(path)
-    _check(path, resume, overwrite)  # a refused folder is left as it was, without a lock file
+    _check(path, resume, overwrite, must_resume)  # a refused folder is left as it was, no lock file
     with folder_lock(path, command=command):
         finish_interrupted_overwrite(path, kind.outputs, log)
-        _check(path, resume, overwrite)  # as another writer may have left it
+        _check(path, resume, overwrite, must_resume)  # as another writer may have left it
         ckpt = load_checkpoint(path / CHECKPOINT, kind) if resume and (path / CHECKPOINT).is_file() else None
         folder = RunFolder(path, kind, ckpt, log)
         if overwrite:
@@ -369,12 +374,13 @@ def open_run_folder(path: Union[str, os.PathLike], kind: RunKind, *, resume: boo
 @contextlib.contextmanager
 def using_run_folder(target: Union[str, os.PathLike, RunFolder], kind: RunKind, *, resume: bool,
                      overwrite: bool, command: Optional[str], log: Log) -> Iterator[RunFolder]:
-    """`target` itself if it is an opened RunFolder of `kind`, else `open_run_folder(target, ...)`."""
+    """`target` itself if it is an opened RunFolder of `kind`, else `open_run_folder(target, ...)`
+    (where `resume` asks for a run to continue: a folder without one is refused)."""
     if isinstance(target, RunFolder):
         if target.kind != kind:
             raise ValueError(f"{target.path} was opened for a {target.kind.name} run, not {kind.name}")
         yield target
         return
     with open_run_folder(target, kind, resume=resume, overwrite=overwrite, command=command,
-                         log=log) as folder:
+                         log=log, must_resume=resume) as folder:
         yield folder

@@ -56,10 +56,12 @@ def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Ite
     """Hold the write lock of `folder` (created if missing) for the block; yields the folder.
 
     Raises FolderLocked, naming the holder, when another process holds it (or this one does:
-    the lock is not re-entrant).
+    the lock is not re-entrant). A lock file (and folders) this call made is removed again if
+    the folder holds nothing else when the block ends, as after a refusal.
     """
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    fresh = not os.path.lexists(folder / LOCK_NAME)
     folder.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(folder / LOCK_NAME))
     try:
@@ -68,6 +70,9 @@ def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Ite
         raise FolderLocked(f"{folder} is being written by another process ({describe_holder(folder)}); "
                            "wait for it to finish or use another output folder") from None
     try:
+        if not _holds_the_named_file(lock, folder / LOCK_NAME):
+            raise FolderLocked(f"{folder} was being given up by another process as this one took "
+                               "it; run the command again")
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                   "command": command or current_command()}
@@ -76,15 +81,28 @@ def folder_lock(folder: str | os.PathLike, command: Optional[str] = None) -> Ite
             yield folder
         finally:
             (folder / HOLDER_NAME).unlink(missing_ok=True)
-            _remove_if_unused(folder, created)
+            _remove_if_unused(folder, created, fresh)
     finally:
         lock.release()
 
 
-def _remove_if_unused(folder: Path, created: List[Path]) -> None:
-    """Remove `folder` and the parents in `created` (the lock made them) if nothing but the lock
-    is in them; called holding the lock, which writes nothing after the lock file is gone."""
-    if not created or any(not is_control_entry(p.name) for p in folder.iterdir()):
+def _holds_the_named_file(lock: filelock.BaseFileLock, path: Path) -> bool:
+    """Whether the file `lock` locked is still the one at `path`: a process that removed its
+    lock file (`_remove_if_unused`) may have left another one locking the removed file."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    try:
+        return fd is None or os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:  # removed
+        return False
+
+
+def _remove_if_unused(folder: Path, created: List[Path], fresh: bool) -> None:
+    """Remove the lock file if this call made it (`fresh`), and `folder` and the parents in
+    `created` (the lock made them), if nothing but control entries is in the folder; called
+    holding the lock, which writes nothing after the lock file is gone. A process that opened
+    the lock file just before it was removed finds, once it has the lock, that the file at the
+    path is not the one it locked (`_holds_the_named_file`), and stops."""
+    if not (created or fresh) or any(not is_control_entry(p.name) for p in folder.iterdir()):
         return
     (folder / LOCK_NAME).unlink(missing_ok=True)
     for made in created:  # deepest first; one that another process wrote into stays

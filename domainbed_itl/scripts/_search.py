@@ -12,8 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 import torch
 
-from ..files.runfolder import (RunDirError, RunFolder, RunKind, log_stderr, open_run_folder,
-                               resume_hint)
+from ..files.runfolder import RunDirError, RunFolder, RunKind, open_run_folder, resume_hint
 from ..losses.lossfile import LossFileError, LossSpec, resolve_loss
 from ..losses.families import family_names, family_orders, family_spellings, split_spelling
 from ..meta.data import DomainData
@@ -219,14 +218,11 @@ def search_main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
         if settings is not None:
             check_data_flags(settings.data)  # before the folder is made
         with open_run_folder(args.output_dir, kind, resume=args.resume, overwrite=args.overwrite,
-                             command=command) as folder:
+                             command=command, must_resume=args.resume) as folder:
             run = settings
-            if args.resume and folder.checkpoint is None:  # said, so that a mistyped folder shows
-                log_stderr(f"note: --resume: {folder.path} holds no checkpoint yet; starting the run")
-            if run is None:
-                run = (new_settings(args, flags, command) if folder.checkpoint is None else
-                       resumed_settings(args, explicit, flags, folder.checkpoint, config_key,
-                                        folder.checkpoint_path, command, may_grow))
+            if run is None:  # --resume: the folder holds a checkpoint
+                run = resumed_settings(args, explicit, flags, folder.checkpoint, config_key,
+                                       folder.checkpoint_path, command, may_grow)
             data = load_data(run.data)  # slow: once the folder is checked and locked
             check_data_sizes(data, {k: getattr(run.config, k) for k in flags}, explicit)
             return work(args, explicit, folder, run, data)

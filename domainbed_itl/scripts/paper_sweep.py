@@ -24,6 +24,7 @@ from ..bridge.hparams import check_sweep_losses
 from ..bridge.patching import APPLIED, status
 from ..bridge.sweep_estimate import print_plan
 from ..files.job_progress import JobProgress, done_under
+from ..files.runfolder import CHECKPOINT
 from ..files.runlock import folder_lock
 from ..files.sweepfolder import unfinished_jobs
 from ._cli import CommandParser, command_main
@@ -236,6 +237,7 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
                      disable=not progress) as bar:
         for stage in experiment.stages:
             commands = build_stage_commands(experiment, stage, reduced, given, python=sys.executable)
+            commands[0] = resume_if_started(commands[0])
             stage_env = dict(env, DOMAINBED_SUBMITIT_WAIT="1") if stage.name in needed else env
             folder = stage_output_dir(given.output_dir, stage.name)
             if stage.runner_name not in ONE_JOB_RUNNERS:
@@ -254,6 +256,16 @@ def run(experiment: Experiment, reduced: bool, given: Placeholders, dry_run: boo
                 finished.add(stage.name)
             bar.poll()
     return 0
+
+
+def resume_if_started(tokens: List[str]) -> List[str]:
+    """The stage's run, without --resume while its --output_dir holds no checkpoint: the first
+    run of a stage starts it, a later one continues it (a command refuses --resume where there
+    is no run to continue)."""
+    if "--resume" not in tokens or "--output_dir" not in tokens:
+        return tokens
+    folder = Path(tokens[tokens.index("--output_dir") + 1])
+    return tokens if (folder / CHECKPOINT).is_file() else [t for t in tokens if t != "--resume"]
 
 
 def _run_commands(stage: Stage, given: Placeholders, folder: str, commands: List[List[str]],

@@ -8,13 +8,14 @@ See docs/quickstart.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -185,6 +186,29 @@ def run(args: argparse.Namespace) -> int:
         for i, command in enumerate(sweep_commands(args, data_dir, output_dir), start=4):
             print(f"{i}. PYTHONPATH={checkout} {format_command(command)}" + (_only(args) if i == 4 else ""))
         return 0
+    if args.domainbed_root is not None:
+        check_domainbed_root(args.domainbed_root)  # before a folder is made
+    with _no_new_empty_folders(workdir), _no_new_empty_folders(data_dir):
+        return _set_up_and_sweep(args, workdir, data_dir, output_dir)
+
+
+@contextlib.contextmanager
+def _no_new_empty_folders(folder: Path) -> Iterator[None]:
+    """On an exception (a refusal), remove `folder`, its missing parents and the folders under
+    it that the block made and left empty: a refused quickstart leaves no empty work folders."""
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    try:
+        with no_new_folders_on_error(folder):
+            yield
+    except BaseException:
+        for path in made:  # deepest first; one holding files stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def _set_up_and_sweep(args: argparse.Namespace, workdir: Path, data_dir: Path, output_dir: Path) -> int:
+    """Steps 1 to 5 (see `run`); the exit status."""
     workdir.mkdir(parents=True, exist_ok=True)
     root = domainbed_checkout(args)
     patch_and_verify(root)

@@ -75,7 +75,7 @@ def test_a_failed_clone_leaves_nothing_behind(tmp_path, url, commit, message):
                          "--domainbed_commit", commit or head, "--setup_only")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "--domainbed_root path/to/DomainBed" in result.stderr and "--domainbed_url" in result.stderr
-    assert sorted(p.name for p in workdir.iterdir()) == []
+    assert not workdir.exists()  # a refused quickstart leaves no empty work folder
 
 
 def test_an_existing_checkout_the_hooks_cannot_fit_is_refused(tmp_path):
@@ -87,6 +87,22 @@ def test_an_existing_checkout_the_hooks_cannot_fit_is_refused(tmp_path):
                          "--setup_only")
     assert result.returncode == 2 and "does not define REGISTRY" in result.stderr
     assert "domainbed_itl" not in (checkout / "domainbed" / "algorithms.py").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DomainBed"]  # no work folder
+
+
+def test_a_refused_quickstart_makes_no_work_folder_nor_its_parents(tmp_path):
+    (tmp_path / "not_domainbed").mkdir()
+    workdir = tmp_path / "a" / "b" / "work"
+    for flags, message in ((["--domainbed_root", str(tmp_path / "not_domainbed")],
+                            "is not a DomainBed checkout"),
+                           (["--hparams", "{bad"], "--hparams"),
+                           (["--test_envs", "-2"], "--test_envs must be environment indices"),
+                           (["--data_dir", str(tmp_path / "d" / "data"), "--domainbed_root",
+                             str(tmp_path / "nowhere")], "is not a DomainBed checkout")):
+        result = _quickstart("--workdir", str(workdir), *flags)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr  # one line
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["not_domainbed"], flags
 
 
 def test_dry_run_and_bad_input(tmp_path):

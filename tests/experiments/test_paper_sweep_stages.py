@@ -282,3 +282,32 @@ def test_submitit_waits_for_a_stage_whose_output_a_later_stage_needs(domainbed_r
     first = json.loads((tmp_path / "out" / "first" / "loss.json").read_text())["parameters"]
     second = torch.load(tmp_path / "out" / "second" / "checkpoint.pt", weights_only=False)
     assert second["init_omega"] == pytest.approx(first)  # it started where the first ended
+
+
+def test_the_runner_passes_resume_only_once_the_stage_folder_holds_a_checkpoint(tmp_path):
+    run = ["python", "-m", "domainbed_itl.scripts.meta_train", "--resume", "--output_dir", str(tmp_path)]
+    assert paper_sweep.resume_if_started(run) == [t for t in run if t != "--resume"]
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert paper_sweep.resume_if_started(run) == run
+    sweep = ["python", "-m", "domainbed.scripts.sweep", "launch", "--output_dir", str(tmp_path / "x")]
+    assert paper_sweep.resume_if_started(sweep) == sweep
+
+
+def test_a_meta_stage_starts_without_resume_and_continues_with_it(domainbed_root, tmp_path):
+    """`resume = true` in a definition: the first run starts the meta-training (a command refuses
+    --resume where there is no run), the second continues it."""
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "one.toml").write_text(HEADER + _stage_toml("meta", "meta_train", 'dataset = "synthetic"',
+                                                          f'dataset = "synthetic"\n{META}'))
+    argv = [sys.executable, "-m", "domainbed_itl.scripts.paper_sweep", "--sweeps_dir", str(sweeps), "run",
+            "one", "--reduced", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--domainbed_root", str(domainbed_root)]
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                                env=domainbed_env(domainbed_root))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs.append(next(line for line in result.stdout.splitlines() if line.startswith("$ ")))
+    assert "--resume" not in runs[0] and "--resume" in runs[1]
+    assert len((tmp_path / "out" / "meta" / "metrics.jsonl").read_text().splitlines()) == 1

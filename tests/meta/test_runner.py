@@ -126,9 +126,10 @@ def test_output_dir_is_protected(tmp_path):
     run_meta_training(data, _config(outer_steps=1, seed=1), tmp_path, overwrite=True, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() != first
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    fresh = run_meta_training(data, _config(outer_steps=1), tmp_path / "new", resume=True,
-                              progress=False)
-    assert fresh.steps_done == 1  # --resume where nothing ran yet starts the run
+    with pytest.raises(RunDirError, match=f"{tmp_path / 'new'} holds no checkpoint.pt, so there is "
+                       "no run to resume; leave out --resume to start one there"):
+        run_meta_training(data, _config(outer_steps=1), tmp_path / "new", resume=True, progress=False)
+    assert not (tmp_path / "new").exists()  # the refusal made no folder
 
 
 def test_resume_refuses_other_settings_or_data(tmp_path):
