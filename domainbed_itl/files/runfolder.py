@@ -184,7 +184,7 @@ def _check(path: Path, resume: bool, overwrite: bool, must_resume: bool = False)
                 if path.is_dir() else [])
     if must_resume and not contents and not (path / REPLACED).is_dir():  # REPLACED: comes back
         raise RunDirError(f"cannot resume: {path} holds no {CHECKPOINT}, so there is no run to "
-                          "resume; leave out --resume to start one there")
+                          f"resume; leave out {RESUME} to start one there", path=path)
     if not contents or overwrite:
         return
     if not resume:

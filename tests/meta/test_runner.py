@@ -127,8 +127,9 @@ def test_output_dir_is_protected(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() != first
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(RunDirError, match=f"{tmp_path / 'new'} holds no checkpoint.pt, so there is "
-                       "no run to resume; leave out --resume to start one there"):
+                       "no run to resume; leave out resume=True to start one there") as refused:
         run_meta_training(data, _config(outer_steps=1), tmp_path / "new", resume=True, progress=False)
+    assert refused.value.remedy == ("resume",) and refused.value.path == tmp_path / "new"
     assert not (tmp_path / "new").exists()  # the refusal made no folder
 
 
