@@ -204,3 +204,36 @@ def spy_on_heldout(trainer):
 
     trainer._heldout = spy
     return captured
+
+
+# A tiny meta-training problem, shared by the trainer's, the run folder's and meta_train's tests.
+TINY_META = dict(inner_steps=8, hidden=(8,), hvp_batch=32, eval_size=None, batch_size=16)
+TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_diagnostics_s", "time_step_s")
+
+
+def tiny_data(num_domains=4, per_domain=48, features=12, classes=3, seed=0):
+    """Synthetic rotated domains small enough for a meta-training step in well under a second."""
+    from domainbed_itl.meta.data import synthetic_domains
+
+    return synthetic_domains(num_domains, per_domain, features, classes, seed=seed, noise=1.5,
+                             degrees_per_domain=20)
+
+
+def tiny_config(**kw):
+    """MetaConfig of TINY_META with `kw` on top."""
+    from domainbed_itl.meta.config import MetaConfig
+
+    return MetaConfig(**{**TINY_META, **kw})
+
+
+def meta_checkpoint(path):
+    """A meta-training run's checkpoint, read as the runner reads it."""
+    from domainbed_itl.files.runfolder import load_checkpoint
+    from domainbed_itl.meta.runner import META_RUN
+
+    return load_checkpoint(path, META_RUN)
+
+
+def untimed(record):
+    """A metrics record without its wall-clock timings."""
+    return {k: v for k, v in record.items() if k not in TIMING}

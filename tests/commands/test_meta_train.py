@@ -20,8 +20,8 @@ import torch
 
 from domainbed_itl.bridge.domainbed_env import DomainBedNotFound
 from domainbed_itl.losses import LossSpec, get_family, load_loss, save_loss
-from domainbed_itl.files.runfolder import RunDirError, load_checkpoint
-from domainbed_itl.meta.data import synthetic_dataset, synthetic_domains
+from domainbed_itl.files.runfolder import RunDirError
+from domainbed_itl.meta.data import synthetic_dataset
 from domainbed_itl.meta.runner import META_RUN, data_fingerprint, run_meta_training
 from domainbed_itl.meta.config import MetaConfig, preset_config
 from domainbed_itl.meta.trainer import MetaTrainer
@@ -29,27 +29,10 @@ from domainbed_itl.scripts._search import new_settings
 from domainbed_itl.scripts import meta_train, plot_meta
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = dict(inner_steps=8, hidden=(8,), hvp_batch=32, eval_size=None, batch_size=16)
-TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_diagnostics_s", "time_step_s")
+from conftest import meta_checkpoint as _checkpoint, \
+    tiny_config as _config, tiny_data as _data, untimed as _untimed  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _data(num_domains=4, per_domain=48, features=12, classes=3, seed=0):
-    return synthetic_domains(num_domains, per_domain, features, classes, seed=seed, noise=1.5,
-                             degrees_per_domain=20)
-
-
-def _config(**kw):
-    return MetaConfig(**{**TINY, **kw})
-
-
-def _checkpoint(path):
-    return load_checkpoint(path, META_RUN)
-
-
-def _untimed(record):
-    return {k: v for k, v in record.items() if k not in TIMING}
 
 # ------------------------------------------------------------------------------ command line
 

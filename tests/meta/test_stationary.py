@@ -13,33 +13,14 @@ import torch
 import torch.nn.functional as F
 from conftest import spy_on_heldout
 
-from domainbed_itl.files.runfolder import load_checkpoint
-from domainbed_itl.meta.data import synthetic_domains
-from domainbed_itl.meta.runner import META_RUN, run_meta_training
+from domainbed_itl.meta.runner import run_meta_training
 from domainbed_itl.meta.config import MetaConfig
 from domainbed_itl.meta.trainer import MetaTrainer, mlp
 
-TINY = dict(inner_steps=8, hidden=(8,), hvp_batch=32, eval_size=None, batch_size=16)
-TIMING = ("time_inner_s", "time_hypergradient_s", "time_eval_s", "time_diagnostics_s", "time_step_s")
+from conftest import TINY_META as TINY, meta_checkpoint as _checkpoint, \
+    tiny_config as _config, tiny_data as _data, untimed as _untimed  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _data(num_domains=4, per_domain=48, features=12, classes=3, seed=0):
-    return synthetic_domains(num_domains, per_domain, features, classes, seed=seed, noise=1.5,
-                             degrees_per_domain=20)
-
-
-def _config(**kw):
-    return MetaConfig(**{**TINY, **kw})
-
-
-def _checkpoint(path):
-    return load_checkpoint(path, META_RUN)
-
-
-def _untimed(record):
-    return {k: v for k, v in record.items() if k not in TIMING}
 
 STATIONARY = dict(inner_steps=300, inner_lr=0.3, inner_schedule="cosine", inner_weight_decay=1e-2,
                   inner_stop_ratio=0.2, inner_stop_every=20, neumann_steps=30, neumann_alpha=1.0,
