@@ -237,3 +237,31 @@ def meta_checkpoint(path):
 def untimed(record):
     """A metrics record without its wall-clock timings."""
     return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def processes_naming(folder):
+    """The ids of this machine's processes whose command line names `folder` (by its name)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if proc.name.isdigit() and folder.name in command:
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def collect_single_source(*args, env=None):
+    """`collect_single_source` with `args` in a child interpreter; its CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.collect_single_source", *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def no_domainbed_env():
+    """The environment of a child that sees this checkout but no DomainBed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+    return env

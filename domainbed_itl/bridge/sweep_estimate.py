@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..files.job_progress import duration_text
 from .domainbed_env import import_domainbed
 from .trained_models import rebuild_splits
 
@@ -106,24 +107,16 @@ def time_job(train_args: Mapping[str, Any], domainbed_root: Optional[str | os.Pa
                      int(args.get("checkpoint_freq") or dataset_class.CHECKPOINT_FREQ))
 
 
-def _duration(seconds: float) -> str:
-    """`seconds` in the largest unit that keeps it readable."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
 
 def describe_estimate(timing: JobTiming, n_jobs: int, shrink: Sequence[str]) -> str:
     """What the sweep of `n_jobs` jobs like the timed one costs, one after the other, and the
     flags that make it smaller."""
     return (f"estimate (no GPU; timed here on the first job, {timing.algorithm} on "
             f"{timing.dataset}): {timing.step_s:.2f} s a training step, "
-            f"{_duration(timing.evaluation_s)} an evaluation of every split, "
-            f"{_duration(timing.setup_s)} to load the data; a job of {timing.steps} steps and "
-            f"{timing.evaluations} evaluations takes about {_duration(timing.job_s)}, the "
-            f"{n_jobs} job{'s' * (n_jobs != 1)} about {_duration(n_jobs * timing.job_s)} one after "
+            f"{duration_text(timing.evaluation_s)} an evaluation of every split, "
+            f"{duration_text(timing.setup_s)} to load the data; a job of {timing.steps} steps and "
+            f"{timing.evaluations} evaluations takes about {duration_text(timing.job_s)}, the "
+            f"{n_jobs} job{'s' * (n_jobs != 1)} about {duration_text(n_jobs * timing.job_s)} one after "
             f"the other.\nTo shrink the sweep: {', '.join(shrink)}.")
 
 
@@ -135,12 +128,12 @@ def describe_estimates(timings: Sequence[JobTiming], counts: Sequence[int],
         return describe_estimate(timings[0], counts[0], shrink)
     each = "; ".join(
         f"{t.algorithm} on {t.dataset}: {t.step_s:.2f} s a training step, "
-        f"{_duration(t.evaluation_s)} an evaluation, {_duration(t.setup_s)} to load the data, "
-        f"about {_duration(t.job_s)} a job of {t.steps} steps ({n} job{'s' * (n != 1)})"
+        f"{duration_text(t.evaluation_s)} an evaluation, {duration_text(t.setup_s)} to load the data, "
+        f"about {duration_text(t.job_s)} a job of {t.steps} steps ({n} job{'s' * (n != 1)})"
         for t, n in zip(timings, counts))
     total = sum(t.job_s * n for t, n in zip(timings, counts))
     return (f"estimate (no GPU; timed here on the first job of each algorithm and dataset, in "
-            f"launch order): {each}. The {sum(counts)} jobs take about {_duration(total)} one "
+            f"launch order): {each}. The {sum(counts)} jobs take about {duration_text(total)} one "
             f"after the other.\nTo shrink the sweep: {', '.join(shrink)}.")
 
 

@@ -118,3 +118,12 @@ class JobProgress:
         self._thread.join()
         self.poll()
         self.bar.close()
+
+
+def duration_text(seconds: float) -> str:
+    """`seconds` in the largest unit that keeps it readable (s, min, h), for time estimates."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -18,6 +18,7 @@ import torch
 
 from ..analysis.evaluation_report import CONVERGENCE_METRICS, META_METRICS, Metric
 from ..bridge.loss_evaluation import loss_definition, loss_function
+from ..files.job_progress import duration_text
 from ..files.runfolder import RunFolder
 from ..losses.checks import check_minimisable
 from ..meta.data import DomainData
@@ -172,14 +173,7 @@ def describe_meta_estimate(timing: UnitTiming, protocol: Protocol, n_units: int)
     bound = "" if protocol.inner_stop_ratio is None else "at most "
     return (f"estimate (timed here on loss {timing.loss}, seed 0, {TIMED_STEPS[1]} inner steps): "
             f"{1000 * timing.step_s:.1f} ms an inner step; a unit (a loss on a seed) of {steps} "
-            f"steps takes {bound}about {_duration(unit_s)}, the {n_units} unit"
-            f"{'s' * (n_units != 1)} left {bound}about {_duration(n_units * unit_s)}. Fewer "
+            f"steps takes {bound}about {duration_text(unit_s)}, the {n_units} unit"
+            f"{'s' * (n_units != 1)} left {bound}about {duration_text(n_units * unit_s)}. Fewer "
             "--seeds, --losses or --inner_steps make it shorter.")
 
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

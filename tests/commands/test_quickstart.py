@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOMAINBED_ROOT, MNIST10K, STANDIN, domainbed_env
+from conftest import DOMAINBED_ROOT, MNIST10K, STANDIN, domainbed_env, processes_naming
 
 from domainbed_itl.bridge.patching import UPSTREAM_COMMIT
 from domainbed_itl.files.sweepfolder import remove_never_started, unfinished_jobs
@@ -262,18 +262,6 @@ def _accuracies(sweep):
                   for line in (p / "results.jsonl").read_text().splitlines())
 
 
-def _train_processes(folder):
-    """The ids of processes whose command line names job folder `folder`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().decode(errors="replace")
-            if proc.name.isdigit() and folder.name in command:
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
 
 @pytest.mark.slow
 def test_an_interrupted_quickstart_resumes_in_one_command_to_the_uninterrupted_table(upstream, tmp_path):
@@ -311,7 +299,7 @@ def test_an_interrupted_quickstart_resumes_in_one_command_to_the_uninterrupted_t
     assert "interrupted: the running job was stopped; run the same command again" in err
     assert "Traceback" not in out + err
     job = started.parent
-    assert not (job / "done").exists() and _train_processes(job) == []
+    assert not (job / "done").exists() and processes_naming(job) == []
     assert not (job / "running.pid").exists()
 
     again = subprocess.run(command(tmp_path / "work"), capture_output=True, text=True, timeout=900,

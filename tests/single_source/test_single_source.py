@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, domainbed_env
+from conftest import collect_single_source, domainbed_env, no_domainbed_env, processes_naming
 from domainbed_itl.bridge.domainbed_env import with_pythonpath
 from domainbed_itl.single_source import planning
 from domainbed_itl.files import sweepfolder as run_folders
@@ -25,15 +25,6 @@ from domainbed_itl.files.running_jobs import RUNNING_MARKER, mark_running
 from domainbed_itl.scripts import single_source_sweep as sweep
 
 
-def _collect(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.collect_single_source", *args],
-                          capture_output=True, text=True, timeout=300, env=env)
-
-
-def _no_domainbed_env():
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    return env
 
 
 # ---------------------------------------------------------------- launcher logic (no DomainBed)
@@ -117,7 +108,7 @@ def test_launcher_checks_the_losses_before_looking_for_domainbed(tmp_path):
          "ITL", "--hparams", '{"itl_loss": "typo.json"}', "--data_dir", str(tmp_path),
          "--output_dir", str(tmp_path / "out"), "--command_launcher", "local",
          "--domainbed_root", str(tmp_path / "nowhere")],
-        capture_output=True, text=True, timeout=300, env=_no_domainbed_env())
+        capture_output=True, text=True, timeout=300, env=no_domainbed_env())
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         "error: --hparams: algorithm ITL: hparam itl_loss='typo.json' is neither a preset loss nor "
@@ -188,7 +179,7 @@ def test_parser_has_domainbeds_sweep_flags():
 def _launch(root, *args, check=True, env=None, timeout=600):
     result = subprocess.run(
         [sys.executable, "-m", "domainbed_itl.scripts.single_source_sweep", *args, "--domainbed_root",
-         str(root)], capture_output=True, text=True, timeout=timeout, env=env or _no_domainbed_env())
+         str(root)], capture_output=True, text=True, timeout=timeout, env=env or no_domainbed_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
@@ -234,7 +225,8 @@ def test_debug28_sweep_runs_end_to_end(debug_sweep):
 @pytest.mark.slow
 def test_debug28_report_has_every_source_and_target(debug_sweep):
     root, base, out, _ = debug_sweep
-    result = _collect("--input_dir", str(out), "--domainbed_root", str(root), env=_no_domainbed_env())
+    result = collect_single_source("--input_dir", str(out), "--domainbed_root", str(root),
+                                   env=no_domainbed_env())
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stdout
     header = "Algorithm  0 -> 1/2"
@@ -347,8 +339,8 @@ def test_rotated_mnist_single_source(patched_domainbed, mnist10k, tmp_path):
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     (rec,) = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
     assert rec["args"]["test_envs"] == [1, 2, 3, 4, 5]
-    report = _collect("--input_dir", str(out), "--domainbed_root", str(patched_domainbed),
-                      env=_no_domainbed_env()).stdout
+    report = collect_single_source("--input_dir", str(out), "--domainbed_root", str(patched_domainbed),
+                      env=no_domainbed_env()).stdout
     targets = "/".join(f"{100 * rec[f'env{t}_in_acc']:.1f}" for t in range(1, 6))
     assert re.search(rf"^ERM\s+{re.escape(targets)} \d+\.\d \+/- 0\.0\s+X \[0/1 trials\]", report,
                      flags=re.M), report
@@ -356,17 +348,6 @@ def test_rotated_mnist_single_source(patched_domainbed, mnist10k, tmp_path):
     for source in range(1, 6):  # the protocol needs every source: the others are named as missing
         assert f"RotatedMNIST/ERM source {source} trial 0 hparams_seed 0: no job folder" in report
 
-
-def _processes_naming(folder):
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().decode(errors="replace")
-            if proc.name.isdigit() and folder.name in command:
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.slow
@@ -382,7 +363,7 @@ def test_an_interrupted_sweep_stops_its_job_and_cleanup_never_removes_a_running_
             "--skip_confirmation", "--no_progress", "--data_dir", str(tmp_path), "--output_dir", str(out)]
     launch = subprocess.Popen([sys.executable, "-m", "domainbed_itl.scripts.single_source_sweep",
                                "launch", *args, "--domainbed_root", str(patched_domainbed)],
-                              start_new_session=True, env=_no_domainbed_env(), text=True,
+                              start_new_session=True, env=no_domainbed_env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     deadline, started = time.monotonic() + 600, None
     while started is None:
@@ -394,7 +375,7 @@ def test_an_interrupted_sweep_stops_its_job_and_cleanup_never_removes_a_running_
     stdout, stderr = launch.communicate(timeout=120)
     assert launch.returncode == 130 and "interrupted: the running job was stopped" in stderr
     assert "Traceback" not in stdout + stderr
-    assert _processes_naming(started) == [] and not (started / RUNNING_MARKER).exists()
+    assert processes_naming(started) == [] and not (started / RUNNING_MARKER).exists()
     unfinished = [p for p in out.iterdir() if p.is_dir() and not (p / "done").exists()]
 
     still = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "--output_dir",

@@ -5,7 +5,6 @@ of ERM and ITL, 2 trials x 2 hparams seeds, made by the launcher, plus DomainBed
 multi-source sweep of the same algorithms in the same folder)."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import collect_single_source, no_domainbed_env
 from domainbed_itl.single_source import selection, tables
 from domainbed_itl.files import sweepfolder as run_folders
 
@@ -247,7 +246,7 @@ def test_damaged_records_and_manifest_are_listed_and_skipped(tmp_path):
     with pytest.raises(ValueError, match=rf"{run_folders.MANIFEST_NAME}:\d+: the sweep manifest is not "
                                          r"valid JSON .*; move it aside"):
         run_folders.update_manifest(copy, [])  # the launcher never drops a manifest's entries
-    result = _collect("--input_dir", str(copy), env=_no_domainbed_env())
+    result = collect_single_source("--input_dir", str(copy), env=no_domainbed_env())
     assert result.returncode == 0 and result.stderr == ""
     out = result.stdout
     assert "WARNING: 4 damaged records or manifest entries could not be read and were skipped" in out
@@ -259,7 +258,7 @@ def test_damaged_records_and_manifest_are_listed_and_skipped(tmp_path):
     assert "missing or incomplete" not in out and re.search(r"^ITL\s+\d", out, flags=re.M), out
     sig = subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.significance",
                           "--single_source_dir", str(copy), "--output_dir", str(tmp_path / "sig")],
-                         capture_output=True, text=True, timeout=300, env=_no_domainbed_env())
+                         capture_output=True, text=True, timeout=300, env=no_domainbed_env())
     assert sig.returncode == 0, sig.stderr
     assert f"single-source: skipped 4 damaged records or manifest entries: {copy}" in sig.stdout
     assert f"{results}:2: not a JSON object but 42" in sig.stdout
@@ -327,19 +326,10 @@ def test_fixture_of_real_domainbed_runs():
         assert chosen.target_accs == {t: best[f"env{t}_in_acc"] for t in range(3) if t != source}
 
 
-def _collect(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "domainbed_itl.scripts.collect_single_source", *args],
-                          capture_output=True, text=True, timeout=300, env=env)
-
-
-def _no_domainbed_env():
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    return env
 
 
 def test_report_command_on_the_fixture_without_domainbed(tmp_path):
-    result = _collect("--input_dir", str(FIXTURE), env=_no_domainbed_env())
+    result = collect_single_source("--input_dir", str(FIXTURE), env=no_domainbed_env())
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "ignored multi-source runs: 12 (24 records)" in out and "WARNING" not in out
@@ -350,14 +340,15 @@ def test_report_command_on_the_fixture_without_domainbed(tmp_path):
         for cell in cells:  # every source x target: two target accuracies, mean +/- SE
             assert re.fullmatch(r"\d+\.\d/\d+\.\d \d+\.\d \+/- \d+\.\d", cell)
     written = tmp_path / "table.md"
-    md = _collect("--input_dir", str(FIXTURE), "--markdown", "--output", str(written),
-                  env=_no_domainbed_env())
+    md = collect_single_source("--input_dir", str(FIXTURE), "--markdown", "--output", str(written),
+                  env=no_domainbed_env())
     assert md.returncode == 0 and written.read_text() == md.stdout
-    again = _collect("--input_dir", str(FIXTURE), "--output", str(written), env=_no_domainbed_env())
+    again = collect_single_source("--input_dir", str(FIXTURE), "--output", str(written),
+                                  env=no_domainbed_env())
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
     assert written.read_text() == md.stdout and again.stdout == ""
-    assert _collect("--input_dir", str(FIXTURE), "--output", str(written), "--overwrite",
-                    env=_no_domainbed_env()).returncode == 0
+    assert collect_single_source("--input_dir", str(FIXTURE), "--output", str(written), "--overwrite",
+                    env=no_domainbed_env()).returncode == 0
     assert "-------- Table 4" in written.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["table.md"]  # no temporary file left
 
@@ -370,10 +361,10 @@ def test_report_command_names_a_run_that_lost_its_done_marker(tmp_path):
     (copy / job.folder / "done").unlink()
     shutil.rmtree(copy / next(j.folder for j in run_folders.read_manifest(copy)
                               if j.key == run_folders.RunKey("Debug28", "ERM", 2, 1, 0)))
-    out = _collect("--input_dir", str(copy), env=_no_domainbed_env()).stdout
+    out = collect_single_source("--input_dir", str(copy), env=no_domainbed_env()).stdout
     assert "WARNING: 2 missing or incomplete runs" in out
     assert f"Debug28/ITL source 1 trial 0 hparams_seed 1: folder {job.folder} has no `done` marker" in out
     assert "Debug28/ERM source 2 trial 1 hparams_seed 0: its folder " in out
     assert re.search(r"^ITL\s+.*\[1/2 trials\].*\[1/2 trials\]$", out, flags=re.M), out
-    bad = _collect("--input_dir", str(tmp_path / "missing"), env=_no_domainbed_env())
+    bad = collect_single_source("--input_dir", str(tmp_path / "missing"), env=no_domainbed_env())
     assert bad.returncode == 2 and "is not a folder" in bad.stderr
