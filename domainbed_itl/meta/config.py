@@ -20,7 +20,7 @@ from .state import OUTER_OPTIMIZERS as OUTER_STATE_OPTIMIZERS
 
 OUTER_OPTIMIZERS = tuple(OUTER_STATE_OPTIMIZERS)
 NEUMANN_FORMS = ("inverse", "algorithm2")
-SOLVERS = ("neumann", "cg")
+SOLVERS = ("neumann", "cg", "minres")
 POSITIVE_INT = dict(kind="int", low=1)
 COUNT = dict(kind="int", low=0)
 POSITIVE = dict(kind="float", low=0, low_open=True)
@@ -122,7 +122,14 @@ class SolverSettings(Settings):
                                     **NONNEGATIVE)
     cg_maxiter: int = setting(15, "conjugate-gradient iterations", **POSITIVE_INT)
     cg_tol: float = setting(1e-6, "conjugate-gradient tolerance", **NONNEGATIVE)
+    minres_maxiter: int = setting(300, "MINRES iterations (solver minres: for a Hessian that "
+                                  "may be indefinite; one domain at a time, in float64)",
+                                  **POSITIVE_INT)
+    minres_tol: float = setting(1e-10, "MINRES relative tolerance", **NONNEGATIVE)
     hvp_batch: int = setting(256, "source examples in the Hessian-vector products", **POSITIVE_INT)
+    hvp_all_sources: bool = setting(False, "Hessian-vector products on every source example (the "
+                                    "inner training's own Hessian), not on an hvp_batch draw",
+                                    **BOOL)
     max_solver_residual: Optional[float] = setting(
         None, "leave out of the update every domain whose linear solve has a larger relative "
         "residual (1: worse than no solve, as a diverging Neumann series); no update when none "
@@ -154,11 +161,18 @@ class SolverSettings(Settings):
             solve = functools.partial(solvers.neumann, steps=self.neumann_steps,
                                       alpha=self.neumann_alpha, power_iters=self.neumann_power_iters,
                                       early_stop=self.neumann_early_stop)
-        else:
+        elif self.solver == "cg":
             solve = functools.partial(solvers.cg, maxiter=self.cg_maxiter, tol=self.cg_tol)
+        else:
+            solve = functools.partial(solvers.minres, maxiter=self.minres_maxiter, tol=self.minres_tol)
         if self.solver_damping:
             return functools.partial(solvers.damped, solve=solve, damping=self.solver_damping)
         return solve
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the solve runs under vmap (MINRES is scipy's, one system at a time)."""
+        return self.solver != "minres"
 
     @property
     def hypergradient_scale(self) -> float:
@@ -238,6 +252,13 @@ META_PRESETS["stationary"] = {
     "aggregate_reduction": "mean", "outer_optimizer": "adam", "outer_lr": 0.05, "spectrum_iters": 20,
 }
 
+# The stationary preset with a solve that gets the hypergradient's sign right past the optimum
+# for objectives that ignore the logits' scale (docs/results/objectives.md).
+META_PRESETS["stationary_minres"] = {
+    **{k: v for k, v in META_PRESETS["stationary"].items() if not k.startswith("neumann_")},
+    "solver": "minres", "minres_maxiter": 300, "solver_damping": 1e-3, "hvp_all_sources": True,
+}
+
 # What the paper does not say, per preset: the value chosen and the reason.
 GUESSES: Dict[str, Dict[str, str]] = {
     "paper": {
@@ -289,6 +310,19 @@ GUESSES["stationary"] = {
                        "needs another step size; Adam's does not depend on the scale",
     "outer_lr": "0.05: with Adam, ω moves by about 0.05 per coordinate and step at most",
     "spectrum_iters": "20: record λ_max and λ_min of each domain's Hessian (40 more products)",
+}
+
+GUESSES["stationary_minres"] = {
+    **{k: v for k, v in GUESSES["stationary"].items() if not k.startswith("neumann_")},
+    "solver": "minres: the Hessian of a network stopped at a tenth of its gradient norm is "
+              "indefinite, where CG diverges and a Neumann series of hundreds of terms still "
+              "leaves residuals of 0.3 (docs/results/objectives.md)",
+    "minres_maxiter": "300: enough for the hypergradient's sign and about its size against "
+                      "finite differences on RotatedMNIST (docs/results/objectives.md)",
+    "solver_damping": "1e-3, the weight decay's size: 1e-2 turns the sign of calibrated_ce's and "
+                      "soft_error's hypergradients at large ε (docs/results/objectives.md)",
+    "hvp_all_sources": "true: on 256 drawn examples the Hessian misses directions the training "
+                       "set curves, and the sign goes wrong (docs/results/objectives.md)",
 }
 
 

@@ -58,6 +58,13 @@ def _subset(g: torch.Generator, index: Tensor, size: Optional[int]) -> Tensor:
     return index[torch.randperm(len(index), generator=g)[:size]]
 
 
+def every_source(sources: Sequence[Tensor]) -> Tensor:
+    """(n, m): each held-out domain's source examples for the Hessian-vector products, all of
+    them; where the source sets differ in size, m = the smallest, evenly spaced over each set."""
+    m = min(len(s) for s in sources)
+    return torch.stack([s[torch.linspace(0, len(s) - 1, m).round().long()] for s in sources])
+
+
 def draw_step(g: torch.Generator, domains: Sequence[Tensor], sources: Sequence[Tensor],
               steps: int, batch_size: int, hvp_batch: Optional[int] = None,
               heldout_size: Optional[int] = None, eval_size: Optional[int] = None,

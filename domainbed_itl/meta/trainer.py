@@ -7,6 +7,7 @@ their implicit hypergradients and updates ω. See docs/meta_learning.md#how-the-
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -21,7 +22,7 @@ from ..losses.families import ParameterRangeError, get_family, project
 from . import aggregators, diagnostics, inner
 from .config import MetaConfig
 from .data import Domain, check_domains
-from .draws import StepDraws, domain_indices, draw_step, step_generator
+from .draws import StepDraws, domain_indices, draw_step, every_source, step_generator
 from .hypergradient import adjoint_residual, flatten_module, implicit_grad
 from .inner import Params, init_params, mlp
 from .objectives import get_objective
@@ -157,9 +158,12 @@ class MetaTrainer:
     def _draw(self, step: int) -> StepDraws:
         """All random choices of outer step `step` (draws.py)."""
         c = self.config
-        return draw_step(step_generator(c.seed, step), self._domain_index, self._source_index,
-                         c.inner_steps, c.batch_size, c.hvp_batch, c.outer_batch, c.eval_size,
-                         self.device)
+        draws = draw_step(step_generator(c.seed, step), self._domain_index, self._source_index,
+                          c.inner_steps, c.batch_size, c.hvp_batch, c.outer_batch, c.eval_size,
+                          self.device)
+        if c.hvp_all_sources:  # the same draws otherwise, so runs with and without it pair up
+            draws = dataclasses.replace(draws, hvp=every_source(self._source_index).to(self.device))
+        return draws
 
     def _start(self, draws: StepDraws, warm: bool) -> Tuple[Params, Dict[str, Any]]:
         """Algorithm 1, line 9: fresh networks from the step's seeds, or copies of the
@@ -204,7 +208,7 @@ class MetaTrainer:
                         omega: Tensor) -> Dict[str, Tensor]:
         """Algorithm 2 for every domain: `_hypergradient`'s values stacked, e.g. "h" (n, |ω|)."""
         x_hvp, y_hvp = self.x[draws.hvp], self.y[draws.hvp]
-        if self.config.batched:
+        if self.config.batched and self.config.hypergradient.batchable:
             return vmap(self._hypergradient, in_dims=(0, 0, 0, 0, None))(thetas, vs, x_hvp, y_hvp, omega)
         outs = [self._hypergradient(thetas[i], vs[i], x_hvp[i], y_hvp[i], omega)
                 for i in range(self.num_domains)]

@@ -144,6 +144,21 @@ def test_iterative_solvers_match_the_exact_gradient(name, solver):
     assert (got - p.exact).norm() <= 1e-3 * p.exact.norm()
 
 
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_the_configured_minres_solve_gives_the_exact_implicit_gradient(name):
+    """solver minres, as a run configures it (damping 0), on the problems' positive-definite
+    Hessians: the exact gradient; its damping is the lifted system's."""
+    from domainbed_itl.meta.config import MetaConfig
+
+    p = PROBLEMS[name]()
+    n = p.theta.numel()
+    got = p.implicit(MetaConfig(solver="minres", minres_maxiter=4 * n, minres_tol=1e-14).solve())
+    torch.testing.assert_close(got, p.exact, rtol=1e-6, atol=1e-10)
+    damped = MetaConfig(solver="minres", minres_maxiter=4 * n, minres_tol=1e-14, solver_damping=0.5)
+    lifted = p.implicit(lambda matvec, b: dense(lambda w: matvec(w) + 0.5 * w, b))
+    torch.testing.assert_close(p.implicit(damped.solve()), lifted, rtol=1e-6, atol=1e-10)
+
+
 def test_paper_neumann_setting_is_the_closed_form_series():
     """J = 15, α = 0.01 (Sec. 4.1): dM/dω = -(α Σ_j (I - αH)^j v)ᵀ ∂²L/∂θ∂ω, exactly."""
     p = taylor_mlp()

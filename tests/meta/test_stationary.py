@@ -81,6 +81,46 @@ def test_the_stationary_preset_documents_its_values_and_uses_every_new_setting()
     assert set(META_PRESETS) >= {"paper", "paper_guarded", "stationary"}
 
 
+def test_the_minres_preset_is_the_stationary_one_with_an_exact_solve_on_the_training_hessian():
+    from domainbed_itl.meta.config import GUESSES, preset_config
+
+    config, stationary = preset_config("stationary_minres"), preset_config("stationary")
+    changed = {k for k, v in config.flat().items() if stationary.flat()[k] != v}
+    assert {"solver", "solver_damping", "hvp_all_sources"} <= changed
+    assert {k for k in changed if not k.startswith("neumann_")} <= set(GUESSES["stationary_minres"])
+    assert config.inner == stationary.inner and config.outer == stationary.outer
+    assert not config.hypergradient.batchable and stationary.hypergradient.batchable
+
+
+def test_every_source_takes_each_source_set_whole_or_evenly_spaced_at_the_smallest_size():
+    from domainbed_itl.meta.draws import domain_indices, every_source
+
+    _, sources = domain_indices([4, 4, 4])
+    assert torch.equal(every_source(sources), torch.stack(sources))
+    _, sources = domain_indices([3, 5, 9])
+    picked = every_source(sources)
+    assert picked.shape == (3, 8)
+    for chosen, whole in zip(picked, sources):
+        assert len(set(chosen.tolist())) == 8 and set(chosen.tolist()) <= set(whole.tolist())
+        assert chosen[0] == whole[0] and chosen[-1] == whole[-1]
+
+
+def test_hvp_all_sources_changes_only_the_hessians_examples():
+    """The same draws but the Hessian-vector products' examples, so runs with and without
+    hvp_all_sources train the same networks and pair up."""
+    from domainbed_itl.meta.draws import every_source
+
+    data = _data()
+    drawn = MetaTrainer(data.domains, data.num_classes, _config())._draw(3)
+    trainer = MetaTrainer(data.domains, data.num_classes, _config(hvp_all_sources=True))
+    whole = trainer._draw(3)
+    assert torch.equal(whole.hvp, every_source(trainer._source_index))
+    for name in ("batches", "init_seeds"):
+        assert torch.equal(torch.as_tensor(getattr(whole, name)), torch.as_tensor(getattr(drawn, name)))
+    assert all(torch.equal(a, b) for a, b in zip(whole.heldout, drawn.heldout))
+    assert not torch.equal(whole.hvp, drawn.hvp)
+
+
 def test_weight_decay_is_in_the_objective_the_implicit_gradient_differentiates():
     """With λ/2‖θ‖² in the inner objective, the hypergradient of a dense solve is the exact
     −(∂²L/∂θ∂ω)ᵀ(H + λI)⁻¹v of that objective (H + λI its Hessian), not the one without λ."""

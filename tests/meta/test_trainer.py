@@ -35,7 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     (dict(inner_lr=float("nan")), "inner_lr must be a positive number.*got nan"),
     (dict(hidden=()), "hidden must list at least one width"),
     (dict(hidden=(8, 0)), "every hidden width must be a positive integer, got 0"),
-    (dict(solver="lu"), "unknown solver 'lu'; expected one of neumann, cg"),
+    (dict(solver="lu"), "unknown solver 'lu'; expected one of neumann, cg, minres"),
+    (dict(minres_maxiter=0), "minres_maxiter must be a positive integer, got 0"),
+    (dict(hvp_all_sources="all"), "hvp_all_sources must be true or false, got 'all'"),
     (dict(aggregate="sum"), "unknown aggregation 'sum'; expected one of pcgrad, mean"),
     (dict(outer_optimizer="rmsprop"), "unknown outer optimizer 'rmsprop'"),
     (dict(inner_optimizer="lbfgs"), "unknown inner optimizer 'lbfgs'"),
@@ -86,9 +88,10 @@ def test_default_start_is_the_taylor_expansion_of_cross_entropy():
         MetaTrainer(data.domains, data.num_classes, _config(), omega=[1.0, 2.0, 3.0])
 
 
-@pytest.mark.parametrize("solver,rtol", [("neumann", 1e-5), ("cg", 1e-3)])
+@pytest.mark.parametrize("solver,rtol", [("neumann", 1e-5), ("cg", 1e-3), ("minres", 1e-3)])
 def test_batched_equals_sequential(solver, rtol):
-    """Same draws, same maths: only float32 summation order differs.
+    """Same draws, same maths: only float32 summation order differs (MINRES, which cannot run
+    under vmap, solves one domain at a time in a batched run too).
 
     CG runs 5 iterations here: on these far-from-converged, near-singular Hessians, more float32
     CG iterations amplify rounding differences (15 iterations: several percent).
