@@ -72,6 +72,17 @@ def test_a_damaged_meta_training_checkpoint_is_resumed_checked_or_refused(runs, 
     _resume_damaged(runs, "meta", lambda checkpoint: data.draw(damaged(checkpoint, VALUES)))
 
 
+@pytest.mark.parametrize("name", ["meta", "cma"])
+def test_a_checkpoint_record_holding_a_tensor_is_refused_in_one_line(runs, name):
+    """Found by the property above: a record's value replaced by a tensor passed the record's
+    float check, and the resume then failed writing metrics.jsonl with a traceback."""
+    def damage(checkpoint):
+        checkpoint["metrics"][0]["outer_heldout_acc"] = torch.tensor(0.5)
+        return checkpoint
+
+    assert _resume_damaged(runs, name, damage) == 2  # refused (run_checked: one line, no traceback)
+
+
 @CHECKPOINTS
 @given(data=st.data())
 def test_a_damaged_cma_checkpoint_is_resumed_checked_or_refused(runs, data):
