@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,14 @@ def _domainbed_root():
         if os.environ.get("DOMAINBED_ROOT"):
             raise
         return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A background job of a non-interactive shell (`pytest ... &`) starts with SIGINT ignored,
+    and the commands the tests start would inherit that: the tests that interrupt a command as
+    Ctrl-C does need SIGINT delivered, as on a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 DOMAINBED_ROOT = _domainbed_root()
