@@ -89,6 +89,7 @@ class MetaTrainer:
             raise ValueError(f"held-out labels of shape {tuple(self.y_heldout.shape)} for "
                              f"training labels of shape {tuple(self.y.shape)}")
         self._domain_index, self._source_index = domain_indices([len(y) for _, y in domains])
+        self._every_source = every_source(self._source_index).to(self.device)  # hvp_all_sources
         self._init_model = mlp(self.x.shape[1], config.hidden, num_classes)
         self._model = copy.deepcopy(self._init_model).to(self.device)
         _, self.apply = flatten_module(self._model)
@@ -162,7 +163,7 @@ class MetaTrainer:
                           c.inner_steps, c.batch_size, c.hvp_batch, c.outer_batch, c.eval_size,
                           self.device)
         if c.hvp_all_sources:  # the same draws otherwise, so runs with and without it pair up
-            draws = dataclasses.replace(draws, hvp=every_source(self._source_index).to(self.device))
+            draws = dataclasses.replace(draws, hvp=self._every_source)
         return draws
 
     def _start(self, draws: StepDraws, warm: bool) -> Tuple[Params, Dict[str, Any]]:
