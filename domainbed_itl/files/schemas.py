@@ -132,19 +132,6 @@ class Schema(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid", frozen=True)
 
 
-def _not_json(value: Any, where: Tuple = ()) -> Optional[Tuple[Tuple, Any]]:
-    """The location and value of the first entry of `value` that is not plain JSON, else None."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = ((*where, key), key) if not isinstance(key, str) else _not_json(item, (*where, key))
-            if found is not None:
-                return found
-        return None
-    if isinstance(value, list):
-        return next((f for i, item in enumerate(value) if (f := _not_json(item, (*where, i)))), None)
-    return None if value is None or type(value) in (bool, int, float, str) else (where, value)
-
-
 class Carried(Schema):
     """A format that is written back as it was read (unknown fields carried on unread): every
     value, checked fields included, must be plain JSON."""
@@ -155,11 +142,7 @@ class Carried(Schema):
     @model_validator(mode="before")
     @classmethod
     def _plain_json(cls, data: Any) -> Any:
-        found = _not_json(data)
-        if found is not None:
-            raise ValueError(f"{_location(found[0]) or 'the record'}: not a plain JSON value "
-                             f"(got {_describe(found[1])})")
-        return data
+        return _json_value(data)
 
 
 # --------------------------------------------------------------------------------- checking
