@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from scipy import stats
 
 from domainbed_itl.analysis import comparison
-from domainbed_itl.analysis.grid_report import best_members, grid_markdown, grid_rows
+from domainbed_itl.analysis.grid_report import (against_winners, best_members, grid_markdown, grid_rows,
+                                               grid_winners)
 from domainbed_itl.losses.grid import GridError, parse_grid
 from domainbed_itl.meta import evaluate
 from domainbed_itl.scripts import grid_search
@@ -112,6 +113,34 @@ def test_the_best_member_of_each_family_is_picked_from_the_paired_results():
     table = grid_markdown(rows, "CE")
     assert "| focal | focal:2 | 63.0 ± 5.7 [55.0, 74.0] | 3.0 ± 1.5 | 2/3 |" in table
     assert "| (extra) | CE | 60.0 ± 5.8 [50.0, 70.0] | (reference) |" in table
+    assert "grid's best" not in table
+
+
+def test_every_loss_is_compared_with_the_grid_s_best_member_at_each_length():
+    grid = parse_grid(["focal=1,2,3", "gce=0.5"], num_classes=10)
+    accuracy = {"CE": [0.50, 0.60, 0.70], "focal:1": [0.52, 0.61, 0.72],
+                "focal:2": [0.55, 0.60, 0.74], "focal:3": [0.49, 0.58, 0.69],
+                "gce:0.5": [0.56, 0.62, 0.73], "mine": [0.575, 0.63, 0.72]}
+    records = _records(accuracy)
+    result = comparison.compare(records, "heldout_acc", "CE", ["inner_steps"])
+    # at 100 steps gce:0.5 gains most over CE (0.037 against focal:2's 0.030); at 200, reversed
+    assert grid_winners(result, grid) == {100: "gce:0.5", 200: "focal:3"}
+    versus = against_winners(records, "heldout_acc", grid_winners(result, grid))
+    rows = {(r["loss"], r["inner_steps"]): r for r in grid_rows(result, grid, ["CE", "mine"], versus)}
+    mine = rows[("mine", 100)]
+    assert mine["grid_best"] == "gce:0.5" and mine["grid_best_wins"] == 2
+    assert mine["grid_best_delta_mean"] == pytest.approx((0.015 + 0.01 - 0.01) / 3)
+    assert mine["grid_best_t_pvalue"] == pytest.approx(
+        stats.ttest_rel(accuracy["mine"], accuracy["gce:0.5"]).pvalue)
+    assert rows[("gce:0.5", 100)]["grid_best_delta_mean"] is None
+    assert rows[("focal:3", 200)]["grid_best"] == "focal:3"
+    table = grid_markdown(list(rows.values()), "CE")
+    assert "| Δ vs the grid's best (gce:0.5) mean ± SE | seeds won | t-test p |" in table
+    assert ("| (extra) | mine | 64.2 ± 4.2 [57.5, 72.0] | 4.2 ± 1.7 | 3/3 | 0.133 |  "
+            "| 0.5 ± 0.8 | 2/3 | 0.580 |") in table
+    assert ("| gce | gce:0.5 | 63.7 ± 5.0 [56.0, 73.0] | 3.7 ± 1.2 | 3/3 | 0.093 | **best** "
+            "| (the grid's best) |") in table
+    assert "| Δ vs the grid's best (focal:3) mean ± SE |" in table
 
 
 def test_the_command_resumes_and_extends_a_grid_computing_only_new_units(tmp_path, monkeypatch):
@@ -161,3 +190,6 @@ def test_grid_search_runs_as_a_command(tmp_path):
     report = json.loads((out / "grid.json").read_text())
     assert report["grid"]["poly1"]["poly1:1"] == {"family": "poly", "order": 1, "parameters": [1.0]}
     assert len(report["records"]) == 5 * 2 * 6 and (out / "grid.md").read_text().count("**best**") == 2
+    winner = next(r["loss"] for r in rows if r["best"] == "True" and r["grid_best_delta_mean"] == "")
+    assert {r["grid_best"] for r in rows} == {winner} and winner.startswith(("label_smoothing", "poly1"))
+    assert f"Δ vs the grid's best ({winner})" in done.stdout
