@@ -21,6 +21,7 @@ from ..losses import zoo
 from ..losses.lossfile import LOSS_PRESETS, LossFileError, resolve_loss
 from .algorithms import ZOO_ALGORITHMS, LossHparamError, check_loss_hparams
 from .domainbed_env import import_domainbed, with_pythonpath
+from .launchers import launch_jobs, make_local_launcher
 from .patching import APPLIED, status
 
 # (train args, loss label, its test envs, trial) of one planned job.
@@ -212,10 +213,14 @@ def to_launch(db: SimpleNamespace, planned: Sequence[PlannedJob], output_dir: st
 
 def launch(db: SimpleNamespace, units: Sequence[list], launcher: str, progress: bool) -> None:
     """Launch the units one (test envs, trial) at a time, with a progress bar: DomainBed's launch
-    shuffles the jobs it is given, and an interrupted evaluation should leave whole pairs."""
+    shuffles the jobs it is given, and an interrupted evaluation should leave whole pairs.
+    `local` is our stoppable local launcher: an interruption (Ctrl-C, SIGTERM) stops the job
+    that runs, its children included, and each job's output goes to its folder."""
     os.environ["PYTHONPATH"] = with_pythonpath(db.checkout)["PYTHONPATH"]  # the jobs inherit it
+    local = launcher == "local"
+    launcher_fn = make_local_launcher() if local else db.launchers.REGISTRY[launcher]
     for unit in tqdm(units, desc="evaluate", unit="unit", disable=not progress):
-        db.sweep.Job.launch(unit, db.launchers.REGISTRY[launcher])
+        launch_jobs(db.sweep.Job, unit, launcher_fn, quiet=local)
 
 
 def collect(db: SimpleNamespace, planned: Sequence[PlannedJob],

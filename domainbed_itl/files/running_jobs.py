@@ -77,6 +77,22 @@ def to_relaunch(folders: Iterable[PathLike]) -> tuple:
     return idle, busy
 
 
+class JobsStillRunning(RuntimeError):
+    """Unfinished jobs of a sweep still run, so nothing may relaunch them yet."""
+
+
+def clear_for_relaunch(folders: Iterable[PathLike]) -> List[Path]:
+    """Remove the folders of the jobs among `folders` that started, did not finish and that no
+    process runs, so that a launch runs them again; those removed. While one of them runs,
+    raises JobsStillRunning naming each that runs, and removes nothing."""
+    idle, busy = to_relaunch(folders)
+    if busy:
+        raise JobsStillRunning(f"{len(busy)} job(s) still run (a launcher that was stopped left "
+                               "them): " + "; ".join(busy) + ". Let them finish or stop them, then "
+                               "run this command again")
+    return remove_unfinished(idle)
+
+
 def remove_unfinished(folders: Iterable[PathLike]) -> List[Path]:
     """Remove the folders of unfinished jobs that no process runs (see `to_relaunch`); those
     removed. A job that runs is never removed."""

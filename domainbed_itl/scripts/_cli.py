@@ -27,6 +27,7 @@ from ..files.atomic import machine_fault
 from ..files.errors import spelled
 from ..files.runfolder import RunDirError
 from ..files.runlock import FolderLocked
+from ..files.running_jobs import JobsStillRunning
 from ..meta.data import DomainData, planted_dataset, size_problems, synthetic_dataset
 from ..meta.config import InnerSettings
 from ..meta.noise import with_label_noise
@@ -66,7 +67,7 @@ def run_command(body: Callable[[], int], *, interrupted: Callable[[], str] = lam
     except (*expected, *EXPECTED_ERRORS) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    except (*failures, FloatingPointError) as error:
+    except (*failures, FloatingPointError, JobsStillRunning) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     except OverflowError as error:  # a finite value too large for what it is used in

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Set
 
 from ..analysis.evaluation_report import (DOMAINBED_METRICS, REPORT_JSON, REPORT_MD, plan_report,
                                         tables, write_report)
 from ..bridge.sweep_estimate import print_plan
 from ..bridge.loss_evaluation import (DomainBedProtocol, check_request, collect, domainbed_modules,
-                                      launch, parse_losses, plan_jobs, to_launch)
+                                      jobs_of, launch, parse_losses, plan_jobs, to_launch)
 from ..files.atomic import OutputExists
 from ..files.runfolder import open_run_folder
 from ..files.runlock import folder_lock
+from ..files.running_jobs import clear_for_relaunch
 from ..files.sweepfolder import remove_never_started
 from ..meta.evaluate import EVALUATION_RUN
 from ._cli import (CommandParser, Distinct, add_data_flags, check_data_flags, check_data_sizes, command_line,
@@ -122,6 +124,12 @@ def run_domainbed(args: argparse.Namespace, losses: Dict[str, str], reference: s
     with folder_lock(args.output_dir, command=command):  # one writer: the launch and the report
         if not args.report_only:
             remove_never_started(args.output_dir)
+            relaunched = clear_for_relaunch(Path(job.output_dir) for job, *_ in
+                                            jobs_of(db, planned, args.output_dir))
+            if relaunched:
+                print(f"{len(relaunched)} job(s) of an earlier run did not finish (interrupted or "
+                      "failed); their folders are removed and they run again: "
+                      + ", ".join(folder.name for folder in relaunched))
         units = to_launch(db, planned, args.output_dir)
         print(f"{len(planned)} jobs, {sum(map(len, units))} to launch; DomainBed from {db.checkout}")
         if units and not args.report_only:

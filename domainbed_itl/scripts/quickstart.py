@@ -30,7 +30,7 @@ from ..bridge.patching import APPLIED, UPSTREAM_COMMIT, apply, import_check, sta
 from ..bridge.sweep_estimate import print_plan
 from ..files.job_progress import JobProgress, done_in, steps_done_in
 from ..files.runlock import folder_lock
-from ..files.running_jobs import finished_view, remove_unfinished, to_relaunch
+from ..files.running_jobs import clear_for_relaunch, finished_view, to_relaunch, unfinished
 from ..files.sweepfolder import last_error_line, remove_never_started, unfinished_jobs
 from ._cli import CommandParser, command_main, integer
 
@@ -298,17 +298,12 @@ def _relaunch_unfinished(jobs: list) -> None:
     """Remove the folders of the jobs of an earlier run that started and did not finish, saying
     so, so that they run again; refused while one of them still runs."""
     folders = [job.output_dir for job in jobs]
-    idle, busy = to_relaunch(folders)
-    if busy:
-        raise QuickstartError(f"{len(busy)} job(s) of this sweep still run (a launcher that was "
-                              "killed left them): " + "; ".join(busy) + ". Let them finish or "
-                              "stop them, then run this command again")
-    if idle:
-        print(f"{len(idle)} job(s) of an earlier run did not finish (interrupted or failed); "
+    reasons = {Path(f): last_error_line(f) or "no error logged" for f in unfinished(folders)}
+    removed = clear_for_relaunch(folders)
+    if removed:
+        print(f"{len(removed)} job(s) of an earlier run did not finish (interrupted or failed); "
               "their folders are removed and they run again:\n  " + "\n  ".join(
-                  f"{folder}: {last_error_line(folder) or 'no error logged'}" for folder in idle),
-              flush=True)
-        remove_unfinished(idle)
+                  f"{folder}: {reasons[folder]}" for folder in removed), flush=True)
 
 
 def _sweep(args: argparse.Namespace, root: Path, data_dir: Path, output_dir: Path) -> int:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from domainbed_itl.files.running_jobs import (RUNNING_MARKER, clear_running, finished_view,
-                                              mark_running, remove_unfinished, running, to_relaunch,
-                                              unfinished)
+from domainbed_itl.files.running_jobs import (RUNNING_MARKER, JobsStillRunning, clear_for_relaunch,
+                                              clear_running, finished_view, mark_running,
+                                              remove_unfinished, running, to_relaunch, unfinished)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
 
@@ -89,3 +89,21 @@ def test_the_table_reads_finished_jobs_only(tmp_path):
     assert [p.name for p in view.iterdir()] == [done.name]
     assert (view / done.name / "results.jsonl").read_text() == (done / "results.jsonl").read_text()
     assert finished_view(tmp_path / "absent", view) == []
+
+
+def test_clearing_for_a_relaunch_removes_nothing_while_one_job_runs(tmp_path):
+    done, killed, empty = _sweep(tmp_path)
+    folders = [done, killed, empty]
+    job = _started(killed)
+    try:
+        mark_running(killed, job.pid)
+        with pytest.raises(JobsStillRunning) as error:
+            clear_for_relaunch(folders)
+        assert f"1 job(s) still run (a launcher that was stopped left them): {killed}: running, " \
+               f"process {job.pid}. Let them finish" in str(error.value)
+        assert all(f.exists() for f in folders)
+    finally:
+        job.kill()
+        job.wait()
+    assert clear_for_relaunch(folders) == [killed, empty]
+    assert done.exists() and not killed.exists() and not empty.exists()

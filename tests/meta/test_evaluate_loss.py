@@ -26,7 +26,7 @@ from domainbed_itl.meta.config import preset_config
 from domainbed_itl.meta.trainer import MetaTrainer
 from domainbed_itl.scripts import evaluate_loss
 
-from conftest import domainbed_env
+from conftest import domainbed_env, processes_naming
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -318,6 +318,40 @@ def test_domainbed_protocol_runs_domainbeds_train_paired_and_reports(patched_dom
                            timeout=900)
     assert rerun.returncode == 0 and "4 jobs, 1 to launch" in rerun.stdout, rerun.stderr
     assert (never_started / "done").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_a_terminated_domainbed_evaluation_stops_its_job_and_reruns_it(patched_domainbed, tmp_path):
+    """SIGTERM to the command alone (a scheduler's stop, `kill`), not to its process group: the
+    running DomainBed job stops with it (DomainBed's own local launcher left it running, writing
+    into the folder), and the same command then removes and reruns that job."""
+    out = tmp_path / "eval"
+    argv = [sys.executable, "-m", "domainbed_itl.scripts.evaluate_loss", "domainbed",
+            "--dataset", "Debug28", "--data_dir", str(tmp_path), "--domainbed_root",
+            str(patched_domainbed), "--losses", "CE", "--test_envs", "0", "--n_trials", "1",
+            "--steps", "400", "--checkpoint_freq", "10", "--hparams", '{"batch_size": 8}',
+            "--no_progress", "--output_dir", str(out)]
+    command = subprocess.Popen(argv, env=domainbed_env(patched_domainbed), text=True,
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL)
+    deadline, started = time.monotonic() + 600, None
+    while started is None:
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
+        started = next((p.parent for p in out.glob("*/results.jsonl") if p.stat().st_size), None)
+        time.sleep(0.05)
+    command.send_signal(signal.SIGTERM)
+    stdout, stderr = command.communicate(timeout=120)
+    assert command.returncode == 143 and "interrupted: run the same command again" in stderr
+    assert not (started / "done").exists() and processes_naming(started) == []
+    rerun = subprocess.run(argv, capture_output=True, text=True, env=domainbed_env(patched_domainbed),
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"1 job(s) of an earlier run did not finish (interrupted or failed); their folders are " \
+           f"removed and they run again: {started.name}" in rerun.stdout
+    assert (started / "done").exists()
+    report = json.loads((out / "evaluation.json").read_text())
+    assert not report["missing"] and len(report["records"]) == 1
 
 
 @pytest.mark.domainbed
