@@ -203,7 +203,7 @@ def _loss_file(tmp_path, name, family, order, parameters):
     ("ERM_Poly1", "poly_epsilon", float("inf"), r"hparam poly_epsilon=inf: expected a number >= -1"),
     ("ITL", "itl_loss", 3,
      r"hparam itl_loss=3: expected a preset loss \(ITL, learned-RotatedMNIST, "
-     r"stationary-RotatedMNIST\) or the path"),
+     r"stationary-RotatedMNIST, composite-RotatedMNIST\) or the path"),
     ("ITL", "itl_loss", "absurd", r"the ITL loss of hparams itl_loss='.*absurd.json' is not finite"),
     ("ITL", "itl_loss", "upside_down", r"the ITL loss of hparams itl_loss='.*upside_down.json' "
                                        r"would be maximised"),

@@ -130,15 +130,14 @@ def test_the_shipped_losss_command_is_one_meta_train_accepts(tmp_path):
     assert (args.preset, args.outer_steps, args.seed) == ("paper", 52, None)
 
 
-# The stationary search's run folder (loss.json, metrics.jsonl), when this machine has it.
-STATIONARY_RUN = os.environ.get("DOMAINBED_ITL_TEST_STATIONARY_RUN")
-
-
-def test_the_stationary_preset_says_how_it_was_found_and_its_command_reproduces_it(tmp_path):
+@pytest.mark.parametrize("name, family, order, size", [
+    ("stationary-RotatedMNIST", "taylor", 4, 12), ("composite-RotatedMNIST", "composite", None, 16)])
+def test_a_searched_preset_says_how_it_was_found_and_its_command_reproduces_it(tmp_path, name, family,
+                                                                             order, size):
     from domainbed_itl.scripts.meta_train import build_parser
 
-    spec = resolve_loss("stationary-RotatedMNIST")
-    assert (spec.family, spec.order, len(spec.parameters)) == ("taylor", 4, 12)
+    spec = resolve_loss(name)
+    assert (spec.family, spec.order, len(spec.parameters)) == (family, order, size)
     for key in ("command", "source_commit", "selection", "hardware", "date", "evaluation"):
         assert spec.provenance[key]
     command = spec.provenance["command"]
@@ -152,17 +151,26 @@ def test_the_stationary_preset_says_how_it_was_found_and_its_command_reproduces_
     assert (args.preset, args.outer_steps, args.per_domain_cap) == (
         spec.provenance["preset"], spec.provenance["steps"], spec.provenance["per_domain_cap"])
     assert args.seed in (None, spec.provenance["seed"]) and args.data_seed == spec.provenance["data_seed"]
+    assert args.family in (None, spec.family)
     assert (REPO / spec.provenance["evaluation"]).is_file()
 
 
-@pytest.mark.skipif(STATIONARY_RUN is None, reason="needs the stationary search's run folder "
-                    "(set DOMAINBED_ITL_TEST_STATIONARY_RUN)")
-def test_the_stationary_preset_holds_its_runs_last_step():
-    run = Path(STATIONARY_RUN)
-    spec, saved = resolve_loss("stationary-RotatedMNIST"), load_loss(run / "loss.json")
+# The run folders (loss.json, metrics.jsonl) of the searches behind the presets, when this
+# machine has them.
+SEARCH_RUNS = {"stationary-RotatedMNIST": "DOMAINBED_ITL_TEST_STATIONARY_RUN",
+               "composite-RotatedMNIST": "DOMAINBED_ITL_TEST_COMPOSITE_RUN"}
+
+
+@pytest.mark.parametrize("name", list(SEARCH_RUNS))
+def test_a_searched_preset_holds_its_runs_last_step(name):
+    if SEARCH_RUNS[name] not in os.environ:
+        pytest.skip(f"needs the search's run folder (set {SEARCH_RUNS[name]})")
+    run = Path(os.environ[SEARCH_RUNS[name]])
+    spec, saved = resolve_loss(name), load_loss(run / "loss.json")
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert spec.parameters == saved.parameters == last["omega"]
     assert last["step"] == spec.provenance["steps"] == saved.provenance["steps"]
     for key in ("seed", "source_commit", "preset"):
         assert spec.provenance[key] == saved.provenance[key], key
+    assert (saved.family, saved.order) == (spec.family, spec.order)
     assert saved.provenance["data"]["per_domain_cap"] == spec.provenance["per_domain_cap"]

@@ -79,8 +79,8 @@ def _absurd_loss_file(tmp_path):
 @pytest.mark.parametrize("algorithm, hparams, message", [
     ("ITL", {"itl_loss": "no/such/loss.json"},
      "--hparams: algorithm ITL: hparam itl_loss='no/such/loss.json' is neither a preset loss nor "
-     "an existing file; expected a preset loss (ITL, learned-RotatedMNIST, stationary-RotatedMNIST) "
-     "or the path of a loss file"),
+     "an existing file; expected a preset loss (ITL, learned-RotatedMNIST, stationary-RotatedMNIST, "
+     "composite-RotatedMNIST) or the path of a loss file"),
     ("ITL", {"itl_loss": "absurd"}, "--hparams: algorithm ITL: the ITL loss of hparams itl_loss="),
     ("ERM_Focal", {"focal_gamma": -1}, "--hparams: algorithm ERM_Focal: hparam focal_gamma=-1: "
                                        "expected a number >= 0"),
@@ -112,8 +112,8 @@ def test_launcher_checks_the_losses_before_looking_for_domainbed(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         "error: --hparams: algorithm ITL: hparam itl_loss='typo.json' is neither a preset loss nor "
-        "an existing file; expected a preset loss (ITL, learned-RotatedMNIST, stationary-RotatedMNIST) "
-        "or the path of a loss file"]
+        "an existing file; expected a preset loss (ITL, learned-RotatedMNIST, stationary-RotatedMNIST, "
+        "composite-RotatedMNIST) or the path of a loss file"]
     assert not (tmp_path / "out").exists()
 
 
