@@ -70,10 +70,13 @@ def _number(x: Optional[float]) -> Optional[float]:
 
 
 def grid_rows(result: Comparison, grid: Grid, extras: Sequence[str],
-              versus_winner: Optional[Comparison] = None) -> List[Dict[str, Any]]:
-    """One row per (loss, length): grid members by family in grid order, then `extras`; with
-    `versus_winner` (`against_winners`), each row's difference to the grid's best member too."""
+              records: Optional[Sequence[Mapping[str, Any]]] = None,
+              metric: str = "heldout_acc") -> List[Dict[str, Any]]:
+    """One row per (loss, length): grid members by family in grid order, then `extras`; given
+    the `records` behind `result`, each row's difference in `metric` to the grid's best member
+    too (`against_winners`)."""
     best, winners = best_members(result, grid), grid_winners(result, grid)
+    versus_winner = None if records is None else against_winners(records, metric, winners)
     family_of = {loss: family for family, members in grid.items() for loss in members}
     order = [*family_of, *extras]
     rows = []

@@ -10,8 +10,7 @@ import sys
 from typing import Dict, Optional, Sequence, Set
 
 from ..analysis import comparison
-from ..analysis.grid_report import (GRID_OUTPUTS, against_winners, grid_rows, grid_winners,
-                                    write_grid_report)
+from ..analysis.grid_report import GRID_OUTPUTS, grid_rows, write_grid_report
 from ..analysis.evaluation_report import tables
 from ..bridge.loss_evaluation import EvaluationInputError, parse_losses
 from ..datasets import num_classes
@@ -82,8 +81,7 @@ def run(args: argparse.Namespace, command: str, explicit: Set[str]) -> int:
             result = comparison.compare(records, "heldout_acc", reference, ["inner_steps"])
             details, stats = tables(records, meta_metrics(protocol), reference, list(losses),
                                     ["inner_steps"])
-            versus = against_winners(records, "heldout_acc", grid_winners(result, grid))
-        rows = grid_rows(result, grid, list(extras), versus)
+            rows = grid_rows(result, grid, list(extras), records)
         grid_table = write_grid_report(
             folder.path, meta_settings(args, protocol), rows, reference, details,
             {"grid": {family: {label: spec.definition() for label, spec in points.items()}
